@@ -1,0 +1,186 @@
+//! The `selfsup` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use selfsup::augment::{Pipeline, Sizes, PRESETS};
+use selfsup::config::{AugmentConfig, Recipe};
+use selfsup::data::{self, Archive, Dataset, LoadOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "selfsup",
+    version,
+    about = "Self-supervised visual representation learning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and fetch datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Draw the views of an augmentation pipeline for real images into a PNG grid.
+    Views {
+        /// A CIFAR binary release, an image folder or a .tar(.gz) of one, or idx files.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// A named pipeline (simclr, moco_v1, moco_v2, byol, dino, mae, eval).
+        #[arg(long, default_value = "simclr", conflicts_with = "recipe")]
+        pipeline: String,
+        /// Take the pipeline from a recipe's [augment] section instead.
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+        /// View side in pixels (with --pipeline).
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+        /// Number of images (rows).
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "views.png")]
+        out: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Print a named pipeline as a recipe's [augment] section, to copy and change.
+    Pipeline {
+        name: String,
+        #[arg(long, default_value_t = 32)]
+        size: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Counts per split and class, image size and channels.
+    Info {
+        source: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Download an official archive (cifar10, cifar100) and verify its MD5.
+    Download {
+        name: String,
+        #[arg(long, default_value = "data")]
+        out: PathBuf,
+        /// Fetch from this address instead of the publisher's (a mirror).
+        #[arg(long)]
+        url: Option<String>,
+        /// Expect this MD5 instead of the publisher's.
+        #[arg(long)]
+        md5: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Resize images whose shorter side is longer than this, once, at load.
+    #[arg(long)]
+    load_size: Option<u32>,
+    /// Skip unreadable files (and count them) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+impl LoadArgs {
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            load_size: self.load_size,
+            skip_bad: self.skip_bad,
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data(DataCommand::Info { source, load }) => {
+            let dataset = Dataset::open(&source, &load.options())?;
+            print!("{}", dataset.summary());
+        }
+        Command::Data(DataCommand::Download {
+            name,
+            out,
+            url,
+            md5,
+        }) => {
+            let archive = Archive::named(&name)?;
+            let path = data::download(
+                url.as_deref().unwrap_or(archive.url),
+                md5.as_deref().unwrap_or(archive.md5),
+                &out,
+                archive.file,
+            )?;
+            println!("{}", path.display());
+        }
+        Command::Views {
+            data,
+            split,
+            pipeline,
+            recipe,
+            size,
+            count,
+            seed,
+            out,
+            load,
+        } => {
+            let pipeline = match recipe {
+                Some(path) => Recipe::load(&path)?.augment.build()?,
+                None => AugmentConfig {
+                    pipeline,
+                    size,
+                    ..AugmentConfig::default()
+                }
+                .build()?,
+            };
+            let dataset = Dataset::open(&data, &load.options())?;
+            let split = dataset.split(&split)?.subset(count);
+            let images: Vec<_> = split.images.iter().collect();
+            let grid = selfsup::viz::views_grid(&images, &pipeline, seed);
+            selfsup::viz::save_png(&grid, &out)?;
+            println!(
+                "wrote {} ({} images x {} views)",
+                out.display(),
+                images.len(),
+                pipeline.num_views()
+            );
+        }
+        Command::Pipeline { name, size } => {
+            let pipeline = Pipeline::preset(&name, Sizes::small(size))?;
+            let section = toml::to_string_pretty(&pipeline).context("pipeline to TOML")?;
+            println!("# `{name}` at {size} px; presets: {}\n[augment]\npipeline = \"{name}\"\nsize = {size}", PRESETS.join(", "));
+            println!(
+                "{}",
+                section
+                    .replace("[[views]]", "[[augment.views]]")
+                    .replace("[views.", "[augment.views.")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

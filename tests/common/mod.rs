@@ -1,0 +1,65 @@
+//! Helpers shared by the integration tests: small real files written to temporary folders.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+/// `../shared/data` beside the checkout: the project's real test data.
+pub fn shared_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+/// A 32×32 image whose pixels encode `seed` (so that every image differs).
+pub fn pattern(seed: u32) -> RgbImage {
+    RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([
+            (x * 8 + seed) as u8,
+            (y * 8) as u8,
+            (seed * 37 + x + y) as u8,
+        ])
+    })
+}
+
+/// A CIFAR-10 binary release with `per_batch` records in each of the six files; labels cycle 0..10.
+pub fn write_cifar10(dir: &Path, per_batch: usize) -> Vec<Vec<(RgbImage, u32)>> {
+    std::fs::create_dir_all(dir).unwrap();
+    let names: Vec<String> = (1..=5)
+        .map(|i| format!("data_batch_{i}.bin"))
+        .chain(["test_batch.bin".to_string()])
+        .collect();
+    let mut all = Vec::new();
+    for (b, name) in names.iter().enumerate() {
+        let records: Vec<(RgbImage, u32)> = (0..per_batch)
+            .map(|i| {
+                (
+                    pattern((b * per_batch + i) as u32),
+                    ((b * per_batch + i) % 10) as u32,
+                )
+            })
+            .collect();
+        let (imgs, labels): (Vec<_>, Vec<_>) = records.iter().cloned().unzip();
+        std::fs::write(
+            dir.join(name),
+            selfsup::data::encode_cifar_records(&imgs, &labels),
+        )
+        .unwrap();
+        all.push(records);
+    }
+    std::fs::write(
+        dir.join("batches.meta.txt"),
+        selfsup::data::CIFAR10_CLASSES.join("\n") + "\n\n",
+    )
+    .unwrap();
+    all
+}
+
+/// A `.tar.gz` of `dir`, its files under `top/` (as published archives are).
+pub fn tar_gz(dir: &Path, top: &str, out: &Path) {
+    let file = std::fs::File::create(out).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all(top, dir).unwrap();
+    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+}

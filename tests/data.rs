@@ -1,0 +1,367 @@
+//! Data sources on real files: CIFAR binary releases, image folders and archives, idx files,
+//! and the downloader against a server on 127.0.0.1.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use image::{DynamicImage, GrayImage, ImageBuffer, Rgb, Rgba, RgbaImage};
+use selfsup::data::{download, Dataset, LoadOptions};
+
+fn open(path: &Path) -> anyhow::Result<Dataset> {
+    Dataset::open(path, &LoadOptions::default())
+}
+
+#[test]
+fn cifar10_binary_release_reads_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = common::write_cifar10(dir.path(), 3);
+    let ds = open(dir.path()).unwrap();
+    assert_eq!(ds.classes, selfsup::data::CIFAR10_CLASSES);
+    let train = ds.split("train").unwrap();
+    let test = ds.split("test").unwrap();
+    assert_eq!((train.len(), test.len()), (15, 3));
+    // Planar R, G, B records decode to the very pixels and labels that were written.
+    let expected: Vec<_> = written[..5].iter().flatten().collect();
+    for (i, (img, label)) in expected.iter().enumerate() {
+        assert_eq!(&train.images[i], img, "image {i}");
+        assert_eq!(train.labels.as_ref().unwrap()[i], *label);
+    }
+    assert_eq!(test.images[2], written[5][2].0);
+}
+
+#[test]
+fn cifar10_archive_reads_like_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_cifar10(&dir.path().join("bin"), 2);
+    let archive = dir.path().join("cifar-10-binary.tar.gz");
+    common::tar_gz(&dir.path().join("bin"), "cifar-10-batches-bin", &archive);
+    let a = open(&archive).unwrap();
+    let b = open(&dir.path().join("bin")).unwrap();
+    assert_eq!(
+        a.split("train").unwrap().images,
+        b.split("train").unwrap().images
+    );
+    assert_eq!(
+        a.split("test").unwrap().labels,
+        b.split("test").unwrap().labels
+    );
+}
+
+#[test]
+fn truncated_cifar_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_cifar10(dir.path(), 2);
+    let path = dir.path().join("data_batch_3.bin");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(
+        err.contains("data_batch_3.bin") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_cifar_batch_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_cifar10(dir.path(), 1);
+    std::fs::remove_file(dir.path().join("data_batch_5.bin")).unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(err.contains("data_batch_5.bin"), "{err}");
+}
+
+#[test]
+fn cifar100_uses_fine_labels_and_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = Vec::new();
+    for i in 0..4u8 {
+        records.extend([i % 20, 50 + i]); // coarse, fine
+        records.extend(common::pattern(i as u32).pixels().map(|p| p.0[0]));
+        records.extend(common::pattern(i as u32).pixels().map(|p| p.0[1]));
+        records.extend(common::pattern(i as u32).pixels().map(|p| p.0[2]));
+    }
+    std::fs::write(dir.path().join("train.bin"), &records).unwrap();
+    std::fs::write(dir.path().join("test.bin"), &records[..2 * 3074]).unwrap();
+    let names: Vec<String> = (0..100).map(|i| format!("fine{i}")).collect();
+    std::fs::write(dir.path().join("fine_label_names.txt"), names.join("\n")).unwrap();
+    let ds = open(dir.path()).unwrap();
+    assert_eq!(ds.classes.len(), 100);
+    assert_eq!(
+        ds.split("train").unwrap().labels.as_ref().unwrap()[..],
+        [50, 51, 52, 53]
+    );
+    assert_eq!(ds.split("test").unwrap().len(), 2);
+    assert_eq!(ds.split("train").unwrap().images[3], common::pattern(3));
+}
+
+/// An image folder with every kind of image a user has: JPEG, grayscale, RGBA, 16-bit, WebP-less PNG.
+fn write_mixed_folder(root: &Path) {
+    for split in ["train", "test"] {
+        for (c, class) in ["cat", "dog"].iter().enumerate() {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            common::pattern(c as u32).save(dir.join("a.jpg")).unwrap();
+            GrayImage::from_fn(20, 10, |x, _| image::Luma([x as u8 * 10]))
+                .save(dir.join("gray.png"))
+                .unwrap();
+            RgbaImage::from_pixel(12, 12, Rgba([10, 20, 30, 40]))
+                .save(dir.join("rgba.png"))
+                .unwrap();
+            let deep: ImageBuffer<Rgb<u16>, Vec<u16>> =
+                ImageBuffer::from_pixel(8, 8, Rgb([65535, 0, 32896]));
+            DynamicImage::ImageRgb16(deep)
+                .save(dir.join("deep.png"))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn image_folder_with_splits_makes_everything_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mixed_folder(dir.path());
+    let ds = open(dir.path()).unwrap();
+    assert_eq!(ds.classes, ["cat", "dog"]);
+    let train = ds.split("train").unwrap();
+    assert_eq!(train.len(), 8);
+    assert_eq!(train.labels.as_ref().unwrap()[..], [0, 0, 0, 0, 1, 1, 1, 1]);
+    // Sorted by name: a.jpg, deep.png, gray.png, rgba.png.
+    assert_eq!(
+        train.images[1].get_pixel(0, 0).0,
+        [255, 0, 128],
+        "16-bit scaled to 8-bit"
+    );
+    assert_eq!(train.images[2].dimensions(), (20, 10));
+    assert_eq!(
+        train.images[2].get_pixel(5, 0).0,
+        [50, 50, 50],
+        "grayscale replicated"
+    );
+    assert_eq!(
+        train.images[3].get_pixel(0, 0).0,
+        [10, 20, 30],
+        "alpha dropped"
+    );
+}
+
+#[test]
+fn image_folder_archive_and_load_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("photos");
+    std::fs::create_dir_all(&root).unwrap();
+    image::RgbImage::from_pixel(400, 200, Rgb([1, 2, 3]))
+        .save(root.join("wide.png"))
+        .unwrap();
+    image::RgbImage::from_pixel(50, 60, Rgb([1, 2, 3]))
+        .save(root.join("small.png"))
+        .unwrap();
+    let archive = dir.path().join("photos.tar");
+    let mut tar = tar::Builder::new(std::fs::File::create(&archive).unwrap());
+    tar.append_dir_all("photos", &root).unwrap();
+    tar.finish().unwrap();
+    let ds = Dataset::open(
+        &archive,
+        &LoadOptions {
+            load_size: Some(100),
+            skip_bad: false,
+        },
+    )
+    .unwrap();
+    assert!(ds.classes.is_empty(), "a flat folder is unlabelled");
+    let split = ds.split("train").unwrap();
+    assert!(split.labels.is_none());
+    assert_eq!(
+        split.images[0].dimensions(),
+        (50, 60),
+        "small images stay as they are"
+    );
+    assert_eq!(
+        split.images[1].dimensions(),
+        (200, 100),
+        "shorter side resized to the load size"
+    );
+}
+
+#[test]
+fn corrupt_and_non_image_files_are_named_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mixed_folder(dir.path());
+    let jpeg = std::fs::read(dir.path().join("train/cat/a.jpg")).unwrap();
+    std::fs::write(
+        dir.path().join("train/cat/broken.jpg"),
+        &jpeg[..jpeg.len() / 3],
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("train/dog/notes.txt"), "not a picture").unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(
+        err.contains("broken.jpg") && err.contains("notes.txt") && err.contains("--skip-bad"),
+        "{err}"
+    );
+    let ds = Dataset::open(
+        dir.path(),
+        &LoadOptions {
+            load_size: None,
+            skip_bad: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(ds.skipped.len(), 2);
+    assert_eq!(ds.split("train").unwrap().len(), 8);
+}
+
+#[test]
+fn empty_folder_and_empty_class_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(err.contains("no images"), "{err}");
+    write_mixed_folder(dir.path());
+    std::fs::create_dir_all(dir.path().join("test/bird")).unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(
+        err.contains("test/bird") && err.contains("no images"),
+        "{err}"
+    );
+    let err = format!("{:#}", open(&dir.path().join("nowhere")).unwrap_err());
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+fn write_idx(dir: &Path, prefix: &str, n: usize) {
+    let mut images = vec![0, 0, 8, 3];
+    for v in [n as u32, 28, 28] {
+        images.extend(v.to_be_bytes());
+    }
+    images.extend((0..n * 784).map(|i| (i % 251) as u8));
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend((n as u32).to_be_bytes());
+    labels.extend((0..n).map(|i| (i % 10) as u8));
+    let gz = |name: String, bytes: Vec<u8>| {
+        let mut enc = flate2::write::GzEncoder::new(
+            std::fs::File::create(dir.join(name)).unwrap(),
+            flate2::Compression::fast(),
+        );
+        enc.write_all(&bytes).unwrap();
+        enc.finish().unwrap();
+    };
+    gz(format!("{prefix}-images-idx3-ubyte.gz"), images);
+    gz(format!("{prefix}-labels-idx1-ubyte.gz"), labels);
+}
+
+#[test]
+fn idx_files_read_as_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    write_idx(dir.path(), "train", 5);
+    write_idx(dir.path(), "t10k", 3);
+    let ds = open(dir.path()).unwrap();
+    let train = ds.split("train").unwrap();
+    assert_eq!(train.len(), 5);
+    assert_eq!(train.images[0].dimensions(), (28, 28));
+    assert_eq!(train.images[0].get_pixel(3, 0).0, [3, 3, 3]);
+    assert_eq!(train.labels.as_ref().unwrap()[4], 4);
+    // A truncated idx file is named.
+    let path = dir.path().join("t10k-images-idx3-ubyte.gz");
+    let raw = {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    std::fs::write(
+        dir.path().join("t10k-images-idx3-ubyte"),
+        &raw[..raw.len() - 1],
+    )
+    .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(
+        err.contains("t10k-images-idx3-ubyte") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+/// Debian's `dataset-fashion-mnist` (installed by .ci/run): the real files users have.
+#[test]
+fn fashion_mnist_from_debian() {
+    let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    assert!(
+        dir.exists(),
+        "apt-get install dataset-fashion-mnist (.ci/run does)"
+    );
+    let ds = open(dir).unwrap();
+    assert_eq!(ds.split("train").unwrap().len(), 60000);
+    assert_eq!(ds.split("test").unwrap().len(), 10000);
+    assert_eq!(ds.classes[9], "ankle-boot");
+}
+
+/// Serves `body` once per connection; with `short`, promises more bytes than it sends.
+fn serve(body: Vec<u8>, short: bool, connections: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(connections) {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let promised = if short { body.len() * 2 } else { body.len() };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {promised}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}/cifar-10-binary.tar.gz")
+}
+
+#[test]
+fn downloader_verifies_length_and_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_cifar10(&dir.path().join("bin"), 2);
+    let archive = dir.path().join("archive.tar.gz");
+    common::tar_gz(&dir.path().join("bin"), "cifar-10-batches-bin", &archive);
+    let bytes = std::fs::read(&archive).unwrap();
+    let md5 = format!("{:x}", <md5::Md5 as md5::Digest>::digest(&bytes));
+    let out = dir.path().join("downloads");
+
+    // Wrong checksum: refused, and nothing is left that looks like a good file.
+    let err = format!(
+        "{:#}",
+        download(
+            &serve(bytes.clone(), false, 1),
+            &"0".repeat(32),
+            &out,
+            "c.tar.gz"
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("checksum mismatch") && err.contains(&md5),
+        "{err}"
+    );
+    assert!(!out.join("c.tar.gz").exists() && !out.join("c.tar.gz.part").exists());
+
+    // Truncated transfer: refused.
+    let err = format!(
+        "{:#}",
+        download(&serve(bytes.clone(), true, 1), &md5, &out, "c.tar.gz").unwrap_err()
+    );
+    assert!(
+        err.contains("truncated") || err.contains("broke off"),
+        "{err}"
+    );
+    assert!(!out.join("c.tar.gz").exists());
+
+    // A good archive is kept and reads as a dataset.
+    let path = download(&serve(bytes.clone(), false, 1), &md5, &out, "c.tar.gz").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert_eq!(open(&path).unwrap().split("train").unwrap().len(), 10);
+    // Already there with the right checksum: no connection is made (the server is gone).
+    assert_eq!(
+        download("http://127.0.0.1:9/never", &md5, &out, "c.tar.gz").unwrap(),
+        path
+    );
+}
