@@ -1,0 +1,193 @@
+//! ResNet-18/34/50 (He et al. 2016) with torchvision's parameter names (`conv1`, `bn1`,
+//! `layer1.0.conv1`, ...), a CIFAR stem (3×3 stride-1 conv, no max-pool)
+//! or the ImageNet stem (7×7 stride-2 conv + 3×3 max-pool), and a width multiplier.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stem {
+    /// 3×3 stride-1 conv, no max-pool: for 32 px images.
+    Cifar,
+    /// 7×7 stride-2 conv + max-pool: for 224 px images.
+    Imagenet,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// 18, 34 or 50.
+    pub depth: usize,
+    pub stem: Stem,
+    /// Multiplies every channel count (64, 128, 256, 512): 0.25 gives a small CPU model.
+    #[serde(default = "one")]
+    pub width: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl ResNetConfig {
+    fn blocks(&self) -> anyhow::Result<([usize; 4], bool)> {
+        match self.depth {
+            18 => Ok(([2, 2, 2, 2], false)),
+            34 => Ok(([3, 4, 6, 3], false)),
+            50 => Ok(([3, 4, 6, 3], true)),
+            d => anyhow::bail!("model.depth = {d}: a ResNet has depth 18, 34 or 50"),
+        }
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.blocks()?;
+        if !(self.width > 0.0 && self.width <= 4.0) {
+            anyhow::bail!("model.width = {}: the width multiplier must lie in (0, 4]", self.width);
+        }
+        Ok(())
+    }
+
+    /// Channels after global pooling.
+    pub fn feature_dim(&self) -> usize {
+        let bottleneck = self.depth == 50;
+        self.channels(512) * if bottleneck { 4 } else { 1 }
+    }
+
+    fn channels(&self, base: usize) -> usize {
+        ((base as f32 * self.width).round() as usize).max(1)
+    }
+
+    pub fn init(&self, device: &Device) -> ResNet {
+        let (counts, bottleneck) = self.blocks().expect("checked config");
+        let expansion = if bottleneck { 4 } else { 1 };
+        let c0 = self.channels(64);
+        let (conv1, maxpool) = match self.stem {
+            Stem::Cifar => (conv(3, c0, 3, 1, device), None),
+            Stem::Imagenet => (
+                conv(3, c0, 7, 2, device),
+                Some(MaxPool2dConfig::new([3, 3]).with_strides([2, 2]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init()),
+            ),
+        };
+        let mut in_ch = c0;
+        let mut layer = |base: usize, count: usize, stride: usize| -> Vec<Block> {
+            let width = self.channels(base);
+            (0..count)
+                .map(|i| {
+                    let s = if i == 0 { stride } else { 1 };
+                    let block = Block::new(in_ch, width, expansion, s, bottleneck, device);
+                    in_ch = width * expansion;
+                    block
+                })
+                .collect()
+        };
+        let layer1 = layer(64, counts[0], 1);
+        let layer2 = layer(128, counts[1], 2);
+        let layer3 = layer(256, counts[2], 2);
+        let layer4 = layer(512, counts[3], 2);
+        ResNet { conv1, bn1: BatchNormConfig::new(c0).init(device), maxpool, layer1, layer2, layer3, layer4 }
+    }
+}
+
+/// torchvision's init: Kaiming normal, fan-out, for ReLU.
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, device: &Device) -> Conv2d {
+    let p = k / 2;
+    Conv2dConfig::new([cin, cout], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+        .with_bias(false)
+        .with_initializer(Initializer::KaimingNormal { gain: 2f64.sqrt(), fan_out_only: true })
+        .init(device)
+}
+
+/// The shortcut's 1×1 conv and batch norm (torchvision's `downsample.0` and `downsample.1`:
+/// export renames them).
+#[derive(Module, Debug)]
+pub struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+/// A basic block (two 3×3 convs) or, with `conv3`, a bottleneck (1×1, 3×3 with the stride, 1×1).
+#[derive(Module, Debug)]
+pub struct Block {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    conv3: Option<Conv2d>,
+    bn3: Option<BatchNorm>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(cin: usize, width: usize, expansion: usize, stride: usize, bottleneck: bool, device: &Device) -> Block {
+        let cout = width * expansion;
+        let bn = |c| BatchNormConfig::new(c).init(device);
+        let downsample = (stride != 1 || cin != cout).then(|| Downsample { conv: conv(cin, cout, 1, stride, device), bn: bn(cout) });
+        if bottleneck {
+            Block {
+                conv1: conv(cin, width, 1, 1, device),
+                bn1: bn(width),
+                conv2: conv(width, width, 3, stride, device),
+                bn2: bn(width),
+                conv3: Some(conv(width, cout, 1, 1, device)),
+                bn3: Some(bn(cout)),
+                downsample,
+            }
+        } else {
+            Block {
+                conv1: conv(cin, width, 3, stride, device),
+                bn1: bn(width),
+                conv2: conv(width, width, 3, 1, device),
+                bn2: bn(width),
+                conv3: None,
+                bn3: None,
+                downsample,
+            }
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let identity = match &self.downsample {
+            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            None => x.clone(),
+        };
+        let mut out = relu(self.bn1.forward(self.conv1.forward(x)));
+        out = self.bn2.forward(self.conv2.forward(out));
+        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
+            out = bn3.forward(conv3.forward(relu(out)));
+        }
+        relu(out + identity)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    maxpool: Option<MaxPool2d>,
+    layer1: Vec<Block>,
+    layer2: Vec<Block>,
+    layer3: Vec<Block>,
+    layer4: Vec<Block>,
+}
+
+impl ResNet {
+    /// Globally pooled features, `[n, feature_dim]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        if let Some(pool) = &self.maxpool {
+            x = pool.forward(x);
+        }
+        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3).chain(&self.layer4) {
+            x = block.forward(x);
+        }
+        let [n, c, _, _] = x.dims();
+        x.mean_dims(&[2, 3]).reshape([n, c])
+    }
+}

@@ -1,0 +1,173 @@
+//! Vision Transformer (Dosovitskiy et al. 2021) with timm's parameter names (`cls_token`,
+//! `pos_embed`, `patch_embed.proj`, `blocks.0.attn.qkv`, `blocks.0.mlp.fc1`, `norm`), pre-norm
+//! blocks, a class token, learned positional embeddings, and attention weights on request
+//! (DINO's attention maps need the last block's).
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    #[serde(default = "four")]
+    pub mlp_ratio: f32,
+}
+
+fn four() -> f32 {
+    4.0
+}
+
+impl VitConfig {
+    /// timm's presets (dim, depth, heads): tiny 192/12/3, small 384/12/6, base 768/12/12.
+    pub fn preset(name: &str, image_size: usize, patch_size: usize) -> anyhow::Result<VitConfig> {
+        let (dim, depth, heads) = match name {
+            "tiny" => (192, 12, 3),
+            "small" => (384, 12, 6),
+            "base" => (768, 12, 12),
+            other => anyhow::bail!("unknown ViT preset '{other}' (known: tiny, small, base)"),
+        };
+        Ok(VitConfig { image_size, patch_size, dim, depth, heads, mlp_ratio: 4.0 })
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            anyhow::bail!("model.patch_size = {}: must divide model.image_size = {}", self.patch_size, self.image_size);
+        }
+        if self.heads == 0 || self.dim % self.heads != 0 {
+            anyhow::bail!("model.heads = {}: must divide model.dim = {}", self.heads, self.dim);
+        }
+        Ok(())
+    }
+
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    pub fn init(&self, device: &Device) -> Vit {
+        let linear = |i, o| LinearConfig::new(i, o).with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 }).init(device);
+        let norm = || LayerNormConfig::new(self.dim).with_epsilon(1e-6).init(device);
+        let hidden = (self.dim as f32 * self.mlp_ratio) as usize;
+        let blocks = (0..self.depth)
+            .map(|_| VitBlock {
+                norm1: norm(),
+                attn: Attention { qkv: linear(self.dim, 3 * self.dim), proj: linear(self.dim, self.dim), heads: self.heads },
+                norm2: norm(),
+                mlp: Mlp { fc1: linear(self.dim, hidden), fc2: linear(hidden, self.dim) },
+            })
+            .collect();
+        let p = self.patch_size;
+        let trunc = Distribution::Normal(0.0, 0.02);
+        Vit {
+            patch_embed: PatchEmbed { proj: Conv2dConfig::new([3, self.dim], [p, p]).with_stride([p, p]).init(device) },
+            cls_token: Param::from_tensor(Tensor::random([1, 1, self.dim], trunc, device)),
+            pos_embed: Param::from_tensor(Tensor::random([1, 1 + self.num_patches(), self.dim], trunc, device)),
+            blocks,
+            norm: norm(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct PatchEmbed {
+    proj: Conv2d,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// Multi-head self-attention; also returns the attention weights `[n, heads, t, t]`.
+    fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let [n, t, d] = x.dims();
+        let h = self.heads;
+        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let q = qkv.clone().narrow(0, 0, 1).reshape([n, h, t, d / h]);
+        let k = qkv.clone().narrow(0, 1, 1).reshape([n, h, t, d / h]);
+        let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d / h]);
+        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(((d / h) as f64).powf(-0.5)), 3);
+        let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([n, t, d]);
+        (self.proj.forward(out), attn)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct VitBlock {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl VitBlock {
+    fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let (a, attn) = self.attn.forward(self.norm1.forward(x.clone()));
+        let x = x + a;
+        let x = x.clone() + self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x))));
+        (x, attn)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Vit {
+    patch_embed: PatchEmbed,
+    cls_token: Param<Tensor<3>>,
+    pos_embed: Param<Tensor<3>>,
+    blocks: Vec<VitBlock>,
+    norm: LayerNorm,
+}
+
+impl Vit {
+    /// Patch tokens with their positional embeddings, `[n, patches, dim]` (no class token):
+    /// MAE keeps a subset of these before the blocks.
+    pub fn patch_tokens(&self, x: Tensor<4>) -> Tensor<3> {
+        let tokens = self.patch_embed.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2);
+        let [_, l, d] = tokens.dims();
+        tokens + self.pos_embed.val().narrow(1, 1, l).reshape([1, l, d])
+    }
+
+    /// Prepends the class token and runs the blocks and final norm: `[n, 1 + l, dim]`, and the
+    /// last block's attention weights `[n, heads, 1 + l, 1 + l]`.
+    pub fn encode_tokens(&self, tokens: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let [n, _, d] = tokens.dims();
+        let cls = (self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1)).expand([n, 1, d]);
+        let mut x = Tensor::cat(vec![cls, tokens], 1);
+        let mut last = None;
+        for block in &self.blocks {
+            let (y, attn) = block.forward(x);
+            x = y;
+            last = Some(attn);
+        }
+        (self.norm.forward(x), last.expect("a ViT has at least one block"))
+    }
+
+    /// The class token's features, `[n, dim]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let (tokens, _) = self.encode_tokens(self.patch_tokens(x));
+        let [n, _, d] = tokens.dims();
+        tokens.narrow(1, 0, 1).reshape([n, d])
+    }
+
+    /// The last block's attention weights for `x`: `[n, heads, 1 + patches, 1 + patches]`.
+    pub fn last_attention(&self, x: Tensor<4>) -> Tensor<4> {
+        self.encode_tokens(self.patch_tokens(x)).1
+    }
+}
