@@ -8,15 +8,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::{Pipeline, Sizes, ViewSpec};
 use crate::data::LoadOptions;
+use crate::eval::EvalConfig;
+use crate::methods::MethodConfig;
+use crate::models::{BackboneConfig, ResNetConfig, Stem};
+use crate::train::{LrScaling, OptimConfig, OptimizerKind, TrainConfig};
 
 /// `[data]`: where the images are.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// A folder or archive `Dataset::open` reads; the command line's `--data` overrides it.
     pub source: Option<PathBuf>,
     pub train_split: String,
     pub test_split: String,
+    /// Train on this many images of the train split, spread over it (0: all): quick runs.
+    pub train_limit: usize,
     pub load_size: Option<u32>,
     pub skip_bad: bool,
 }
@@ -27,6 +33,7 @@ impl Default for DataConfig {
             source: None,
             train_split: "train".into(),
             test_split: "test".into(),
+            train_limit: 0,
             load_size: None,
             skip_bad: false,
         }
@@ -43,7 +50,7 @@ impl DataConfig {
 }
 
 /// `[augment]`: a named pipeline to start from, its sizes, and optionally every view spelled out.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
     /// One of `augment::PRESETS`.
@@ -74,6 +81,15 @@ impl Default for AugmentConfig {
 }
 
 impl AugmentConfig {
+    /// The deterministic pipeline features are extracted with: the central square at `size`,
+    /// normalised like the training views.
+    pub fn eval_pipeline(&self) -> Result<Pipeline> {
+        let train = self.build()?;
+        let mut p = Pipeline::preset("eval", Sizes::small(self.size))?;
+        (p.mean, p.std) = (train.mean, train.std);
+        Ok(p)
+    }
+
     pub fn build(&self) -> Result<Pipeline> {
         let small = Sizes::small(self.size);
         let sizes = Sizes {
@@ -92,25 +108,72 @@ impl AugmentConfig {
     }
 }
 
-/// A whole recipe file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+impl Default for BackboneConfig {
+    fn default() -> Self {
+        BackboneConfig::Resnet(ResNetConfig {
+            depth: 18,
+            stem: Stem::Cifar,
+            width: 1.0,
+        })
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 100,
+            batch_size: 256,
+            accumulate: 1,
+            optim: OptimConfig {
+                optimizer: OptimizerKind::Lars,
+                weight_decay: 1e-6,
+                momentum: 0.9,
+                betas: [0.9, 0.999],
+                eta: 0.001,
+            },
+            base_lr: 0.3,
+            lr_scaling: LrScaling::Linear,
+            warmup_epochs: 10.0,
+            final_lr: 0.0,
+            checkpoint_every: 10,
+            monitor_every: 0,
+        }
+    }
+}
+
+/// A whole recipe file: `seed` and the sections `[data]`, `[augment]`, `[method]`, `[model]`,
+/// `[train]`, `[eval]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Recipe {
     pub seed: u64,
     pub data: DataConfig,
     pub augment: AugmentConfig,
+    pub method: MethodConfig,
+    pub model: BackboneConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
 }
 
 impl Recipe {
     pub fn load(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read recipe {}", path.display()))?;
-        let recipe: Recipe =
-            toml::from_str(&text).with_context(|| format!("recipe {}", path.display()))?;
-        recipe
-            .augment
-            .build()
-            .with_context(|| format!("recipe {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("recipe {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Recipe> {
+        let recipe: Recipe = toml::from_str(text)?;
+        recipe.check()?;
         Ok(recipe)
+    }
+
+    /// Checks every section; the error names the field at fault.
+    pub fn check(&self) -> Result<()> {
+        self.augment.build()?;
+        self.method.check()?;
+        self.model.check()?;
+        self.train.check()?;
+        Ok(())
     }
 }

@@ -1,10 +1,18 @@
 //! selfsup: self-supervised visual representation learning in one binary.
 //!
 //! Data flows one way: [`data`] decodes images into memory, [`augment`] draws the views each
-//! method asks for, and [`viz`] turns what is worth looking at into PNG pictures.
-//! [`config`] reads the TOML recipes that tie them together.
+//! method asks for, a method of [`methods`] turns them into a loss over a backbone of
+//! [`models`], and [`train`] runs the optimisation, checkpoints and metrics. [`eval`] measures
+//! the frozen backbone (kNN, linear probe), [`viz`] draws what is worth looking at, and
+//! [`pretrain`] ties a recipe ([`config`]) to all of them.
 
 pub mod augment;
 pub mod config;
 pub mod data;
+pub mod eval;
+pub mod losses;
+pub mod methods;
+pub mod models;
+pub mod pretrain;
+pub mod train;
 pub mod viz;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use selfsup::augment::{Pipeline, Sizes, PRESETS};
 use selfsup::config::{AugmentConfig, Recipe};
 use selfsup::data::{self, Archive, Dataset, LoadOptions};
+use selfsup::pretrain;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +52,37 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         load: LoadArgs,
+    },
+    /// Pre-train an encoder as a recipe says; resumes if --out holds a checkpoint of it.
+    Pretrain {
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Overrides the recipe's data.source.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run folder (default: runs/<recipe name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overrides the recipe's train.epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Evaluate a frozen backbone: `knn` or `linear`.
+    Eval {
+        #[arg(value_parser = ["knn", "linear"])]
+        protocol: String,
+        /// A run folder written by `pretrain`.
+        #[arg(long, required_unless_present = "recipe")]
+        checkpoint: Option<PathBuf>,
+        /// Without --checkpoint: a randomly initialised backbone of this recipe (the baseline).
+        #[arg(long, conflicts_with = "checkpoint")]
+        recipe: Option<PathBuf>,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Print a named pipeline as a recipe's [augment] section, to copy and change.
     Pipeline {
@@ -152,6 +184,76 @@ fn run(cli: Cli) -> Result<()> {
                 out.display(),
                 images.len(),
                 pipeline.num_views()
+            );
+        }
+        Command::Pretrain {
+            recipe: path,
+            data,
+            out,
+            epochs,
+            device,
+        } => {
+            let mut recipe = Recipe::load(&path)?;
+            if let Some(e) = epochs {
+                recipe.train.epochs = e;
+            }
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into());
+            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
+            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
+            let summary = pretrain::pretrain(&recipe, &dataset, &out, &pretrain::device(&device)?)?;
+            println!("run folder: {}", out.display());
+            println!(
+                "backbone (torchvision/timm names): {}",
+                summary.backbone.display()
+            );
+            if let Some(knn) = summary.knn {
+                println!(
+                    "kNN (k={}, T={}) on {}: top-1 {:.2}%  top-5 {:.2}%",
+                    recipe.eval.knn_k,
+                    recipe.eval.knn_t,
+                    recipe.data.test_split,
+                    100.0 * knn.top1,
+                    100.0 * knn.top5
+                );
+            }
+        }
+        Command::Eval {
+            protocol,
+            checkpoint,
+            recipe,
+            data,
+            device,
+        } => {
+            let device = pretrain::device(&device)?;
+            let (recipe, backbone, what) = match (checkpoint, recipe) {
+                (Some(run), _) => {
+                    let (r, b) = pretrain::load_backbone(&run, &device)?;
+                    (r, b, format!("checkpoint {}", run.display()))
+                }
+                (None, Some(path)) => {
+                    let r = Recipe::load(&path)?;
+                    let b = pretrain::random_backbone(&r, &device);
+                    (r, b, format!("random init of {}", path.display()))
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
+            let train = dataset.split(&recipe.data.train_split)?;
+            let test = dataset.split(&recipe.data.test_split)?;
+            let classes = dataset.classes.len();
+            let acc = if protocol == "knn" {
+                pretrain::knn_accuracy(&recipe, &backbone, train, test, classes, &device)?
+            } else {
+                pretrain::linear_accuracy(&recipe, &backbone, train, test, classes, &device)?
+            };
+            println!(
+                "{protocol} on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
+                recipe.data.test_split,
+                100.0 * acc.top1,
+                100.0 * acc.top5
             );
         }
         Command::Pipeline { name, size } => {

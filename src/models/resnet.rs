@@ -47,7 +47,10 @@ impl ResNetConfig {
     pub fn check(&self) -> anyhow::Result<()> {
         self.blocks()?;
         if !(self.width > 0.0 && self.width <= 4.0) {
-            anyhow::bail!("model.width = {}: the width multiplier must lie in (0, 4]", self.width);
+            anyhow::bail!(
+                "model.width = {}: the width multiplier must lie in (0, 4]",
+                self.width
+            );
         }
         Ok(())
     }
@@ -70,7 +73,12 @@ impl ResNetConfig {
             Stem::Cifar => (conv(3, c0, 3, 1, device), None),
             Stem::Imagenet => (
                 conv(3, c0, 7, 2, device),
-                Some(MaxPool2dConfig::new([3, 3]).with_strides([2, 2]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init()),
+                Some(
+                    MaxPool2dConfig::new([3, 3])
+                        .with_strides([2, 2])
+                        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                        .init(),
+                ),
             ),
         };
         let mut in_ch = c0;
@@ -89,7 +97,15 @@ impl ResNetConfig {
         let layer2 = layer(128, counts[1], 2);
         let layer3 = layer(256, counts[2], 2);
         let layer4 = layer(512, counts[3], 2);
-        ResNet { conv1, bn1: BatchNormConfig::new(c0).init(device), maxpool, layer1, layer2, layer3, layer4 }
+        ResNet {
+            conv1,
+            bn1: BatchNormConfig::new(c0).init(device),
+            maxpool,
+            layer1,
+            layer2,
+            layer3,
+            layer4,
+        }
     }
 }
 
@@ -100,7 +116,10 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, device: &Device) -> Co
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
         .with_bias(false)
-        .with_initializer(Initializer::KaimingNormal { gain: 2f64.sqrt(), fan_out_only: true })
+        .with_initializer(Initializer::KaimingNormal {
+            gain: 2f64.sqrt(),
+            fan_out_only: true,
+        })
         .init(device)
 }
 
@@ -125,10 +144,20 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(cin: usize, width: usize, expansion: usize, stride: usize, bottleneck: bool, device: &Device) -> Block {
+    fn new(
+        cin: usize,
+        width: usize,
+        expansion: usize,
+        stride: usize,
+        bottleneck: bool,
+        device: &Device,
+    ) -> Block {
         let cout = width * expansion;
         let bn = |c| BatchNormConfig::new(c).init(device);
-        let downsample = (stride != 1 || cin != cout).then(|| Downsample { conv: conv(cin, cout, 1, stride, device), bn: bn(cout) });
+        let downsample = (stride != 1 || cin != cout).then(|| Downsample {
+            conv: conv(cin, cout, 1, stride, device),
+            bn: bn(cout),
+        });
         if bottleneck {
             Block {
                 conv1: conv(cin, width, 1, 1, device),
@@ -184,7 +213,13 @@ impl ResNet {
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
-        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3).chain(&self.layer4) {
+        for block in self
+            .layer1
+            .iter()
+            .chain(&self.layer2)
+            .chain(&self.layer3)
+            .chain(&self.layer4)
+        {
             x = block.forward(x);
         }
         let [n, c, _, _] = x.dims();

@@ -35,15 +35,30 @@ impl VitConfig {
             "base" => (768, 12, 12),
             other => anyhow::bail!("unknown ViT preset '{other}' (known: tiny, small, base)"),
         };
-        Ok(VitConfig { image_size, patch_size, dim, depth, heads, mlp_ratio: 4.0 })
+        Ok(VitConfig {
+            image_size,
+            patch_size,
+            dim,
+            depth,
+            heads,
+            mlp_ratio: 4.0,
+        })
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
         if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
-            anyhow::bail!("model.patch_size = {}: must divide model.image_size = {}", self.patch_size, self.image_size);
+            anyhow::bail!(
+                "model.patch_size = {}: must divide model.image_size = {}",
+                self.patch_size,
+                self.image_size
+            );
         }
         if self.heads == 0 || self.dim % self.heads != 0 {
-            anyhow::bail!("model.heads = {}: must divide model.dim = {}", self.heads, self.dim);
+            anyhow::bail!(
+                "model.heads = {}: must divide model.dim = {}",
+                self.heads,
+                self.dim
+            );
         }
         Ok(())
     }
@@ -53,23 +68,49 @@ impl VitConfig {
     }
 
     pub fn init(&self, device: &Device) -> Vit {
-        let linear = |i, o| LinearConfig::new(i, o).with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 }).init(device);
-        let norm = || LayerNormConfig::new(self.dim).with_epsilon(1e-6).init(device);
+        let linear = |i, o| {
+            LinearConfig::new(i, o)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device)
+        };
+        let norm = || {
+            LayerNormConfig::new(self.dim)
+                .with_epsilon(1e-6)
+                .init(device)
+        };
         let hidden = (self.dim as f32 * self.mlp_ratio) as usize;
         let blocks = (0..self.depth)
             .map(|_| VitBlock {
                 norm1: norm(),
-                attn: Attention { qkv: linear(self.dim, 3 * self.dim), proj: linear(self.dim, self.dim), heads: self.heads },
+                attn: Attention {
+                    qkv: linear(self.dim, 3 * self.dim),
+                    proj: linear(self.dim, self.dim),
+                    heads: self.heads,
+                },
                 norm2: norm(),
-                mlp: Mlp { fc1: linear(self.dim, hidden), fc2: linear(hidden, self.dim) },
+                mlp: Mlp {
+                    fc1: linear(self.dim, hidden),
+                    fc2: linear(hidden, self.dim),
+                },
             })
             .collect();
         let p = self.patch_size;
         let trunc = Distribution::Normal(0.0, 0.02);
         Vit {
-            patch_embed: PatchEmbed { proj: Conv2dConfig::new([3, self.dim], [p, p]).with_stride([p, p]).init(device) },
+            patch_embed: PatchEmbed {
+                proj: Conv2dConfig::new([3, self.dim], [p, p])
+                    .with_stride([p, p])
+                    .init(device),
+            },
             cls_token: Param::from_tensor(Tensor::random([1, 1, self.dim], trunc, device)),
-            pos_embed: Param::from_tensor(Tensor::random([1, 1 + self.num_patches(), self.dim], trunc, device)),
+            pos_embed: Param::from_tensor(Tensor::random(
+                [1, 1 + self.num_patches(), self.dim],
+                trunc,
+                device,
+            )),
             blocks,
             norm: norm(),
         }
@@ -93,11 +134,19 @@ impl Attention {
     fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [n, t, d] = x.dims();
         let h = self.heads;
-        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([n, t, 3, h, d / h])
+            .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).reshape([n, h, t, d / h]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([n, h, t, d / h]);
         let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d / h]);
-        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(((d / h) as f64).powf(-0.5)), 3);
+        let attn = softmax(
+            q.matmul(k.swap_dims(2, 3))
+                .mul_scalar(((d / h) as f64).powf(-0.5)),
+            3,
+        );
         let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([n, t, d]);
         (self.proj.forward(out), attn)
     }
@@ -121,7 +170,11 @@ impl VitBlock {
     fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let (a, attn) = self.attn.forward(self.norm1.forward(x.clone()));
         let x = x + a;
-        let x = x.clone() + self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x))));
+        let x = x.clone()
+            + self
+                .mlp
+                .fc2
+                .forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x))));
         (x, attn)
     }
 }
@@ -139,7 +192,12 @@ impl Vit {
     /// Patch tokens with their positional embeddings, `[n, patches, dim]` (no class token):
     /// MAE keeps a subset of these before the blocks.
     pub fn patch_tokens(&self, x: Tensor<4>) -> Tensor<3> {
-        let tokens = self.patch_embed.proj.forward(x).flatten::<3>(2, 3).swap_dims(1, 2);
+        let tokens = self
+            .patch_embed
+            .proj
+            .forward(x)
+            .flatten::<3>(2, 3)
+            .swap_dims(1, 2);
         let [_, l, d] = tokens.dims();
         tokens + self.pos_embed.val().narrow(1, 1, l).reshape([1, l, d])
     }
@@ -156,7 +214,10 @@ impl Vit {
             x = y;
             last = Some(attn);
         }
-        (self.norm.forward(x), last.expect("a ViT has at least one block"))
+        (
+            self.norm.forward(x),
+            last.expect("a ViT has at least one block"),
+        )
     }
 
     /// The class token's features, `[n, dim]`.

@@ -1,0 +1,246 @@
+//! Evaluation of a frozen backbone: feature extraction, weighted kNN, and a linear probe.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use burn::module::Module;
+use burn::nn::LinearConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::{sample_rng, Pipeline};
+use crate::data::{Loader, Split};
+use crate::losses::{cross_entropy, l2_normalize};
+use crate::models::Backbone;
+
+/// `[eval]` of a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// kNN neighbours and temperature of the weighted vote exp(s/T) (InstDisc / DINO: 200, 0.1).
+    pub knn_k: usize,
+    pub knn_t: f32,
+    /// Images of the train and test splits the online monitor uses (0: all).
+    pub monitor_train: usize,
+    pub monitor_test: usize,
+    pub linear_epochs: usize,
+    pub linear_lr: f64,
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            knn_k: 200,
+            knn_t: 0.1,
+            monitor_train: 10_000,
+            monitor_test: 2_000,
+            linear_epochs: 100,
+            linear_lr: 1e-3,
+            batch_size: 256,
+        }
+    }
+}
+
+/// Features of a split, row-major `[n, dim]`, with its labels.
+pub struct Features {
+    pub data: Vec<f32>,
+    pub dim: usize,
+    pub labels: Vec<u32>,
+}
+
+impl Features {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn tensor(&self, device: &Device) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(self.data.clone(), [self.len(), self.dim]),
+            device,
+        )
+    }
+}
+
+/// Features of the frozen backbone (batch norm in evaluation mode, no gradients) for every
+/// image of `split`, drawn through the deterministic `eval` pipeline (`pipeline` must have one view).
+pub fn extract(
+    backbone: &Backbone,
+    split: &Split,
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Features> {
+    let Some(labels) = split.labels.as_ref() else {
+        bail!("split '{}' has no labels to evaluate against", split.name)
+    };
+    let backbone = backbone.valid().to_device(device);
+    let loader =
+        Loader::new(split.clone(), Arc::new(pipeline.clone()), batch_size, 0)?.sequential();
+    let bar = crate::data::progress_bar(split.len() as u64, &format!("features of {}", split.name));
+    let mut data = Vec::new();
+    let mut dim = 0;
+    for batch in loader.epoch(0, 0) {
+        let f = backbone.forward(batch.views[0].to_tensor(device));
+        dim = f.dims()[1];
+        data.extend(
+            f.into_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
+        bar.inc(batch.samples.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(Features {
+        data,
+        dim,
+        labels: labels.to_vec(),
+    })
+}
+
+/// Top-1 and top-5 accuracy (fractions).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Accuracy {
+    pub top1: f32,
+    pub top5: f32,
+}
+
+fn accuracy(scores: &[Vec<f32>], labels: &[u32]) -> Accuracy {
+    let (mut top1, mut top5) = (0usize, 0usize);
+    for (s, &label) in scores.iter().zip(labels) {
+        let mine = s[label as usize];
+        let better = s.iter().filter(|&&v| v > mine).count();
+        top1 += (better == 0) as usize;
+        top5 += (better < 5) as usize;
+    }
+    Accuracy {
+        top1: top1 as f32 / labels.len() as f32,
+        top5: top5 as f32 / labels.len() as f32,
+    }
+}
+
+/// Weighted kNN (Wu et al. 2018): cosine similarity s between l2-normalised features, the k
+/// nearest training samples vote for their class with weight exp(s / T).
+pub fn knn(
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    k: usize,
+    t: f32,
+    device: &Device,
+) -> Accuracy {
+    let bank = l2_normalize(train.tensor(device)).transpose();
+    let k = k.min(train.len());
+    let mut scores = Vec::with_capacity(test.len());
+    for start in (0..test.len()).step_by(256) {
+        let n = 256.min(test.len() - start);
+        let q = Tensor::<2>::from_data(
+            TensorData::new(
+                test.data[start * test.dim..(start + n) * test.dim].to_vec(),
+                [n, test.dim],
+            ),
+            device,
+        );
+        let (sims, idx) = l2_normalize(q).matmul(bank.clone()).topk_with_indices(k, 1);
+        let sims: Vec<f32> = sims
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 similarities");
+        let idx: Vec<i64> = idx
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .expect("indices");
+        for row in 0..n {
+            let mut votes = vec![0f32; classes];
+            for j in 0..k {
+                votes[train.labels[idx[row * k + j] as usize] as usize] +=
+                    (sims[row * k + j] / t).exp();
+            }
+            scores.push(votes);
+        }
+    }
+    accuracy(&scores, &test.labels)
+}
+
+/// A linear classifier on frozen features (standardised with the training statistics), trained
+/// with AdamW and cross-entropy for `epochs` passes over shuffled mini-batches.
+pub fn linear_probe(
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    config: &EvalConfig,
+    device: &Device,
+) -> Accuracy {
+    let d = train.dim;
+    let mean: Vec<f32> = (0..d)
+        .map(|j| train.data.iter().skip(j).step_by(d).sum::<f32>() / train.len() as f32)
+        .collect();
+    let std: Vec<f32> = (0..d)
+        .map(|j| {
+            (train
+                .data
+                .iter()
+                .skip(j)
+                .step_by(d)
+                .map(|v| (v - mean[j]).powi(2))
+                .sum::<f32>()
+                / train.len() as f32)
+                .sqrt()
+                .max(1e-6)
+        })
+        .collect();
+    let standardise = |f: &Features| -> Vec<f32> {
+        f.data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v - mean[i % d]) / std[i % d])
+            .collect()
+    };
+    let (xtr, xte) = (standardise(train), standardise(test));
+    let ad = device.clone().autodiff();
+    let mut model = crate::models::init_seeded(&ad, 0, || LinearConfig::new(d, classes).init(&ad));
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let bar = crate::data::progress_bar(config.linear_epochs as u64, "linear probe");
+    for epoch in 0..config.linear_epochs {
+        order.shuffle(&mut sample_rng(0, epoch as u64, u64::MAX));
+        let lr = crate::train::optim::warmup_cosine(
+            epoch,
+            0,
+            config.linear_epochs,
+            config.linear_lr,
+            0.0,
+        );
+        for chunk in order.chunks(config.batch_size) {
+            let x: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| xtr[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            let targets: Vec<usize> = chunk.iter().map(|&i| train.labels[i] as usize).collect();
+            let logits = model.forward(Tensor::<2>::from_data(
+                TensorData::new(x, [chunk.len(), d]),
+                &ad,
+            ));
+            let grads =
+                GradientsParams::from_grads(cross_entropy(logits, &targets).backward(), &model);
+            model = optim.step(lr, model, grads);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let model = model.valid();
+    let logits = model.forward(Tensor::<2>::from_data(
+        TensorData::new(xte, [test.len(), d]),
+        device,
+    ));
+    let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().expect("f32 logits");
+    let scores: Vec<Vec<f32>> = logits.chunks(classes).map(<[f32]>::to_vec).collect();
+    accuracy(&scores, &test.labels)
+}

@@ -1,0 +1,64 @@
+//! Losses, each written once with its formula.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// Rows scaled to unit l2 norm (ε keeps a zero row finite).
+pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// Cosine similarities of every row of `a` with every row of `b`, divided by τ: `[n_a, n_b]`.
+pub fn cosine_logits(a: Tensor<2>, b: Tensor<2>, tau: f64) -> Tensor<2> {
+    l2_normalize(a)
+        .matmul(l2_normalize(b).transpose())
+        .div_scalar(tau)
+}
+
+/// Cross-entropy of `logits` `[n, c]` against class indices: mean over rows of
+/// −log softmax(logits)[target].
+pub fn cross_entropy(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let device = logits.device();
+    let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+    log_softmax(logits, 1).gather(1, idx).mean().neg()
+}
+
+/// InfoNCE (van den Oord et al. 2018), over logits s(q, k)/τ:
+///
+///   L = −log( exp(s(q,k+)/τ) / (exp(s(q,k+)/τ) + Σ_j exp(s(q,k_j−)/τ)) )
+///
+/// Row i of `logits` holds query i against its candidates; `positives[i]` is the column of its
+/// positive key, every other column is a negative. Columns to ignore (a view against itself)
+/// must be masked to −∞ beforehand. SimCLR passes in-batch similarities (2N views, 2N−2
+/// negatives each), MoCo the positive at column 0 followed by its queue.
+pub fn info_nce(logits: Tensor<2>, positives: &[usize]) -> Tensor<1> {
+    cross_entropy(logits, positives)
+}
+
+/// SimCLR's NT-Xent: InfoNCE over the 2N views of N images, with z1[i] and z2[i] positives of
+/// each other and every other view in the batch a negative; symmetric by construction.
+pub fn nt_xent(z1: Tensor<2>, z2: Tensor<2>, tau: f64) -> Tensor<1> {
+    let [n, _] = z1.dims();
+    let device = z1.device();
+    let z = Tensor::cat(vec![z1, z2], 0);
+    let self_mask = Tensor::<2>::eye(2 * n, &device).mul_scalar(1e9);
+    let logits = cosine_logits(z.clone(), z, tau) - self_mask;
+    let positives: Vec<usize> = (0..2 * n).map(|i| (i + n) % (2 * n)).collect();
+    info_nce(logits, &positives)
+}
+
+/// Mean over dimensions of the standard deviation of l2-normalised embeddings: about 1/√d for
+/// spread-out embeddings, 0 when they collapse to one point (SimSiam's collapse monitor).
+pub fn embedding_std(z: Tensor<2>) -> f32 {
+    let z = l2_normalize(z.detach());
+    let [n, _] = z.dims();
+    let mean = z.clone().mean_dim(0);
+    let var = (z - mean)
+        .square()
+        .sum_dim(0)
+        .div_scalar((n.max(2) - 1) as f64);
+    var.sqrt().mean().into_scalar()
+}

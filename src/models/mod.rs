@@ -1,0 +1,80 @@
+//! Encoders (backbones) and the heads that methods put on them.
+
+mod heads;
+mod resnet;
+mod vit;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use heads::{ProjectionHead, ProjectionHeadConfig};
+pub use resnet::{ResNet, ResNetConfig, Stem};
+pub use vit::{Vit, VitConfig};
+
+/// `[model]` of a recipe: which encoder to learn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "lowercase")]
+pub enum BackboneConfig {
+    Resnet(ResNetConfig),
+    Vit(VitConfig),
+}
+
+impl BackboneConfig {
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self {
+            BackboneConfig::Resnet(c) => c.check(),
+            BackboneConfig::Vit(c) => c.check(),
+        }
+    }
+
+    /// Width of the features the backbone returns.
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            BackboneConfig::Resnet(c) => c.feature_dim(),
+            BackboneConfig::Vit(c) => c.dim,
+        }
+    }
+
+    pub fn init(&self, device: &Device) -> Backbone {
+        match self {
+            BackboneConfig::Resnet(c) => Backbone::ResNet(c.init(device)),
+            BackboneConfig::Vit(c) => Backbone::Vit(c.init(device)),
+        }
+    }
+}
+
+/// The encoder that is learned, evaluated and exported.
+#[derive(Module, Debug)]
+pub enum Backbone {
+    ResNet(ResNet),
+    Vit(Vit),
+}
+
+impl Backbone {
+    /// Features `[n, feature_dim]`: globally pooled (ResNet) or the class token (ViT).
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        match self {
+            Backbone::ResNet(m) => m.forward(x),
+            Backbone::Vit(m) => m.forward(x),
+        }
+    }
+}
+
+/// Initialises a module from `seed`. burn's CPU generator is global and its parameters are
+/// drawn lazily, on first use: so seeding and drawing every parameter happen under one lock, and
+/// the same seed gives the same weights whatever runs beside it.
+pub fn init_seeded<T: Module>(device: &Device, seed: u64, init: impl FnOnce() -> T) -> T {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    let module = init();
+    module.visit(&mut Touch);
+    module
+}

@@ -1,0 +1,251 @@
+//! A run from a recipe: data, views, the method, the trainer, evaluation, export. The CLI's
+//! `pretrain` and `eval` commands are thin calls into this file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+use burn::tensor::Device;
+use serde::Serialize;
+
+use crate::config::Recipe;
+use crate::data::{Dataset, Loader};
+use crate::eval::{self, Accuracy};
+use crate::methods::MethodConfig;
+use crate::models::{init_seeded, Backbone};
+use crate::train::{self, Method, Scalars, Trainer};
+
+/// The device named on the command line: `cpu` (burn's flex backend, always built), `cuda`
+/// (with the `cuda` feature) or `wgpu` (Vulkan, with the `wgpu` feature).
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(0usize)),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::vulkan(Default::default())),
+        other => bail!("device '{other}' is not available in this build (cpu always is; cuda and wgpu need the cargo features of the same names)"),
+    }
+}
+
+/// Opens the recipe's data, or `source` when given.
+pub fn open_data(recipe: &Recipe, source: Option<&Path>) -> Result<Dataset> {
+    let Some(path) = source.or(recipe.data.source.as_deref()) else {
+        bail!("no data: pass --data or set data.source in the recipe");
+    };
+    Dataset::open(path, &recipe.data.load_options())
+}
+
+/// The recipe's method around a freshly initialised backbone (seeded by the recipe), on `device`.
+/// `f` receives it: methods are distinct types, so each caller is generic over [`Method`].
+fn with_method<R>(recipe: &Recipe, device: &Device, f: impl MethodUser<R>) -> R {
+    let dim = recipe.model.feature_dim();
+    match &recipe.method {
+        MethodConfig::Simclr(c) => f.call(init_seeded(device, recipe.seed, || {
+            c.init(recipe.model.init(device), dim, device)
+        })),
+    }
+}
+
+trait MethodUser<R> {
+    fn call<M: Method>(self, method: M) -> R;
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub epochs: usize,
+    pub final_loss: Option<f32>,
+    pub knn: Option<Accuracy>,
+    pub checkpoint: PathBuf,
+    pub backbone: PathBuf,
+}
+
+/// Pre-trains as the recipe says, writing into `out` (resuming if `out` holds a checkpoint of
+/// the same recipe), then reports kNN accuracy on the test split and exports the backbone.
+pub fn pretrain(
+    recipe: &Recipe,
+    dataset: &Dataset,
+    out: &Path,
+    device: &Device,
+) -> Result<Summary> {
+    recipe.check()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let saved = out.join("recipe.toml");
+    let text = toml::to_string_pretty(recipe)?;
+    if saved.exists() {
+        let before = Recipe::load(&saved)?;
+        if before.method != recipe.method
+            || before.model != recipe.model
+            || before.seed != recipe.seed
+        {
+            bail!("{} holds a run of another recipe (method, model or seed differ): choose another --out", out.display());
+        }
+    }
+    std::fs::write(&saved, text)?;
+
+    let full_train = dataset.split(&recipe.data.train_split)?;
+    let train_split = if recipe.data.train_limit > 0 {
+        full_train.subset(recipe.data.train_limit)
+    } else {
+        full_train.clone()
+    };
+    let test_split = dataset
+        .split(&recipe.data.test_split)
+        .ok()
+        .filter(|s| s.labels.is_some())
+        .cloned();
+    let pipeline = recipe.augment.build()?;
+    let loader = Loader::new(
+        train_split.clone(),
+        Arc::new(pipeline),
+        recipe.train.batch_size,
+        recipe.seed,
+    )?;
+    let eval_pipeline = recipe.augment.eval_pipeline()?;
+    let classes = dataset.classes.len();
+    let e = &recipe.eval;
+
+    let monitor = |backbone: &Backbone| -> Result<Scalars> {
+        let (Some(test), Some(_)) = (&test_split, &train_split.labels) else {
+            return Ok(vec![]);
+        };
+        let sub = |s: &crate::data::Split, n: usize| if n == 0 { s.clone() } else { s.subset(n) };
+        let tr = eval::extract(
+            backbone,
+            &sub(&train_split, e.monitor_train),
+            &eval_pipeline,
+            e.batch_size,
+            device,
+        )?;
+        let te = eval::extract(
+            backbone,
+            &sub(test, e.monitor_test),
+            &eval_pipeline,
+            e.batch_size,
+            device,
+        )?;
+        let acc = eval::knn(&tr, &te, classes, e.knn_k, e.knn_t, device);
+        Ok(vec![("knn_top1", acc.top1)])
+    };
+    let ad = device.clone().autodiff();
+    let mut trainer = Trainer::new(recipe.train.clone(), out, ad.clone());
+    trainer.monitor = Some(&monitor);
+
+    struct Train<'a> {
+        trainer: &'a Trainer<'a>,
+        loader: &'a Loader,
+    }
+    impl MethodUser<Result<(Backbone, train::Report)>> for Train<'_> {
+        fn call<M: Method>(self, method: M) -> Result<(Backbone, train::Report)> {
+            let (method, report) = self.trainer.run(method, self.loader)?;
+            Ok((method.valid().backbone().clone(), report))
+        }
+    }
+    let (backbone, report) = with_method(
+        recipe,
+        &ad,
+        Train {
+            trainer: &trainer,
+            loader: &loader,
+        },
+    )?;
+
+    let backbone_path = out.join("backbone.safetensors");
+    export_backbone(&backbone, &backbone_path)?;
+    // The memory bank is the whole labelled train split, whatever part was trained on.
+    let knn = match &test_split {
+        Some(test) => Some(knn_accuracy(
+            recipe, &backbone, full_train, test, classes, device,
+        )?),
+        None => None,
+    };
+    let summary = Summary {
+        epochs: report.state.epoch,
+        final_loss: report.state.epoch_losses.last().copied(),
+        knn,
+        checkpoint: train::checkpoint::latest(out)?.unwrap_or_default(),
+        backbone: backbone_path,
+    };
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// kNN accuracy of `backbone` on `test`, with `train` as the memory bank (the recipe's k and T).
+pub fn knn_accuracy(
+    recipe: &Recipe,
+    backbone: &Backbone,
+    train: &crate::data::Split,
+    test: &crate::data::Split,
+    classes: usize,
+    device: &Device,
+) -> Result<Accuracy> {
+    let p = recipe.augment.eval_pipeline()?;
+    let tr = eval::extract(backbone, train, &p, recipe.eval.batch_size, device)?;
+    let te = eval::extract(backbone, test, &p, recipe.eval.batch_size, device)?;
+    Ok(eval::knn(
+        &tr,
+        &te,
+        classes,
+        recipe.eval.knn_k,
+        recipe.eval.knn_t,
+        device,
+    ))
+}
+
+/// Linear-probe accuracy of `backbone` trained on `train`, measured on `test`.
+pub fn linear_accuracy(
+    recipe: &Recipe,
+    backbone: &Backbone,
+    train: &crate::data::Split,
+    test: &crate::data::Split,
+    classes: usize,
+    device: &Device,
+) -> Result<Accuracy> {
+    let p = recipe.augment.eval_pipeline()?;
+    let tr = eval::extract(backbone, train, &p, recipe.eval.batch_size, device)?;
+    let te = eval::extract(backbone, test, &p, recipe.eval.batch_size, device)?;
+    Ok(eval::linear_probe(&tr, &te, classes, &recipe.eval, device))
+}
+
+/// The backbone of a run folder's latest checkpoint, with the run's recipe.
+pub fn load_backbone(run: &Path, device: &Device) -> Result<(Recipe, Backbone)> {
+    let recipe = Recipe::load(&run.join("recipe.toml"))
+        .with_context(|| format!("{} is not a run folder", run.display()))?;
+    let Some(dir) = train::checkpoint::latest(run)? else {
+        bail!("{} holds no checkpoint", run.display())
+    };
+    struct Load<'a>(&'a Path);
+    impl MethodUser<Result<Backbone>> for Load<'_> {
+        fn call<M: Method>(self, method: M) -> Result<Backbone> {
+            Ok(train::checkpoint::load_model(self.0, method)?
+                .backbone()
+                .clone())
+        }
+    }
+    let backbone = with_method(&recipe, device, Load(&dir))?;
+    Ok((recipe, backbone))
+}
+
+/// A randomly initialised backbone of the recipe's architecture (the baseline every method must beat).
+pub fn random_backbone(recipe: &Recipe, device: &Device) -> Backbone {
+    init_seeded(device, recipe.seed, || recipe.model.init(device))
+}
+
+/// Writes the backbone as safetensors with torchvision / timm parameter names and layouts, so
+/// `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` takes it in PyTorch.
+pub fn export_backbone(backbone: &Backbone, path: &Path) -> Result<()> {
+    let mut store = SafetensorsStore::from_file(path)
+        .skip_enum_variants(true)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_key_remapping(r"downsample\.conv\.", "downsample.0.")
+        .with_key_remapping(r"downsample\.bn\.", "downsample.1.")
+        .overwrite(true);
+    backbone
+        .save_into(&mut store)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}

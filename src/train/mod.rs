@@ -1,0 +1,358 @@
+//! One trainer for every method: epochs of batches, the optimiser step under a warm-up + cosine
+//! schedule, gradient accumulation, checkpoints with exact resume, metrics as JSONL, progress,
+//! and a stop with a clear error on a non-finite loss.
+//!
+//! The trainer knows the [`Method`] interface, not the methods. Teachers, queues and centres
+//! live inside a method (a burn module) and are updated by [`Method::after_step`]; a second
+//! model with its own optimiser (a GAN discriminator) updates in [`Method::auxiliary_step`].
+
+pub mod checkpoint;
+pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Loader;
+use crate::models::Backbone;
+pub use checkpoint::TrainState;
+pub use optim::{LrScaling, OptimConfig, OptimizerKind};
+
+/// Named scalars worth logging (pretext accuracy, teacher entropy, embedding std, ...).
+pub type Scalars = Vec<(&'static str, f32)>;
+
+/// Where training stands when a method is called.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub epoch: usize,
+    /// Optimiser steps taken so far.
+    pub step: usize,
+    pub total_steps: usize,
+    pub steps_per_epoch: usize,
+}
+
+impl Progress {
+    /// Fraction of training done, in [0, 1] (for momentum and temperature schedules).
+    pub fn fraction(&self) -> f64 {
+        self.step as f64 / self.total_steps.max(1) as f64
+    }
+}
+
+/// What the trainer needs of a self-supervised method.
+pub trait Method: Module + Sized {
+    /// The loss for one batch of views (`views[v]` is view `v` of every image, `[n, 3, h, w]`),
+    /// and scalars worth logging.
+    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> (Tensor<1>, Scalars);
+
+    /// After each optimiser step: the EMA of a teacher or key encoder, a queue, a centre.
+    fn after_step(self, _progress: &Progress) -> Self {
+        self
+    }
+
+    /// A second update with its own optimiser, after the main one (a GAN's discriminator).
+    fn auxiliary_step(self, _views: &[Tensor<4>], _lr: f64, _optim: &mut ModuleOptimizer) -> Self {
+        self
+    }
+
+    /// The encoder that is kept, evaluated and exported.
+    fn backbone(&self) -> &Backbone;
+}
+
+/// `[train]` of a recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Forward passes whose gradients are summed before one optimiser step. It averages the
+    /// gradient over `accumulate × batch_size` images, but a contrastive loss still sees only
+    /// the negatives of its own pass: it does not emulate a larger contrastive batch.
+    #[serde(default = "one")]
+    pub accumulate: usize,
+    #[serde(flatten)]
+    pub optim: OptimConfig,
+    /// Peak learning rate before scaling by the batch (see `lr_scaling`).
+    pub base_lr: f64,
+    #[serde(default = "linear")]
+    pub lr_scaling: LrScaling,
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// Learning rate at the end of the cosine decay.
+    #[serde(default)]
+    pub final_lr: f64,
+    /// Write a checkpoint every this many epochs (and always at the end).
+    #[serde(default = "ten")]
+    pub checkpoint_every: usize,
+    /// Run the online kNN monitor every this many epochs (0: never).
+    #[serde(default)]
+    pub monitor_every: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn ten() -> usize {
+    10
+}
+fn linear() -> LrScaling {
+    LrScaling::Linear
+}
+
+impl TrainConfig {
+    pub fn check(&self) -> Result<()> {
+        let positive = |name: &str, v: usize| -> Result<()> {
+            if v == 0 {
+                bail!("train.{name} = 0: must be at least 1");
+            }
+            Ok(())
+        };
+        positive("epochs", self.epochs)?;
+        positive("batch_size", self.batch_size)?;
+        positive("accumulate", self.accumulate)?;
+        positive("checkpoint_every", self.checkpoint_every)?;
+        if !(self.base_lr > 0.0 && self.base_lr.is_finite()) {
+            bail!(
+                "train.base_lr = {}: must be a positive number",
+                self.base_lr
+            );
+        }
+        if self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs as f64 {
+            bail!(
+                "train.warmup_epochs = {}: must lie in [0, epochs = {}]",
+                self.warmup_epochs,
+                self.epochs
+            );
+        }
+        if self.optim.weight_decay < 0.0 {
+            bail!(
+                "train.weight_decay = {}: cannot be negative",
+                self.optim.weight_decay
+            );
+        }
+        Ok(())
+    }
+
+    /// Peak learning rate for the effective batch (`batch_size × accumulate`).
+    pub fn peak_lr(&self) -> f64 {
+        optim::scaled_lr(
+            self.base_lr,
+            self.batch_size * self.accumulate,
+            self.lr_scaling,
+        )
+    }
+}
+
+/// What a call of [`Trainer::run`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The loss of every optimiser step this call ran.
+    pub step_losses: Vec<f32>,
+    pub state: TrainState,
+}
+
+/// Runs a method over a loader, writing everything into `out`.
+pub struct Trainer<'a> {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub device: Device,
+    /// Called every `monitor_every` epochs with the backbone in evaluation mode (online kNN).
+    pub monitor: Option<&'a dyn Fn(&Backbone) -> Result<Scalars>>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(config: TrainConfig, out: impl Into<PathBuf>, device: Device) -> Self {
+        Trainer {
+            config,
+            out: out.into(),
+            device,
+            monitor: None,
+            progress: true,
+        }
+    }
+
+    /// Trains `method` to `config.epochs`, resuming from the latest checkpoint in `out` if there
+    /// is one (weights, optimiser state and position: the continuation is exact).
+    pub fn run<M: Method>(&self, method: M, loader: &Loader) -> Result<(M, Report)> {
+        self.run_until(method, loader, self.config.epochs)
+    }
+
+    /// Like [`run`](Self::run), but returns after epoch `until` (with a checkpoint), leaving
+    /// the rest of the schedule to a later call: a pause that a resumed run continues exactly.
+    pub fn run_until<M: Method>(
+        &self,
+        method: M,
+        loader: &Loader,
+        until: usize,
+    ) -> Result<(M, Report)> {
+        let c = &self.config;
+        c.check()?;
+        loader.check()?;
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        let (mut method, mut optim, mut aux, mut state) = match checkpoint::latest(&self.out)? {
+            Some(dir) => {
+                tracing::info!("resuming from {}", dir.display());
+                checkpoint::load(&dir, method, c.optim.init(), c.optim.init())?
+            }
+            None => (
+                method,
+                c.optim.init(),
+                c.optim.init(),
+                TrainState {
+                    seed: loader.seed,
+                    ..TrainState::default()
+                },
+            ),
+        };
+        if state.seed != loader.seed {
+            bail!(
+                "{} was trained with seed {}, not {}",
+                self.out.display(),
+                state.seed,
+                loader.seed
+            );
+        }
+        let steps_per_epoch = loader.batches_per_epoch() / c.accumulate;
+        if steps_per_epoch == 0 {
+            bail!(
+                "train.accumulate = {}: more than the {} batches of an epoch",
+                c.accumulate,
+                loader.batches_per_epoch()
+            );
+        }
+        let total_steps = steps_per_epoch * c.epochs;
+        let warmup = (c.warmup_epochs * steps_per_epoch as f64).round() as usize;
+        let mut metrics = Metrics::open(&self.out.join("metrics.jsonl"))?;
+        let mut report = Report::default();
+
+        while state.epoch < until.min(c.epochs) {
+            let epoch = state.epoch;
+            let bar = crate::data::progress_bar(
+                steps_per_epoch as u64,
+                &format!("epoch {}/{}", epoch + 1, c.epochs),
+            );
+            if !self.progress {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let mut accumulator = GradientsAccumulator::<M>::new();
+            let (mut sums, mut loss_sum, mut micro) = (Vec::<(&str, f64)>::new(), 0f64, 0usize);
+            let mut step_loss = 0f32;
+            let started = Instant::now();
+            let mut images = 0usize;
+            for batch in loader
+                .epoch(epoch as u64, 0)
+                .take(steps_per_epoch * c.accumulate)
+            {
+                let progress = Progress {
+                    epoch,
+                    step: state.step,
+                    total_steps,
+                    steps_per_epoch,
+                };
+                let views: Vec<Tensor<4>> = batch
+                    .views
+                    .iter()
+                    .map(|v| v.to_tensor(&self.device))
+                    .collect();
+                let (loss, scalars) = method.loss(&views, &progress);
+                let value: f32 = loss.clone().into_scalar();
+                if !value.is_finite() {
+                    let kept = checkpoint::latest(&self.out)?
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_else(|| "none yet".into());
+                    bail!("the loss became {value} at epoch {} step {} (batch {}): training stopped; last good checkpoint: {kept}", epoch + 1, state.step, batch.index);
+                }
+                let grads =
+                    GradientsParams::from_grads((loss / c.accumulate as f64).backward(), &method);
+                accumulator.accumulate(&method, grads);
+                micro += 1;
+                images += batch.samples.len();
+                loss_sum += value as f64;
+                step_loss += value / c.accumulate as f32;
+                for (name, v) in &scalars {
+                    match sums.iter_mut().find(|(n, _)| n == name) {
+                        Some(s) => s.1 += *v as f64,
+                        None => sums.push((name, *v as f64)),
+                    }
+                }
+                if micro % c.accumulate != 0 {
+                    continue;
+                }
+                let lr =
+                    optim::warmup_cosine(state.step, warmup, total_steps, c.peak_lr(), c.final_lr);
+                method = optim.step(lr, method, accumulator.grads());
+                method = method.auxiliary_step(&views, lr, &mut aux);
+                method = method.after_step(&progress);
+                state.step += 1;
+                report.step_losses.push(step_loss);
+                let rate = images as f64 / started.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "epoch {}/{} loss {step_loss:.4} lr {lr:.2e} {rate:.0} img/s",
+                    epoch + 1,
+                    c.epochs
+                ));
+                bar.inc(1);
+                let mut line = serde_json::json!({"kind": "step", "epoch": epoch + 1, "step": state.step, "loss": step_loss, "lr": lr, "img_per_s": rate});
+                for (name, v) in &scalars {
+                    line[*name] = serde_json::json!(v);
+                }
+                metrics.write(&line)?;
+                step_loss = 0.0;
+            }
+            bar.finish_and_clear();
+            let mean_loss = (loss_sum / micro.max(1) as f64) as f32;
+            state.epoch += 1;
+            state.epoch_losses.push(mean_loss);
+            let mut line = serde_json::json!({"kind": "epoch", "epoch": state.epoch, "loss": mean_loss, "img_per_s": images as f64 / started.elapsed().as_secs_f64()});
+            for (name, s) in &sums {
+                line[*name] = serde_json::json!(s / micro.max(1) as f64);
+            }
+            let last = state.epoch == c.epochs || state.epoch == until;
+            if let Some(monitor) = self
+                .monitor
+                .filter(|_| c.monitor_every > 0 && (state.epoch % c.monitor_every == 0 || last))
+            {
+                for (name, v) in monitor(&method.valid().backbone().clone())? {
+                    line[name] = serde_json::json!(v);
+                }
+            }
+            tracing::info!("{}", line);
+            metrics.write(&line)?;
+            if state.epoch % c.checkpoint_every == 0 || last {
+                checkpoint::save(&self.out, &method, &optim, &aux, &state)?;
+            }
+        }
+        report.state = state;
+        Ok((method, report))
+    }
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Metrics { file })
+    }
+
+    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{line}")?;
+        Ok(())
+    }
+}

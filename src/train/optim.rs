@@ -1,0 +1,198 @@
+//! Optimisers (LARS, SGD with momentum, AdamW) and the learning-rate schedule.
+//!
+//! burn ships SGD and AdamW; LARS is written here as a burn `Optimizer` (burn has none).
+//! Bias and normalisation parameters (the rank-1 tensors) are excluded from LARS's adaptation
+//! and from weight decay in LARS and AdamW, as SimCLR, MAE and DINO do.
+
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::{Momentum, MomentumConfig, MomentumState};
+use burn::optim::{AdamWConfig, ModuleOptimizer, Optimizer, SgdConfig};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Lars,
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    /// lr = base_lr × batch / 256 (Goyal et al.; SimCLR, MoCo, MAE, DINO).
+    Linear,
+    /// lr = base_lr × √batch (SimCLR's alternative for LARS at small batches).
+    Sqrt,
+    /// lr = base_lr.
+    None,
+}
+
+/// LARS (You et al. 2017) as SimCLR uses it: for a weight w with gradient g,
+///   u = g + wd·w,  trust = η·‖w‖ / ‖u‖ (1 if either norm is 0),  v ← m·v + trust·u,  w ← w − lr·v.
+/// Rank-1 tensors (biases, norm scales) skip both the decay and the trust ratio.
+#[derive(Clone)]
+pub struct Lars {
+    momentum: Momentum,
+    weight_decay: f64,
+    eta: f64,
+}
+
+impl Lars {
+    pub fn new(momentum: f64, weight_decay: f64, eta: f64) -> Self {
+        let momentum = Momentum::new(
+            &MomentumConfig::new()
+                .with_momentum(momentum)
+                .with_dampening(0.0),
+        );
+        Lars {
+            momentum,
+            weight_decay,
+            eta,
+        }
+    }
+}
+
+impl Optimizer for Lars {
+    type State<const D: usize> = MomentumState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        w: Tensor<D>,
+        g: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let u = if D > 1 {
+            let u = g + w.clone().mul_scalar(self.weight_decay);
+            let w_norm = w.clone().square().sum().sqrt();
+            let u_norm = u.clone().square().sum().sqrt();
+            let ratio = w_norm.clone().mul_scalar(self.eta) / u_norm.clone();
+            let usable = w_norm.greater_elem(0.0).bool_and(u_norm.greater_elem(0.0));
+            let trust = ratio.mask_where(usable.bool_not(), Tensor::ones([1], &w.device()));
+            u * trust.reshape([1; D])
+        } else {
+            g
+        };
+        let (velocity, state) = self.momentum.transform(u, state);
+        (w - velocity.mul_scalar(lr), Some(state))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.to_device(device)
+    }
+}
+
+/// One optimiser for matrices and one without weight decay for rank-1 tensors.
+#[derive(Clone)]
+struct DecayMatricesOnly<O> {
+    matrices: O,
+    vectors: O,
+}
+
+impl<O: Optimizer> Optimizer for DecayMatricesOnly<O> {
+    type State<const D: usize> = O::State<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        w: Tensor<D>,
+        g: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        if D > 1 {
+            self.matrices.step(lr, w, g, state)
+        } else {
+            self.vectors.step(lr, w, g, state)
+        }
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        O::to_device(state, device)
+    }
+}
+
+/// `[train]` optimiser settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub optimizer: OptimizerKind,
+    pub weight_decay: f64,
+    /// SGD / LARS momentum.
+    #[serde(default = "momentum")]
+    pub momentum: f64,
+    /// AdamW (β1, β2).
+    #[serde(default = "betas")]
+    pub betas: [f32; 2],
+    /// LARS trust coefficient η.
+    #[serde(default = "eta")]
+    pub eta: f64,
+}
+
+fn momentum() -> f64 {
+    0.9
+}
+fn betas() -> [f32; 2] {
+    [0.9, 0.999]
+}
+fn eta() -> f64 {
+    0.001
+}
+
+impl OptimConfig {
+    pub fn init(&self) -> ModuleOptimizer {
+        match self.optimizer {
+            OptimizerKind::Lars => Lars::new(self.momentum, self.weight_decay, self.eta).into(),
+            // PyTorch's SGD: no dampening, decay on every parameter (MoCo's setting).
+            OptimizerKind::Sgd => SgdConfig::new()
+                .with_momentum(Some(
+                    MomentumConfig::new()
+                        .with_momentum(self.momentum)
+                        .with_dampening(0.0),
+                ))
+                .with_weight_decay(Some(WeightDecayConfig::new(self.weight_decay as f32)))
+                .init(),
+            OptimizerKind::Adamw => {
+                let adam = |wd: f64| {
+                    AdamWConfig::new()
+                        .with_beta_1(self.betas[0])
+                        .with_beta_2(self.betas[1])
+                        .with_epsilon(1e-8)
+                        .with_weight_decay(wd as f32)
+                        .build()
+                };
+                DecayMatricesOnly {
+                    matrices: adam(self.weight_decay),
+                    vectors: adam(0.0),
+                }
+                .into()
+            }
+        }
+    }
+}
+
+/// Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final_lr` at
+/// `total` steps (SimCLR, MoCo v2, MAE, DINO).
+pub fn warmup_cosine(step: usize, warmup: usize, total: usize, peak: f64, final_lr: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let t = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    final_lr + 0.5 * (peak - final_lr) * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+}
+
+/// Cosine ramp from `base` at step 0 to `end` at `total` (EMA momentum, teacher temperature).
+pub fn cosine_ramp(step: usize, total: usize, base: f64, end: f64) -> f64 {
+    let t = step as f64 / total.max(1) as f64;
+    end - (end - base) * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+}
+
+/// The peak learning rate for `batch` under `scaling`.
+pub fn scaled_lr(base_lr: f64, batch: usize, scaling: LrScaling) -> f64 {
+    match scaling {
+        LrScaling::Linear => base_lr * batch as f64 / 256.0,
+        LrScaling::Sqrt => base_lr * (batch as f64).sqrt(),
+        LrScaling::None => base_lr,
+    }
+}

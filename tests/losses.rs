@@ -1,0 +1,136 @@
+//! Formulas checked on values computed by hand: InfoNCE, NT-Xent, LARS, schedules, kNN.
+
+use burn::optim::Optimizer;
+use burn::tensor::{Device, Tensor, TensorData};
+use selfsup::eval::{knn, Features};
+use selfsup::losses::{cosine_logits, cross_entropy, info_nce, nt_xent};
+use selfsup::train::optim::{cosine_ramp, warmup_cosine, Lars};
+
+fn dev() -> Device {
+    Device::flex()
+}
+
+fn t2(rows: &[[f32; 2]]) -> Tensor<2> {
+    Tensor::from_data(
+        TensorData::new(
+            rows.iter().flatten().copied().collect::<Vec<_>>(),
+            [rows.len(), 2],
+        ),
+        &dev(),
+    )
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_scalar::<f32>() as f64
+}
+
+#[test]
+fn info_nce_matches_the_formula() {
+    // q = e1, k+ at cosine 0.6, negatives at cosine 0 and −1, τ = 1:
+    // L = −log(e^0.6 / (e^0.6 + e^0 + e^−1)).
+    let q = t2(&[[1.0, 0.0]]);
+    let keys = t2(&[[0.6, 0.8], [0.0, 2.0], [-3.0, 0.0]]);
+    let loss = scalar(info_nce(cosine_logits(q.clone(), keys.clone(), 1.0), &[0]));
+    let expected = -(0.6f64.exp() / (0.6f64.exp() + 1.0 + (-1f64).exp())).ln();
+    assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+    // τ = 0.5 doubles every logit.
+    let loss = scalar(info_nce(cosine_logits(q, keys, 0.5), &[0]));
+    let expected = -(1.2f64.exp() / (1.2f64.exp() + 1.0 + (-2f64).exp())).ln();
+    assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+}
+
+#[test]
+fn nt_xent_pairs_view_i_with_view_i_plus_n() {
+    // Identical views: each view's positive has similarity 1, its two negatives 0 (itself is
+    // excluded): L = −log(e / (e + 2)).
+    let z = t2(&[[1.0, 0.0], [0.0, 1.0]]);
+    let loss = scalar(nt_xent(z.clone(), z.clone(), 1.0));
+    let e = std::f64::consts::E;
+    assert!((loss - (-(e / (e + 2.0)).ln())).abs() < 1e-5, "{loss}");
+    // Swapped second views: the positive now has similarity 0 and one negative 1.
+    let swapped = t2(&[[0.0, 3.0], [2.0, 0.0]]);
+    let loss = scalar(nt_xent(z, swapped, 1.0));
+    assert!((loss - (-(1.0 / (2.0 + e)).ln())).abs() < 1e-5, "{loss}");
+}
+
+#[test]
+fn cross_entropy_matches_the_formula() {
+    let logits = t2(&[[2.0, 0.0], [0.0, 0.0]]);
+    let loss = scalar(cross_entropy(logits, &[0, 1]));
+    let expected = 0.5 * (-(2f64.exp() / (2f64.exp() + 1.0)).ln() + 2f64.ln());
+    assert!((loss - expected).abs() < 1e-5);
+}
+
+#[test]
+fn lars_matches_hand_computed_steps() {
+    let lars = Lars::new(0.9, 0.0, 0.001);
+    let w = t2(&[[3.0, 4.0]]);
+    let g = t2(&[[0.6, 0.8]]);
+    // trust = η‖w‖/‖g‖ = 0.001·5/1: w1 = w − 0.005·g.
+    let (w1, state) = lars.step(1.0, w, g.clone(), None);
+    let w1v: Vec<f32> = w1.to_data().try_to_vec::<f32>().unwrap();
+    assert!(
+        (w1v[0] - 2.997).abs() < 1e-6 && (w1v[1] - 3.996).abs() < 1e-6,
+        "{w1v:?}"
+    );
+    // Second step: trust = 0.001·‖w1‖ = 0.004995, v2 = 0.9·v1 + 0.004995·g.
+    let (w2, _) = lars.step(1.0, w1, g, state);
+    let w2v: Vec<f32> = w2.to_data().try_to_vec::<f32>().unwrap();
+    let v2 = [0.9 * 0.003 + 0.004995 * 0.6, 0.9 * 0.004 + 0.004995 * 0.8];
+    assert!(
+        (w2v[0] - (2.997 - v2[0])).abs() < 1e-6 && (w2v[1] - (3.996 - v2[1])).abs() < 1e-6,
+        "{w2v:?}"
+    );
+
+    // With weight decay: u = g + 0.1·w = (0.9, 1.2), ‖u‖ = 1.5, trust = 0.001·5/1.5, lr 2.
+    let lars = Lars::new(0.9, 0.1, 0.001);
+    let (w1, _) = lars.step(2.0, t2(&[[3.0, 4.0]]), t2(&[[0.6, 0.8]]), None);
+    let w1v: Vec<f32> = w1.to_data().try_to_vec::<f32>().unwrap();
+    assert!(
+        (w1v[0] - (3.0 - 2.0 * 0.9 / 300.0)).abs() < 1e-6
+            && (w1v[1] - (4.0 - 2.0 * 1.2 / 300.0)).abs() < 1e-6,
+        "{w1v:?}"
+    );
+
+    // A bias (rank 1) gets neither decay nor trust ratio: plain SGD, w − lr·g.
+    let b = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &dev());
+    let gb = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 0.5], [2]), &dev());
+    let (b1, _) = lars.step(1.0, b, gb, None);
+    assert_eq!(b1.to_data().try_to_vec::<f32>().unwrap(), vec![0.5, 1.5]);
+}
+
+#[test]
+fn schedules_hit_their_end_points() {
+    assert!((warmup_cosine(0, 10, 100, 1.0, 0.0) - 0.1).abs() < 1e-12);
+    assert!((warmup_cosine(9, 10, 100, 1.0, 0.0) - 1.0).abs() < 1e-12);
+    assert!((warmup_cosine(10, 10, 100, 1.0, 0.0) - 1.0).abs() < 1e-12);
+    assert!((warmup_cosine(55, 10, 100, 1.0, 0.0) - 0.5).abs() < 1e-12);
+    assert!((warmup_cosine(100, 10, 100, 1.0, 0.01) - 0.01).abs() < 1e-12);
+    assert!((cosine_ramp(0, 100, 0.996, 1.0) - 0.996).abs() < 1e-12);
+    assert!((cosine_ramp(100, 100, 0.996, 1.0) - 1.0).abs() < 1e-12);
+}
+
+fn features(rows: &[[f32; 2]], labels: &[u32]) -> Features {
+    Features {
+        data: rows.iter().flatten().copied().collect(),
+        dim: 2,
+        labels: labels.to_vec(),
+    }
+}
+
+#[test]
+fn knn_votes_with_weights_exp_s_over_t() {
+    // The query [1, 0.05]: one close neighbour of class 0 (cosine ≈ 1) and two of class 1 at
+    // cosine ≈ 0.6. With T = 0.1 the close one outweighs both: e^10 > 2·e^6. With k = 3 and
+    // T = 10 the weights are nearly equal and the majority (class 1) wins.
+    let train = features(
+        &[[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [-1.0, 0.0]],
+        &[0, 1, 1, 2],
+    );
+    let test = features(&[[1.0, 0.05]], &[0]);
+    let sharp = knn(&train, &test, 3, 3, 0.1, &dev());
+    assert_eq!(sharp.top1, 1.0);
+    let flat = knn(&train, &test, 3, 3, 10.0, &dev());
+    assert_eq!(flat.top1, 0.0);
+    assert_eq!(flat.top5, 1.0, "the true class is among the top 5 of 3");
+}

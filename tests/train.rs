@@ -1,0 +1,190 @@
+//! The trainer on real CIFAR-10 images with a small SimCLR: the loss falls, a resumed run
+//! continues bit for bit, a checkpoint cut off mid-write is ignored, a NaN stops the run.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use selfsup::augment::{Pipeline, Sizes};
+use selfsup::data::{Dataset, LoadOptions, Loader, Split};
+use selfsup::methods::{SimClr, SimclrConfig};
+use selfsup::models::{init_seeded, Backbone, BackboneConfig, ResNetConfig, Stem};
+use selfsup::train::{Method, Progress, Scalars, TrainConfig, Trainer};
+
+fn cifar(n: usize) -> Split {
+    let ds = Dataset::open(
+        common::shared_data().join("cifar10-jpeg.tar.gz"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    ds.split("train").unwrap().subset(n)
+}
+
+fn config(epochs: usize) -> TrainConfig {
+    let mut c: TrainConfig = toml::from_str(
+        "epochs = 1\nbatch_size = 64\noptimizer = \"lars\"\nweight_decay = 1e-6\nbase_lr = 1.0\nwarmup_epochs = 0\ncheckpoint_every = 1\n",
+    )
+    .unwrap();
+    c.epochs = epochs;
+    c
+}
+
+fn simclr(device: &Device) -> SimClr {
+    let model = BackboneConfig::Resnet(ResNetConfig {
+        depth: 18,
+        stem: Stem::Cifar,
+        width: 0.125,
+    });
+    let dim = model.feature_dim();
+    init_seeded(device, 1, || {
+        SimclrConfig {
+            temperature: 0.5,
+            proj_hidden: 64,
+            proj_dim: 32,
+        }
+        .init(model.init(device), dim, device)
+    })
+}
+
+fn loader(split: &Split) -> Loader {
+    Loader::new(
+        split.clone(),
+        Arc::new(Pipeline::preset("simclr", Sizes::small(32)).unwrap()),
+        64,
+        3,
+    )
+    .unwrap()
+}
+
+fn trainer(config: TrainConfig, out: &Path) -> Trainer<'static> {
+    let mut t = Trainer::new(config, out, Device::flex().autodiff());
+    t.progress = false;
+    t
+}
+
+#[test]
+fn loss_falls_on_real_images() {
+    let split = cifar(256);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::flex().autodiff();
+    let (_, report) = trainer(config(6), dir.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+    let losses = &report.state.epoch_losses;
+    assert_eq!(losses.len(), 6);
+    assert!(losses[5] < losses[0] - 0.1, "epoch losses {losses:?}");
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"step\""))
+            .count(),
+        24
+    );
+    assert!(metrics.contains("z_std"));
+}
+
+#[test]
+fn resumed_run_repeats_the_uninterrupted_one_exactly() {
+    let split = cifar(128);
+    let dev = Device::flex().autodiff();
+    let whole = tempfile::tempdir().unwrap();
+    let (_, straight) = trainer(config(3), whole.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+
+    // The same run stopped after epoch 1 (as by a kill after its checkpoint) ...
+    let cut = tempfile::tempdir().unwrap();
+    let (_, first) = trainer(config(3), cut.path())
+        .run_until(simclr(&dev), &loader(&split), 1)
+        .unwrap();
+    assert_eq!(first.step_losses[..], straight.step_losses[..2]);
+    // ... and a checkpoint of epoch 2 cut off while being written.
+    let partial = cut.path().join("checkpoints/epoch-0002.tmp");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.bpk"), b"half a file").unwrap();
+
+    // Resumed from a fresh model, it continues from epoch 1 with identical losses.
+    let (_, rest) = trainer(config(3), cut.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+    assert_eq!(
+        rest.step_losses[..],
+        straight.step_losses[2..],
+        "resumed losses differ"
+    );
+    assert_eq!(rest.state, straight.state);
+}
+
+/// SimCLR whose loss turns NaN from step `nan_from` on.
+#[derive(Module, Debug)]
+struct Faulty {
+    inner: SimClr,
+    nan_from: usize,
+}
+
+impl Method for Faulty {
+    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> (Tensor<1>, Scalars) {
+        let (loss, s) = self.inner.loss(views, progress);
+        if progress.step >= self.nan_from {
+            (loss.mul_scalar(f32::NAN), s)
+        } else {
+            (loss, s)
+        }
+    }
+
+    fn backbone(&self) -> &Backbone {
+        self.inner.backbone()
+    }
+}
+
+#[test]
+fn a_nan_loss_stops_with_an_error_and_keeps_the_last_checkpoint() {
+    let split = cifar(128);
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let err = trainer(config(3), dir.path())
+        .run(
+            Faulty {
+                inner: simclr(&dev),
+                nan_from: 3,
+            },
+            &loader(&split),
+        )
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("NaN") && msg.contains("epoch 2") && msg.contains("epoch-0001"),
+        "{msg}"
+    );
+    let latest = std::fs::read_to_string(dir.path().join("latest")).unwrap();
+    assert_eq!(latest, "epoch-0001");
+}
+
+#[test]
+fn bad_training_values_are_named() {
+    let mut c = config(2);
+    c.batch_size = 0;
+    assert!(c
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("train.batch_size"));
+    let mut c = config(2);
+    c.base_lr = -1.0;
+    assert!(c.check().unwrap_err().to_string().contains("train.base_lr"));
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/simclr_cifar10_cpu.toml"),
+    )
+    .unwrap();
+    let err =
+        selfsup::config::Recipe::parse(&text.replace("width = 0.25", "width = -1")).unwrap_err();
+    assert!(format!("{err:#}").contains("model.width"), "{err:#}");
+    let err =
+        selfsup::config::Recipe::parse(&text.replace("name = \"simclr\"", "name = \"simclr3\""))
+            .unwrap_err();
+    assert!(format!("{err:#}").contains("simclr3"), "{err:#}");
+}
