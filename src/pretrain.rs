@@ -10,8 +10,8 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::config::Recipe;
-use crate::data::{Dataset, Loader};
-use crate::eval::{self, Accuracy};
+use crate::data::{Dataset, Loader, Split};
+use crate::eval::{self, Accuracy, Features};
 use crate::methods::MethodConfig;
 use crate::models::{init_seeded, Backbone};
 use crate::train::{self, Method, Scalars, Trainer};
@@ -103,30 +103,23 @@ pub fn pretrain(
         recipe.train.batch_size,
         recipe.seed,
     )?;
-    let eval_pipeline = recipe.augment.eval_pipeline()?;
     let classes = dataset.classes.len();
     let e = &recipe.eval;
 
+    // Online kNN on a part of each split: a cheap view of progress every few epochs.
     let monitor = |backbone: &Backbone| -> Result<Scalars> {
-        let (Some(test), Some(_)) = (&test_split, &train_split.labels) else {
+        let Some(test) = test_split.as_ref().filter(|_| train_split.labels.is_some()) else {
             return Ok(vec![]);
         };
-        let sub = |s: &crate::data::Split, n: usize| if n == 0 { s.clone() } else { s.subset(n) };
-        let tr = eval::extract(
+        let sub = |s: &Split, n: usize| if n == 0 { s.clone() } else { s.subset(n) };
+        let acc = knn_accuracy(
+            recipe,
             backbone,
             &sub(&train_split, e.monitor_train),
-            &eval_pipeline,
-            e.batch_size,
-            device,
-        )?;
-        let te = eval::extract(
-            backbone,
             &sub(test, e.monitor_test),
-            &eval_pipeline,
-            e.batch_size,
+            classes,
             device,
         )?;
-        let acc = eval::knn(&tr, &te, classes, e.knn_k, e.knn_t, device);
         Ok(vec![("knn_top1", acc.top1)])
     };
     let ad = device.clone().autodiff();
@@ -175,18 +168,32 @@ pub fn pretrain(
     Ok(summary)
 }
 
+/// Features of `train` and `test` through the recipe's deterministic eval view.
+fn features(
+    recipe: &Recipe,
+    backbone: &Backbone,
+    train: &Split,
+    test: &Split,
+    device: &Device,
+) -> Result<(Features, Features)> {
+    let p = recipe.augment.eval_pipeline()?;
+    let b = recipe.eval.batch_size;
+    Ok((
+        eval::extract(backbone, train, &p, b, device)?,
+        eval::extract(backbone, test, &p, b, device)?,
+    ))
+}
+
 /// kNN accuracy of `backbone` on `test`, with `train` as the memory bank (the recipe's k and T).
 pub fn knn_accuracy(
     recipe: &Recipe,
     backbone: &Backbone,
-    train: &crate::data::Split,
-    test: &crate::data::Split,
+    train: &Split,
+    test: &Split,
     classes: usize,
     device: &Device,
 ) -> Result<Accuracy> {
-    let p = recipe.augment.eval_pipeline()?;
-    let tr = eval::extract(backbone, train, &p, recipe.eval.batch_size, device)?;
-    let te = eval::extract(backbone, test, &p, recipe.eval.batch_size, device)?;
+    let (tr, te) = features(recipe, backbone, train, test, device)?;
     Ok(eval::knn(
         &tr,
         &te,
@@ -201,14 +208,12 @@ pub fn knn_accuracy(
 pub fn linear_accuracy(
     recipe: &Recipe,
     backbone: &Backbone,
-    train: &crate::data::Split,
-    test: &crate::data::Split,
+    train: &Split,
+    test: &Split,
     classes: usize,
     device: &Device,
 ) -> Result<Accuracy> {
-    let p = recipe.augment.eval_pipeline()?;
-    let tr = eval::extract(backbone, train, &p, recipe.eval.batch_size, device)?;
-    let te = eval::extract(backbone, test, &p, recipe.eval.batch_size, device)?;
+    let (tr, te) = features(recipe, backbone, train, test, device)?;
     Ok(eval::linear_probe(&tr, &te, classes, &recipe.eval, device))
 }
 

@@ -25,7 +25,7 @@ fn cifar(n: usize) -> Split {
 
 fn config(epochs: usize) -> TrainConfig {
     let mut c: TrainConfig = toml::from_str(
-        "epochs = 1\nbatch_size = 64\noptimizer = \"lars\"\nweight_decay = 1e-6\nbase_lr = 1.0\nwarmup_epochs = 0\ncheckpoint_every = 1\n",
+        "epochs = 1\nbatch_size = 32\noptimizer = \"adamw\"\nweight_decay = 1e-6\nbase_lr = 0.005\nlr_scaling = \"none\"\nwarmup_epochs = 0\ncheckpoint_every = 1\n",
     )
     .unwrap();
     c.epochs = epochs;
@@ -53,7 +53,7 @@ fn loader(split: &Split) -> Loader {
     Loader::new(
         split.clone(),
         Arc::new(Pipeline::preset("simclr", Sizes::small(32)).unwrap()),
-        64,
+        32,
         3,
     )
     .unwrap()
@@ -70,26 +70,31 @@ fn loss_falls_on_real_images() {
     let split = cifar(256);
     let dir = tempfile::tempdir().unwrap();
     let dev = Device::flex().autodiff();
-    let (_, report) = trainer(config(6), dir.path())
+    let (_, report) = trainer(config(10), dir.path())
         .run(simclr(&dev), &loader(&split))
         .unwrap();
     let losses = &report.state.epoch_losses;
-    assert_eq!(losses.len(), 6);
-    assert!(losses[5] < losses[0] - 0.1, "epoch losses {losses:?}");
+    assert_eq!(losses.len(), 10);
+    let (first, last) = (
+        (losses[0] + losses[1]) / 2.0,
+        (losses[7] + losses[8] + losses[9]) / 3.0,
+    );
+    // Seeded and deterministic: measured 4.151 -> 4.097 (the hour-long run: 5.92 -> 5.35).
+    assert!(last < first - 0.03, "epoch losses {losses:?}");
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     assert_eq!(
         metrics
             .lines()
             .filter(|l| l.contains("\"kind\":\"step\""))
             .count(),
-        24
+        80
     );
     assert!(metrics.contains("z_std"));
 }
 
 #[test]
 fn resumed_run_repeats_the_uninterrupted_one_exactly() {
-    let split = cifar(128);
+    let split = cifar(64);
     let dev = Device::flex().autodiff();
     let whole = tempfile::tempdir().unwrap();
     let (_, straight) = trainer(config(3), whole.path())
@@ -143,7 +148,7 @@ impl Method for Faulty {
 
 #[test]
 fn a_nan_loss_stops_with_an_error_and_keeps_the_last_checkpoint() {
-    let split = cifar(128);
+    let split = cifar(64);
     let dev = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
     let err = trainer(config(3), dir.path())
@@ -165,6 +170,25 @@ fn a_nan_loss_stops_with_an_error_and_keeps_the_last_checkpoint() {
 }
 
 #[test]
+fn gradient_accumulation_takes_one_step_per_group_of_batches() {
+    let split = cifar(64);
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(2);
+    c.accumulate = 2;
+    assert_eq!(c.peak_lr(), 0.005, "lr_scaling none");
+    let (_, report) = trainer(c, dir.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+    assert_eq!(
+        report.step_losses.len(),
+        2,
+        "2 batches of 32 per step, 1 step per epoch"
+    );
+    assert_eq!(report.state.step, 2);
+}
+
+#[test]
 fn bad_training_values_are_named() {
     let mut c = config(2);
     c.batch_size = 0;
@@ -181,7 +205,7 @@ fn bad_training_values_are_named() {
     )
     .unwrap();
     let err =
-        selfsup::config::Recipe::parse(&text.replace("width = 0.25", "width = -1")).unwrap_err();
+        selfsup::config::Recipe::parse(&text.replace("width = 0.125", "width = -1")).unwrap_err();
     assert!(format!("{err:#}").contains("model.width"), "{err:#}");
     let err =
         selfsup::config::Recipe::parse(&text.replace("name = \"simclr\"", "name = \"simclr3\""))

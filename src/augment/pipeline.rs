@@ -207,6 +207,28 @@ impl ViewSpec {
     }
 }
 
+/// BYOL's two views of `v`: the first always blurred, the second rarely blurred and sometimes
+/// solarised.
+fn asymmetric_pair(v: ViewSpec) -> [ViewSpec; 2] {
+    [
+        ViewSpec {
+            blur: Blur {
+                p: 1.0,
+                ..Blur::default()
+            },
+            ..v.clone()
+        },
+        ViewSpec {
+            blur: Blur {
+                p: 0.1,
+                ..Blur::default()
+            },
+            solarize: 0.2,
+            ..v
+        },
+    ]
+}
+
 /// The views of one image, in order, and how they are normalised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,23 +318,7 @@ impl Pipeline {
                     grayscale: 0.2,
                     ..base
                 };
-                vec![
-                    ViewSpec {
-                        blur: Blur {
-                            p: 1.0,
-                            ..Blur::default()
-                        },
-                        ..v.clone()
-                    },
-                    ViewSpec {
-                        blur: Blur {
-                            p: 0.1,
-                            ..Blur::default()
-                        },
-                        solarize: 0.2,
-                        ..v
-                    },
-                ]
+                asymmetric_pair(v).to_vec()
             }
             // DINO multi-crop: 2 global crops (0.4-1) as BYOL's two views, L local crops (0.05-0.4).
             "dino" => {
@@ -322,33 +328,18 @@ impl Pipeline {
                     grayscale: 0.2,
                     ..base
                 };
-                vec![
-                    ViewSpec {
-                        blur: Blur {
-                            p: 1.0,
-                            ..Blur::default()
-                        },
-                        ..g.clone()
+                let local = ViewSpec {
+                    count: sizes.local_crops,
+                    size: sizes.local_size,
+                    scale: [0.05, 0.4],
+                    blur: Blur {
+                        p: 0.5,
+                        ..Blur::default()
                     },
-                    ViewSpec {
-                        blur: Blur {
-                            p: 0.1,
-                            ..Blur::default()
-                        },
-                        solarize: 0.2,
-                        ..g.clone()
-                    },
-                    ViewSpec {
-                        count: sizes.local_crops,
-                        size: sizes.local_size,
-                        scale: [0.05, 0.4],
-                        blur: Blur {
-                            p: 0.5,
-                            ..Blur::default()
-                        },
-                        ..g
-                    },
-                ]
+                    ..g.clone()
+                };
+                let [g1, g2] = asymmetric_pair(g);
+                vec![g1, g2, local]
             }
             // MAE: crop 0.2-1 and flip only.
             "mae" => vec![ViewSpec {

@@ -82,14 +82,7 @@ pub(crate) fn read(origin: &Path, entries: &[Entry], label_bytes: usize) -> Resu
         None if label_bytes == 1 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
         None => (0..100).map(|i| format!("class_{i}")).collect(),
     };
-    let dataset = Dataset {
-        origin: origin.display().to_string(),
-        classes,
-        splits,
-        skipped: vec![],
-    };
-    dataset.check_labels()?;
-    Ok(dataset)
+    Dataset::labelled(origin, classes, splits)
 }
 
 /// Parses the records of one batch file; a size that is not a whole number of records is an error.

@@ -75,14 +75,7 @@ pub(crate) fn read(origin: &Path, entries: &[Entry]) -> Result<Dataset> {
         })
         .collect();
     let splits = vec![split("train", "train")?, split("test", "t10k")?];
-    let dataset = Dataset {
-        origin: origin.display().to_string(),
-        classes,
-        splits,
-        skipped: vec![],
-    };
-    dataset.check_labels()?;
-    Ok(dataset)
+    Dataset::labelled(origin, classes, splits)
 }
 
 fn header(file: &str, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize>> {

@@ -126,23 +126,30 @@ impl Dataset {
         }
     }
 
-    fn check_labels(&self) -> Result<()> {
-        for split in &self.splits {
+    /// A labelled dataset, checked: every label names a class.
+    fn labelled(origin: &Path, classes: Vec<String>, splits: Vec<Split>) -> Result<Dataset> {
+        let dataset = Dataset {
+            origin: origin.display().to_string(),
+            classes,
+            splits,
+            skipped: vec![],
+        };
+        for split in &dataset.splits {
             if let Some(bad) = split
                 .labels
                 .iter()
                 .flat_map(|l| l.iter())
-                .find(|&&l| l as usize >= self.classes.len())
+                .find(|&&l| l as usize >= dataset.classes.len())
             {
                 bail!(
                     "{}: split '{}' has label {bad} but only {} classes",
-                    self.origin,
+                    dataset.origin,
                     split.name,
-                    self.classes.len()
+                    dataset.classes.len()
                 );
             }
         }
-        Ok(())
+        Ok(dataset)
     }
 
     /// A readable summary: counts per split and class, image sizes, channels.
