@@ -66,7 +66,7 @@ fn main() {
             .map(|_| Tensor::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &dev))
             .collect();
         let start = Instant::now();
-        let (loss, _) = method.loss(&views, &progress);
+        let loss = method.loss(&views, &progress).loss;
         let grads = GradientsParams::from_grads(loss.backward(), &method);
         method = optim.step(0.1, method, grads);
         let _ = dev.sync();

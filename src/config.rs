@@ -174,6 +174,15 @@ impl Recipe {
         self.method.check()?;
         self.model.check()?;
         self.train.check()?;
+        if let MethodConfig::Moco(m) = &self.method {
+            if self.train.batch_size < 2 * m.bn_splits {
+                anyhow::bail!(
+                    "method.bn_splits = {}: batch norm needs at least 2 images per group, and train.batch_size is {}",
+                    m.bn_splits,
+                    self.train.batch_size
+                );
+            }
+        }
         Ok(())
     }
 }

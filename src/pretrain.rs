@@ -45,6 +45,9 @@ fn with_method<R>(recipe: &Recipe, device: &Device, f: impl MethodUser<R>) -> R 
         MethodConfig::Simclr(c) => f.call(init_seeded(device, recipe.seed, || {
             c.init(recipe.model.init(device), dim, device)
         })),
+        MethodConfig::Moco(c) => {
+            f.call(init_seeded(device, recipe.seed, || c.init(&recipe.model, device)))
+        }
     }
 }
 

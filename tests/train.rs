@@ -12,7 +12,7 @@ use selfsup::augment::{Pipeline, Sizes};
 use selfsup::data::{Dataset, LoadOptions, Loader, Split};
 use selfsup::methods::{SimClr, SimclrConfig};
 use selfsup::models::{init_seeded, Backbone, BackboneConfig, ResNetConfig, Stem};
-use selfsup::train::{Method, Progress, Scalars, TrainConfig, Trainer};
+use selfsup::train::{Method, Progress, StepOutput, TrainConfig, Trainer};
 
 fn cifar(n: usize) -> Split {
     let ds = Dataset::open(
@@ -132,13 +132,12 @@ struct Faulty {
 }
 
 impl Method for Faulty {
-    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> (Tensor<1>, Scalars) {
-        let (loss, s) = self.inner.loss(views, progress);
+    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> StepOutput {
+        let mut out = self.inner.loss(views, progress);
         if progress.step >= self.nan_from {
-            (loss.mul_scalar(f32::NAN), s)
-        } else {
-            (loss, s)
+            out.loss = out.loss.mul_scalar(f32::NAN);
         }
+        out
     }
 
     fn backbone(&self) -> &Backbone {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::losses::{embedding_std, nt_xent};
 use crate::models::{Backbone, ProjectionHead, ProjectionHeadConfig};
-use crate::train::{Method, Progress, Scalars};
+use crate::train::{Method, Progress, StepOutput};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,7 +68,7 @@ pub struct SimClr {
 }
 
 impl Method for SimClr {
-    fn loss(&self, views: &[Tensor<4>], _progress: &Progress) -> (Tensor<1>, Scalars) {
+    fn loss(&self, views: &[Tensor<4>], _progress: &Progress) -> StepOutput {
         let [n, _, _, _] = views[0].dims();
         // Both views in one pass: batch norm sees all 2N images, as in SimCLR's global BN.
         let z = self.projector.forward(
@@ -77,7 +77,7 @@ impl Method for SimClr {
         );
         let (z1, z2) = (z.clone().narrow(0, 0, n), z.clone().narrow(0, n, n));
         let loss = nt_xent(z1, z2, self.temperature);
-        (loss, vec![("z_std", embedding_std(z))])
+        StepOutput::new(loss, vec![("z_std", embedding_std(z))])
     }
 
     fn backbone(&self) -> &Backbone {

@@ -44,14 +44,34 @@ impl Progress {
     }
 }
 
+/// What a method computes on one batch.
+pub struct StepOutput {
+    pub loss: Tensor<1>,
+    /// Scalars worth logging (averaged over the epoch too).
+    pub scalars: Scalars,
+    /// Detached rows that [`Method::after_step`] needs (MoCo's keys, DINO's teacher outputs);
+    /// under gradient accumulation, those of every pass of the step, concatenated.
+    pub keep: Option<Tensor<2>>,
+}
+
+impl StepOutput {
+    pub fn new(loss: Tensor<1>, scalars: Scalars) -> Self {
+        StepOutput {
+            loss,
+            scalars,
+            keep: None,
+        }
+    }
+}
+
 /// What the trainer needs of a self-supervised method.
 pub trait Method: Module + Sized {
-    /// The loss for one batch of views (`views[v]` is view `v` of every image, `[n, 3, h, w]`),
-    /// and scalars worth logging.
-    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> (Tensor<1>, Scalars);
+    /// The loss for one batch of views (`views[v]` is view `v` of every image, `[n, 3, h, w]`).
+    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> StepOutput;
 
-    /// After each optimiser step: the EMA of a teacher or key encoder, a queue, a centre.
-    fn after_step(self, _progress: &Progress) -> Self {
+    /// After each optimiser step, with the step's `keep`: the EMA of a teacher or key
+    /// encoder, a queue, a centre.
+    fn after_step(self, _kept: Option<Tensor<2>>, _progress: &Progress) -> Self {
         self
     }
 
@@ -246,6 +266,7 @@ impl<'a> Trainer<'a> {
             let mut accumulator = GradientsAccumulator::<M>::new();
             let (mut sums, mut loss_sum, mut micro) = (Vec::<(&str, f64)>::new(), 0f64, 0usize);
             let mut step_loss = 0f32;
+            let mut kept: Vec<Tensor<2>> = vec![];
             let started = Instant::now();
             let mut images = 0usize;
             for batch in loader
@@ -263,7 +284,12 @@ impl<'a> Trainer<'a> {
                     .iter()
                     .map(|v| v.to_tensor(&self.device))
                     .collect();
-                let (loss, scalars) = method.loss(&views, &progress);
+                let StepOutput {
+                    loss,
+                    scalars,
+                    keep,
+                } = method.loss(&views, &progress);
+                kept.extend(keep);
                 let value: f32 = loss.clone().into_scalar();
                 if !value.is_finite() {
                     let kept = checkpoint::latest(&self.out)?
@@ -291,7 +317,8 @@ impl<'a> Trainer<'a> {
                     optim::warmup_cosine(state.step, warmup, total_steps, c.peak_lr(), c.final_lr);
                 method = optim.step(lr, method, accumulator.grads());
                 method = method.auxiliary_step(&views, lr, &mut aux);
-                method = method.after_step(&progress);
+                let kept = (!kept.is_empty()).then(|| Tensor::cat(std::mem::take(&mut kept), 0));
+                method = method.after_step(kept, &progress);
                 state.step += 1;
                 report.step_losses.push(step_loss);
                 let rate = images as f64 / started.elapsed().as_secs_f64();

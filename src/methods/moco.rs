@@ -1,0 +1,273 @@
+//! MoCo v1/v2 (He et al. 2020; Chen et al. 2020): a query encoder θq learned by
+//! back-propagation, a key encoder θk that only follows it by momentum,
+//!
+//!   θk ← m·θk + (1−m)·θq,
+//!
+//! and a FIFO queue of K past keys as negatives. For queries q = g(f(x1)), keys
+//! k = g_k(f_k(x2)) (both l2-normalised) the loss is InfoNCE with the positive in column 0:
+//!
+//!   logits = [q·k₊, q·queue₁, …, q·queue_K] / τ,   L = −log softmax(logits)₀.
+//!
+//! v1: linear head to 128-d, τ 0.07, m 0.999. v2: 2-layer MLP head, τ 0.2, blur views, cosine lr.
+//! The strong CIFAR recipes add a cosine momentum schedule m → 1 and the symmetric loss
+//! (both views as queries, both keys enqueued).
+//!
+//! Shuffle-BN on one device: with one batch-norm batch, a query and its key would share batch
+//! statistics that the queue's keys lack, a shortcut that identifies the positive. As MoCo spreads
+//! the batch over GPUs and shuffles keys across them, both encoders here normalise in
+//! `bn_splits` groups (ghost batch norm, one forward pass per group), and keys are grouped
+//! after a random permutation, so a key is normalised with other images than its query.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::losses::{embedding_std, info_nce, l2_normalize};
+use crate::models::{
+    ema_update, momentum_copy, Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig,
+};
+use crate::train::optim::cosine_ramp;
+use crate::train::{Method, Progress, StepOutput};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MocoConfig {
+    /// τ: 0.07 (v1), 0.2 (v2).
+    pub temperature: f64,
+    /// Base key-encoder momentum m: 0.999 (v1, v2 on ImageNet), 0.99 (solo-learn CIFAR).
+    pub momentum: f64,
+    /// Momentum at the end of training, reached by a cosine from `momentum` (1.0 in solo-learn;
+    /// equal to `momentum` for the constant of the papers).
+    pub final_momentum: Option<f64>,
+    /// K, the number of negatives kept; any size, not only a multiple of the batch.
+    pub queue_size: usize,
+    /// Hidden width of the v2 MLP head; 0 gives v1's linear head.
+    pub proj_hidden: usize,
+    pub proj_dim: usize,
+    /// Both views serve as queries (loss averaged over the two directions), both keys enqueued.
+    pub symmetric: bool,
+    /// Batch-norm groups for shuffle-BN; 1 normalises the whole batch at once (no shuffle).
+    pub bn_splits: usize,
+}
+
+impl Default for MocoConfig {
+    /// MoCo v2.
+    fn default() -> Self {
+        MocoConfig {
+            temperature: 0.2,
+            momentum: 0.999,
+            final_momentum: None,
+            queue_size: 65536,
+            proj_hidden: 2048,
+            proj_dim: 128,
+            symmetric: false,
+            bn_splits: 8,
+        }
+    }
+}
+
+impl MocoConfig {
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !(self.temperature > 0.0) {
+            anyhow::bail!(
+                "method.temperature = {}: must be positive",
+                self.temperature
+            );
+        }
+        for (name, m) in [
+            ("momentum", Some(self.momentum)),
+            ("final_momentum", self.final_momentum),
+        ] {
+            if let Some(m) = m.filter(|m| !(0.0..=1.0).contains(m)) {
+                anyhow::bail!("method.{name} = {m}: must lie in [0, 1]");
+            }
+        }
+        if self.queue_size == 0 || self.proj_dim == 0 || self.bn_splits == 0 {
+            anyhow::bail!("method.queue_size, proj_dim and bn_splits must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Query encoder and head, the key encoder as their copy, a queue of
+    /// random unit vectors (as the official code starts it). Draws from burn's generator: call
+    /// inside [`init_seeded`](crate::models::init_seeded).
+    pub fn init(&self, model: &BackboneConfig, device: &Device) -> Moco {
+        let head = ProjectionHeadConfig {
+            input: model.feature_dim(),
+            hidden: self.proj_hidden,
+            output: self.proj_dim,
+            layers: if self.proj_hidden == 0 { 1 } else { 2 },
+            batch_norm: false,
+        };
+        let (backbone, projector) = (model.init(device), head.init(device));
+        let queue = l2_normalize(Tensor::random(
+            [self.queue_size, self.proj_dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        ));
+        Moco {
+            key_backbone: momentum_copy(model.init(device), &backbone),
+            key_head: momentum_copy(head.init(device), &projector),
+            backbone,
+            head: projector,
+            queue: Param::initialized(ParamId::new(), queue).set_require_grad(false),
+            temperature: self.temperature,
+            momentum: self.momentum,
+            final_momentum: self.final_momentum.unwrap_or(self.momentum),
+            symmetric: self.symmetric,
+            bn_splits: self.bn_splits,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Moco {
+    backbone: Backbone,
+    head: ProjectionHead,
+    key_backbone: Backbone,
+    key_head: ProjectionHead,
+    /// `[K, d]` unit keys, oldest overwritten first; a parameter without gradient, so that
+    /// checkpoints hold it.
+    queue: Param<Tensor<2>>,
+    temperature: f64,
+    momentum: f64,
+    final_momentum: f64,
+    symmetric: bool,
+    bn_splits: usize,
+}
+
+impl Moco {
+    /// Unit queries of `x`, batch norm per group of consecutive images.
+    pub fn queries(&self, x: Tensor<4>) -> Tensor<2> {
+        let q = in_groups(x, self.bn_splits, |x| {
+            self.head.forward(self.backbone.forward(x))
+        });
+        l2_normalize(q)
+    }
+
+    /// Unit keys of `x` (no gradient): images permuted by `shuffle` before the grouped batch
+    /// norm, the keys put back in the images' order.
+    pub fn keys(&self, x: Tensor<4>, shuffle: &[usize]) -> Tensor<2> {
+        let device = x.device();
+        let index = |v: &[usize]| {
+            let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
+            Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device)
+        };
+        let mut unshuffle = vec![0; shuffle.len()];
+        for (pos, &i) in shuffle.iter().enumerate() {
+            unshuffle[i] = pos;
+        }
+        let k = in_groups(x.detach().select(0, index(shuffle)), self.bn_splits, |x| {
+            self.key_head.forward(self.key_backbone.forward(x))
+        });
+        l2_normalize(k.select(0, index(&unshuffle))).detach()
+    }
+
+    /// `[n, 1 + K]` logits: q·k₊ in column 0, then q against the queue, all over τ.
+    pub fn logits(&self, q: Tensor<2>, k: Tensor<2>) -> Tensor<2> {
+        let positive = (q.clone() * k).sum_dim(1);
+        let negative = q.matmul(self.queue.val().transpose());
+        Tensor::cat(vec![positive, negative], 1).div_scalar(self.temperature)
+    }
+
+    pub fn queue(&self) -> Tensor<2> {
+        self.queue.val()
+    }
+
+    fn contrast(&self, q: Tensor<2>, k: Tensor<2>) -> Tensor<1> {
+        let [n, _] = q.dims();
+        info_nce(self.logits(q, k), &vec![0; n])
+    }
+}
+
+/// `f` applied to groups of consecutive images, one pass each: batch statistics per group.
+fn in_groups(x: Tensor<4>, groups: usize, f: impl Fn(Tensor<4>) -> Tensor<2>) -> Tensor<2> {
+    let [n, _, _, _] = x.dims();
+    let size = n.div_ceil(groups.min(n).max(1));
+    if size >= n {
+        return f(x);
+    }
+    let parts = (0..n)
+        .step_by(size)
+        .map(|start| f(x.clone().narrow(0, start, size.min(n - start))))
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+/// Writes `keys` into the ring buffer `queue` from row `ptr` on, wrapping around (FIFO: the
+/// oldest rows are replaced). With more keys than rows, the newest `K` are kept.
+pub fn enqueue(queue: Tensor<2>, keys: Tensor<2>, ptr: usize) -> Tensor<2> {
+    let [k, d] = queue.dims();
+    let [b, _] = keys.dims();
+    let (keys, ptr) = if b > k {
+        (keys.narrow(0, b - k, k), (ptr + b - k) % k)
+    } else {
+        (keys, ptr % k)
+    };
+    let b = keys.dims()[0];
+    let first = b.min(k - ptr);
+    let queue = queue.slice_assign([ptr..ptr + first, 0..d], keys.clone().narrow(0, 0, first));
+    if first < b {
+        queue.slice_assign([0..b - first, 0..d], keys.narrow(0, first, b - first))
+    } else {
+        queue
+    }
+}
+
+/// The key permutation of step `step`: a function of the step, so a resumed run repeats it.
+pub fn shuffle_order(n: usize, step: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(0x6d6f636f ^ step as u64));
+    order
+}
+
+impl Method for Moco {
+    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> StepOutput {
+        let [n, _, _, _] = views[0].dims();
+        let shuffle = shuffle_order(n, progress.step);
+        let q1 = self.queries(views[0].clone());
+        let k2 = self.keys(views[1].clone(), &shuffle);
+        let z_std = embedding_std(q1.clone());
+        let (loss, keep) = if self.symmetric {
+            let q2 = self.queries(views[1].clone());
+            let k1 = self.keys(views[0].clone(), &shuffle);
+            let loss = (self.contrast(q1, k2.clone()) + self.contrast(q2, k1.clone())) / 2.0;
+            (loss, Tensor::cat(vec![k1, k2], 0))
+        } else {
+            (self.contrast(q1, k2.clone()), k2)
+        };
+        StepOutput {
+            loss,
+            scalars: vec![("z_std", z_std)],
+            keep: Some(keep),
+        }
+    }
+
+    /// The momentum update of the key encoder, then the step's keys into the queue. The queue
+    /// position follows from the step count (every step enqueues as many keys), so it needs no
+    /// state of its own.
+    fn after_step(mut self, keys: Option<Tensor<2>>, progress: &Progress) -> Self {
+        let m = cosine_ramp(
+            progress.step,
+            progress.total_steps,
+            self.momentum,
+            self.final_momentum,
+        );
+        self.key_backbone = ema_update(self.key_backbone, &self.backbone, m);
+        self.key_head = ema_update(self.key_head, &self.head, m);
+        if let Some(keys) = keys {
+            let b = keys.dims()[0];
+            self.queue = self
+                .queue
+                .map(|q| enqueue(q, keys, progress.step * b).set_require_grad(false));
+        }
+        self
+    }
+
+    fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+}
