@@ -44,7 +44,7 @@ fn main() {
             proj_hidden: 2048,
             proj_dim: 128,
         }
-        .init(model.init(&dev), 512, &dev)
+        .init(&model, &dev)
     });
     let mut optim = OptimConfig {
         optimizer: OptimizerKind::Lars,

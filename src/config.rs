@@ -170,8 +170,8 @@ impl Recipe {
 
     /// Checks every section; the error names the field at fault.
     pub fn check(&self) -> Result<()> {
-        self.augment.build()?;
-        self.method.check()?;
+        let pipeline = self.augment.build()?;
+        self.method.check(pipeline.views[0].size)?;
         self.model.check()?;
         self.train.check()?;
         if let MethodConfig::Moco(m) = &self.method {

@@ -62,3 +62,19 @@ pub fn embedding_std(z: Tensor<2>) -> f32 {
         .div_scalar((n.max(2) - 1) as f64);
     var.sqrt().mean().into_scalar()
 }
+
+/// Fraction of rows whose largest logit is at the target class (a pretext task's accuracy).
+pub fn accuracy(logits: Tensor<2>, targets: &[usize]) -> f32 {
+    let predicted: Vec<i64> = logits
+        .detach()
+        .argmax(1)
+        .into_data()
+        .try_to_vec_as::<i64>()
+        .unwrap_or_default();
+    let right = predicted
+        .iter()
+        .zip(targets)
+        .filter(|(p, t)| **p == **t as i64)
+        .count();
+    right as f32 / targets.len().max(1) as f32
+}

@@ -2,7 +2,6 @@
 //! `pretrain` and `eval` commands are thin calls into this file.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
@@ -40,14 +39,17 @@ pub fn open_data(recipe: &Recipe, source: Option<&Path>) -> Result<Dataset> {
 /// The recipe's method around a freshly initialised backbone (seeded by the recipe), on `device`.
 /// `f` receives it: methods are distinct types, so each caller is generic over [`Method`].
 fn with_method<R>(recipe: &Recipe, device: &Device, f: impl MethodUser<R>) -> R {
-    let dim = recipe.model.feature_dim();
+    let (model, seed) = (&recipe.model, recipe.seed);
     match &recipe.method {
-        MethodConfig::Simclr(c) => f.call(init_seeded(device, recipe.seed, || {
-            c.init(recipe.model.init(device), dim, device)
-        })),
-        MethodConfig::Moco(c) => {
-            f.call(init_seeded(device, recipe.seed, || c.init(&recipe.model, device)))
+        MethodConfig::Simclr(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
+        MethodConfig::Moco(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
+        MethodConfig::Rotation(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
+        MethodConfig::Jigsaw(c) => {
+            f.call(init_seeded(device, seed, || c.init(model, seed, device)))
         }
+        MethodConfig::Inpainting(c) => f.call(init_seeded(device, seed, || {
+            c.init(model, recipe.augment.size as usize, device)
+        })),
     }
 }
 
@@ -102,7 +104,7 @@ pub fn pretrain(
     let pipeline = recipe.augment.build()?;
     let loader = Loader::new(
         train_split.clone(),
-        Arc::new(pipeline),
+        recipe.method.augment(pipeline),
         recipe.train.batch_size,
         recipe.seed,
     )?;

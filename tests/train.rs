@@ -38,14 +38,13 @@ fn simclr(device: &Device) -> SimClr {
         stem: Stem::Cifar,
         width: 0.125,
     });
-    let dim = model.feature_dim();
     init_seeded(device, 1, || {
         SimclrConfig {
             temperature: 0.5,
             proj_hidden: 64,
             proj_dim: 32,
         }
-        .init(model.init(device), dim, device)
+        .init(&model, device)
     })
 }
 

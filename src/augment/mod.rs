@@ -6,6 +6,7 @@
 
 pub mod ops;
 mod pipeline;
+pub mod pretext;
 
 use anyhow::{bail, Result};
 use burn::tensor::{Device, Tensor, TensorData};

@@ -95,12 +95,15 @@ impl MocoConfig {
     /// random unit vectors (as the official code starts it). Draws from burn's generator: call
     /// inside [`init_seeded`](crate::models::init_seeded).
     pub fn init(&self, model: &BackboneConfig, device: &Device) -> Moco {
-        let head = ProjectionHeadConfig {
-            input: model.feature_dim(),
-            hidden: self.proj_hidden,
-            output: self.proj_dim,
-            layers: if self.proj_hidden == 0 { 1 } else { 2 },
-            batch_norm: false,
+        let head = match self.proj_hidden {
+            0 => ProjectionHeadConfig::linear(model.feature_dim(), self.proj_dim),
+            hidden => ProjectionHeadConfig {
+                input: model.feature_dim(),
+                hidden,
+                output: self.proj_dim,
+                layers: 2,
+                batch_norm: false,
+            },
         };
         let (backbone, projector) = (model.init(device), head.init(device));
         let queue = l2_normalize(Tensor::random(

@@ -1,11 +1,20 @@
 //! Self-supervised methods, one file each, each reading like its paper.
 
+pub mod inpainting;
+pub mod jigsaw;
 pub mod moco;
+pub mod rotation;
 pub mod simclr;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::augment::{Augment, Pipeline};
+pub use inpainting::{Inpainting, InpaintingConfig};
+pub use jigsaw::{Jigsaw, JigsawConfig};
 pub use moco::{Moco, MocoConfig};
+pub use rotation::{Rotation, RotationConfig};
 pub use simclr::{SimClr, SimclrConfig};
 
 /// `[method]` of a recipe: `name` picks the method, the other keys are its settings.
@@ -14,6 +23,9 @@ pub use simclr::{SimClr, SimclrConfig};
 pub enum MethodConfig {
     Simclr(SimclrConfig),
     Moco(MocoConfig),
+    Rotation(RotationConfig),
+    Jigsaw(JigsawConfig),
+    Inpainting(InpaintingConfig),
 }
 
 impl Default for MethodConfig {
@@ -23,10 +35,25 @@ impl Default for MethodConfig {
 }
 
 impl MethodConfig {
-    pub fn check(&self) -> anyhow::Result<()> {
+    /// Checks the settings; `view_size` is the side of the recipe's first view.
+    pub fn check(&self, view_size: u32) -> anyhow::Result<()> {
         match self {
             MethodConfig::Simclr(c) => c.check(),
             MethodConfig::Moco(c) => c.check(),
+            MethodConfig::Rotation(_) => Ok(()),
+            MethodConfig::Jigsaw(c) => c.check(view_size),
+            MethodConfig::Inpainting(c) => c.check(view_size),
+        }
+    }
+
+    /// What turns an image into the method's views: the recipe's pipeline itself for the
+    /// joint-embedding methods, built upon its first view for the pretext tasks.
+    pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
+        match self {
+            MethodConfig::Rotation(c) => c.augment(base),
+            MethodConfig::Jigsaw(c) => c.augment(base),
+            MethodConfig::Inpainting(c) => c.augment(base),
+            MethodConfig::Simclr(_) | MethodConfig::Moco(_) => Arc::new(base),
         }
     }
 }

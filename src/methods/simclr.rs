@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{embedding_std, nt_xent};
-use crate::models::{Backbone, ProjectionHead, ProjectionHeadConfig};
+use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,16 +44,16 @@ impl SimclrConfig {
         Ok(())
     }
 
-    pub fn init(&self, backbone: Backbone, feature_dim: usize, device: &Device) -> SimClr {
+    pub fn init(&self, model: &BackboneConfig, device: &Device) -> SimClr {
         let head = ProjectionHeadConfig {
-            input: feature_dim,
+            input: model.feature_dim(),
             hidden: self.proj_hidden,
             output: self.proj_dim,
             layers: 2,
             batch_norm: true,
         };
         SimClr {
-            backbone,
+            backbone: model.init(device),
             projector: head.init(device),
             temperature: self.temperature,
         }

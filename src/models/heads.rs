@@ -17,6 +17,17 @@ pub struct ProjectionHeadConfig {
 }
 
 impl ProjectionHeadConfig {
+    /// One linear layer (a classifier, MoCo v1's projection).
+    pub fn linear(input: usize, output: usize) -> Self {
+        ProjectionHeadConfig {
+            input,
+            hidden: 0,
+            output,
+            layers: 1,
+            batch_norm: false,
+        }
+    }
+
     pub fn init(&self, device: &Device) -> ProjectionHead {
         let dims: Vec<usize> = std::iter::once(self.input)
             .chain(std::iter::repeat_n(

@@ -1,5 +1,6 @@
 //! Encoders (backbones) and the heads that methods put on them.
 
+mod context;
 mod ema;
 mod heads;
 mod resnet;
@@ -9,6 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use context::{ContextDecoder, ContextDecoderConfig, Discriminator, DiscriminatorConfig};
 pub use ema::{ema_update, momentum_copy};
 pub use heads::{ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};

@@ -75,8 +75,14 @@ pub trait Method: Module + Sized {
         self
     }
 
-    /// A second update with its own optimiser, after the main one (a GAN's discriminator).
-    fn auxiliary_step(self, _views: &[Tensor<4>], _lr: f64, _optim: &mut ModuleOptimizer) -> Self {
+    /// A second update with its own optimiser, after the main one and before `after_step`,
+    /// with the step's `keep` (a GAN's discriminator on real and generated images).
+    fn auxiliary_step(
+        self,
+        _kept: Option<&Tensor<2>>,
+        _lr: f64,
+        _optim: &mut ModuleOptimizer,
+    ) -> Self {
         self
     }
 
@@ -316,8 +322,8 @@ impl<'a> Trainer<'a> {
                 let lr =
                     optim::warmup_cosine(state.step, warmup, total_steps, c.peak_lr(), c.final_lr);
                 method = optim.step(lr, method, accumulator.grads());
-                method = method.auxiliary_step(&views, lr, &mut aux);
                 let kept = (!kept.is_empty()).then(|| Tensor::cat(std::mem::take(&mut kept), 0));
+                method = method.auxiliary_step(kept.as_ref(), lr, &mut aux);
                 method = method.after_step(kept, &progress);
                 state.step += 1;
                 report.step_losses.push(step_loss);

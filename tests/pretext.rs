@@ -1,0 +1,299 @@
+//! Pretext tasks: rotation views and labels, the jigsaw permutation set and puzzles, inpainting
+//! masks, the masked reconstruction loss, and the separation of generator and discriminator.
+
+mod common;
+
+use std::collections::HashSet;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use selfsup::augment::ops::MaskKind;
+use selfsup::augment::{sample_rng, Pipeline, Sizes, View};
+use selfsup::methods::inpainting::masked_mse;
+use selfsup::methods::jigsaw::{hamming, min_hamming, permutation_set, TILES};
+use selfsup::methods::{InpaintingConfig, JigsawConfig, RotationConfig};
+use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
+use selfsup::train::{Method, OptimConfig, OptimizerKind, Progress};
+
+fn model() -> BackboneConfig {
+    BackboneConfig::Resnet(ResNetConfig {
+        depth: 18,
+        stem: Stem::Cifar,
+        width: 0.125,
+    })
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn progress() -> Progress {
+    Progress {
+        epoch: 0,
+        step: 0,
+        total_steps: 1,
+        steps_per_epoch: 1,
+    }
+}
+
+/// View data turned one quarter counter-clockwise: out(y, x) = in(x, w−1−y).
+fn turn(v: &View) -> View {
+    let (h, w) = (v.height, v.width);
+    let mut data = vec![0.0; v.data.len()];
+    for c in 0..3 {
+        for y in 0..w {
+            for x in 0..h {
+                data[c * h * w + y * h + x] = v.data[c * h * w + x * w + (w - 1 - y)];
+            }
+        }
+    }
+    View {
+        data,
+        height: w,
+        width: h,
+    }
+}
+
+#[test]
+fn rotation_view_r_is_view_0_turned_r_quarters() {
+    let img = common::pattern(7);
+    let base = Pipeline::preset("mae", Sizes::small(32)).unwrap();
+    let views = RotationConfig {}
+        .augment(base)
+        .views(&img, &mut sample_rng(0, 0, 0));
+    assert_eq!(views.len(), 4);
+    let mut expected = views[0].clone();
+    for (r, v) in views.iter().enumerate().skip(1) {
+        expected = turn(&expected);
+        assert_eq!(v, &expected, "view {r}");
+        assert_ne!(v, &views[0]);
+    }
+}
+
+#[test]
+fn rotation_loss_labels_view_r_with_r() {
+    let dev = Device::flex().autodiff();
+    let m = init_seeded(&dev, 0, || RotationConfig {}.init(&model(), &dev));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let views: Vec<Tensor<4>> = (0..4)
+        .map(|_| {
+            let x: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
+            Tensor::<4>::from_data(TensorData::new(x, [2, 3, 16, 16]), &dev)
+        })
+        .collect();
+    let loss: f32 = m.loss(&views, &progress()).loss.into_scalar();
+    // By hand: rows 2r, 2r+1 are the images of slot r, labelled r.
+    let logits = values(m.logits(Tensor::cat(views, 0)));
+    let mut sum = 0.0;
+    for (row, z) in logits.chunks(4).enumerate() {
+        let lse = z.iter().map(|v| v.exp()).sum::<f32>().ln();
+        sum += lse - z[row / 2];
+    }
+    assert!((loss - sum / 8.0).abs() < 1e-4, "{loss} vs {}", sum / 8.0);
+}
+
+#[test]
+fn permutation_set_is_spread_and_without_duplicates() {
+    for (count, seed) in [(100, 0), (30, 5)] {
+        let set = permutation_set(count, seed);
+        assert_eq!(set.len(), count);
+        let unique: HashSet<_> = set.iter().collect();
+        assert_eq!(unique.len(), count, "duplicates");
+        for p in &set {
+            let mut sorted = *p;
+            sorted.sort();
+            assert_eq!(sorted, std::array::from_fn::<u8, TILES, _>(|i| i as u8));
+        }
+        // A random set of the same size, for comparison.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 100);
+        let random: Vec<[u8; TILES]> = (0..count)
+            .map(|_| {
+                let mut p: [u8; TILES] = std::array::from_fn(|i| i as u8);
+                rand::seq::SliceRandom::shuffle(&mut p[..], &mut rng);
+                p
+            })
+            .collect();
+        let (ours, theirs) = (min_hamming(&set), min_hamming(&random));
+        println!("{count} permutations: minimum Hamming distance {ours} (random set: {theirs})");
+        assert!(ours >= theirs && ours >= 6, "{ours} vs random {theirs}");
+    }
+    assert_eq!(hamming(&[0, 1, 2, 3, 4, 5, 6, 7, 8], &[1, 0, 2, 3, 4, 5, 6, 7, 8]), 2);
+    assert_eq!(permutation_set(50, 3), permutation_set(50, 3), "not a function of the seed");
+}
+
+#[test]
+fn jigsaw_puzzle_places_tile_pi_j_at_position_j() {
+    let dev = Device::flex();
+    let config = JigsawConfig {
+        permutations: 10,
+        hidden: 16,
+        ..JigsawConfig::default()
+    };
+    let m = init_seeded(&dev, 0, || config.init(&model(), 0, &dev)).valid();
+    let set = m.permutations();
+    assert_eq!(set, permutation_set(10, 0), "the stored set is not the seed's");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let tiles: Vec<Tensor<4>> = (0..TILES)
+        .map(|_| {
+            let v: Vec<f32> = (0..2 * 3 * 9 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
+            Tensor::from_data(TensorData::new(v, [2, 3, 9, 9]), &dev)
+        })
+        .collect();
+    // Puzzle p of tiles T shows T[π_p(j)] at position j. Lay the tiles out so that permutation
+    // q shows the same sequence: U[π_q(j)] = T[π_p(j)]; both puzzles must then be identical.
+    let (p, q) = (3, 7);
+    let mut laid = tiles.clone();
+    for j in 0..TILES {
+        laid[set[q][j] as usize] = tiles[set[p][j] as usize].clone();
+    }
+    let a = values(m.logits(&tiles, &[p, p]));
+    let b = values(m.logits(&laid, &[q, q]));
+    assert_eq!(a.len(), 2 * 10);
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+    let c = values(m.logits(&tiles, &[q, q]));
+    assert!(a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-4), "the order is ignored");
+}
+
+#[test]
+fn inpainting_views_are_the_image_and_a_mask_of_the_asked_area() {
+    let img = common::pattern(3);
+    let base = Pipeline::preset("mae", Sizes::small(32)).unwrap();
+    for (kind, area) in [
+        (MaskKind::Central, 0.25),
+        (MaskKind::RandomBlocks, 0.2),
+        (MaskKind::RandomRegion, 0.3),
+    ] {
+        let views = InpaintingConfig {
+            mask: kind,
+            area,
+            ..InpaintingConfig::default()
+        }
+        .augment(base.clone())
+        .views(&img, &mut sample_rng(0, 0, 1));
+        assert_eq!(views.len(), 2);
+        let m = &views[1].data;
+        assert!(m.iter().all(|&v| v == 0.0 || v == 1.0));
+        let covered = m.iter().sum::<f32>() / m.len() as f32;
+        assert!(
+            (covered - area).abs() < 0.06,
+            "{kind:?}: {covered} of the image hidden, asked {area}"
+        );
+        // The mask is the same on the three channels.
+        let plane = m.len() / 3;
+        assert_eq!(m[..plane], m[plane..2 * plane]);
+    }
+}
+
+#[test]
+fn masked_mse_ignores_visible_pixels() {
+    let dev = Device::flex();
+    let t = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, 2, 2]), &dev);
+    let x = t(vec![1.0, 2.0, 3.0, 4.0]);
+    let mask = t(vec![1.0, 0.0, 1.0, 0.0]);
+    // Hidden pixels 0 and 2: ((1 − 0)² + (3 − 1)²) / 2 = 2.5.
+    let a: f32 = masked_mse(x.clone(), t(vec![0.0, 9.0, 1.0, -7.0]), mask.clone()).into_scalar();
+    assert!((a - 2.5).abs() < 1e-6, "{a}");
+    let b: f32 = masked_mse(x, t(vec![0.0, 100.0, 1.0, 50.0]), mask).into_scalar();
+    assert_eq!(a, b);
+}
+
+/// Paths of the parameters `grads` holds a gradient for.
+fn with_gradient<M: Module>(m: &M, grads: &GradientsParams) -> Vec<(String, bool)> {
+    struct V<'a> {
+        grads: &'a GradientsParams,
+        path: Vec<String>,
+        out: Vec<(String, bool)>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let has = self.grads.get::<D>(p.id).is_some();
+            self.out.push((self.path.join("."), has));
+        }
+    }
+    let mut v = V {
+        grads,
+        path: vec![],
+        out: vec![],
+    };
+    m.visit(&mut v);
+    v.out.retain(|(p, _)| !p.contains("running_"));
+    v.out
+}
+
+/// All parameter values of the discriminator, or of everything else.
+fn flat<M: Module>(m: &M, discriminator: bool) -> Vec<f32> {
+    struct V {
+        path: Vec<String>,
+        want: bool,
+        out: Vec<f32>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let path = self.path.join(".");
+            if path.starts_with("discriminator") == self.want && !path.contains("running_") {
+                self.out.extend(values(p.val()));
+            }
+        }
+    }
+    let mut v = V {
+        path: vec![],
+        want: discriminator,
+        out: vec![],
+    };
+    m.visit(&mut v);
+    v.out
+}
+
+#[test]
+fn generator_and_discriminator_get_only_their_own_gradients() {
+    let dev = Device::flex().autodiff();
+    let config = InpaintingConfig {
+        width: 8,
+        ..InpaintingConfig::default()
+    };
+    let m = init_seeded(&dev, 0, || config.init(&model(), 32, &dev));
+    let base = Pipeline::preset("mae", Sizes::small(32)).unwrap();
+    let aug = config.augment(base);
+    let views: Vec<Vec<View>> = (0..4)
+        .map(|i| aug.views(&common::pattern(i), &mut sample_rng(0, 0, i as u64)))
+        .collect();
+    let stack = |v: usize| {
+        let data: Vec<f32> = views.iter().flat_map(|s| s[v].data.clone()).collect();
+        Tensor::<4>::from_data(TensorData::new(data, [4, 3, 32, 32]), &dev)
+    };
+    let out = m.loss(&[stack(0), stack(1)], &progress());
+    let grads = GradientsParams::from_grads(out.loss.backward(), &m);
+    let seen = with_gradient(&m, &grads);
+    assert!(seen.iter().any(|(p, _)| p.starts_with("discriminator")));
+    for (path, has) in &seen {
+        assert_eq!(*has, !path.starts_with("discriminator"), "G's loss and {path}");
+    }
+
+    // D's step moves D and nothing else.
+    let (d_before, g_before) = (flat(&m, true), flat(&m, false));
+    let mut optim = OptimConfig {
+        optimizer: OptimizerKind::Adamw,
+        weight_decay: 0.0,
+        momentum: 0.9,
+        betas: [0.5, 0.999],
+        eta: 0.001,
+    }
+    .init();
+    let m = m.auxiliary_step(out.keep.as_ref(), 1e-3, &mut optim);
+    assert_ne!(flat(&m, true), d_before);
+    assert_eq!(flat(&m, false), g_before);
+}
