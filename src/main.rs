@@ -84,6 +84,25 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Draw what an inpainting run paints: rows of original | masked | inpainted test images.
+    Reconstruct {
+        /// A run folder written by `pretrain`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Images to draw (default: the run's data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "recon.png")]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Print a named pipeline as a recipe's [augment] section, to copy and change.
     Pipeline {
         name: String,
@@ -255,6 +274,24 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * acc.top1,
                 100.0 * acc.top5
             );
+        }
+        Command::Reconstruct {
+            checkpoint,
+            data,
+            split,
+            count,
+            seed,
+            out,
+            device,
+        } => {
+            let recipe = Recipe::load(&checkpoint.join("recipe.toml"))
+                .with_context(|| format!("{} is not a run folder", checkpoint.display()))?;
+            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
+            let split = dataset.split(&split)?;
+            let device = pretrain::device(&device)?;
+            let sheet = pretrain::reconstruct(&checkpoint, split, count, seed, &device)?;
+            selfsup::viz::save_png(&sheet, &out)?;
+            println!("wrote {} (original | masked | inpainted)", out.display());
         }
         Command::Pipeline { name, size } => {
             let pipeline = Pipeline::preset(&name, Sizes::small(size))?;

@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use burn::module::Module;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
 use serde::Serialize;
 
 use crate::config::Recipe;
@@ -258,4 +260,50 @@ pub fn export_backbone(backbone: &Backbone, path: &Path) -> Result<()> {
     backbone
         .save_into(&mut store)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// Rows of original | masked input | inpainted for the first `count` images of `split`, by the
+/// inpainting run `run` (masks drawn as in training, from `seed`).
+pub fn reconstruct(run: &Path, split: &Split, count: usize, seed: u64, device: &Device) -> Result<RgbImage> {
+    let recipe = Recipe::load(&run.join("recipe.toml"))
+        .with_context(|| format!("{} is not a run folder", run.display()))?;
+    let MethodConfig::Inpainting(config) = &recipe.method else {
+        bail!("{} is a {} run: reconstruct needs an inpainting run", run.display(), recipe.method.name());
+    };
+    let Some(dir) = train::checkpoint::latest(run)? else {
+        bail!("{} holds no checkpoint", run.display())
+    };
+    let size = recipe.augment.size as usize;
+    let method = init_seeded(device, recipe.seed, || config.init(&recipe.model, size, device));
+    let method = train::checkpoint::load_model(&dir, method)?.valid();
+    let eval = recipe.augment.eval_pipeline()?;
+    let (mean, std) = (eval.mean, eval.std);
+    let mut rows = Vec::new();
+    for (i, img) in split.subset(count).images.iter().enumerate() {
+        let view = eval.images(img, &mut crate::augment::sample_rng(seed, 0, i as u64)).remove(0);
+        let hidden = crate::augment::ops::inpainting_mask(
+            config.mask,
+            view.width(),
+            view.height(),
+            config.area,
+            &mut crate::augment::sample_rng(seed, 1, i as u64),
+        );
+        let x = crate::augment::normalize(&view, mean, std).data;
+        let m: Vec<f32> = hidden.iter().map(|&h| h as u8 as f32).collect::<Vec<_>>().repeat(3);
+        let shape = [1, 3, size, size];
+        let completed = method.complete(
+            Tensor::from_data(TensorData::new(x, shape), device),
+            Tensor::from_data(TensorData::new(m, shape), device),
+        );
+        let completed: Vec<f32> = completed
+            .into_data()
+            .try_to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        rows.push(vec![
+            view.clone(),
+            crate::viz::hide(&view, &hidden),
+            crate::viz::denormalize(&completed, size, size, mean, std),
+        ]);
+    }
+    Ok(crate::viz::reconstruction_grid(&rows))
 }

@@ -97,3 +97,67 @@ fn printed_pipeline_reads_back_as_a_recipe() {
         selfsup::augment::Pipeline::preset("moco_v2", selfsup::augment::Sizes::small(32)).unwrap();
     assert_eq!(printed, preset);
 }
+
+#[test]
+fn every_shipped_recipe_loads_and_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let recipe = selfsup::config::Recipe::load(&path);
+        assert!(recipe.is_ok(), "{}: {:#}", path.display(), recipe.unwrap_err());
+        recipe.unwrap().check().unwrap();
+        n += 1;
+    }
+    assert!(n >= 9, "{n} recipes");
+}
+
+#[test]
+fn inpainting_pretrains_and_reconstructs_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    common::write_cifar10(&data, 20);
+    let recipe = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/inpainting_cifar10_cpu.toml"),
+    )
+    .unwrap()
+    .replace("batch_size = 128", "batch_size = 32")
+    .replace("width = 32", "width = 8");
+    let recipe_path = tmp.path().join("inpainting.toml");
+    std::fs::write(&recipe_path, recipe).unwrap();
+    let run = tmp.path().join("run");
+    let (ok, stdout, stderr) = selfsup(&[
+        "pretrain",
+        "--recipe",
+        recipe_path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("kNN"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("rec_loss") && metrics.contains("adv_loss"));
+
+    let png = tmp.path().join("recon.png");
+    let (ok, _, stderr) = selfsup(&[
+        "reconstruct",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--count",
+        "4",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let img = image::open(&png).unwrap();
+    // 4 rows of 3 images, each 32 px enlarged 3x into 96 px cells with 4 px gaps.
+    assert_eq!((img.width(), img.height()), (3 * 100 + 4, 4 * 100 + 4));
+
+    // A folder that holds no run is named in the error.
+    let (ok, _, stderr) = selfsup(&["reconstruct", "--checkpoint", "/nonexistent-run"]);
+    assert!(!ok && stderr.contains("nonexistent-run"), "{stderr}");
+}

@@ -297,3 +297,45 @@ fn generator_and_discriminator_get_only_their_own_gradients() {
     assert_ne!(flat(&m, true), d_before);
     assert_eq!(flat(&m, false), g_before);
 }
+
+#[test]
+fn rotation_is_learned_on_real_images() {
+    use selfsup::data::{Dataset, LoadOptions, Loader};
+    use selfsup::train::{TrainConfig, Trainer};
+    let ds = Dataset::open(
+        common::shared_data().join("cifar10-jpeg.tar.gz"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let split = ds.split("train").unwrap().subset(256);
+    let config = RotationConfig {};
+    let loader = Loader::new(
+        split,
+        config.augment(Pipeline::preset("mae", Sizes::small(32)).unwrap()),
+        64,
+        0,
+    )
+    .unwrap();
+    let train: TrainConfig = toml::from_str(
+        "epochs = 4\nbatch_size = 64\noptimizer = \"adamw\"\nweight_decay = 1e-4\nbase_lr = 0.003\nlr_scaling = \"none\"\n",
+    )
+    .unwrap();
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(train, dir.path(), dev.clone());
+    trainer.progress = false;
+    let (_, report) = trainer
+        .run(init_seeded(&dev, 0, || config.init(&model(), &dev)), &loader)
+        .unwrap();
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let acc: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "epoch")
+        .map(|v| v["pretext_acc"].as_f64().unwrap())
+        .collect();
+    let losses = &report.state.epoch_losses;
+    assert!(losses[3] < losses[0], "losses {losses:?}");
+    // Chance is 25%.
+    assert!(acc[3] > 0.4, "pretext accuracy per epoch {acc:?}");
+}

@@ -46,6 +46,17 @@ impl MethodConfig {
         }
     }
 
+    /// The `name` of the recipe's `[method]`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodConfig::Simclr(_) => "simclr",
+            MethodConfig::Moco(_) => "moco",
+            MethodConfig::Rotation(_) => "rotation",
+            MethodConfig::Jigsaw(_) => "jigsaw",
+            MethodConfig::Inpainting(_) => "inpainting",
+        }
+    }
+
     /// What turns an image into the method's views: the recipe's pipeline itself for the
     /// joint-embedding methods, built upon its first view for the pretext tasks.
     pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {

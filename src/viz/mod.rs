@@ -1,7 +1,9 @@
 //! Pictures worth looking at, written as PNG.
 
+mod reconstruction;
 mod views;
 
+pub use reconstruction::{denormalize, hide, reconstruction_grid};
 pub use views::views_grid;
 
 use std::path::Path;
