@@ -171,7 +171,7 @@ impl Recipe {
     /// Checks every section; the error names the field at fault.
     pub fn check(&self) -> Result<()> {
         let pipeline = self.augment.build()?;
-        self.method.check(pipeline.views[0].size)?;
+        self.method.check(&self.model, pipeline.views[0].size)?;
         self.model.check()?;
         self.train.check()?;
         if let MethodConfig::Moco(m) = &self.method {

@@ -1,7 +1,7 @@
 //! Backbones: shapes, attention weights, and exported parameter names that PyTorch code expects.
 
 use burn::tensor::{Device, Tensor};
-use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem, VitConfig};
+use selfsup::models::{init_seeded, BackboneConfig, Pool, ResNetConfig, Stem, VitConfig};
 use selfsup::pretrain::export_backbone;
 
 /// Inputs from our own generator: burn's is global, and other tests seed it.
@@ -81,6 +81,7 @@ fn vit_has_timm_names_and_exposes_attention() {
         depth: 2,
         heads: 3,
         mlp_ratio: 4.0,
+        pool: Pool::Cls,
     };
     let dev = Device::flex();
     let vit = init_seeded(&dev, 0, || c.init(&dev));

@@ -2,6 +2,7 @@
 
 pub mod inpainting;
 pub mod jigsaw;
+pub mod mae;
 pub mod moco;
 pub mod rotation;
 pub mod simclr;
@@ -11,8 +12,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::{Augment, Pipeline};
+use crate::models::BackboneConfig;
 pub use inpainting::{Inpainting, InpaintingConfig};
 pub use jigsaw::{Jigsaw, JigsawConfig};
+pub use mae::{Mae, MaeConfig};
 pub use moco::{Moco, MocoConfig};
 pub use rotation::{Rotation, RotationConfig};
 pub use simclr::{SimClr, SimclrConfig};
@@ -23,6 +26,7 @@ pub use simclr::{SimClr, SimclrConfig};
 pub enum MethodConfig {
     Simclr(SimclrConfig),
     Moco(MocoConfig),
+    Mae(MaeConfig),
     Rotation(RotationConfig),
     Jigsaw(JigsawConfig),
     Inpainting(InpaintingConfig),
@@ -35,11 +39,12 @@ impl Default for MethodConfig {
 }
 
 impl MethodConfig {
-    /// Checks the settings; `view_size` is the side of the recipe's first view.
-    pub fn check(&self, view_size: u32) -> anyhow::Result<()> {
+    /// Checks the settings against the recipe's model and first view side.
+    pub fn check(&self, model: &BackboneConfig, view_size: u32) -> anyhow::Result<()> {
         match self {
             MethodConfig::Simclr(c) => c.check(),
             MethodConfig::Moco(c) => c.check(),
+            MethodConfig::Mae(c) => c.check(model),
             MethodConfig::Rotation(_) => Ok(()),
             MethodConfig::Jigsaw(c) => c.check(view_size),
             MethodConfig::Inpainting(c) => c.check(view_size),
@@ -51,6 +56,7 @@ impl MethodConfig {
         match self {
             MethodConfig::Simclr(_) => "simclr",
             MethodConfig::Moco(_) => "moco",
+            MethodConfig::Mae(_) => "mae",
             MethodConfig::Rotation(_) => "rotation",
             MethodConfig::Jigsaw(_) => "jigsaw",
             MethodConfig::Inpainting(_) => "inpainting",
@@ -64,7 +70,9 @@ impl MethodConfig {
             MethodConfig::Rotation(c) => c.augment(base),
             MethodConfig::Jigsaw(c) => c.augment(base),
             MethodConfig::Inpainting(c) => c.augment(base),
-            MethodConfig::Simclr(_) | MethodConfig::Moco(_) => Arc::new(base),
+            MethodConfig::Simclr(_) | MethodConfig::Moco(_) | MethodConfig::Mae(_) => {
+                Arc::new(base)
+            }
         }
     }
 }

@@ -14,7 +14,8 @@ pub use context::{ContextDecoder, ContextDecoderConfig, Discriminator, Discrimin
 pub use ema::{ema_update, momentum_copy};
 pub use heads::{ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
-pub use vit::{Vit, VitConfig};
+pub use vit::{Pool, Vit, VitBlock, VitConfig};
+pub(crate) use vit::{block as vit_block, linear as vit_linear};
 
 /// `[model]` of a recipe: which encoder to learn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,17 @@ pub struct VitConfig {
     pub heads: usize,
     #[serde(default = "four")]
     pub mlp_ratio: f32,
+    /// The features `forward` returns: the class token, or the mean of the patch tokens.
+    #[serde(default)]
+    pub pool: Pool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    #[default]
+    Cls,
+    Mean,
 }
 
 fn four() -> f32 {
@@ -42,6 +53,7 @@ impl VitConfig {
             depth,
             heads,
             mlp_ratio: 4.0,
+            pool: Pool::Cls,
         })
     }
 
@@ -68,35 +80,12 @@ impl VitConfig {
     }
 
     pub fn init(&self, device: &Device) -> Vit {
-        let linear = |i, o| {
-            LinearConfig::new(i, o)
-                .with_initializer(Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.02,
-                })
-                .init(device)
-        };
-        let norm = || {
-            LayerNormConfig::new(self.dim)
-                .with_epsilon(1e-6)
-                .init(device)
-        };
-        let hidden = (self.dim as f32 * self.mlp_ratio) as usize;
         let blocks = (0..self.depth)
-            .map(|_| VitBlock {
-                norm1: norm(),
-                attn: Attention {
-                    qkv: linear(self.dim, 3 * self.dim),
-                    proj: linear(self.dim, self.dim),
-                    heads: self.heads,
-                },
-                norm2: norm(),
-                mlp: Mlp {
-                    fc1: linear(self.dim, hidden),
-                    fc2: linear(hidden, self.dim),
-                },
-            })
+            .map(|_| block(self.dim, self.heads, self.mlp_ratio, device))
             .collect();
+        let norm = LayerNormConfig::new(self.dim)
+            .with_epsilon(1e-6)
+            .init(device);
         let p = self.patch_size;
         let trunc = Distribution::Normal(0.0, 0.02);
         Vit {
@@ -112,8 +101,38 @@ impl VitConfig {
                 device,
             )),
             blocks,
-            norm: norm(),
+            norm,
+            pool: self.pool,
         }
+    }
+}
+
+/// Linear layers as timm initialises them: N(0, 0.02) weights.
+pub(crate) fn linear(input: usize, output: usize, device: &Device) -> Linear {
+    LinearConfig::new(input, output)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        })
+        .init(device)
+}
+
+/// One pre-norm transformer block (MAE's decoder is made of the same).
+pub(crate) fn block(dim: usize, heads: usize, mlp_ratio: f32, device: &Device) -> VitBlock {
+    let norm = || LayerNormConfig::new(dim).with_epsilon(1e-6).init(device);
+    let hidden = (dim as f32 * mlp_ratio) as usize;
+    VitBlock {
+        norm1: norm(),
+        attn: Attention {
+            qkv: linear(dim, 3 * dim, device),
+            proj: linear(dim, dim, device),
+            heads,
+        },
+        norm2: norm(),
+        mlp: Mlp {
+            fc1: linear(dim, hidden, device),
+            fc2: linear(hidden, dim, device),
+        },
     }
 }
 
@@ -167,7 +186,7 @@ pub struct VitBlock {
 }
 
 impl VitBlock {
-    fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let (a, attn) = self.attn.forward(self.norm1.forward(x.clone()));
         let x = x + a;
         let x = x.clone()
@@ -186,6 +205,8 @@ pub struct Vit {
     pos_embed: Param<Tensor<3>>,
     blocks: Vec<VitBlock>,
     norm: LayerNorm,
+    #[module(skip)]
+    pool: Pool,
 }
 
 impl Vit {
@@ -220,11 +241,27 @@ impl Vit {
         )
     }
 
-    /// The class token's features, `[n, dim]`.
+    /// Features `[n, dim]`: the class token, or the mean patch token (`pool`).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let (tokens, _) = self.encode_tokens(self.patch_tokens(x));
-        let [n, _, d] = tokens.dims();
-        tokens.narrow(1, 0, 1).reshape([n, d])
+        let [n, t, d] = tokens.dims();
+        match self.pool {
+            Pool::Cls => tokens.narrow(1, 0, 1).reshape([n, d]),
+            Pool::Mean => tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d]),
+        }
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_embed.proj.kernel_size[0]
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` (for layer-wise learning rates).
+    pub fn block(&self, i: usize) -> &VitBlock {
+        &self.blocks[i]
     }
 
     /// The last block's attention weights for `x`: `[n, heads, 1 + patches, 1 + patches]`.
