@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::{Pipeline, Sizes, ViewSpec};
 use crate::data::LoadOptions;
+use crate::eval::finetune::FinetuneConfig;
 use crate::eval::EvalConfig;
 use crate::methods::MethodConfig;
 use crate::models::{BackboneConfig, ResNetConfig, Stem};
@@ -142,7 +143,7 @@ impl Default for TrainConfig {
 }
 
 /// A whole recipe file: `seed` and the sections `[data]`, `[augment]`, `[method]`, `[model]`,
-/// `[train]`, `[eval]`.
+/// `[train]`, `[eval]`, `[finetune]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Recipe {
@@ -153,6 +154,8 @@ pub struct Recipe {
     pub model: BackboneConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub finetune: FinetuneConfig,
 }
 
 impl Recipe {

@@ -84,7 +84,25 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Draw what an inpainting run paints: rows of original | masked | inpainted test images.
+    /// Fine-tune the whole encoder with a linear head on labels (the recipe's [finetune]):
+    /// a pre-trained run, or with --recipe alone the same network from scratch.
+    Finetune {
+        /// A run folder written by `pretrain`.
+        #[arg(long, required_unless_present = "recipe")]
+        checkpoint: Option<PathBuf>,
+        /// Without --checkpoint: a randomly initialised backbone of this recipe (the baseline).
+        #[arg(long, conflicts_with = "checkpoint")]
+        recipe: Option<PathBuf>,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Overrides finetune.epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Draw what an inpainting or MAE run paints: rows of original | masked | reconstructed
+    /// test images (MAE adds the reconstruction with the visible patches pasted back).
     Reconstruct {
         /// A run folder written by `pretrain`.
         #[arg(long)]
@@ -247,18 +265,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
         } => {
             let device = pretrain::device(&device)?;
-            let (recipe, backbone, what) = match (checkpoint, recipe) {
-                (Some(run), _) => {
-                    let (r, b) = pretrain::load_backbone(&run, &device)?;
-                    (r, b, format!("checkpoint {}", run.display()))
-                }
-                (None, Some(path)) => {
-                    let r = Recipe::load(&path)?;
-                    let b = pretrain::random_backbone(&r, &device);
-                    (r, b, format!("random init of {}", path.display()))
-                }
-                (None, None) => unreachable!("clap requires one"),
-            };
+            let (recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;
@@ -270,6 +277,28 @@ fn run(cli: Cli) -> Result<()> {
             };
             println!(
                 "{protocol} on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
+                recipe.data.test_split,
+                100.0 * acc.top1,
+                100.0 * acc.top5
+            );
+        }
+        Command::Finetune {
+            checkpoint,
+            recipe,
+            data,
+            epochs,
+            device,
+        } => {
+            let device = pretrain::device(&device)?;
+            let (mut recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
+            if let Some(e) = epochs {
+                recipe.finetune.epochs = e;
+            }
+            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
+            let acc = pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)?;
+            println!(
+                "fine-tuned {} epochs on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
+                recipe.finetune.epochs,
                 recipe.data.test_split,
                 100.0 * acc.top1,
                 100.0 * acc.top5
@@ -291,7 +320,10 @@ fn run(cli: Cli) -> Result<()> {
             let device = pretrain::device(&device)?;
             let sheet = pretrain::reconstruct(&checkpoint, split, count, seed, &device)?;
             selfsup::viz::save_png(&sheet, &out)?;
-            println!("wrote {} (original | masked | inpainted)", out.display());
+            println!(
+                "wrote {} (original | masked | reconstruction)",
+                out.display()
+            );
         }
         Command::Pipeline { name, size } => {
             let pipeline = Pipeline::preset(&name, Sizes::small(size))?;
@@ -306,6 +338,26 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The backbone of a run, or a random one of a recipe, with a phrase saying which.
+fn backbone_to_evaluate(
+    checkpoint: Option<PathBuf>,
+    recipe: Option<PathBuf>,
+    device: &burn::tensor::Device,
+) -> Result<(Recipe, selfsup::models::Backbone, String)> {
+    Ok(match (checkpoint, recipe) {
+        (Some(run), _) => {
+            let (r, b) = pretrain::load_backbone(&run, device)?;
+            (r, b, format!("checkpoint {}", run.display()))
+        }
+        (None, Some(path)) => {
+            let r = Recipe::load(&path)?;
+            let b = pretrain::random_backbone(&r, device);
+            (r, b, format!("random init of {}", path.display()))
+        }
+        (None, None) => anyhow::bail!("pass --checkpoint or --recipe"),
+    })
 }
 
 fn main() -> ExitCode {

@@ -225,6 +225,33 @@ pub fn linear_accuracy(
     Ok(eval::linear_probe(&tr, &te, classes, &recipe.eval, device))
 }
 
+/// Fine-tunes `backbone` (pre-trained, or random for the from-scratch baseline) with the
+/// recipe's `[finetune]` settings on the labelled train split, views from the recipe's first
+/// view; reports accuracy on the test split.
+pub fn finetune_accuracy(
+    recipe: &Recipe,
+    backbone: Backbone,
+    dataset: &Dataset,
+    device: &Device,
+) -> Result<Accuracy> {
+    let train = dataset.split(&recipe.data.train_split)?;
+    let test = dataset.split(&recipe.data.test_split)?;
+    let mut augment = recipe.augment.build()?;
+    augment.views.truncate(1);
+    augment.views[0].count = 1;
+    eval::finetune::finetune(
+        backbone,
+        recipe.model.feature_dim(),
+        train,
+        test,
+        dataset.classes.len(),
+        &augment,
+        &recipe.augment.eval_pipeline()?,
+        &recipe.finetune,
+        device,
+    )
+}
+
 /// The backbone of a run folder's latest checkpoint, with the run's recipe.
 pub fn load_backbone(run: &Path, device: &Device) -> Result<(Recipe, Backbone)> {
     let recipe = Recipe::load(&run.join("recipe.toml"))
@@ -263,48 +290,114 @@ pub fn export_backbone(backbone: &Backbone, path: &Path) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
 
-/// Rows of original | masked input | inpainted for the first `count` images of `split`, by the
-/// inpainting run `run` (masks drawn as in training, from `seed`).
-pub fn reconstruct(run: &Path, split: &Split, count: usize, seed: u64, device: &Device) -> Result<RgbImage> {
+/// Pictures of what an inpainting or MAE run paints, one row per image of the first `count` of
+/// `split` (masks drawn from `seed`): original | masked input | reconstruction, and for MAE also
+/// the reconstruction with the visible patches pasted back.
+pub fn reconstruct(
+    run: &Path,
+    split: &Split,
+    count: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<RgbImage> {
     let recipe = Recipe::load(&run.join("recipe.toml"))
         .with_context(|| format!("{} is not a run folder", run.display()))?;
-    let MethodConfig::Inpainting(config) = &recipe.method else {
-        bail!("{} is a {} run: reconstruct needs an inpainting run", run.display(), recipe.method.name());
-    };
     let Some(dir) = train::checkpoint::latest(run)? else {
         bail!("{} holds no checkpoint", run.display())
     };
     let size = recipe.augment.size as usize;
-    let method = init_seeded(device, recipe.seed, || config.init(&recipe.model, size, device));
-    let method = train::checkpoint::load_model(&dir, method)?.valid();
     let eval = recipe.augment.eval_pipeline()?;
     let (mean, std) = (eval.mean, eval.std);
-    let mut rows = Vec::new();
-    for (i, img) in split.subset(count).images.iter().enumerate() {
-        let view = eval.images(img, &mut crate::augment::sample_rng(seed, 0, i as u64)).remove(0);
-        let hidden = crate::augment::ops::inpainting_mask(
-            config.mask,
-            view.width(),
-            view.height(),
-            config.area,
-            &mut crate::augment::sample_rng(seed, 1, i as u64),
-        );
-        let x = crate::augment::normalize(&view, mean, std).data;
-        let m: Vec<f32> = hidden.iter().map(|&h| h as u8 as f32).collect::<Vec<_>>().repeat(3);
-        let shape = [1, 3, size, size];
-        let completed = method.complete(
-            Tensor::from_data(TensorData::new(x, shape), device),
-            Tensor::from_data(TensorData::new(m, shape), device),
-        );
-        let completed: Vec<f32> = completed
+    let seeded = |i: usize, k: u64| crate::augment::sample_rng(seed, k, i as u64);
+    let shape = [1, 3, size, size];
+    let tensor = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), device);
+    let pixels = |t: Tensor<4>| -> Result<RgbImage> {
+        let v: Vec<f32> = t
             .into_data()
             .try_to_vec()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        rows.push(vec![
-            view.clone(),
-            crate::viz::hide(&view, &hidden),
-            crate::viz::denormalize(&completed, size, size, mean, std),
-        ]);
+        Ok(crate::viz::denormalize(&v, size, size, mean, std))
+    };
+    let views: Vec<RgbImage> = split
+        .subset(count)
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| eval.images(img, &mut seeded(i, 0)).remove(0))
+        .collect();
+    let mut rows = Vec::new();
+    match &recipe.method {
+        MethodConfig::Inpainting(c) => {
+            let method = init_seeded(device, recipe.seed, || c.init(&recipe.model, size, device));
+            let method = train::checkpoint::load_model(&dir, method)?.valid();
+            for (i, view) in views.iter().enumerate() {
+                let hidden = crate::augment::ops::inpainting_mask(
+                    c.mask,
+                    view.width(),
+                    view.height(),
+                    c.area,
+                    &mut seeded(i, 1),
+                );
+                let m: Vec<f32> = hidden
+                    .iter()
+                    .map(|&h| h as u8 as f32)
+                    .collect::<Vec<_>>()
+                    .repeat(3);
+                let x = crate::augment::normalize(view, mean, std).data;
+                let completed = method.complete(tensor(x), tensor(m));
+                rows.push(vec![
+                    view.clone(),
+                    crate::viz::hide(view, &hidden),
+                    pixels(completed)?,
+                ]);
+            }
+        }
+        MethodConfig::Mae(c) => {
+            let method = init_seeded(device, recipe.seed, || c.init(&recipe.model, device));
+            let method = train::checkpoint::load_model(&dir, method)?.valid();
+            let p = method.patch();
+            let g = size / p;
+            for (i, view) in views.iter().enumerate() {
+                let masking = crate::methods::mae::random_masking(
+                    1,
+                    g * g,
+                    method.mask_ratio(),
+                    &mut seeded(i, 1),
+                );
+                let x = tensor(crate::augment::normalize(view, mean, std).data);
+                let (pred, _) = method.predict(x.clone(), &masking);
+                // norm_pix_loss predicts normalised patches: shown with the true patches' mean and
+                // variance, as the official visualisation does.
+                let pred = if method.norm_pix_loss() {
+                    let raw = crate::methods::mae::patchify(x.clone(), p);
+                    pred * (raw.clone().var(2) + 1e-6).sqrt() + raw.mean_dim(2)
+                } else {
+                    pred
+                };
+                let recon = crate::methods::mae::unpatchify(pred, p);
+                let hidden: Vec<bool> = (0..size * size)
+                    .map(|k| masking.mask[0][(k / size / p) * g + (k % size) / p] > 0.5)
+                    .collect();
+                let m: Vec<f32> = hidden
+                    .iter()
+                    .map(|&h| h as u8 as f32)
+                    .collect::<Vec<_>>()
+                    .repeat(3);
+                let m = tensor(m);
+                let pasted = recon.clone() * m.clone() + x * m.neg().add_scalar(1.0);
+                rows.push(vec![
+                    view.clone(),
+                    crate::viz::hide(view, &hidden),
+                    pixels(recon)?,
+                    pixels(pasted)?,
+                ]);
+            }
+        }
+        other => bail!(
+            "{} is a {} run: reconstruct needs an inpainting or MAE run",
+            run.display(),
+            other.name()
+        ),
     }
     Ok(crate::viz::reconstruction_grid(&rows))
 }

@@ -105,7 +105,12 @@ fn every_shipped_recipe_loads_and_checks() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let recipe = selfsup::config::Recipe::load(&path);
-        assert!(recipe.is_ok(), "{}: {:#}", path.display(), recipe.unwrap_err());
+        assert!(
+            recipe.is_ok(),
+            "{}: {:#}",
+            path.display(),
+            recipe.unwrap_err()
+        );
         recipe.unwrap().check().unwrap();
         n += 1;
     }
@@ -118,11 +123,13 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
     let data = tmp.path().join("cifar");
     common::write_cifar10(&data, 20);
     let recipe = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/inpainting_cifar10_cpu.toml"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("recipes/inpainting_cifar10_cpu.toml"),
     )
     .unwrap()
     .replace("batch_size = 128", "batch_size = 32")
-    .replace("width = 32", "width = 8");
+    .replace("width = 32", "width = 8")
+        + "\n[finetune]\nbatch_size = 32\nwarmup_epochs = 0\n";
     let recipe_path = tmp.path().join("inpainting.toml");
     std::fs::write(&recipe_path, recipe).unwrap();
     let run = tmp.path().join("run");
@@ -157,7 +164,70 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
     // 4 rows of 3 images, each 32 px enlarged 3x into 96 px cells with 4 px gaps.
     assert_eq!((img.width(), img.height()), (3 * 100 + 4, 4 * 100 + 4));
 
+    // Fine-tuning the run's encoder, and the same network from scratch.
+    for source in [
+        ["--checkpoint", run.to_str().unwrap()],
+        ["--recipe", recipe_path.to_str().unwrap()],
+    ] {
+        let (ok, stdout, stderr) = selfsup(&[
+            "finetune",
+            source[0],
+            source[1],
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ]);
+        assert!(
+            ok && stdout.contains("fine-tuned 1 epochs"),
+            "{stdout}{stderr}"
+        );
+    }
+
     // A folder that holds no run is named in the error.
     let (ok, _, stderr) = selfsup(&["reconstruct", "--checkpoint", "/nonexistent-run"]);
     assert!(!ok && stderr.contains("nonexistent-run"), "{stderr}");
+}
+
+#[test]
+fn mae_pretrains_and_reconstructs_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    common::write_cifar10(&data, 20);
+    let recipe = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/mae_cifar10_cpu.toml"),
+    )
+    .unwrap()
+    .replace("batch_size = 256", "batch_size = 32")
+    .replace("epochs = 4", "epochs = 1")
+    .replace("depth = 6", "depth = 1");
+    let recipe_path = tmp.path().join("mae.toml");
+    std::fs::write(&recipe_path, recipe).unwrap();
+    let run = tmp.path().join("run");
+    let (ok, _, stderr) = selfsup(&[
+        "pretrain",
+        "--recipe",
+        recipe_path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let png = tmp.path().join("recon.png");
+    let (ok, _, stderr) = selfsup(&[
+        "reconstruct",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--count",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let img = image::open(&png).unwrap();
+    // 2 rows of 4: original, masked, reconstruction, reconstruction with visible patches pasted.
+    assert_eq!((img.width(), img.height()), (4 * 100 + 4, 2 * 100 + 4));
 }

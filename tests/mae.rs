@@ -15,7 +15,9 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn random(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let v = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let v = (0..shape.iter().product())
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     Tensor::from_data(TensorData::new(v, shape), device)
 }
 
@@ -96,13 +98,15 @@ fn loss_ignores_visible_patches() {
     let a: f32 = masked_patch_loss(pred.clone(), target.clone(), mask.clone()).into_scalar();
     // By hand: the mean over the two masked patches of each patch's mean squared error.
     let (t, p) = (values(target.clone()), values(pred.clone()));
-    let mse = |i: usize| (0..6).map(|j| (p[i * 6 + j] - t[i * 6 + j]).powi(2)).sum::<f32>() / 6.0;
+    let mse = |i: usize| {
+        (0..6)
+            .map(|j| (p[i * 6 + j] - t[i * 6 + j]).powi(2))
+            .sum::<f32>()
+            / 6.0
+    };
     assert!((a - (mse(0) + mse(2)) / 2.0).abs() < 1e-5);
     // Changing the prediction of visible patches 1 and 3 changes nothing.
-    let keep = Tensor::<3>::from_data(
-        TensorData::new(vec![1.0, 0.0, 1.0, 0.0], [1, 4, 1]),
-        &dev,
-    );
+    let keep = Tensor::<3>::from_data(TensorData::new(vec![1.0, 0.0, 1.0, 0.0], [1, 4, 1]), &dev);
     let moved = pred.clone() * keep.clone() + (keep.neg().add_scalar(1.0)) * 100.0;
     let b: f32 = masked_patch_loss(moved, target, mask).into_scalar();
     assert_eq!(a, b);
@@ -149,7 +153,11 @@ fn encoder_sees_only_the_visible_patches() {
     assert_eq!(target.dims(), [2, 16, 48]);
     // A bad pairing is refused with the field named.
     let resnet = BackboneConfig::default();
-    assert!(config.check(&resnet).unwrap_err().to_string().contains("vit"));
+    assert!(config
+        .check(&resnet)
+        .unwrap_err()
+        .to_string()
+        .contains("vit"));
 }
 
 #[test]

@@ -33,7 +33,9 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 /// Images drawn from a seeded generator (burn's own generator is global and shared by tests).
 fn images(n: usize, seed: u64, device: &Device) -> Tensor<4> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let v = (0..n * 3 * 32 * 32).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let v = (0..n * 3 * 32 * 32)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     tensor(v, [n, 3, 32, 32], device)
 }
 
@@ -80,14 +82,8 @@ fn momentum_update_follows_the_formula() {
     let teacher = linear(vec![1.0, 2.0, 3.0, 4.0], vec![0.0, 0.0]);
     let teacher = ema_update(teacher, &student, 0.9);
     // 0.9·θt + 0.1·θs
-    assert!(close(
-        &values(teacher.weight.val()),
-        &[1.4, 2.4, 3.4, 4.4]
-    ));
-    assert!(close(
-        &values(teacher.bias.unwrap().val()),
-        &[-0.1, 0.1]
-    ));
+    assert!(close(&values(teacher.weight.val()), &[1.4, 2.4, 3.4, 4.4]));
+    assert!(close(&values(teacher.bias.unwrap().val()), &[-0.1, 0.1]));
 }
 
 #[test]
@@ -117,10 +113,7 @@ fn after_step_enqueues_the_keys_at_the_step_position() {
     let m = m.after_step(Some(keys(1.0)), &progress(0));
     let m = m.after_step(Some(keys(2.0)), &progress(1));
     let m = m.after_step(Some(keys(3.0)), &progress(2));
-    let first: Vec<f32> = values(m.queue())
-        .chunks(16)
-        .map(|row| row[0])
-        .collect();
+    let first: Vec<f32> = values(m.queue()).chunks(16).map(|row| row[0]).collect();
     let mut expected = vec![3.0; 8];
     expected.extend([1.0; 8]);
     expected.extend([2.0; 16]);
@@ -173,7 +166,10 @@ fn no_gradient_reaches_the_key_encoder_or_the_queue() {
         assert_eq!(*has, !key(path), "gradient for {path}: {has}");
     }
     // The key encoder is a momentum copy: after a step it moves only by the EMA.
-    assert!(reached.seen.iter().any(|(p, _)| p.starts_with("key_backbone")));
+    assert!(reached
+        .seen
+        .iter()
+        .any(|(p, _)| p.starts_with("key_backbone")));
 }
 
 /// Every float tensor of a module (parameters and buffers) by path.
@@ -218,8 +214,14 @@ fn key_encoder_keeps_its_own_batch_norm_statistics() {
     for seed in [6, 7] {
         m.keys(images(8, seed, &dev), &shuffle_order(8, 0));
     }
-    assert!(running_stats(&m, "backbone.") == before, "query statistics moved");
-    assert!(running_stats(&m, "key_backbone.") != before, "key statistics still");
+    assert!(
+        running_stats(&m, "backbone.") == before,
+        "query statistics moved"
+    );
+    assert!(
+        running_stats(&m, "key_backbone.") != before,
+        "key statistics still"
+    );
 }
 
 #[test]
@@ -241,10 +243,7 @@ fn positive_column_is_the_key_of_the_same_image() {
     }
     // The queue columns are q·queue/τ.
     let expected = values(q.matmul(m.queue().transpose()).div_scalar(0.2));
-    let negatives: Vec<f32> = l
-        .chunks(41)
-        .flat_map(|row| row[1..].to_vec())
-        .collect();
+    let negatives: Vec<f32> = l.chunks(41).flat_map(|row| row[1..].to_vec()).collect();
     assert!(close(&negatives, &expected));
 }
 
@@ -279,7 +278,10 @@ fn shuffle_bn_normalises_a_key_with_other_images_than_its_query() {
     assert!(!moved.is_empty(), "the shuffle kept every group");
     for i in moved {
         let d: f32 = (0..16).map(|c| (q[i * 16 + c] - k[i * 16 + c]).abs()).sum();
-        assert!(d > 1e-3, "image {i}: key equals query despite other statistics");
+        assert!(
+            d > 1e-3,
+            "image {i}: key equals query despite other statistics"
+        );
     }
 }
 

@@ -79,7 +79,9 @@ fn rotation_loss_labels_view_r_with_r() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let views: Vec<Tensor<4>> = (0..4)
         .map(|_| {
-            let x: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..2 * 3 * 16 * 16)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             Tensor::<4>::from_data(TensorData::new(x, [2, 3, 16, 16]), &dev)
         })
         .collect();
@@ -119,8 +121,15 @@ fn permutation_set_is_spread_and_without_duplicates() {
         println!("{count} permutations: minimum Hamming distance {ours} (random set: {theirs})");
         assert!(ours >= theirs && ours >= 6, "{ours} vs random {theirs}");
     }
-    assert_eq!(hamming(&[0, 1, 2, 3, 4, 5, 6, 7, 8], &[1, 0, 2, 3, 4, 5, 6, 7, 8]), 2);
-    assert_eq!(permutation_set(50, 3), permutation_set(50, 3), "not a function of the seed");
+    assert_eq!(
+        hamming(&[0, 1, 2, 3, 4, 5, 6, 7, 8], &[1, 0, 2, 3, 4, 5, 6, 7, 8]),
+        2
+    );
+    assert_eq!(
+        permutation_set(50, 3),
+        permutation_set(50, 3),
+        "not a function of the seed"
+    );
 }
 
 #[test]
@@ -133,11 +142,17 @@ fn jigsaw_puzzle_places_tile_pi_j_at_position_j() {
     };
     let m = init_seeded(&dev, 0, || config.init(&model(), 0, &dev)).valid();
     let set = m.permutations();
-    assert_eq!(set, permutation_set(10, 0), "the stored set is not the seed's");
+    assert_eq!(
+        set,
+        permutation_set(10, 0),
+        "the stored set is not the seed's"
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let tiles: Vec<Tensor<4>> = (0..TILES)
         .map(|_| {
-            let v: Vec<f32> = (0..2 * 3 * 9 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let v: Vec<f32> = (0..2 * 3 * 9 * 9)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             Tensor::from_data(TensorData::new(v, [2, 3, 9, 9]), &dev)
         })
         .collect();
@@ -153,7 +168,10 @@ fn jigsaw_puzzle_places_tile_pi_j_at_position_j() {
     assert_eq!(a.len(), 2 * 10);
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
     let c = values(m.logits(&tiles, &[q, q]));
-    assert!(a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-4), "the order is ignored");
+    assert!(
+        a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-4),
+        "the order is ignored"
+    );
 }
 
 #[test]
@@ -280,7 +298,11 @@ fn generator_and_discriminator_get_only_their_own_gradients() {
     let seen = with_gradient(&m, &grads);
     assert!(seen.iter().any(|(p, _)| p.starts_with("discriminator")));
     for (path, has) in &seen {
-        assert_eq!(*has, !path.starts_with("discriminator"), "G's loss and {path}");
+        assert_eq!(
+            *has,
+            !path.starts_with("discriminator"),
+            "G's loss and {path}"
+        );
     }
 
     // D's step moves D and nothing else.
@@ -325,7 +347,10 @@ fn rotation_is_learned_on_real_images() {
     let mut trainer = Trainer::new(train, dir.path(), dev.clone());
     trainer.progress = false;
     let (_, report) = trainer
-        .run(init_seeded(&dev, 0, || config.init(&model(), &dev)), &loader)
+        .run(
+            init_seeded(&dev, 0, || config.init(&model(), &dev)),
+            &loader,
+        )
         .unwrap();
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let acc: Vec<f64> = metrics

@@ -1,5 +1,7 @@
 //! Evaluation of a frozen backbone: feature extraction, weighted kNN, and a linear probe.
 
+pub mod finetune;
+
 use std::sync::Arc;
 
 use anyhow::{bail, Result};

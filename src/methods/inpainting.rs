@@ -134,11 +134,19 @@ impl Method for Inpainting {
         let rec = masked_mse(x.clone(), painted.clone(), mask.clone());
         let completed = painted * mask.clone() + x.clone() * mask.neg().add_scalar(1.0);
         // −log σ(D(x̂)) = softplus(−D(x̂)), with D's weights held: G's gradient only.
-        let adv = softplus(self.discriminator.forward_frozen(completed.clone()).neg(), 1.0).mean();
-        let loss = rec.clone().mul_scalar(self.lambda_rec) + adv.clone().mul_scalar(self.lambda_adv);
+        let adv = softplus(
+            self.discriminator.forward_frozen(completed.clone()).neg(),
+            1.0,
+        )
+        .mean();
+        let loss =
+            rec.clone().mul_scalar(self.lambda_rec) + adv.clone().mul_scalar(self.lambda_adv);
         let n = x.dims()[0];
         let keep = Tensor::cat(
-            vec![x.reshape([n as i32, -1]), completed.detach().reshape([n as i32, -1])],
+            vec![
+                x.reshape([n as i32, -1]),
+                completed.detach().reshape([n as i32, -1]),
+            ],
             1,
         );
         StepOutput {
@@ -152,14 +160,23 @@ impl Method for Inpainting {
     }
 
     /// D's step on the step's real images and (detached) completions: −log D(x) − log(1 − D(x̂)).
-    fn auxiliary_step(self, kept: Option<&Tensor<2>>, lr: f64, optim: &mut ModuleOptimizer) -> Self {
+    fn auxiliary_step(
+        self,
+        kept: Option<&Tensor<2>>,
+        lr: f64,
+        optim: &mut ModuleOptimizer,
+    ) -> Self {
         let Some(kept) = kept else { return self };
         let [n, both] = kept.dims();
         let s = self.size;
         let real = kept.clone().narrow(1, 0, both / 2).reshape([n, 3, s, s]);
-        let fake = kept.clone().narrow(1, both / 2, both / 2).reshape([n, 3, s, s]);
+        let fake = kept
+            .clone()
+            .narrow(1, both / 2, both / 2)
+            .reshape([n, 3, s, s]);
         let d = &self.discriminator;
-        let loss = softplus(d.forward(real).neg(), 1.0).mean() + softplus(d.forward(fake), 1.0).mean();
+        let loss =
+            softplus(d.forward(real).neg(), 1.0).mean() + softplus(d.forward(fake), 1.0).mean();
         let grads = GradientsParams::from_grads(loss.backward(), &self);
         optim.step(lr, self, grads)
     }

@@ -107,7 +107,12 @@ pub struct Jigsaw {
 
 impl Jigsaw {
     pub fn permutations(&self) -> Vec<[u8; TILES]> {
-        let v: Vec<f32> = self.permutations.val().into_data().try_to_vec_as().unwrap_or_default();
+        let v: Vec<f32> = self
+            .permutations
+            .val()
+            .into_data()
+            .try_to_vec_as()
+            .unwrap_or_default();
         v.chunks(TILES)
             .map(|r| std::array::from_fn(|j| r[j] as u8))
             .collect()
@@ -126,10 +131,8 @@ impl Jigsaw {
             .enumerate()
             .flat_map(|(i, &p)| set[p].map(|t| (t as usize * n + i) as i64))
             .collect();
-        let index = Tensor::<1, Int>::from_data(
-            TensorData::new(index, [n * TILES]),
-            &features.device(),
-        );
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(index, [n * TILES]), &features.device());
         self.head
             .forward(features.select(0, index).reshape([n, TILES * d]))
     }

@@ -43,7 +43,10 @@ impl Default for MaeConfig {
 impl MaeConfig {
     pub fn check(&self, model: &BackboneConfig) -> anyhow::Result<()> {
         if !(0.0..1.0).contains(&self.mask_ratio) {
-            anyhow::bail!("method.mask_ratio = {}: must lie in [0, 1)", self.mask_ratio);
+            anyhow::bail!(
+                "method.mask_ratio = {}: must lie in [0, 1)",
+                self.mask_ratio
+            );
         }
         if self.decoder_heads == 0 || self.decoder_dim % self.decoder_heads != 0 {
             anyhow::bail!(

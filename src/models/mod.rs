@@ -14,8 +14,8 @@ pub use context::{ContextDecoder, ContextDecoderConfig, Discriminator, Discrimin
 pub use ema::{ema_update, momentum_copy};
 pub use heads::{ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
-pub use vit::{Pool, Vit, VitBlock, VitConfig};
 pub(crate) use vit::{block as vit_block, linear as vit_linear};
+pub use vit::{Pool, Vit, VitBlock, VitConfig};
 
 /// `[model]` of a recipe: which encoder to learn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

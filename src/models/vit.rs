@@ -3,7 +3,7 @@
 //! blocks, a class token, learned positional embeddings, and attention weights on request
 //! (DINO's attention maps need the last block's).
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
@@ -259,9 +259,22 @@ impl Vit {
         self.blocks.len()
     }
 
-    /// Block `i` (for layer-wise learning rates).
-    pub fn block(&self, i: usize) -> &VitBlock {
-        &self.blocks[i]
+    /// Parameter groups from shallow to deep, for layer-wise learning rates: the embeddings
+    /// (patches, class token, positions), each block, the final norm.
+    pub fn layer_groups(&self) -> Vec<ParamGroup> {
+        let embeddings = ParamGroup::ids_from_module(self.patch_embed.clone()).fuse(
+            &ParamGroup::from_ids(vec![self.cls_token.id, self.pos_embed.id]),
+        );
+        std::iter::once(embeddings)
+            .chain(
+                self.blocks
+                    .iter()
+                    .map(|b| ParamGroup::ids_from_module(b.clone())),
+            )
+            .chain(std::iter::once(ParamGroup::ids_from_module(
+                self.norm.clone(),
+            )))
+            .collect()
     }
 
     /// The last block's attention weights for `x`: `[n, heads, 1 + patches, 1 + patches]`.

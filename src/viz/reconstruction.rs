@@ -6,12 +6,20 @@ use super::grid;
 use crate::augment::ops;
 
 /// A normalised CHW image back to 8-bit RGB: x·std + mean, clamped.
-pub fn denormalize(data: &[f32], height: usize, width: usize, mean: [f32; 3], std: [f32; 3]) -> RgbImage {
+pub fn denormalize(
+    data: &[f32],
+    height: usize,
+    width: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> RgbImage {
     let plane = height * width;
     RgbImage::from_fn(width as u32, height as u32, |x, y| {
         let i = y as usize * width + x as usize;
         image::Rgb(std::array::from_fn(|c| {
-            ((data[c * plane + i] * std[c] + mean[c]) * 255.0).round().clamp(0.0, 255.0) as u8
+            ((data[c * plane + i] * std[c] + mean[c]) * 255.0)
+                .round()
+                .clamp(0.0, 255.0) as u8
         }))
     })
 }

@@ -1,0 +1,167 @@
+//! Fine-tuning: the whole encoder and a linear classifier trained on labels (AdamW, warm-up +
+//! cosine), with layer-wise learning-rate decay for ViTs as in MAE and BEiT: block i of a
+//! depth-d ViT learns at lr·decay^(d − i), the embeddings at lr·decay^(d + 1), the head at lr.
+//! The same call on a randomly initialised encoder is the from-scratch baseline.
+
+use anyhow::{bail, Result};
+use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use super::Accuracy;
+use crate::augment::Pipeline;
+use crate::data::{Loader, Split};
+use crate::losses::cross_entropy;
+use crate::models::{init_seeded, Backbone};
+use crate::train::optim::{warmup_cosine, OptimConfig, OptimizerKind};
+
+/// `[finetune]` of a recipe (MAE's fine-tuning recipe, scaled down by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak lr = base_lr × batch / 256.
+    pub base_lr: f64,
+    pub layer_decay: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    /// Labelled training images used (0: all).
+    pub train_limit: usize,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            epochs: 100,
+            batch_size: 256,
+            base_lr: 1e-3,
+            layer_decay: 0.75,
+            weight_decay: 0.05,
+            warmup_epochs: 5.0,
+            train_limit: 0,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct Classifier {
+    backbone: Backbone,
+    head: Linear,
+}
+
+/// Fine-tunes `backbone` with a new linear head on `train` (views from `augment`) and returns
+/// the top-1/top-5 accuracy on `test` (views from `eval`).
+#[allow(clippy::too_many_arguments)]
+pub fn finetune(
+    backbone: Backbone,
+    feature_dim: usize,
+    train: &Split,
+    test: &Split,
+    classes: usize,
+    augment: &Pipeline,
+    eval: &Pipeline,
+    config: &FinetuneConfig,
+    device: &Device,
+) -> Result<Accuracy> {
+    if config.epochs == 0 || config.batch_size == 0 {
+        bail!("finetune.epochs and finetune.batch_size must be at least 1");
+    }
+    let train = if config.train_limit > 0 {
+        train.subset(config.train_limit)
+    } else {
+        train.clone()
+    };
+    let ad = device.clone().autodiff();
+    let head = init_seeded(&ad, 0, || LinearConfig::new(feature_dim, classes).init(&ad));
+    let mut model = Classifier {
+        backbone: backbone.to_device(&ad),
+        head,
+    };
+    // Layer-wise scales, shallow groups smallest; the head and anything unnamed take lr itself.
+    let groups = match &model.backbone {
+        Backbone::Vit(v) => v.layer_groups(),
+        Backbone::ResNet(_) => vec![],
+    };
+    let depth = groups.len() as i32 - 1;
+    let scales: Vec<f64> = (0..groups.len())
+        .map(|j| config.layer_decay.powi(depth - j as i32))
+        .collect();
+    let lr_at = |lr: f64| -> ModuleLearningRate {
+        let mut s = ModuleLrScheduler::new(lr);
+        for (g, scale) in groups.iter().zip(&scales) {
+            s = s.with_group(g.clone(), lr * scale);
+        }
+        s.step()
+    };
+    let mut optim = OptimConfig {
+        optimizer: OptimizerKind::Adamw,
+        weight_decay: config.weight_decay,
+        momentum: 0.9,
+        betas: [0.9, 0.999],
+        eta: 0.001,
+    }
+    .init();
+    let loader = Loader::new(
+        train.clone(),
+        Arc::new(augment.clone()),
+        config.batch_size,
+        0,
+    )?;
+    let steps_per_epoch = loader.batches_per_epoch();
+    let total = steps_per_epoch * config.epochs;
+    let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
+    let peak = config.base_lr * config.batch_size as f64 / 256.0;
+    let bar = crate::data::progress_bar(total as u64, "fine-tune");
+    let mut step = 0;
+    for epoch in 0..config.epochs {
+        for batch in loader.epoch(epoch as u64, 0) {
+            let labels: Vec<usize> = batch
+                .labels
+                .as_ref()
+                .map(|l| l.iter().map(|&c| c as usize).collect())
+                .unwrap_or_default();
+            if labels.is_empty() {
+                bail!("split '{}' has no labels to fine-tune on", train.name);
+            }
+            let x = batch.views[0].to_tensor(&ad);
+            let logits = model.head.forward(model.backbone.forward(x));
+            let loss = cross_entropy(logits, &labels);
+            let value: f32 = loss.clone().into_scalar();
+            if !value.is_finite() {
+                bail!("fine-tuning loss became {value} at step {step}");
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = warmup_cosine(step, warmup, total, peak, 0.0);
+            model = optim.step(lr_at(lr), model, grads);
+            step += 1;
+            bar.set_message(format!(
+                "epoch {}/{} loss {value:.3}",
+                epoch + 1,
+                config.epochs
+            ));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let model = model.valid();
+    let features = super::extract(&model.backbone, test, eval, config.batch_size, device)?;
+    let n = features.len();
+    let x = Tensor::<2>::from_data(
+        TensorData::new(features.data.clone(), [n, features.dim]),
+        device,
+    );
+    let scores: Vec<f32> = model
+        .head
+        .to_device(device)
+        .forward(x)
+        .into_data()
+        .try_to_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let scores: Vec<Vec<f32>> = scores.chunks(classes).map(|c| c.to_vec()).collect();
+    Ok(super::accuracy(&scores, &features.labels))
+}
