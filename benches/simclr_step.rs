@@ -52,6 +52,7 @@ fn main() {
         momentum: 0.9,
         betas: [0.9, 0.999],
         eta: 0.001,
+        ..OptimConfig::default()
     }
     .init();
     let progress = Progress {

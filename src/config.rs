@@ -131,6 +131,7 @@ impl Default for TrainConfig {
                 momentum: 0.9,
                 betas: [0.9, 0.999],
                 eta: 0.001,
+                ..OptimConfig::default()
             },
             base_lr: 0.3,
             lr_scaling: LrScaling::Linear,
@@ -174,7 +175,7 @@ impl Recipe {
     /// Checks every section; the error names the field at fault.
     pub fn check(&self) -> Result<()> {
         let pipeline = self.augment.build()?;
-        self.method.check(&self.model, pipeline.views[0].size)?;
+        self.method.check(&self.model, &pipeline)?;
         self.model.check()?;
         self.train.check()?;
         if let MethodConfig::Moco(m) = &self.method {

@@ -78,3 +78,43 @@ pub fn accuracy(logits: Tensor<2>, targets: &[usize]) -> f32 {
         .count();
     right as f32 / targets.len().max(1) as f32
 }
+
+/// DINO's cross-entropy between the teacher's distributions over the global crops and the
+/// student's over every crop, averaged over the pairs (i, j) with j ≠ i:
+///
+///   L = 1/|pairs| Σ_{i ∈ global} Σ_{j ≠ i} mean_batch( −Σ_k P_t,i(k) · log softmax(s_j / τs)(k) ).
+///
+/// `teacher` holds P_t,i = softmax((t_i − c) / τt) (centred, sharpened, no gradient); crop i of
+/// the teacher and crop i of `student` are the same view.
+pub fn dino_loss(teacher: &[Tensor<2>], student: &[Tensor<2>], student_temp: f64) -> Tensor<1> {
+    let logs: Vec<Tensor<2>> = student
+        .iter()
+        .map(|s| log_softmax(s.clone().div_scalar(student_temp), 1))
+        .collect();
+    let mut total = None;
+    let mut pairs = 0;
+    for (i, p) in teacher.iter().enumerate() {
+        for (j, log_q) in logs.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let ce = (p.clone() * log_q.clone()).sum_dim(1).mean().neg();
+            total = Some(match total {
+                None => ce,
+                Some(t) => t + ce,
+            });
+            pairs += 1;
+        }
+    }
+    total.expect("DINO needs two crops or more") / pairs as f64
+}
+
+/// Mean over rows of the entropy −Σ p log p of each row's distribution.
+pub fn mean_entropy(p: Tensor<2>) -> f32 {
+    let p = p.detach();
+    (p.clone() * p.clamp_min(1e-12).log())
+        .sum_dim(1)
+        .mean()
+        .neg()
+        .into_scalar()
+}

@@ -46,6 +46,7 @@ fn with_method<R>(recipe: &Recipe, device: &Device, f: impl MethodUser<R>) -> R 
         MethodConfig::Simclr(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
         MethodConfig::Moco(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
         MethodConfig::Mae(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
+        MethodConfig::Dino(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
         MethodConfig::Rotation(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
         MethodConfig::Jigsaw(c) => {
             f.call(init_seeded(device, seed, || c.init(model, seed, device)))

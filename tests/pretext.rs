@@ -313,6 +313,7 @@ fn generator_and_discriminator_get_only_their_own_gradients() {
         momentum: 0.9,
         betas: [0.5, 0.999],
         eta: 0.001,
+        ..OptimConfig::default()
     }
     .init();
     let m = m.auxiliary_step(out.keep.as_ref(), 1e-3, &mut optim);

@@ -104,6 +104,7 @@ pub fn finetune(
         momentum: 0.9,
         betas: [0.9, 0.999],
         eta: 0.001,
+        ..OptimConfig::default()
     }
     .init();
     let loader = Loader::new(

@@ -1,5 +1,6 @@
 //! Self-supervised methods, one file each, each reading like its paper.
 
+pub mod dino;
 pub mod inpainting;
 pub mod jigsaw;
 pub mod mae;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::{Augment, Pipeline};
 use crate::models::BackboneConfig;
+pub use dino::{Dino, DinoConfig};
 pub use inpainting::{Inpainting, InpaintingConfig};
 pub use jigsaw::{Jigsaw, JigsawConfig};
 pub use mae::{Mae, MaeConfig};
@@ -27,6 +29,7 @@ pub enum MethodConfig {
     Simclr(SimclrConfig),
     Moco(MocoConfig),
     Mae(MaeConfig),
+    Dino(DinoConfig),
     Rotation(RotationConfig),
     Jigsaw(JigsawConfig),
     Inpainting(InpaintingConfig),
@@ -39,12 +42,14 @@ impl Default for MethodConfig {
 }
 
 impl MethodConfig {
-    /// Checks the settings against the recipe's model and first view side.
-    pub fn check(&self, model: &BackboneConfig, view_size: u32) -> anyhow::Result<()> {
+    /// Checks the settings against the recipe's model and views.
+    pub fn check(&self, model: &BackboneConfig, views: &Pipeline) -> anyhow::Result<()> {
+        let view_size = views.views[0].size;
         match self {
             MethodConfig::Simclr(c) => c.check(),
             MethodConfig::Moco(c) => c.check(),
             MethodConfig::Mae(c) => c.check(model),
+            MethodConfig::Dino(c) => c.check(views.num_views()),
             MethodConfig::Rotation(_) => Ok(()),
             MethodConfig::Jigsaw(c) => c.check(view_size),
             MethodConfig::Inpainting(c) => c.check(view_size),
@@ -57,6 +62,7 @@ impl MethodConfig {
             MethodConfig::Simclr(_) => "simclr",
             MethodConfig::Moco(_) => "moco",
             MethodConfig::Mae(_) => "mae",
+            MethodConfig::Dino(_) => "dino",
             MethodConfig::Rotation(_) => "rotation",
             MethodConfig::Jigsaw(_) => "jigsaw",
             MethodConfig::Inpainting(_) => "inpainting",
@@ -70,9 +76,10 @@ impl MethodConfig {
             MethodConfig::Rotation(c) => c.augment(base),
             MethodConfig::Jigsaw(c) => c.augment(base),
             MethodConfig::Inpainting(c) => c.augment(base),
-            MethodConfig::Simclr(_) | MethodConfig::Moco(_) | MethodConfig::Mae(_) => {
-                Arc::new(base)
-            }
+            MethodConfig::Simclr(_)
+            | MethodConfig::Moco(_)
+            | MethodConfig::Mae(_)
+            | MethodConfig::Dino(_) => Arc::new(base),
         }
     }
 }

@@ -80,3 +80,66 @@ impl ProjectionHead {
         x
     }
 }
+
+/// DINO's head: a 3-layer MLP with GELU (in → hidden → hidden → bottleneck), l2-normalisation,
+/// then a weight-normalised linear layer to K outputs, W = g · v/‖v‖ per output; with
+/// `norm_last_layer` the scale g is fixed to 1 (the official default, for stability).
+#[derive(Debug, Clone)]
+pub struct DinoHeadConfig {
+    pub input: usize,
+    pub hidden: usize,
+    pub bottleneck: usize,
+    pub out_dim: usize,
+    pub norm_last_layer: bool,
+}
+
+impl DinoHeadConfig {
+    pub fn init(&self, device: &Device) -> DinoHead {
+        let linear = |i: usize, o: usize| crate::models::vit_linear(i, o, device);
+        let v = linear(self.bottleneck, self.out_dim).weight;
+        DinoHead {
+            mlp: vec![
+                linear(self.input, self.hidden),
+                linear(self.hidden, self.hidden),
+                linear(self.hidden, self.bottleneck),
+            ],
+            last_v: v,
+            last_g: (!self.norm_last_layer)
+                .then(|| burn::module::Param::from_tensor(Tensor::ones([self.out_dim], device))),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DinoHead {
+    mlp: Vec<Linear>,
+    /// `[bottleneck, K]`: the direction of each output's weight vector.
+    last_v: burn::module::Param<Tensor<2>>,
+    last_g: Option<burn::module::Param<Tensor<1>>>,
+}
+
+impl DinoHead {
+    /// Logits `[n, K]`. With `freeze_last`, the last layer's weights are held constant (DINO
+    /// freezes them during the first epoch).
+    pub fn forward(&self, x: Tensor<2>, freeze_last: bool) -> Tensor<2> {
+        let last = self.mlp.len() - 1;
+        let mut x = x;
+        for (i, layer) in self.mlp.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = burn::tensor::activation::gelu(x);
+            }
+        }
+        let x = crate::losses::l2_normalize(x);
+        let v = self.last_v.val();
+        let v = v.clone() / v.square().sum_dim(0).sqrt().clamp_min(1e-12);
+        let mut w = match &self.last_g {
+            Some(g) => v * g.val().unsqueeze::<2>(),
+            None => v,
+        };
+        if freeze_last {
+            w = w.detach();
+        }
+        x.matmul(w)
+    }
+}

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use context::{ContextDecoder, ContextDecoderConfig, Discriminator, DiscriminatorConfig};
 pub use ema::{ema_update, momentum_copy};
-pub use heads::{ProjectionHead, ProjectionHeadConfig};
+pub use heads::{DinoHead, DinoHeadConfig, ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub(crate) use vit::{block as vit_block, linear as vit_linear};
 pub use vit::{Pool, Vit, VitBlock, VitConfig};

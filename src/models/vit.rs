@@ -7,6 +7,8 @@ use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -211,16 +213,28 @@ pub struct Vit {
 
 impl Vit {
     /// Patch tokens with their positional embeddings, `[n, patches, dim]` (no class token):
-    /// MAE keeps a subset of these before the blocks.
+    /// MAE keeps a subset of these before the blocks. Images of another size than the model's
+    /// (DINO's local crops) get the embeddings resized bicubically to their grid, as in DINO.
     pub fn patch_tokens(&self, x: Tensor<4>) -> Tensor<3> {
-        let tokens = self
-            .patch_embed
-            .proj
-            .forward(x)
-            .flatten::<3>(2, 3)
-            .swap_dims(1, 2);
-        let [_, l, d] = tokens.dims();
-        tokens + self.pos_embed.val().narrow(1, 1, l).reshape([1, l, d])
+        let grid = self.patch_embed.proj.forward(x);
+        let [_, d, gh, gw] = grid.dims();
+        let tokens = grid.flatten::<3>(2, 3).swap_dims(1, 2);
+        let pos = self.pos_embed.val();
+        let n = pos.dims()[1] - 1;
+        let side = (n as f64).sqrt().round() as usize;
+        let pos = pos.narrow(1, 1, n);
+        let pos = if (gh, gw) == (side, side) {
+            pos
+        } else {
+            let square = pos.reshape([1, side, side, d]).permute([0, 3, 1, 2]);
+            let options = InterpolateOptions::new(InterpolateMode::Bicubic)
+                .with_align_corners(false)
+                .with_output_size([gh, gw]);
+            interpolate(square, options)
+                .permute([0, 2, 3, 1])
+                .reshape([1, gh * gw, d])
+        };
+        tokens + pos
     }
 
     /// Prepends the class token and runs the blocks and final norm: `[n, 1 + l, dim]`, and the

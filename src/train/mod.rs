@@ -156,6 +156,7 @@ impl TrainConfig {
                 self.epochs
             );
         }
+        self.optim.check()?;
         if self.optim.weight_decay < 0.0 {
             bail!(
                 "train.weight_decay = {}: cannot be negative",
@@ -322,6 +323,10 @@ impl<'a> Trainer<'a> {
                 let lr =
                     optim::warmup_cosine(state.step, warmup, total_steps, c.peak_lr(), c.final_lr);
                 method = optim.step(lr, method, accumulator.grads());
+                if c.optim.final_weight_decay.is_some() {
+                    let wd = c.optim.weight_decay_at(state.step, total_steps);
+                    method = optim::decay_matrices(method, lr * wd);
+                }
                 let kept = (!kept.is_empty()).then(|| Tensor::cat(std::mem::take(&mut kept), 0));
                 method = method.auxiliary_step(kept.as_ref(), lr, &mut aux);
                 method = method.after_step(kept, &progress);

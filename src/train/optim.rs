@@ -4,6 +4,7 @@
 //! Bias and normalisation parameters (the rank-1 tensors) are excluded from LARS's adaptation
 //! and from weight decay in LARS and AdamW, as SimCLR, MAE and DINO do.
 
+use burn::grad_clipping::GradientClipping;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::{Momentum, MomentumConfig, MomentumState};
 use burn::optim::{AdamWConfig, ModuleOptimizer, Optimizer, SgdConfig};
@@ -128,6 +129,29 @@ pub struct OptimConfig {
     /// LARS trust coefficient η.
     #[serde(default = "eta")]
     pub eta: f64,
+    /// Clip each parameter's gradient to this l2 norm (DINO: 3.0).
+    #[serde(default)]
+    pub grad_clip: Option<f32>,
+    /// AdamW only: weight decay follows a cosine from `weight_decay` to this value (DINO:
+    /// 0.04 → 0.4); the trainer then applies the decoupled decay θ ← θ·(1 − lr·wd) to weight
+    /// matrices itself, as AdamW would with that step's wd.
+    #[serde(default)]
+    pub final_weight_decay: Option<f64>,
+}
+
+impl Default for OptimConfig {
+    /// AdamW without weight decay.
+    fn default() -> Self {
+        OptimConfig {
+            optimizer: OptimizerKind::Adamw,
+            weight_decay: 0.0,
+            momentum: momentum(),
+            betas: betas(),
+            eta: eta(),
+            grad_clip: None,
+            final_weight_decay: None,
+        }
+    }
 }
 
 fn momentum() -> f64 {
@@ -141,7 +165,35 @@ fn eta() -> f64 {
 }
 
 impl OptimConfig {
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.final_weight_decay.is_some() && self.optimizer != OptimizerKind::Adamw {
+            anyhow::bail!(
+                "train.final_weight_decay: a weight-decay schedule needs optimizer = \"adamw\""
+            );
+        }
+        if let Some(c) = self.grad_clip.filter(|c| !(*c > 0.0)) {
+            anyhow::bail!("train.grad_clip = {c}: must be positive");
+        }
+        Ok(())
+    }
+
     pub fn init(&self) -> ModuleOptimizer {
+        let optim = self.init_unclipped();
+        match self.grad_clip {
+            Some(c) => optim.with_grad_clipping(GradientClipping::Norm(c)),
+            None => optim,
+        }
+    }
+
+    /// Weight decay at `step` of `total`: constant, or the cosine of `final_weight_decay`.
+    pub fn weight_decay_at(&self, step: usize, total: usize) -> f64 {
+        match self.final_weight_decay {
+            Some(end) => cosine_ramp(step, total, self.weight_decay, end),
+            None => self.weight_decay,
+        }
+    }
+
+    fn init_unclipped(&self) -> ModuleOptimizer {
         match self.optimizer {
             OptimizerKind::Lars => Lars::new(self.momentum, self.weight_decay, self.eta).into(),
             // PyTorch's SGD: no dampening, decay on every parameter (MoCo's setting).
@@ -162,8 +214,13 @@ impl OptimConfig {
                         .with_weight_decay(wd as f32)
                         .build()
                 };
+                // A scheduled decay is applied by the trainer (`decay_matrices`).
+                let wd = match self.final_weight_decay {
+                    Some(_) => 0.0,
+                    None => self.weight_decay,
+                };
                 DecayMatricesOnly {
-                    matrices: adam(self.weight_decay),
+                    matrices: adam(wd),
                     vectors: adam(0.0),
                 }
                 .into()
@@ -195,4 +252,24 @@ pub fn scaled_lr(base_lr: f64, batch: usize, scaling: LrScaling) -> f64 {
         LrScaling::Sqrt => base_lr * (batch as f64).sqrt(),
         LrScaling::None => base_lr,
     }
+}
+
+/// θ ← θ·(1 − `rate`) for every trained weight matrix (rank > 1, gradient on): decoupled weight
+/// decay at a rate that changes per step. Teachers, queues, centres and vectors are left alone.
+pub fn decay_matrices<M: burn::module::Module>(module: M, rate: f64) -> M {
+    struct Decay(f64);
+    impl burn::module::ModuleMapper for Decay {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<D>>,
+        ) -> burn::module::Param<Tensor<D>> {
+            if D < 2 || !param.is_require_grad() {
+                return param;
+            }
+            let keep = 1.0 - self.0;
+            // A fresh leaf, as the optimiser writes parameters.
+            param.map(|t| Tensor::from_inner(t.without_autodiff().mul_scalar(keep)).require_grad())
+        }
+    }
+    module.map(&mut Decay(rate))
 }

@@ -1,0 +1,229 @@
+//! DINO (Caron et al. 2021): self-distillation with no labels. A student and a teacher of the
+//! same architecture, each with a DINO head, see multi-crop views: every crop goes through the
+//! student, only the two global crops through the teacher. With the teacher's centred and
+//! sharpened distribution P_t = softmax((t − c)/τt) and the student's P_s = softmax(s/τs),
+//!
+//!   L = mean over pairs (global i, crop j ≠ i) of  −Σ_k P_t,i(k) log P_s,j(k),
+//!
+//! the teacher follows the student, θt ← λ·θt + (1−λ)·θs (λ: 0.996 → 1 by cosine), and the centre
+//! c ← m·c + (1−m)·mean(t) (m = 0.9). Centering alone would flatten the teacher, sharpening alone
+//! would make it one-hot: together they avoid collapse.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::losses::{dino_loss, mean_entropy};
+use crate::models::{
+    ema_update, momentum_copy, Backbone, BackboneConfig, DinoHead, DinoHeadConfig,
+};
+use crate::train::optim::cosine_ramp;
+use crate::train::{Method, Progress, StepOutput};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DinoConfig {
+    /// K: 65536 on ImageNet, 4096 for CIFAR-scale data.
+    pub out_dim: usize,
+    pub hidden: usize,
+    pub bottleneck: usize,
+    pub norm_last_layer: bool,
+    pub student_temp: f64,
+    /// τt after the warm-up (0.04; above 0.07 training is unstable).
+    pub teacher_temp: f64,
+    /// τt at the start, raised linearly to `teacher_temp` over `warmup_teacher_temp_epochs`.
+    pub warmup_teacher_temp: f64,
+    pub warmup_teacher_temp_epochs: f64,
+    pub center_momentum: f64,
+    /// Teacher EMA momentum λ at the start; it rises to 1 by a cosine.
+    pub momentum: f64,
+    /// Epochs during which the head's last layer does not learn.
+    pub freeze_last_layer: usize,
+}
+
+impl Default for DinoConfig {
+    fn default() -> Self {
+        DinoConfig {
+            out_dim: 65536,
+            hidden: 2048,
+            bottleneck: 256,
+            norm_last_layer: true,
+            student_temp: 0.1,
+            teacher_temp: 0.04,
+            warmup_teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0.0,
+            center_momentum: 0.9,
+            momentum: 0.996,
+            freeze_last_layer: 1,
+        }
+    }
+}
+
+impl DinoConfig {
+    pub fn check(&self, views: usize) -> anyhow::Result<()> {
+        if views < 2 {
+            anyhow::bail!("method dino needs the two global crops and any local ones (augment.pipeline = \"dino\"); this pipeline makes {views} view(s)");
+        }
+        for (name, t) in [
+            ("student_temp", self.student_temp),
+            ("teacher_temp", self.teacher_temp),
+            ("warmup_teacher_temp", self.warmup_teacher_temp),
+        ] {
+            if !(t > 0.0) {
+                anyhow::bail!("method.{name} = {t}: must be positive");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.momentum) || !(0.0..=1.0).contains(&self.center_momentum) {
+            anyhow::bail!("method.momentum and method.center_momentum must lie in [0, 1]");
+        }
+        Ok(())
+    }
+
+    pub fn init(&self, model: &BackboneConfig, device: &Device) -> Dino {
+        let head = DinoHeadConfig {
+            input: model.feature_dim(),
+            hidden: self.hidden,
+            bottleneck: self.bottleneck,
+            out_dim: self.out_dim,
+            norm_last_layer: self.norm_last_layer,
+        };
+        let (backbone, student_head) = (model.init(device), head.init(device));
+        Dino {
+            teacher: momentum_copy(model.init(device), &backbone),
+            teacher_head: momentum_copy(head.init(device), &student_head),
+            backbone,
+            head: student_head,
+            center: Param::initialized(ParamId::new(), Tensor::zeros([1, self.out_dim], device))
+                .set_require_grad(false),
+            student_temp: self.student_temp,
+            teacher_temp: self.teacher_temp,
+            warmup_teacher_temp: self.warmup_teacher_temp,
+            warmup_teacher_temp_epochs: self.warmup_teacher_temp_epochs,
+            center_momentum: self.center_momentum,
+            momentum: self.momentum,
+            freeze_last_layer: self.freeze_last_layer,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Dino {
+    backbone: Backbone,
+    head: DinoHead,
+    teacher: Backbone,
+    teacher_head: DinoHead,
+    /// `[1, K]` running mean of the teacher's outputs (no gradient; kept in checkpoints).
+    center: Param<Tensor<2>>,
+    student_temp: f64,
+    teacher_temp: f64,
+    warmup_teacher_temp: f64,
+    warmup_teacher_temp_epochs: f64,
+    center_momentum: f64,
+    momentum: f64,
+    freeze_last_layer: usize,
+}
+
+impl Dino {
+    /// τt at (fractional) epoch `epoch`: linear warm-up, then constant.
+    pub fn teacher_temp(&self, epoch: f64) -> f64 {
+        let w = self.warmup_teacher_temp_epochs;
+        if epoch >= w {
+            self.teacher_temp
+        } else {
+            self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / w
+        }
+    }
+
+    /// λ at `progress`: 0.996 → 1 by a cosine over training.
+    pub fn teacher_momentum(&self, progress: &Progress) -> f64 {
+        cosine_ramp(progress.step, progress.total_steps, self.momentum, 1.0)
+    }
+
+    pub fn center(&self) -> Tensor<2> {
+        self.center.val()
+    }
+
+    /// Teacher logits for the global crops `[2n, K]` (no gradient).
+    pub fn teacher_logits(&self, globals: Tensor<4>) -> Tensor<2> {
+        self.teacher_head
+            .forward(self.teacher.forward(globals.detach()), false)
+            .detach()
+    }
+
+    /// Student logits of a batch of same-sized crops.
+    pub fn student_logits(&self, crops: Tensor<4>, freeze_last: bool) -> Tensor<2> {
+        self.head.forward(self.backbone.forward(crops), freeze_last)
+    }
+}
+
+impl Method for Dino {
+    /// `views[0]`, `views[1]`: the global crops; the rest: local crops.
+    fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> StepOutput {
+        let [n, _, _, _] = views[0].dims();
+        let epoch = progress.step as f64 / progress.steps_per_epoch.max(1) as f64;
+        let freeze = progress.epoch < self.freeze_last_layer;
+        let globals = Tensor::cat(views[..2].to_vec(), 0);
+        let t = self.teacher_logits(globals.clone());
+        let tau_t = self.teacher_temp(epoch);
+        let p_t = softmax((t.clone() - self.center.val()).div_scalar(tau_t), 1);
+        let teacher: Vec<Tensor<2>> = (0..2).map(|i| p_t.clone().narrow(0, i * n, n)).collect();
+        let mut student: Vec<Tensor<2>> = {
+            let s = self.student_logits(globals, freeze);
+            (0..2).map(|i| s.clone().narrow(0, i * n, n)).collect()
+        };
+        if views.len() > 2 {
+            let s = self.student_logits(Tensor::cat(views[2..].to_vec(), 0), freeze);
+            student.extend((0..views.len() - 2).map(|i| s.clone().narrow(0, i * n, n)));
+        }
+        let loss = dino_loss(&teacher, &student, self.student_temp);
+        // Diagnostics: H(P_t) in (0, log K); KL(teacher ‖ student) = cross-entropy − H(P_t).
+        let entropy = mean_entropy(p_t);
+        let ce: f32 = loss.clone().detach().into_scalar();
+        let k = self.center.dims()[1] as f32;
+        let center_norm: f32 = self.center.val().square().sum().sqrt().into_scalar();
+        if (progress.step + 1) % progress.steps_per_epoch.max(1) == 0
+            && (entropy < 0.05 * k.ln() || entropy > 0.95 * k.ln())
+        {
+            tracing::warn!(
+                "DINO teacher collapsing at epoch {}: entropy {entropy:.3} of log K = {:.3} ({})",
+                progress.epoch + 1,
+                k.ln(),
+                if entropy < 0.05 * k.ln() {
+                    "one-hot"
+                } else {
+                    "uniform"
+                }
+            );
+        }
+        StepOutput {
+            loss,
+            scalars: vec![
+                ("teacher_entropy", entropy),
+                ("kl_teacher_student", ce - entropy),
+                ("center_norm", center_norm),
+                ("teacher_temp", tau_t as f32),
+            ],
+            keep: Some(t),
+        }
+    }
+
+    /// The teacher's EMA, then the centre from this step's teacher outputs.
+    fn after_step(mut self, kept: Option<Tensor<2>>, progress: &Progress) -> Self {
+        let lambda = self.teacher_momentum(progress);
+        self.teacher = ema_update(self.teacher, &self.backbone, lambda);
+        self.teacher_head = ema_update(self.teacher_head, &self.head, lambda);
+        if let Some(t) = kept {
+            let m = self.center_momentum;
+            let mean = t.mean_dim(0);
+            self.center = self
+                .center
+                .map(|c| (c.mul_scalar(m) + mean.mul_scalar(1.0 - m)).set_require_grad(false));
+        }
+        self
+    }
+
+    fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+}
