@@ -101,6 +101,22 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// DINO's attention maps of a ViT run on real images: per head, their mean, and the mask
+    /// keeping 60% of the attention mass.
+    Attention {
+        /// A run folder written by `pretrain` (any ViT method).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Images to look at (repeat the flag for several).
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        #[arg(long, default_value = "attn.png")]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Draw what an inpainting or MAE run paints: rows of original | masked | reconstructed
     /// test images (MAE adds the reconstruction with the visible patches pasted back).
     Reconstruct {
@@ -302,6 +318,21 @@ fn run(cli: Cli) -> Result<()> {
                 recipe.data.test_split,
                 100.0 * acc.top1,
                 100.0 * acc.top5
+            );
+        }
+        Command::Attention {
+            checkpoint,
+            images,
+            size,
+            out,
+            device,
+        } => {
+            let sheet = pretrain::attention(&checkpoint, &images, size, &pretrain::device(&device)?)?;
+            selfsup::viz::save_png(&sheet, &out)?;
+            println!(
+                "wrote {} (image | one map per head | mean | 60% mass mask, {} rows)",
+                out.display(),
+                images.len()
             );
         }
         Command::Reconstruct {

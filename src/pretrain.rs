@@ -402,3 +402,39 @@ pub fn reconstruct(
     }
     Ok(crate::viz::reconstruction_grid(&rows))
 }
+
+/// DINO-style attention pictures of a ViT run for `images`, each cut to its central square and
+/// resized to `size` (rounded down to whole patches): see [`crate::viz::attention_row`].
+pub fn attention(run: &Path, images: &[PathBuf], size: u32, device: &Device) -> Result<RgbImage> {
+    let (recipe, backbone) = load_backbone(run, device)?;
+    let Backbone::Vit(vit) = backbone.valid() else {
+        bail!("{} trained a ResNet: attention maps need a ViT", run.display());
+    };
+    let p = vit.patch_size() as u32;
+    let size = (size / p).max(1) * p;
+    let g = (size / p) as usize;
+    let eval = recipe.augment.eval_pipeline()?;
+    let mut rows = Vec::new();
+    for path in images {
+        let img = image::open(path)
+            .with_context(|| format!("cannot read image {}", path.display()))?
+            .to_rgb8();
+        let square = crate::augment::ops::center_square(img.width(), img.height());
+        let view = crate::augment::ops::crop_resize(&img, square, size, size);
+        let x = crate::augment::normalize(&view, eval.mean, eval.std).data;
+        let x = Tensor::<4>::from_data(TensorData::new(x, [1, 3, size as usize, size as usize]), device);
+        let attn = vit.last_attention(x);
+        let [_, heads, t, _] = attn.dims();
+        // The class token's row, without its attention to itself: [heads, g·g].
+        let cls: Vec<f32> = attn
+            .narrow(2, 0, 1)
+            .narrow(3, 1, t - 1)
+            .reshape([heads * (t - 1)])
+            .into_data()
+            .try_to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let maps: Vec<Vec<f32>> = cls.chunks(g * g).map(|c| c.to_vec()).collect();
+        rows.push(crate::viz::attention_row(&view, &maps, g, 0.6));
+    }
+    Ok(crate::viz::attention_grid(&rows))
+}

@@ -230,4 +230,17 @@ fn mae_pretrains_and_reconstructs_through_the_cli() {
     let img = image::open(&png).unwrap();
     // 2 rows of 4: original, masked, reconstruction, reconstruction with visible patches pasted.
     assert_eq!((img.width(), img.height()), (4 * 100 + 4, 2 * 100 + 4));
+
+    // Attention maps of the ViT on two real photos: image, 4 heads, mean, mask per row.
+    let photos = common::shared_data().join("photos");
+    let names = [photos.join("astronaut.png"), photos.join("chelsea.png")];
+    let attn = tmp.path().join("attn.png");
+    let (ok, stdout, stderr) = selfsup(&[
+        "attention", "--checkpoint", run.to_str().unwrap(), "--image", names[0].to_str().unwrap(),
+        "--image", names[1].to_str().unwrap(), "--size", "64", "--out", attn.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 rows"), "{stdout}");
+    let img = image::open(&attn).unwrap();
+    assert_eq!((img.width(), img.height()), (7 * 68 + 4, 2 * 68 + 4));
 }

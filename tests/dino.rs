@@ -219,3 +219,11 @@ fn scheduled_weight_decay_shrinks_trained_matrices_only() {
     }
     assert_eq!(values(before), values(decayed.center()));
 }
+
+#[test]
+fn attention_mask_keeps_the_top_patches_holding_the_mass() {
+    // 0.4 + 0.3 = 0.7 ≥ 0.6 of the mass: the two largest patches.
+    let keep = selfsup::viz::mass_mask(&[0.1, 0.4, 0.05, 0.3, 0.15], 0.6);
+    assert_eq!(keep, vec![false, true, false, true, false]);
+    assert_eq!(selfsup::viz::mass_mask(&[1.0, 1.0], 1.0), vec![true, true]);
+}

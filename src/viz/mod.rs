@@ -1,8 +1,10 @@
 //! Pictures worth looking at, written as PNG.
 
+mod attention;
 mod reconstruction;
 mod views;
 
+pub use attention::{attention_grid, attention_row, mass_mask};
 pub use reconstruction::{denormalize, hide, reconstruction_grid};
 pub use views::views_grid;
 
