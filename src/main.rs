@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use selfsup::augment::{Pipeline, Sizes, PRESETS};
 use selfsup::config::{AugmentConfig, Recipe};
 use selfsup::data::{self, Archive, Dataset, LoadOptions};
+use selfsup::models::Pool;
 use selfsup::pretrain;
 
 #[derive(Parser)]
@@ -81,6 +82,9 @@ enum Command {
         recipe: Option<PathBuf>,
         #[arg(long)]
         data: Option<PathBuf>,
+        /// ViT features: the class token (`cls`) or the mean patch token (`mean`).
+        #[arg(long, value_parser = ["cls", "mean"])]
+        pool: Option<String>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -278,10 +282,18 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             recipe,
             data,
+            pool,
             device,
         } => {
             let device = pretrain::device(&device)?;
-            let (recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
+            let (recipe, mut backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
+            if let Some(pool) = pool {
+                let selfsup::models::Backbone::Vit(vit) = backbone else {
+                    anyhow::bail!("--pool applies to ViT encoders; this run trained a ResNet");
+                };
+                let pool = if pool == "mean" { Pool::Mean } else { Pool::Cls };
+                backbone = selfsup::models::Backbone::Vit(vit.with_pool(pool));
+            }
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;

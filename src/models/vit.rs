@@ -265,6 +265,12 @@ impl Vit {
         }
     }
 
+    /// The same network returning other features (a linear probe on mean-pooled tokens).
+    pub fn with_pool(mut self, pool: Pool) -> Self {
+        self.pool = pool;
+        self
+    }
+
     pub fn patch_size(&self) -> usize {
         self.patch_embed.proj.kernel_size[0]
     }
