@@ -151,6 +151,10 @@ fn encoder_sees_only_the_visible_patches() {
     let (pred, target) = mae.predict(scribbled, &masking);
     assert_eq!(pred.dims(), [2, 16, 48]);
     assert_eq!(target.dims(), [2, 16, 48]);
+    // Nothing masked: every patch is encoded and none comes from the mask token.
+    let none = random_masking(2, 16, 0.0, &mut rand_chacha::ChaCha8Rng::seed_from_u64(6));
+    assert_eq!(mae.encode(x.clone(), &none).dims(), [2, 17, 24]);
+    assert_eq!(mae.predict(x, &none).0.dims(), [2, 16, 48]);
     // A bad pairing is refused with the field named.
     let resnet = BackboneConfig::default();
     assert!(config

@@ -229,8 +229,11 @@ impl Mae {
         let x = self.decoder_embed.forward(encoded);
         let [n, t, d] = x.dims();
         let l = masking.restore[0].len();
-        let masked = self.mask_token.val().expand([n, l + 1 - t, d]);
-        let shuffled = Tensor::cat(vec![x.clone().narrow(1, 1, t - 1), masked], 1);
+        let mut shuffled = vec![x.clone().narrow(1, 1, t - 1)];
+        if l + 1 > t {
+            shuffled.push(self.mask_token.val().expand([n, l + 1 - t, d]));
+        }
+        let shuffled = Tensor::cat(shuffled, 1);
         let ordered = shuffled.gather(1, index(&masking.restore, d, &self.device()));
         let mut x = Tensor::cat(vec![x.narrow(1, 0, 1), ordered], 1) + self.decoder_pos.val();
         for block in &self.decoder_blocks {
