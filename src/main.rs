@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use selfsup::augment::{Pipeline, Sizes, PRESETS};
 use selfsup::config::{AugmentConfig, Recipe};
 use selfsup::data::{self, Archive, Dataset, LoadOptions};
-use selfsup::models::Pool;
+use selfsup::models::{Backbone, Pool};
 use selfsup::pretrain;
 
 #[derive(Parser)]
@@ -102,6 +102,9 @@ enum Command {
         /// Overrides finetune.epochs.
         #[arg(long)]
         epochs: Option<usize>,
+        /// ViT features: the class token (`cls`) or the mean patch token (`mean`, MAE's choice).
+        #[arg(long, value_parser = ["cls", "mean"])]
+        pool: Option<String>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -286,14 +289,8 @@ fn run(cli: Cli) -> Result<()> {
             device,
         } => {
             let device = pretrain::device(&device)?;
-            let (recipe, mut backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
-            if let Some(pool) = pool {
-                let selfsup::models::Backbone::Vit(vit) = backbone else {
-                    anyhow::bail!("--pool applies to ViT encoders; this run trained a ResNet");
-                };
-                let pool = if pool == "mean" { Pool::Mean } else { Pool::Cls };
-                backbone = selfsup::models::Backbone::Vit(vit.with_pool(pool));
-            }
+            let (recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
+            let backbone = with_pool(backbone, pool)?;
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;
@@ -315,10 +312,12 @@ fn run(cli: Cli) -> Result<()> {
             recipe,
             data,
             epochs,
+            pool,
             device,
         } => {
             let device = pretrain::device(&device)?;
             let (mut recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
+            let backbone = with_pool(backbone, pool)?;
             if let Some(e) = epochs {
                 recipe.finetune.epochs = e;
             }
@@ -383,12 +382,24 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// A ViT set to return the features `pool` names (`cls` or `mean`); others unchanged.
+fn with_pool(backbone: Backbone, pool: Option<String>) -> Result<Backbone> {
+    let Some(pool) = pool else {
+        return Ok(backbone);
+    };
+    let Backbone::Vit(vit) = backbone else {
+        anyhow::bail!("--pool applies to ViT encoders; this run trained a ResNet");
+    };
+    let pool = if pool == "mean" { Pool::Mean } else { Pool::Cls };
+    Ok(Backbone::Vit(vit.with_pool(pool)))
+}
+
 /// The backbone of a run, or a random one of a recipe, with a phrase saying which.
 fn backbone_to_evaluate(
     checkpoint: Option<PathBuf>,
     recipe: Option<PathBuf>,
     device: &burn::tensor::Device,
-) -> Result<(Recipe, selfsup::models::Backbone, String)> {
+) -> Result<(Recipe, Backbone, String)> {
     Ok(match (checkpoint, recipe) {
         (Some(run), _) => {
             let (r, b) = pretrain::load_backbone(&run, device)?;
