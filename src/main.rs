@@ -338,7 +338,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
-            let sheet = pretrain::attention(&checkpoint, &images, size, &pretrain::device(&device)?)?;
+            let sheet =
+                pretrain::attention(&checkpoint, &images, size, &pretrain::device(&device)?)?;
             selfsup::viz::save_png(&sheet, &out)?;
             println!(
                 "wrote {} (image | one map per head | mean | 60% mass mask, {} rows)",
@@ -390,7 +391,11 @@ fn with_pool(backbone: Backbone, pool: Option<String>) -> Result<Backbone> {
     let Backbone::Vit(vit) = backbone else {
         anyhow::bail!("--pool applies to ViT encoders; this run trained a ResNet");
     };
-    let pool = if pool == "mean" { Pool::Mean } else { Pool::Cls };
+    let pool = if pool == "mean" {
+        Pool::Mean
+    } else {
+        Pool::Cls
+    };
     Ok(Backbone::Vit(vit.with_pool(pool)))
 }
 

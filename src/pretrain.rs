@@ -408,7 +408,10 @@ pub fn reconstruct(
 pub fn attention(run: &Path, images: &[PathBuf], size: u32, device: &Device) -> Result<RgbImage> {
     let (recipe, backbone) = load_backbone(run, device)?;
     let Backbone::Vit(vit) = backbone.valid() else {
-        bail!("{} trained a ResNet: attention maps need a ViT", run.display());
+        bail!(
+            "{} trained a ResNet: attention maps need a ViT",
+            run.display()
+        );
     };
     let p = vit.patch_size() as u32;
     let size = (size / p).max(1) * p;
@@ -422,7 +425,10 @@ pub fn attention(run: &Path, images: &[PathBuf], size: u32, device: &Device) -> 
         let square = crate::augment::ops::center_square(img.width(), img.height());
         let view = crate::augment::ops::crop_resize(&img, square, size, size);
         let x = crate::augment::normalize(&view, eval.mean, eval.std).data;
-        let x = Tensor::<4>::from_data(TensorData::new(x, [1, 3, size as usize, size as usize]), device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(x, [1, 3, size as usize, size as usize]),
+            device,
+        );
         let attn = vit.last_attention(x);
         let [_, heads, t, _] = attn.dims();
         // The class token's row, without its attention to itself: [heads, g·g].

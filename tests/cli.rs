@@ -236,8 +236,17 @@ fn mae_pretrains_and_reconstructs_through_the_cli() {
     let names = [photos.join("astronaut.png"), photos.join("chelsea.png")];
     let attn = tmp.path().join("attn.png");
     let (ok, stdout, stderr) = selfsup(&[
-        "attention", "--checkpoint", run.to_str().unwrap(), "--image", names[0].to_str().unwrap(),
-        "--image", names[1].to_str().unwrap(), "--size", "64", "--out", attn.to_str().unwrap(),
+        "attention",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--image",
+        names[0].to_str().unwrap(),
+        "--image",
+        names[1].to_str().unwrap(),
+        "--size",
+        "64",
+        "--out",
+        attn.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("2 rows"), "{stdout}");

@@ -1,7 +1,8 @@
 //! DINO: the loss against a hand computation, the centre update, schedules at their end points,
 //! no gradient into the teacher, the frozen last layer, and multi-crop through a ViT.
 
-use burn::module::{Module, ModuleVisitor, Param};
+mod common;
+
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -134,34 +135,6 @@ fn schedules_hit_their_end_points() {
     assert!((wd.weight_decay_at(100, 100) - 0.4).abs() < 1e-12);
 }
 
-/// Which parameters (by path) `grads` holds a gradient for.
-fn reached<M: Module>(m: &M, grads: &GradientsParams) -> Vec<(String, bool)> {
-    struct V<'a> {
-        grads: &'a GradientsParams,
-        path: Vec<String>,
-        out: Vec<(String, bool)>,
-    }
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            self.out
-                .push((self.path.join("."), self.grads.get::<D>(p.id).is_some()));
-        }
-    }
-    let mut v = V {
-        grads,
-        path: vec![],
-        out: vec![],
-    };
-    m.visit(&mut v);
-    v.out
-}
-
 #[test]
 fn teacher_gets_no_gradient_and_the_last_layer_waits_an_epoch() {
     let dev = Device::flex().autodiff();
@@ -175,7 +148,7 @@ fn teacher_gets_no_gradient_and_the_last_layer_waits_an_epoch() {
         let names: Vec<&str> = out.scalars.iter().map(|(n, _)| *n).collect();
         assert!(names.contains(&"teacher_entropy") && names.contains(&"kl_teacher_student"));
         let grads = GradientsParams::from_grads(out.loss.backward(), &m);
-        for (path, has) in reached(&m, &grads) {
+        for (path, _, has) in common::params_by_path(&m, Some(&grads)) {
             let student = path.starts_with("backbone") || path.starts_with("head");
             let expected = student && (last_learns || !path.contains("last_v"));
             assert_eq!(has, expected, "epoch {epoch}: gradient for {path}: {has}");
@@ -189,27 +162,19 @@ fn scheduled_weight_decay_shrinks_trained_matrices_only() {
     let m = dino(&dev);
     let before = m.center();
     let decayed = decay_matrices(m.clone(), 0.5);
-    let mut all = (vec![], vec![]);
-    struct V<'a>(&'a mut Vec<(String, Vec<f32>)>, Vec<String>);
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.1.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.1.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            self.0.push((self.1.join("."), values(p.val())));
-        }
-    }
-    m.visit(&mut V(&mut all.0, vec![]));
-    decayed.visit(&mut V(&mut all.1, vec![]));
+    let all = (
+        common::params_by_path(&m, None),
+        common::params_by_path(&decayed, None),
+    );
     let mut decayed_matrices = 0;
-    for ((path, a), (_, b)) in all.0.iter().zip(&all.1) {
+    for ((path, a, _), (_, b, _)) in all.0.iter().zip(&all.1) {
         let student = path.starts_with("backbone") || path.starts_with("head");
         if student && path.ends_with(".weight") {
             // Linear and conv weights: rank 2 and 4.
-            assert!(a.iter().zip(b).all(|(x, y)| (x * 0.5 - y).abs() < 1e-6), "{path}");
+            assert!(
+                a.iter().zip(b).all(|(x, y)| (x * 0.5 - y).abs() < 1e-6),
+                "{path}"
+            );
             decayed_matrices += 1;
         } else if !student || path.ends_with(".bias") || path.ends_with(".gamma") {
             assert_eq!(a, b, "{path} changed");

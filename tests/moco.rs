@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::nn::Linear;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -121,26 +121,6 @@ fn after_step_enqueues_the_keys_at_the_step_position() {
     assert_eq!(first, expected);
 }
 
-/// Every parameter with its module path, and whether `grads` holds a gradient for it.
-struct Reached<'a> {
-    grads: &'a GradientsParams,
-    path: Vec<String>,
-    seen: Vec<(String, bool)>,
-}
-
-impl ModuleVisitor for Reached<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let has = self.grads.get::<D>(param.id).is_some();
-        self.seen.push((self.path.join("."), has));
-    }
-}
-
 #[test]
 fn no_gradient_reaches_the_key_encoder_or_the_queue() {
     let dev = Device::flex().autodiff();
@@ -154,52 +134,20 @@ fn no_gradient_reaches_the_key_encoder_or_the_queue() {
     let views = [images(8, 1, &dev), images(8, 2, &dev)];
     let out = m.loss(&views, &progress(0));
     let grads = GradientsParams::from_grads(out.loss.backward(), &m);
-    let mut reached = Reached {
-        grads: &grads,
-        path: vec![],
-        seen: vec![],
-    };
-    m.visit(&mut reached);
+    let seen = common::params_by_path(&m, Some(&grads));
     let key = |p: &str| p.starts_with("key_") || p == "queue" || p.contains("running_");
-    assert!(reached.seen.len() > 20);
-    for (path, has) in &reached.seen {
+    assert!(seen.len() > 20);
+    for (path, _, has) in &seen {
         assert_eq!(*has, !key(path), "gradient for {path}: {has}");
     }
-    // The key encoder is a momentum copy: after a step it moves only by the EMA.
-    assert!(reached
-        .seen
-        .iter()
-        .any(|(p, _)| p.starts_with("key_backbone")));
-}
-
-/// Every float tensor of a module (parameters and buffers) by path.
-struct Values {
-    path: Vec<String>,
-    seen: Vec<(String, Vec<f32>)>,
-}
-
-impl ModuleVisitor for Values {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.seen.push((self.path.join("."), values(param.val())));
-    }
+    assert!(seen.iter().any(|(p, _, _)| p.starts_with("key_backbone")));
 }
 
 fn running_stats(m: &Moco, prefix: &str) -> Vec<Vec<f32>> {
-    let mut v = Values {
-        path: vec![],
-        seen: vec![],
-    };
-    m.visit(&mut v);
-    v.seen
+    common::params_by_path(m, None)
         .into_iter()
-        .filter(|(p, _)| p.starts_with(prefix) && p.contains("running_"))
-        .map(|(_, v)| v)
+        .filter(|(p, _, _)| p.starts_with(prefix) && p.contains("running_"))
+        .map(|(_, v, _)| v)
         .collect()
 }
 

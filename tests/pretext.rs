@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -217,63 +217,15 @@ fn masked_mse_ignores_visible_pixels() {
     assert_eq!(a, b);
 }
 
-/// Paths of the parameters `grads` holds a gradient for.
-fn with_gradient<M: Module>(m: &M, grads: &GradientsParams) -> Vec<(String, bool)> {
-    struct V<'a> {
-        grads: &'a GradientsParams,
-        path: Vec<String>,
-        out: Vec<(String, bool)>,
-    }
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            let has = self.grads.get::<D>(p.id).is_some();
-            self.out.push((self.path.join("."), has));
-        }
-    }
-    let mut v = V {
-        grads,
-        path: vec![],
-        out: vec![],
-    };
-    m.visit(&mut v);
-    v.out.retain(|(p, _)| !p.contains("running_"));
-    v.out
-}
-
-/// All parameter values of the discriminator, or of everything else.
+/// All parameter values of the discriminator, or of everything else (buffers aside).
 fn flat<M: Module>(m: &M, discriminator: bool) -> Vec<f32> {
-    struct V {
-        path: Vec<String>,
-        want: bool,
-        out: Vec<f32>,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            let path = self.path.join(".");
-            if path.starts_with("discriminator") == self.want && !path.contains("running_") {
-                self.out.extend(values(p.val()));
-            }
-        }
-    }
-    let mut v = V {
-        path: vec![],
-        want: discriminator,
-        out: vec![],
-    };
-    m.visit(&mut v);
-    v.out
+    common::params_by_path(m, None)
+        .into_iter()
+        .filter(|(p, _, _)| {
+            p.starts_with("discriminator") == discriminator && !p.contains("running_")
+        })
+        .flat_map(|(_, v, _)| v)
+        .collect()
 }
 
 #[test]
@@ -295,7 +247,11 @@ fn generator_and_discriminator_get_only_their_own_gradients() {
     };
     let out = m.loss(&[stack(0), stack(1)], &progress());
     let grads = GradientsParams::from_grads(out.loss.backward(), &m);
-    let seen = with_gradient(&m, &grads);
+    let seen: Vec<(String, bool)> = common::params_by_path(&m, Some(&grads))
+        .into_iter()
+        .filter(|(p, _, _)| !p.contains("running_"))
+        .map(|(p, _, has)| (p, has))
+        .collect();
     assert!(seen.iter().any(|(p, _)| p.starts_with("discriminator")));
     for (path, has) in &seen {
         assert_eq!(

@@ -51,7 +51,9 @@ pub fn mass_mask(attention: &[f32], mass: f32) -> Vec<bool> {
 
 /// The map scaled to [0, 1], bilinearly upsampled to the image, coloured, blended half and half.
 fn overlay(img: &RgbImage, map: &[f32], g: usize) -> RgbImage {
-    let (lo, hi) = map.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let (lo, hi) = map
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
     let scaled: Vec<u8> = map
         .iter()
         .map(|v| (255.0 * (v - lo) / (hi - lo).max(1e-12)).round() as u8)
@@ -64,7 +66,9 @@ fn overlay(img: &RgbImage, map: &[f32], g: usize) -> RgbImage {
     RgbImage::from_fn(img.width(), img.height(), |x, y| {
         let c = inferno(big.get_pixel(x, y).0[0] as f32 / 255.0);
         let p = img.get_pixel(x, y).0;
-        Rgb(std::array::from_fn(|k| ((p[k] as u16 + c[k] as u16) / 2) as u8))
+        Rgb(std::array::from_fn(|k| {
+            ((p[k] as u16 + c[k] as u16) / 2) as u8
+        }))
     })
 }
 
@@ -85,6 +89,11 @@ fn inferno(t: f32) -> [u8; 3] {
 
 /// Rows of attention pictures on one sheet.
 pub fn attention_grid(rows: &[Vec<RgbImage>]) -> RgbImage {
-    let side = rows.iter().flatten().map(|i| i.width()).max().unwrap_or(224);
+    let side = rows
+        .iter()
+        .flatten()
+        .map(|i| i.width())
+        .max()
+        .unwrap_or(224);
     grid(rows, side, 4)
 }

@@ -63,3 +63,38 @@ pub fn tar_gz(dir: &Path, top: &str, out: &Path) {
     tar.append_dir_all(top, dir).unwrap();
     tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
 }
+
+/// Every float parameter and buffer of `m` by module path (`backbone.ResNet.bn1.running_mean`),
+/// with its values and whether `grads` holds a gradient for it.
+pub fn params_by_path<M: burn::module::Module>(
+    m: &M,
+    grads: Option<&burn::optim::GradientsParams>,
+) -> Vec<(String, Vec<f32>, bool)> {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Walk<'a> {
+        grads: Option<&'a burn::optim::GradientsParams>,
+        path: Vec<String>,
+        out: Vec<(String, Vec<f32>, bool)>,
+    }
+    impl ModuleVisitor for Walk<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let values = p.val().into_data().try_to_vec::<f32>().unwrap();
+            let reached = self.grads.is_some_and(|g| g.get::<D>(p.id).is_some());
+            self.out.push((self.path.join("."), values, reached));
+        }
+    }
+    let mut walk = Walk {
+        grads,
+        path: vec![],
+        out: vec![],
+    };
+    m.visit(&mut walk);
+    walk.out
+}
