@@ -74,39 +74,17 @@ enum Command {
     Eval {
         #[arg(value_parser = ["knn", "linear"])]
         protocol: String,
-        /// A run folder written by `pretrain`.
-        #[arg(long, required_unless_present = "recipe")]
-        checkpoint: Option<PathBuf>,
-        /// Without --checkpoint: a randomly initialised backbone of this recipe (the baseline).
-        #[arg(long, conflicts_with = "checkpoint")]
-        recipe: Option<PathBuf>,
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// ViT features: the class token (`cls`) or the mean patch token (`mean`).
-        #[arg(long, value_parser = ["cls", "mean"])]
-        pool: Option<String>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        encoder: EncoderArgs,
     },
     /// Fine-tune the whole encoder with a linear head on labels (the recipe's [finetune]):
     /// a pre-trained run, or with --recipe alone the same network from scratch.
     Finetune {
-        /// A run folder written by `pretrain`.
-        #[arg(long, required_unless_present = "recipe")]
-        checkpoint: Option<PathBuf>,
-        /// Without --checkpoint: a randomly initialised backbone of this recipe (the baseline).
-        #[arg(long, conflicts_with = "checkpoint")]
-        recipe: Option<PathBuf>,
-        #[arg(long)]
-        data: Option<PathBuf>,
+        #[command(flatten)]
+        encoder: EncoderArgs,
         /// Overrides finetune.epochs.
         #[arg(long)]
         epochs: Option<usize>,
-        /// ViT features: the class token (`cls`) or the mean patch token (`mean`, MAE's choice).
-        #[arg(long, value_parser = ["cls", "mean"])]
-        pool: Option<String>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
     },
     /// DINO's attention maps of a ViT run on real images: per head, their mean, and the mask
     /// keeping 60% of the attention mass.
@@ -172,6 +150,68 @@ enum DataCommand {
         #[arg(long)]
         md5: Option<String>,
     },
+}
+
+/// The encoder to evaluate or fine-tune, and the data to do it on.
+#[derive(clap::Args)]
+struct EncoderArgs {
+    /// A run folder written by `pretrain`.
+    #[arg(long, required_unless_present = "recipe")]
+    checkpoint: Option<PathBuf>,
+    /// Without --checkpoint: a randomly initialised backbone of this recipe (the baseline).
+    #[arg(long, conflicts_with = "checkpoint")]
+    recipe: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// ViT features: the class token (`cls`) or the mean patch token (`mean`, MAE's choice).
+    #[arg(long, value_parser = ["cls", "mean"])]
+    pool: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// What `EncoderArgs` names, loaded: recipe, backbone, a phrase saying which, device, data.
+struct Encoder {
+    recipe: Recipe,
+    backbone: Backbone,
+    what: String,
+    device: burn::tensor::Device,
+    dataset: Dataset,
+}
+
+impl EncoderArgs {
+    fn load(self) -> Result<Encoder> {
+        let device = pretrain::device(&self.device)?;
+        let (recipe, backbone, what) = match (self.checkpoint, self.recipe) {
+            (Some(run), _) => {
+                let (r, b) = pretrain::load_backbone(&run, &device)?;
+                (r, b, format!("checkpoint {}", run.display()))
+            }
+            (None, Some(path)) => {
+                let r = Recipe::load(&path)?;
+                let b = pretrain::random_backbone(&r, &device);
+                (r, b, format!("random init of {}", path.display()))
+            }
+            (None, None) => anyhow::bail!("pass --checkpoint or --recipe"),
+        };
+        let backbone = match (self.pool.as_deref(), backbone) {
+            (None, b) => b,
+            (Some(pool), Backbone::Vit(vit)) => Backbone::Vit(vit.with_pool(if pool == "mean" {
+                Pool::Mean
+            } else {
+                Pool::Cls
+            })),
+            (Some(_), _) => anyhow::bail!("--pool applies to ViT encoders; this one is a ResNet"),
+        };
+        let dataset = pretrain::open_data(&recipe, self.data.as_deref())?;
+        Ok(Encoder {
+            recipe,
+            backbone,
+            what,
+            device,
+            dataset,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -280,18 +320,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Eval {
-            protocol,
-            checkpoint,
-            recipe,
-            data,
-            pool,
-            device,
-        } => {
-            let device = pretrain::device(&device)?;
-            let (recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
-            let backbone = with_pool(backbone, pool)?;
-            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
+        Command::Eval { protocol, encoder } => {
+            let Encoder {
+                recipe,
+                backbone,
+                what,
+                device,
+                dataset,
+            } = encoder.load()?;
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;
             let classes = dataset.classes.len();
@@ -307,21 +343,17 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * acc.top5
             );
         }
-        Command::Finetune {
-            checkpoint,
-            recipe,
-            data,
-            epochs,
-            pool,
-            device,
-        } => {
-            let device = pretrain::device(&device)?;
-            let (mut recipe, backbone, what) = backbone_to_evaluate(checkpoint, recipe, &device)?;
-            let backbone = with_pool(backbone, pool)?;
+        Command::Finetune { encoder, epochs } => {
+            let Encoder {
+                mut recipe,
+                backbone,
+                what,
+                device,
+                dataset,
+            } = encoder.load()?;
             if let Some(e) = epochs {
                 recipe.finetune.epochs = e;
             }
-            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let acc = pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)?;
             println!(
                 "fine-tuned {} epochs on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
@@ -381,42 +413,6 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A ViT set to return the features `pool` names (`cls` or `mean`); others unchanged.
-fn with_pool(backbone: Backbone, pool: Option<String>) -> Result<Backbone> {
-    let Some(pool) = pool else {
-        return Ok(backbone);
-    };
-    let Backbone::Vit(vit) = backbone else {
-        anyhow::bail!("--pool applies to ViT encoders; this run trained a ResNet");
-    };
-    let pool = if pool == "mean" {
-        Pool::Mean
-    } else {
-        Pool::Cls
-    };
-    Ok(Backbone::Vit(vit.with_pool(pool)))
-}
-
-/// The backbone of a run, or a random one of a recipe, with a phrase saying which.
-fn backbone_to_evaluate(
-    checkpoint: Option<PathBuf>,
-    recipe: Option<PathBuf>,
-    device: &burn::tensor::Device,
-) -> Result<(Recipe, Backbone, String)> {
-    Ok(match (checkpoint, recipe) {
-        (Some(run), _) => {
-            let (r, b) = pretrain::load_backbone(&run, device)?;
-            (r, b, format!("checkpoint {}", run.display()))
-        }
-        (None, Some(path)) => {
-            let r = Recipe::load(&path)?;
-            let b = pretrain::random_backbone(&r, device);
-            (r, b, format!("random init of {}", path.display()))
-        }
-        (None, None) => anyhow::bail!("pass --checkpoint or --recipe"),
-    })
 }
 
 fn main() -> ExitCode {

@@ -117,21 +117,33 @@ fn every_shipped_recipe_loads_and_checks() {
     assert!(n >= 9, "{n} recipes");
 }
 
-#[test]
-fn inpainting_pretrains_and_reconstructs_through_the_cli() {
+/// A tiny generated CIFAR-10 (20 images per file), a shipped recipe with `edits` applied, and
+/// `selfsup pretrain` of it: (temporary folder, data, recipe path, run folder, stdout).
+fn tiny_run(
+    recipe: &str,
+    edits: &[(&str, &str)],
+    extra: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("cifar");
     common::write_cifar10(&data, 20);
-    let recipe = std::fs::read_to_string(
+    let mut text = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("recipes/inpainting_cifar10_cpu.toml"),
+            .join("recipes")
+            .join(recipe),
     )
-    .unwrap()
-    .replace("batch_size = 128", "batch_size = 32")
-    .replace("width = 32", "width = 8")
-        + "\n[finetune]\nbatch_size = 32\nwarmup_epochs = 0\n";
-    let recipe_path = tmp.path().join("inpainting.toml");
-    std::fs::write(&recipe_path, recipe).unwrap();
+    .unwrap();
+    for (from, to) in edits {
+        text = text.replace(from, to);
+    }
+    let recipe_path = tmp.path().join(recipe);
+    std::fs::write(&recipe_path, text + extra).unwrap();
     let run = tmp.path().join("run");
     let (ok, stdout, stderr) = selfsup(&[
         "pretrain",
@@ -143,11 +155,12 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
         run.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("kNN"), "{stdout}");
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    assert!(metrics.contains("rec_loss") && metrics.contains("adv_loss"));
+    (tmp, data, recipe_path, run, stdout)
+}
 
-    let png = tmp.path().join("recon.png");
+/// `selfsup reconstruct` of `count` images into a PNG; its (width, height).
+fn reconstruct(run: &std::path::Path, data: &std::path::Path, count: usize) -> (u32, u32) {
+    let png = run.join("recon.png");
     let (ok, _, stderr) = selfsup(&[
         "reconstruct",
         "--checkpoint",
@@ -155,14 +168,32 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
         "--data",
         data.to_str().unwrap(),
         "--count",
-        "4",
+        &count.to_string(),
         "--out",
         png.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     let img = image::open(&png).unwrap();
+    (img.width(), img.height())
+}
+
+#[test]
+fn inpainting_pretrains_and_reconstructs_through_the_cli() {
+    let (_tmp, data, recipe_path, run, stdout) = tiny_run(
+        "inpainting_cifar10_cpu.toml",
+        &[
+            ("batch_size = 128", "batch_size = 32"),
+            ("width = 32", "width = 8"),
+        ],
+        "\n[finetune]\nbatch_size = 32\nwarmup_epochs = 0\n",
+    );
+    assert!(stdout.contains("kNN"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("rec_loss") && metrics.contains("adv_loss"));
+
+    let size = reconstruct(&run, &data, 4);
     // 4 rows of 3 images, each 32 px enlarged 3x into 96 px cells with 4 px gaps.
-    assert_eq!((img.width(), img.height()), (3 * 100 + 4, 4 * 100 + 4));
+    assert_eq!(size, (3 * 100 + 4, 4 * 100 + 4));
 
     // Fine-tuning the run's encoder, and the same network from scratch.
     for source in [
@@ -191,45 +222,18 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
 
 #[test]
 fn mae_pretrains_and_reconstructs_through_the_cli() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("cifar");
-    common::write_cifar10(&data, 20);
-    let recipe = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/mae_cifar10_cpu.toml"),
-    )
-    .unwrap()
-    .replace("batch_size = 256", "batch_size = 32")
-    .replace("epochs = 4", "epochs = 1")
-    .replace("depth = 6", "depth = 1");
-    let recipe_path = tmp.path().join("mae.toml");
-    std::fs::write(&recipe_path, recipe).unwrap();
-    let run = tmp.path().join("run");
-    let (ok, _, stderr) = selfsup(&[
-        "pretrain",
-        "--recipe",
-        recipe_path.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let png = tmp.path().join("recon.png");
-    let (ok, _, stderr) = selfsup(&[
-        "reconstruct",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--count",
-        "2",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let img = image::open(&png).unwrap();
+    let (tmp, data, _, run, _) = tiny_run(
+        "mae_cifar10_cpu.toml",
+        &[
+            ("batch_size = 256", "batch_size = 32"),
+            ("epochs = 2\nbatch_size", "epochs = 1\nbatch_size"),
+            ("depth = 6", "depth = 1"),
+        ],
+        "",
+    );
+    let size = reconstruct(&run, &data, 2);
     // 2 rows of 4: original, masked, reconstruction, reconstruction with visible patches pasted.
-    assert_eq!((img.width(), img.height()), (4 * 100 + 4, 2 * 100 + 4));
+    assert_eq!(size, (4 * 100 + 4, 2 * 100 + 4));
 
     // Attention maps of the ViT on two real photos: image, 4 heads, mean, mask per row.
     let photos = common::shared_data().join("photos");
