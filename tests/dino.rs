@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::losses::dino_loss;
 use selfsup::methods::{Dino, DinoConfig};
-use selfsup::models::{init_seeded, BackboneConfig, Pool, VitConfig};
+use selfsup::models::{init_seeded, BackboneConfig, Pool, ResNetConfig, Stem, VitConfig};
 use selfsup::train::optim::{decay_matrices, OptimConfig};
 use selfsup::train::{Method, Progress};
 
@@ -153,6 +153,31 @@ fn teacher_gets_no_gradient_and_the_last_layer_waits_an_epoch() {
             let expected = student && (last_learns || !path.contains("last_v"));
             assert_eq!(has, expected, "epoch {epoch}: gradient for {path}: {has}");
         }
+    }
+}
+
+#[test]
+fn resnet_dino_with_batch_norm_in_the_head_trains_the_student_only() {
+    let dev = Device::flex().autodiff();
+    let resnet = BackboneConfig::Resnet(ResNetConfig {
+        depth: 18,
+        stem: Stem::Cifar,
+        width: 0.125,
+    });
+    let config = DinoConfig {
+        head_batch_norm: true,
+        ..config()
+    };
+    let m = init_seeded(&dev, 0, || config.init(&resnet, &dev));
+    let views = vec![crops(4, 16, 1, &dev), crops(4, 16, 2, &dev), crops(4, 8, 3, &dev)];
+    let out = m.loss(&views, &progress(1, 10));
+    let grads = GradientsParams::from_grads(out.loss.backward(), &m);
+    let params = common::params_by_path(&m, Some(&grads));
+    assert!(params.iter().any(|(p, _, _)| p.starts_with("head.norms")));
+    for (path, _, has) in params {
+        let learned = !path.contains("running_");
+        let student = path.starts_with("backbone") || path.starts_with("head");
+        assert_eq!(has, student && learned, "gradient for {path}: {has}");
     }
 }
 

@@ -29,6 +29,8 @@ pub struct DinoConfig {
     pub hidden: usize,
     pub bottleneck: usize,
     pub norm_last_layer: bool,
+    /// Batch norm in the head's hidden layers (official `use_bn_in_head`; for ResNets).
+    pub head_batch_norm: bool,
     pub student_temp: f64,
     /// τt after the warm-up (0.04; above 0.07 training is unstable).
     pub teacher_temp: f64,
@@ -49,6 +51,7 @@ impl Default for DinoConfig {
             hidden: 2048,
             bottleneck: 256,
             norm_last_layer: true,
+            head_batch_norm: false,
             student_temp: 0.1,
             teacher_temp: 0.04,
             warmup_teacher_temp: 0.04,
@@ -87,6 +90,7 @@ impl DinoConfig {
             bottleneck: self.bottleneck,
             out_dim: self.out_dim,
             norm_last_layer: self.norm_last_layer,
+            batch_norm: self.head_batch_norm,
         };
         let (backbone, student_head) = (model.init(device), head.init(device));
         Dino {

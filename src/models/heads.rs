@@ -91,6 +91,9 @@ pub struct DinoHeadConfig {
     pub bottleneck: usize,
     pub out_dim: usize,
     pub norm_last_layer: bool,
+    /// Batch norm after each hidden layer (the official `use_bn_in_head`): it spreads a ResNet's
+    /// similar, all-positive features apart, without which the teacher starts near uniform.
+    pub batch_norm: bool,
 }
 
 impl DinoHeadConfig {
@@ -103,6 +106,13 @@ impl DinoHeadConfig {
                 linear(self.hidden, self.hidden),
                 linear(self.hidden, self.bottleneck),
             ],
+            norms: if self.batch_norm {
+                (0..2)
+                    .map(|_| BatchNormConfig::new(self.hidden).init(device))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             last_v: v,
             last_g: (!self.norm_last_layer)
                 .then(|| burn::module::Param::from_tensor(Tensor::ones([self.out_dim], device))),
@@ -113,6 +123,7 @@ impl DinoHeadConfig {
 #[derive(Module, Debug)]
 pub struct DinoHead {
     mlp: Vec<Linear>,
+    norms: Vec<BatchNorm>,
     /// `[bottleneck, K]`: the direction of each output's weight vector.
     last_v: burn::module::Param<Tensor<2>>,
     last_g: Option<burn::module::Param<Tensor<1>>>,
@@ -127,6 +138,9 @@ impl DinoHead {
         for (i, layer) in self.mlp.iter().enumerate() {
             x = layer.forward(x);
             if i < last {
+                if let Some(bn) = self.norms.get(i) {
+                    x = bn.forward(x);
+                }
                 x = burn::tensor::activation::gelu(x);
             }
         }
