@@ -92,7 +92,8 @@ pub struct DinoHeadConfig {
     pub out_dim: usize,
     pub norm_last_layer: bool,
     /// Batch norm after each hidden layer (the official `use_bn_in_head`): it spreads a ResNet's
-    /// similar, all-positive features apart, without which the teacher starts near uniform.
+    /// similar, all-positive features apart; without it our short ResNet runs drifted to a
+    /// uniform teacher.
     pub batch_norm: bool,
 }
 
