@@ -169,7 +169,11 @@ fn resnet_dino_with_batch_norm_in_the_head_trains_the_student_only() {
         ..config()
     };
     let m = init_seeded(&dev, 0, || config.init(&resnet, &dev));
-    let views = vec![crops(4, 16, 1, &dev), crops(4, 16, 2, &dev), crops(4, 8, 3, &dev)];
+    let views = vec![
+        crops(4, 16, 1, &dev),
+        crops(4, 16, 2, &dev),
+        crops(4, 8, 3, &dev),
+    ];
     let out = m.loss(&views, &progress(1, 10));
     let grads = GradientsParams::from_grads(out.loss.backward(), &m);
     let params = common::params_by_path(&m, Some(&grads));
