@@ -8,24 +8,12 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::losses::dino_loss;
 use selfsup::methods::{Dino, DinoConfig};
-use selfsup::models::{init_seeded, BackboneConfig, Pool, ResNetConfig, Stem, VitConfig};
+use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
 use selfsup::train::optim::{decay_matrices, OptimConfig};
 use selfsup::train::{Method, Progress};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
-}
-
-fn vit() -> BackboneConfig {
-    BackboneConfig::Vit(VitConfig {
-        image_size: 16,
-        patch_size: 4,
-        dim: 24,
-        depth: 2,
-        heads: 2,
-        mlp_ratio: 2.0,
-        pool: Pool::Cls,
-    })
 }
 
 fn config() -> DinoConfig {
@@ -41,7 +29,7 @@ fn config() -> DinoConfig {
 }
 
 fn dino(device: &Device) -> Dino {
-    init_seeded(device, 0, || config().init(&vit(), device))
+    init_seeded(device, 0, || config().init(&common::tiny_vit(), device))
 }
 
 fn progress(epoch: usize, step: usize) -> Progress {

@@ -1,13 +1,15 @@
 //! MAE: masking, order restoration, patchify, the loss on masked patches only, and an encoder
 //! that sees the visible patches alone.
 
+mod common;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::methods::mae::{
     masked_patch_loss, patchify, random_masking, sincos_2d, unpatchify, Masking,
 };
 use selfsup::methods::MaeConfig;
-use selfsup::models::{init_seeded, BackboneConfig, Pool, VitConfig};
+use selfsup::models::{init_seeded, BackboneConfig};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -115,15 +117,7 @@ fn loss_ignores_visible_patches() {
 #[test]
 fn encoder_sees_only_the_visible_patches() {
     let dev = Device::flex();
-    let model = BackboneConfig::Vit(VitConfig {
-        image_size: 16,
-        patch_size: 4,
-        dim: 24,
-        depth: 2,
-        heads: 2,
-        mlp_ratio: 2.0,
-        pool: Pool::Cls,
-    });
+    let model = common::tiny_vit();
     let config = MaeConfig {
         decoder_dim: 16,
         decoder_depth: 1,

@@ -98,3 +98,16 @@ pub fn params_by_path<M: burn::module::Module>(
     m.visit(&mut walk);
     walk.out
 }
+
+/// A tiny ViT (16 px images, 4 px patches, 24-d, 2 blocks) for method tests.
+pub fn tiny_vit() -> selfsup::models::BackboneConfig {
+    selfsup::models::BackboneConfig::Vit(selfsup::models::VitConfig {
+        image_size: 16,
+        patch_size: 4,
+        dim: 24,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 2.0,
+        pool: selfsup::models::Pool::Cls,
+    })
+}
