@@ -91,22 +91,16 @@ pub fn dino_loss(teacher: &[Tensor<2>], student: &[Tensor<2>], student_temp: f64
         .iter()
         .map(|s| log_softmax(s.clone().div_scalar(student_temp), 1))
         .collect();
-    let mut total = None;
-    let mut pairs = 0;
+    let mut pairs = Vec::new();
     for (i, p) in teacher.iter().enumerate() {
         for (j, log_q) in logs.iter().enumerate() {
-            if i == j {
-                continue;
+            if i != j {
+                pairs.push((p.clone() * log_q.clone()).sum_dim(1).mean().neg());
             }
-            let ce = (p.clone() * log_q.clone()).sum_dim(1).mean().neg();
-            total = Some(match total {
-                None => ce,
-                Some(t) => t + ce,
-            });
-            pairs += 1;
         }
     }
-    total.expect("DINO needs two crops or more") / pairs as f64
+    assert!(!pairs.is_empty(), "DINO needs two crops or more");
+    Tensor::cat(pairs, 0).mean()
 }
 
 /// Mean over rows of the entropy −Σ p log p of each row's distribution.

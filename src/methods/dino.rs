@@ -184,20 +184,21 @@ impl Method for Dino {
         // Diagnostics: H(P_t) in (0, log K); KL(teacher ‖ student) = cross-entropy − H(P_t).
         let entropy = mean_entropy(p_t);
         let ce: f32 = loss.clone().detach().into_scalar();
-        let k = self.center.dims()[1] as f32;
         let center_norm: f32 = self.center.val().square().sum().sqrt().into_scalar();
-        if (progress.step + 1) % progress.steps_per_epoch.max(1) == 0
-            && (entropy < 0.05 * k.ln() || entropy > 0.95 * k.ln())
+        let log_k = (self.center.dims()[1] as f32).ln();
+        let collapse = if entropy < 0.05 * log_k {
+            Some("one-hot")
+        } else if entropy > 0.95 * log_k {
+            Some("uniform")
+        } else {
+            None
+        };
+        if let Some(kind) =
+            collapse.filter(|_| (progress.step + 1) % progress.steps_per_epoch.max(1) == 0)
         {
             tracing::warn!(
-                "DINO teacher collapsing at epoch {}: entropy {entropy:.3} of log K = {:.3} ({})",
+                "DINO teacher collapsing at epoch {}: entropy {entropy:.3} of log K = {log_k:.3} ({kind})",
                 progress.epoch + 1,
-                k.ln(),
-                if entropy < 0.05 * k.ln() {
-                    "one-hot"
-                } else {
-                    "uniform"
-                }
             );
         }
         StepOutput {
