@@ -85,6 +85,9 @@ enum Command {
         /// Overrides finetune.epochs.
         #[arg(long)]
         epochs: Option<usize>,
+        /// Overrides finetune.train_limit: fine-tune on N labelled images spread over the split (0: all).
+        #[arg(long)]
+        labels: Option<usize>,
     },
     /// DINO's attention maps of a ViT run on real images: per head, their mean, and the mask
     /// keeping 60% of the attention mass.
@@ -343,7 +346,11 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * acc.top5
             );
         }
-        Command::Finetune { encoder, epochs } => {
+        Command::Finetune {
+            encoder,
+            epochs,
+            labels,
+        } => {
             let Encoder {
                 mut recipe,
                 backbone,
@@ -354,10 +361,17 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(e) = epochs {
                 recipe.finetune.epochs = e;
             }
+            if let Some(n) = labels {
+                recipe.finetune.train_limit = n;
+            }
             let acc = pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)?;
             println!(
-                "fine-tuned {} epochs on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
+                "fine-tuned {} epochs on {} labels, tested on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
                 recipe.finetune.epochs,
+                match recipe.finetune.train_limit {
+                    0 => "all".to_string(),
+                    n => n.to_string(),
+                },
                 recipe.data.test_split,
                 100.0 * acc.top1,
                 100.0 * acc.top5

@@ -140,6 +140,7 @@ fn tiny_run(
     )
     .unwrap();
     for (from, to) in edits {
+        assert!(text.contains(from), "{recipe} has no '{from}' to edit");
         text = text.replace(from, to);
     }
     let recipe_path = tmp.path().join(recipe);
@@ -226,7 +227,7 @@ fn mae_pretrains_and_reconstructs_through_the_cli() {
         "mae_cifar10_cpu.toml",
         &[
             ("batch_size = 256", "batch_size = 32"),
-            ("epochs = 2\nbatch_size", "epochs = 1\nbatch_size"),
+            ("epochs = 12\nbatch_size", "epochs = 1\nbatch_size"),
             ("depth = 6", "depth = 1"),
         ],
         "",
