@@ -364,14 +364,8 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(n) = labels {
                 recipe.finetune.train_limit = n;
             }
-            let labelled = match (
-                recipe.finetune.train_limit,
-                dataset.split(&recipe.data.train_split)?.len(),
-            ) {
-                (0, all) => all,
-                (n, all) => n.min(all),
-            };
-            let acc = pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)?;
+            let (acc, labelled) =
+                pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)?;
             println!(
                 "fine-tuned {} epochs on {} labelled images, tested on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
                 recipe.finetune.epochs,

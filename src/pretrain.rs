@@ -95,11 +95,7 @@ pub fn pretrain(
     std::fs::write(&saved, text)?;
 
     let full_train = dataset.split(&recipe.data.train_split)?;
-    let train_split = if recipe.data.train_limit > 0 {
-        full_train.subset(recipe.data.train_limit)
-    } else {
-        full_train.clone()
-    };
+    let train_split = full_train.limit(recipe.data.train_limit);
     let test_split = dataset
         .split(&recipe.data.test_split)
         .ok()
@@ -120,12 +116,11 @@ pub fn pretrain(
         let Some(test) = test_split.as_ref().filter(|_| train_split.labels.is_some()) else {
             return Ok(vec![]);
         };
-        let sub = |s: &Split, n: usize| if n == 0 { s.clone() } else { s.subset(n) };
         let acc = knn_accuracy(
             recipe,
             backbone,
-            &sub(&train_split, e.monitor_train),
-            &sub(test, e.monitor_test),
+            &train_split.limit(e.monitor_train),
+            &test.limit(e.monitor_test),
             classes,
             device,
         )?;
@@ -228,13 +223,13 @@ pub fn linear_accuracy(
 
 /// Fine-tunes `backbone` (pre-trained, or random for the from-scratch baseline) with the
 /// recipe's `[finetune]` settings on the labelled train split, views from the recipe's first
-/// view; reports accuracy on the test split.
+/// view; reports accuracy on the test split and how many labelled images were used.
 pub fn finetune_accuracy(
     recipe: &Recipe,
     backbone: Backbone,
     dataset: &Dataset,
     device: &Device,
-) -> Result<Accuracy> {
+) -> Result<(Accuracy, usize)> {
     let train = dataset.split(&recipe.data.train_split)?;
     let test = dataset.split(&recipe.data.test_split)?;
     let mut augment = recipe.augment.build()?;

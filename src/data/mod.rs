@@ -76,6 +76,15 @@ impl Split {
         )
     }
 
+    /// At most `n` images, as `subset` picks them; 0 keeps them all (a recipe's "no limit").
+    pub fn limit(&self, n: usize) -> Split {
+        if n == 0 {
+            self.clone()
+        } else {
+            self.subset(n)
+        }
+    }
+
     fn images_mut(&mut self) -> &mut Vec<RgbImage> {
         Arc::get_mut(&mut self.images).expect("split being built")
     }

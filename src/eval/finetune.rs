@@ -55,7 +55,7 @@ struct Classifier {
 }
 
 /// Fine-tunes `backbone` with a new linear head on `train` (views from `augment`) and returns
-/// the top-1/top-5 accuracy on `test` (views from `eval`).
+/// the top-1/top-5 accuracy on `test` (views from `eval`) and how many labelled images it used.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: Backbone,
@@ -67,15 +67,11 @@ pub fn finetune(
     eval: &Pipeline,
     config: &FinetuneConfig,
     device: &Device,
-) -> Result<Accuracy> {
+) -> Result<(Accuracy, usize)> {
     if config.epochs == 0 || config.batch_size == 0 {
         bail!("finetune.epochs and finetune.batch_size must be at least 1");
     }
-    let train = if config.train_limit > 0 {
-        train.subset(config.train_limit)
-    } else {
-        train.clone()
-    };
+    let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     let head = init_seeded(&ad, 0, || LinearConfig::new(feature_dim, classes).init(&ad));
     let mut model = Classifier {
@@ -164,5 +160,5 @@ pub fn finetune(
         .try_to_vec()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let scores: Vec<Vec<f32>> = scores.chunks(classes).map(|c| c.to_vec()).collect();
-    Ok(super::accuracy(&scores, &features.labels))
+    Ok((super::accuracy(&scores, &features.labels), train.len()))
 }
