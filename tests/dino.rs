@@ -115,6 +115,16 @@ fn schedules_hit_their_end_points() {
     assert!((m.teacher_temp(50.0) - 0.07).abs() < 1e-12);
     assert!((m.teacher_momentum(&progress(0, 0)) - 0.996).abs() < 1e-12);
     assert!((m.teacher_momentum(&progress(9, 100)) - 1.0).abs() < 1e-12);
+    // final_momentum = momentum: the constant λ of the short CPU recipe.
+    let constant = DinoConfig {
+        momentum: 0.99,
+        final_momentum: 0.99,
+        ..config()
+    }
+    .init(&common::tiny_vit(), &dev);
+    for step in [0, 50, 100] {
+        assert!((constant.teacher_momentum(&progress(0, step)) - 0.99).abs() < 1e-12);
+    }
     let wd: OptimConfig =
         toml::from_str("optimizer = \"adamw\"\nweight_decay = 0.04\nfinal_weight_decay = 0.4\n")
             .unwrap();

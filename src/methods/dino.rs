@@ -38,8 +38,11 @@ pub struct DinoConfig {
     pub warmup_teacher_temp: f64,
     pub warmup_teacher_temp_epochs: f64,
     pub center_momentum: f64,
-    /// Teacher EMA momentum λ at the start; it rises to 1 by a cosine.
+    /// Teacher EMA momentum λ at the start; it rises to `final_momentum` by a cosine.
     pub momentum: f64,
+    /// λ at the end of training: 1 in the paper; equal to `momentum` for a constant λ, which
+    /// keeps the teacher close to the student in short runs.
+    pub final_momentum: f64,
     /// Epochs during which the head's last layer does not learn.
     pub freeze_last_layer: usize,
 }
@@ -58,6 +61,7 @@ impl Default for DinoConfig {
             warmup_teacher_temp_epochs: 0.0,
             center_momentum: 0.9,
             momentum: 0.996,
+            final_momentum: 1.0,
             freeze_last_layer: 1,
         }
     }
@@ -77,8 +81,14 @@ impl DinoConfig {
                 anyhow::bail!("method.{name} = {t}: must be positive");
             }
         }
-        if !(0.0..=1.0).contains(&self.momentum) || !(0.0..=1.0).contains(&self.center_momentum) {
-            anyhow::bail!("method.momentum and method.center_momentum must lie in [0, 1]");
+        for (name, m) in [
+            ("momentum", self.momentum),
+            ("final_momentum", self.final_momentum),
+            ("center_momentum", self.center_momentum),
+        ] {
+            if !(0.0..=1.0).contains(&m) {
+                anyhow::bail!("method.{name} = {m}: must lie in [0, 1]");
+            }
         }
         Ok(())
     }
@@ -106,6 +116,7 @@ impl DinoConfig {
             warmup_teacher_temp_epochs: self.warmup_teacher_temp_epochs,
             center_momentum: self.center_momentum,
             momentum: self.momentum,
+            final_momentum: self.final_momentum,
             freeze_last_layer: self.freeze_last_layer,
         }
     }
@@ -125,6 +136,7 @@ pub struct Dino {
     warmup_teacher_temp_epochs: f64,
     center_momentum: f64,
     momentum: f64,
+    final_momentum: f64,
     freeze_last_layer: usize,
 }
 
@@ -141,7 +153,12 @@ impl Dino {
 
     /// λ at `progress`: 0.996 → 1 by a cosine over training.
     pub fn teacher_momentum(&self, progress: &Progress) -> f64 {
-        cosine_ramp(progress.step, progress.total_steps, self.momentum, 1.0)
+        cosine_ramp(
+            progress.step,
+            progress.total_steps,
+            self.momentum,
+            self.final_momentum,
+        )
     }
 
     pub fn center(&self) -> Tensor<2> {
