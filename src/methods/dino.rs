@@ -151,7 +151,7 @@ impl Dino {
         }
     }
 
-    /// λ at `progress`: 0.996 → 1 by a cosine over training.
+    /// λ at `progress`: `momentum` → `final_momentum` (0.996 → 1) by a cosine over training.
     pub fn teacher_momentum(&self, progress: &Progress) -> f64 {
         cosine_ramp(
             progress.step,
