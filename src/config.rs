@@ -10,7 +10,7 @@ use crate::augment::{Pipeline, Sizes, ViewSpec};
 use crate::data::LoadOptions;
 use crate::eval::finetune::FinetuneConfig;
 use crate::eval::EvalConfig;
-use crate::methods::MethodConfig;
+use crate::methods::{Feed, MethodConfig};
 use crate::models::{BackboneConfig, ResNetConfig, Stem};
 use crate::train::{LrScaling, OptimConfig, OptimizerKind, TrainConfig};
 
@@ -144,7 +144,8 @@ impl Default for TrainConfig {
 }
 
 /// A whole recipe file: `seed` and the sections `[data]`, `[augment]`, `[method]`, `[model]`,
-/// `[train]`, `[eval]`, `[finetune]`.
+/// `[train]`, `[eval]`, `[finetune]`. A recipe file may leave out any key: it then takes the value
+/// of its method's published recipe ([`Recipe::defaults`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Recipe {
@@ -159,34 +160,324 @@ pub struct Recipe {
     pub finetune: FinetuneConfig,
 }
 
+/// Each method's published recipe: the paper's settings at CIFAR-10 scale, each file citing its
+/// source. Their values are the defaults of every key a user's recipe leaves out.
+const PUBLISHED: [(&str, &str); 7] = [
+    ("simclr", include_str!("../recipes/simclr_cifar10.toml")),
+    ("moco", include_str!("../recipes/moco_v2_cifar10.toml")),
+    ("mae", include_str!("../recipes/mae_cifar10.toml")),
+    ("dino", include_str!("../recipes/dino_cifar10.toml")),
+    ("rotation", include_str!("../recipes/rotation_cifar10.toml")),
+    ("jigsaw", include_str!("../recipes/jigsaw_cifar10.toml")),
+    (
+        "inpainting",
+        include_str!("../recipes/inpainting_cifar10.toml"),
+    ),
+];
+
+/// The method a recipe without `[method] name` trains.
+const DEFAULT_METHOD: &str = "simclr";
+
 impl Recipe {
+    /// The complete recipe of `method` (`simclr`, `moco`, `mae`, `dino`, `rotation`, `jigsaw`,
+    /// `inpainting`): its published recipe (`recipes/<method>_cifar10.toml`, MoCo v2 for
+    /// `moco`) without a data source.
+    pub fn defaults(method: &str) -> Result<Recipe> {
+        let Some((_, text)) = PUBLISHED.iter().find(|(name, _)| *name == method) else {
+            let known: Vec<&str> = PUBLISHED.iter().map(|(name, _)| *name).collect();
+            anyhow::bail!("unknown method '{method}' (known: {})", known.join(", "));
+        };
+        let mut recipe: Recipe =
+            toml::from_str(text).with_context(|| format!("the published {method} recipe"))?;
+        recipe.data.source = None;
+        Ok(recipe)
+    }
+
     pub fn load(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read recipe {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("recipe {}", path.display()))
     }
 
+    /// Reads the `recipe.toml` that `pretrain` wrote whole into a run folder, as it is: a key
+    /// unset there (`grad_clip`) stays unset rather than taking its method's default.
+    pub fn load_saved(path: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let recipe: Recipe =
+            toml::from_str(&text).with_context(|| format!("recipe {}", path.display()))?;
+        recipe
+            .check()
+            .with_context(|| format!("recipe {}", path.display()))?;
+        Ok(recipe)
+    }
+
+    /// Reads a recipe, taking every key it leaves out from its method's [`defaults`](Self::defaults),
+    /// and checks it.
     pub fn parse(text: &str) -> Result<Recipe> {
-        let recipe: Recipe = toml::from_str(text)?;
+        let given: toml::Table = toml::from_str(text)?;
+        let method = match given.get("method").and_then(|m| m.get("name")) {
+            Some(toml::Value::String(name)) => name.as_str(),
+            Some(other) => anyhow::bail!("method.name = {other}: must be a string"),
+            None => DEFAULT_METHOD,
+        };
+        let mut full = toml::Table::try_from(Recipe::defaults(method)?)?;
+        for (section, value) in given {
+            match (full.get_mut(&section), value) {
+                (Some(toml::Value::Table(defaults)), toml::Value::Table(table)) => {
+                    forget_other_choices(&section, defaults, &table)?;
+                    defaults.extend(table);
+                }
+                (_, value) => {
+                    full.insert(section, value);
+                }
+            }
+        }
+        let recipe = complete(&full)?;
         recipe.check()?;
         Ok(recipe)
     }
 
-    /// Checks every section; the error names the field at fault.
+    /// Checks every section, and that the method gets the views and batches it needs and the
+    /// model every image size it will see; the error names the field at fault.
     pub fn check(&self) -> Result<()> {
         let pipeline = self.augment.build()?;
-        self.method.check(&self.model, &pipeline)?;
         self.model.check()?;
         self.train.check()?;
-        if let MethodConfig::Moco(m) = &self.method {
-            if self.train.batch_size < 2 * m.bn_splits {
-                anyhow::bail!(
-                    "method.bn_splits = {}: batch norm needs at least 2 images per group, and train.batch_size is {}",
-                    m.bn_splits,
-                    self.train.batch_size
-                );
+        // Every size that reaches the model: the training views, and `augment.size` for
+        // evaluation, fine-tuning and reconstructions.
+        for (i, view) in pipeline.views.iter().enumerate() {
+            let key = match &self.augment.views {
+                Some(_) => format!("augment.views[{i}].size"),
+                None if view.size == self.augment.size => "augment.size".into(),
+                None => "augment.local_size".into(),
+            };
+            self.model.check_input(view.size, &key)?;
+        }
+        self.model.check_input(self.augment.size, "augment.size")?;
+        self.method.check(&Feed {
+            model: &self.model,
+            view_sizes: pipeline.view_sizes(),
+            size: self.augment.size,
+            batch: self.train.batch_size,
+        })
+    }
+}
+
+/// The recipe a complete table holds. A wrong value is named with its key: the table is read
+/// back as TOML text, whose error points into that text.
+fn complete(full: &toml::Table) -> Result<Recipe> {
+    let text = toml::to_string(full)?;
+    toml::from_str(&text).map_err(|e| {
+        let at = e.span().map_or(0, |s| s.start).min(text.len());
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[line_start..].lines().next().unwrap_or("");
+        let section = text[..line_start]
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']'));
+        let place = match (line.starts_with('['), line.split_once(" = "), section) {
+            (true, _, _) => line.trim_matches(|c| c == '[' || c == ']').to_string(),
+            (false, Some((key, value)), Some(section)) => format!("{section}.{key} = {value}"),
+            (false, Some((key, value)), None) => format!("{key} = {value}"),
+            (false, None, _) => line.to_string(),
+        };
+        anyhow::anyhow!("{place}: {}", e.message().trim())
+    })
+}
+
+/// Removes from a section's `defaults` what belongs to another choice than the one `given`
+/// makes, so that a recipe choosing otherwise does not inherit it: the model of another `arch`
+/// (replaced by that architecture's defaults), another optimiser's settings (DINO with SGD gets no
+/// AdamW betas), and the spelled-out views of a published recipe when `given` names its own
+/// pipeline or size (then it gets that pipeline's views).
+fn forget_other_choices(
+    section: &str,
+    defaults: &mut toml::Table,
+    given: &toml::Table,
+) -> Result<()> {
+    let differs = |key: &str| given.get(key).is_some_and(|v| defaults.get(key) != Some(v));
+    let (arch, optimizer, pipeline) = (differs("arch"), differs("optimizer"), differs("pipeline"));
+    let forget = |defaults: &mut toml::Table, keys: &[&str]| {
+        keys.iter().for_each(|k| drop(defaults.remove(*k)));
+    };
+    match section {
+        "model" if arch => {
+            if let Some(model) = given["arch"].as_str().and_then(BackboneConfig::default_for) {
+                *defaults = toml::Table::try_from(model)?;
             }
         }
-        Ok(())
+        "train" if optimizer => {
+            forget(
+                defaults,
+                &["momentum", "betas", "eta", "final_weight_decay"],
+            );
+        }
+        "augment" => {
+            if pipeline {
+                forget(defaults, &["local_size", "local_crops"]);
+            }
+            if given.contains_key("pipeline") || given.contains_key("size") {
+                forget(defaults, &["views"]);
+            }
+        }
+        _ => {}
     }
+    Ok(())
+}
+
+/// One line of help for each recipe key, by `section.key` (views: `augment.views.key`), and for
+/// the keys that may stay unset, an example shown commented out.
+const KEYS: &[(&str, &str, Option<&str>)] = &[
+    ("seed", "fixes every random draw: initialisation, shuffles, views, masks", None),
+    ("data.source", "a CIFAR binary release, idx files, or an image folder / .tar(.gz) of one; --data overrides it", Some("\"path/to/images\"")),
+    ("data.train_split", "split to pre-train on", None),
+    ("data.test_split", "labelled split the kNN is measured on", None),
+    ("data.train_limit", "pre-train on this many images spread over the split (0: all)", None),
+    ("data.load_size", "shrink images whose shorter side is longer, once, at load", Some("256")),
+    ("data.skip_bad", "skip and count unreadable image files instead of stopping", None),
+    ("augment.pipeline", "named views: simclr, moco_v1, moco_v2, byol, dino, mae, eval (`selfsup pipeline NAME` prints one)", None),
+    ("augment.size", "side of the (global) views, and of evaluation views, in pixels", None),
+    ("augment.local_size", "dino: side of the local crops (default: half of size)", Some("16")),
+    ("augment.local_crops", "dino: local crops per image (default: 6)", Some("6")),
+    ("augment.mean", "per-channel normalisation mean (default: ImageNet's)", Some("[0.485, 0.456, 0.406]")),
+    ("augment.std", "per-channel normalisation std (default: ImageNet's)", Some("[0.229, 0.224, 0.225]")),
+    ("augment.views.count", "how many views of this kind each image gets", None),
+    ("augment.views.size", "view side in pixels", None),
+    ("augment.views.scale", "RandomResizedCrop area fraction; [1, 1]: the central square, nothing random", None),
+    ("augment.views.ratio", "RandomResizedCrop aspect-ratio range", None),
+    ("augment.views.flip", "probability of a horizontal flip", None),
+    ("augment.views.grayscale", "probability of turning the view grey", None),
+    ("augment.views.solarize", "probability of solarizing", None),
+    ("augment.views.jitter.p", "probability of colour jitter", None),
+    ("augment.views.jitter.brightness", "jitter strength (torchvision ColorJitter)", None),
+    ("augment.views.jitter.contrast", "jitter strength", None),
+    ("augment.views.jitter.saturation", "jitter strength", None),
+    ("augment.views.jitter.hue", "jitter strength, in [0, 0.5]", None),
+    ("augment.views.blur.p", "probability of a Gaussian blur", None),
+    ("augment.views.blur.sigma", "blur sigma range, in pixels", None),
+    ("augment.views.blur.kernel_frac", "blur kernel side as a fraction of the view side", None),
+    ("method.name", "simclr, moco, mae, dino, rotation, jigsaw or inpainting", None),
+    ("method.temperature", "τ of the InfoNCE / NT-Xent softmax", None),
+    ("method.proj_hidden", "hidden width of the projection head (moco: 0 gives v1's linear head)", None),
+    ("method.proj_dim", "output width of the projection head", None),
+    ("method.momentum", "EMA momentum of the key encoder / teacher at the start", None),
+    ("method.final_momentum", "EMA momentum at the end, reached by a cosine (equal to momentum: constant)", Some("1.0")),
+    ("method.queue_size", "K, negatives kept from earlier batches", None),
+    ("method.symmetric", "both views serve as queries and keys", None),
+    ("method.bn_splits", "batch-norm groups (shuffle-BN on one device)", None),
+    ("method.mask_ratio", "fraction of the patches hidden from the encoder", None),
+    ("method.decoder_dim", "width of MAE's decoder", None),
+    ("method.decoder_depth", "blocks of MAE's decoder", None),
+    ("method.decoder_heads", "attention heads of MAE's decoder", None),
+    ("method.norm_pix_loss", "predict each patch normalised by its own mean and std", None),
+    ("method.out_dim", "K, dimensions of DINO's output softmax", None),
+    ("method.hidden", "hidden width of the head", None),
+    ("method.bottleneck", "width before DINO's weight-normalised last layer", None),
+    ("method.norm_last_layer", "fix the norm of DINO's last layer weights", None),
+    ("method.head_batch_norm", "batch norm in the DINO head's hidden layers", None),
+    ("method.student_temp", "τs of the student softmax", None),
+    ("method.teacher_temp", "τt after its warm-up", None),
+    ("method.warmup_teacher_temp", "τt at the start", None),
+    ("method.warmup_teacher_temp_epochs", "epochs over which τt rises linearly", None),
+    ("method.center_momentum", "EMA momentum of the teacher's centre", None),
+    ("method.freeze_last_layer", "epochs during which the head's last layer does not learn", None),
+    ("method.permutations", "P, jigsaw permutations (classes)", None),
+    ("method.tile", "side of each jigsaw tile in pixels", None),
+    ("method.mask", "inpainting region: central, random_block or random_region", None),
+    ("method.area", "fraction of the image hidden", None),
+    ("method.lambda_rec", "weight of the reconstruction loss", None),
+    ("method.lambda_adv", "weight of the adversarial loss", None),
+    ("method.width", "channels of the decoder's and discriminator's widest layer", None),
+    ("model.arch", "resnet or vit", None),
+    ("model.depth", "resnet: 18, 34 or 50; vit: transformer blocks", None),
+    ("model.stem", "resnet: cifar (3x3, no max-pool) or imagenet (7x7 and max-pool)", None),
+    ("model.width", "resnet: channel multiplier", None),
+    ("model.image_size", "vit: the image side its positional embeddings are made for", None),
+    ("model.patch_size", "vit: patch side; it must divide every view size", None),
+    ("model.dim", "vit: token width", None),
+    ("model.heads", "vit: attention heads", None),
+    ("model.mlp_ratio", "vit: MLP width over token width", None),
+    ("model.pool", "vit features: cls (class token) or mean (mean patch token)", None),
+    ("train.epochs", "passes over the train split", None),
+    ("train.batch_size", "images per forward pass", None),
+    ("train.accumulate", "passes summed into one step; gives a contrastive loss no extra negatives", None),
+    ("train.optimizer", "lars, sgd or adamw", None),
+    ("train.weight_decay", "L2 / decoupled weight decay (not on biases and norms)", None),
+    ("train.momentum", "sgd / lars momentum", None),
+    ("train.betas", "adamw (β1, β2)", None),
+    ("train.eta", "lars trust coefficient", None),
+    ("train.grad_clip", "clip each parameter's gradient to this l2 norm (0: no clipping)", Some("3.0")),
+    ("train.final_weight_decay", "adamw: weight decay at the end, by a cosine", Some("0.4")),
+    ("train.base_lr", "peak learning rate before scaling by the batch", None),
+    ("train.lr_scaling", "linear (× batch / 256), sqrt (× √batch) or none", None),
+    ("train.warmup_epochs", "linear warm-up before the cosine decay", None),
+    ("train.final_lr", "learning rate at the end of the cosine", None),
+    ("train.checkpoint_every", "epochs between checkpoints (and always at the end)", None),
+    ("train.monitor_every", "epochs between online kNN checks (0: never)", None),
+    ("eval.knn_k", "neighbours of the weighted kNN vote", None),
+    ("eval.knn_t", "temperature of the vote weights exp(s / T)", None),
+    ("eval.monitor_train", "train images of the online kNN bank (0: all)", None),
+    ("eval.monitor_test", "test images of the online kNN (0: all)", None),
+    ("eval.linear_epochs", "epochs of the linear probe", None),
+    ("eval.linear_lr", "learning rate of the linear probe", None),
+    ("eval.batch_size", "images per pass when extracting features", None),
+    ("finetune.epochs", "fine-tuning epochs", None),
+    ("finetune.batch_size", "images per step", None),
+    ("finetune.base_lr", "peak lr before × batch / 256", None),
+    ("finetune.layer_decay", "lr scale per layer from the top (ViT)", None),
+    ("finetune.weight_decay", "AdamW weight decay", None),
+    ("finetune.warmup_epochs", "linear warm-up", None),
+    ("finetune.train_limit", "labelled images used (0: all)", None),
+];
+
+/// The complete recipe of `method` ([`Recipe::defaults`]) as TOML with a comment on every key;
+/// the keys that are unset by default close their section, commented out.
+pub fn commented_defaults(method: &str) -> Result<String> {
+    let file = match method {
+        "moco" => "moco_v2".to_string(),
+        other => other.to_string(),
+    };
+    let text = toml::to_string_pretty(&Recipe::defaults(method)?)?;
+    let mut out = format!(
+        "# The {method} recipe with every key at its default (the values of recipes/{file}_cifar10.toml).\n\
+         # A recipe may leave out any key: it then takes the value shown here.\n"
+    );
+    let mut section = String::new();
+    let mut seen: Vec<String> = vec![];
+    // The keys of `section` that may stay unset and were not printed, commented out.
+    let close = |section: &str, seen: &mut Vec<String>, out: &mut String| {
+        for (key, doc, example) in KEYS {
+            let in_section = key.rsplit_once('.').map_or("", |(s, _)| s) == section;
+            if let Some(example) = example.filter(|_| in_section && !seen.iter().any(|s| s == key))
+            {
+                let name = key.rsplit('.').next().unwrap_or(key);
+                out.push_str(&format!(
+                    "# {doc} (unset by default)\n# {name} = {example}\n"
+                ));
+                seen.push(key.to_string());
+            }
+        }
+    };
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('[') {
+            close(&section, &mut seen, &mut out);
+        }
+        if line.starts_with('[') {
+            section = line.trim_matches(|c| c == '[' || c == ']').to_string();
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            let full = match section.as_str() {
+                "" => key.to_string(),
+                s => format!("{s}.{key}"),
+            };
+            let doc = KEYS.iter().find(|(k, _, _)| *k == full).map(|(_, d, _)| *d);
+            out.push_str(&format!("# {}\n", doc.unwrap_or("(undocumented)")));
+            seen.push(full);
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    close(&section, &mut seen, &mut out);
+    Ok(out)
 }

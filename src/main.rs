@@ -98,6 +98,7 @@ enum Command {
         /// Images to look at (repeat the flag for several).
         #[arg(long = "image", required = true)]
         images: Vec<PathBuf>,
+        /// Side the central square of each image is resized to, rounded down to whole patches.
         #[arg(long, default_value_t = 224)]
         size: u32,
         #[arg(long, default_value = "attn.png")]
@@ -124,6 +125,11 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Print a method's complete recipe, every key commented and at its default, to start from.
+    Recipe {
+        /// simclr, moco, mae, dino, rotation, jigsaw or inpainting.
+        method: String,
     },
     /// Print a named pipeline as a recipe's [augment] section, to copy and change.
     Pipeline {
@@ -400,8 +406,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
-            let recipe = Recipe::load(&checkpoint.join("recipe.toml"))
-                .with_context(|| format!("{} is not a run folder", checkpoint.display()))?;
+            let recipe = pretrain::run_recipe(&checkpoint)?;
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let split = dataset.split(&split)?;
             let device = pretrain::device(&device)?;
@@ -411,6 +416,9 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} (original | masked | reconstruction)",
                 out.display()
             );
+        }
+        Command::Recipe { method } => {
+            print!("{}", selfsup::config::commented_defaults(&method)?);
         }
         Command::Pipeline { name, size } => {
             let pipeline = Pipeline::preset(&name, Sizes::small(size))?;
@@ -433,6 +441,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: a log redirected to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

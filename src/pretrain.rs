@@ -84,7 +84,7 @@ pub fn pretrain(
     let saved = out.join("recipe.toml");
     let text = toml::to_string_pretty(recipe)?;
     if saved.exists() {
-        let before = Recipe::load(&saved)?;
+        let before = Recipe::load_saved(&saved)?;
         if before.method != recipe.method
             || before.model != recipe.model
             || before.seed != recipe.seed
@@ -248,10 +248,15 @@ pub fn finetune_accuracy(
     )
 }
 
+/// The recipe a run folder was trained with.
+pub fn run_recipe(run: &Path) -> Result<Recipe> {
+    Recipe::load_saved(&run.join("recipe.toml"))
+        .with_context(|| format!("{} is not a run folder", run.display()))
+}
+
 /// The backbone of a run folder's latest checkpoint, with the run's recipe.
 pub fn load_backbone(run: &Path, device: &Device) -> Result<(Recipe, Backbone)> {
-    let recipe = Recipe::load(&run.join("recipe.toml"))
-        .with_context(|| format!("{} is not a run folder", run.display()))?;
+    let recipe = run_recipe(run)?;
     let Some(dir) = train::checkpoint::latest(run)? else {
         bail!("{} holds no checkpoint", run.display())
     };
@@ -296,8 +301,7 @@ pub fn reconstruct(
     seed: u64,
     device: &Device,
 ) -> Result<RgbImage> {
-    let recipe = Recipe::load(&run.join("recipe.toml"))
-        .with_context(|| format!("{} is not a run folder", run.display()))?;
+    let recipe = run_recipe(run)?;
     let Some(dir) = train::checkpoint::latest(run)? else {
         bail!("{} holds no checkpoint", run.display())
     };

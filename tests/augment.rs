@@ -251,9 +251,9 @@ fn recipe_values_are_checked_and_named() {
     let err = format!("{:#}", Recipe::load(&path).unwrap_err());
     assert!(err.contains("pipline"), "{err}");
     // A whole pipeline spelled out in TOML replaces the preset's views.
-    std::fs::write(&path, "[augment]\nsize = 16\n[[augment.views]]\ncount = 3\nsize = 16\nsolarize = 1.0\n[augment.views.jitter]\np = 0.5\nhue = 0.1\n").unwrap();
+    std::fs::write(&path, "[augment]\nsize = 16\n[[augment.views]]\ncount = 2\nsize = 16\nsolarize = 1.0\n[augment.views.jitter]\np = 0.5\nhue = 0.1\n").unwrap();
     let p = Recipe::load(&path).unwrap().augment.build().unwrap();
-    assert_eq!(p.num_views(), 3);
+    assert_eq!(p.num_views(), 2);
     assert_eq!(p.views[0].jitter.hue, 0.1);
     let _ = AugmentConfig::default().build().unwrap();
 }
@@ -308,11 +308,11 @@ fn loader_shuffles_per_epoch_and_resumes_mid_epoch() {
     assert_eq!(seq.batches_per_epoch(), 4);
     assert_eq!(seq.batch(0, 3).samples, vec![24, 25, 26, 27, 28, 29]);
     let big = loader(5, 8);
-    assert!(big
-        .check()
-        .unwrap_err()
-        .to_string()
-        .contains("larger than the 5 images"));
+    let err = big.check("train.batch_size").unwrap_err().to_string();
+    assert!(
+        err.contains("train.batch_size = 8") && err.contains("more than the 5 images"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -186,7 +186,51 @@ fn image_folder_archive_and_load_size() {
 }
 
 #[test]
-fn corrupt_and_non_image_files_are_named_or_skipped() {
+fn files_that_are_not_images_are_ignored_and_counted() {
+    // As torchvision's ImageFolder: a file is an image by its extension, in any case.
+    let dir = tempfile::tempdir().unwrap();
+    write_mixed_folder(dir.path());
+    std::fs::write(dir.path().join("train/dog/readme.txt"), "not a picture").unwrap();
+    std::fs::write(dir.path().join("train/cat/labels.csv"), "a.jpg,cat\n").unwrap();
+    std::fs::write(dir.path().join("LICENSE"), "CC-BY").unwrap();
+    std::fs::write(dir.path().join("test/cat/Thumbs.db"), [0u8; 64]).unwrap();
+    // An upper-case extension is an image, and the format is sniffed from the bytes: a PNG
+    // named .JPG decodes.
+    std::fs::copy(
+        dir.path().join("train/cat/gray.png"),
+        dir.path().join("train/cat/IMG_0001.JPG"),
+    )
+    .unwrap();
+    let ds = open(dir.path()).unwrap();
+    assert_eq!(ds.split("train").unwrap().len(), 9);
+    assert_eq!(ds.split("test").unwrap().len(), 8);
+    assert_eq!(ds.classes, ["cat", "dog"]);
+    assert_eq!(ds.ignored.len(), 4, "{:?}", ds.ignored);
+    assert!(
+        ds.summary().contains("ignored 4 files that are not images"),
+        "{}",
+        ds.summary()
+    );
+
+    // The same from a .tar.gz of the folder.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let archive = elsewhere.path().join("mixed.tar.gz");
+    common::tar_gz(dir.path(), "mixed", &archive);
+    let ds = open(&archive).unwrap();
+    assert_eq!((ds.split("train").unwrap().len(), ds.ignored.len()), (9, 4));
+
+    // A folder of text files only names what it found and what it looks for.
+    let texts = tempfile::tempdir().unwrap();
+    std::fs::write(texts.path().join("notes.txt"), "x").unwrap();
+    let err = format!("{:#}", open(texts.path()).unwrap_err());
+    assert!(
+        err.contains("no images") && err.contains("notes.txt") && err.contains("jpg"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_images_are_named_or_skipped() {
     let dir = tempfile::tempdir().unwrap();
     write_mixed_folder(dir.path());
     let jpeg = std::fs::read(dir.path().join("train/cat/a.jpg")).unwrap();
@@ -195,10 +239,11 @@ fn corrupt_and_non_image_files_are_named_or_skipped() {
         &jpeg[..jpeg.len() / 3],
     )
     .unwrap();
-    std::fs::write(dir.path().join("train/dog/notes.txt"), "not a picture").unwrap();
+    // An image extension on bytes that are no image stays an error.
+    std::fs::write(dir.path().join("train/dog/notes.png"), "not a picture").unwrap();
     let err = format!("{:#}", open(dir.path()).unwrap_err());
     assert!(
-        err.contains("broken.jpg") && err.contains("notes.txt") && err.contains("--skip-bad"),
+        err.contains("broken.jpg") && err.contains("notes.png") && err.contains("--skip-bad"),
         "{err}"
     );
     let ds = Dataset::open(

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use selfsup::methods::mae::{
     masked_patch_loss, patchify, random_masking, sincos_2d, unpatchify, Masking,
 };
-use selfsup::methods::MaeConfig;
+use selfsup::methods::{Feed, MaeConfig};
 use selfsup::models::{init_seeded, BackboneConfig};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -124,7 +124,13 @@ fn encoder_sees_only_the_visible_patches() {
         decoder_heads: 2,
         ..MaeConfig::default()
     };
-    config.check(&model).unwrap();
+    let feed = |model| Feed {
+        model,
+        view_sizes: vec![16],
+        size: 16,
+        batch: 2,
+    };
+    config.check(&feed(&model)).unwrap();
     let mae = init_seeded(&dev, 0, || config.init(&model, &dev));
     let masking = random_masking(2, 16, 0.75, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
     let x = random([2, 3, 16, 16], 6, &dev);
@@ -152,7 +158,7 @@ fn encoder_sees_only_the_visible_patches() {
     // A bad pairing is refused with the field named.
     let resnet = BackboneConfig::default();
     assert!(config
-        .check(&resnet)
+        .check(&feed(&resnet))
         .unwrap_err()
         .to_string()
         .contains("vit"));

@@ -12,7 +12,7 @@ use selfsup::augment::{Pipeline, Sizes};
 use selfsup::data::{Dataset, LoadOptions, Loader, Split};
 use selfsup::methods::{SimClr, SimclrConfig};
 use selfsup::models::{init_seeded, Backbone, BackboneConfig, ResNetConfig, Stem};
-use selfsup::train::{Method, Progress, StepOutput, TrainConfig, Trainer};
+use selfsup::train::{checkpoint, Method, Progress, StepOutput, TrainConfig, Trainer};
 
 fn cifar(n: usize) -> Split {
     let ds = Dataset::open(
@@ -96,7 +96,7 @@ fn resumed_run_repeats_the_uninterrupted_one_exactly() {
     let split = cifar(64);
     let dev = Device::flex().autodiff();
     let whole = tempfile::tempdir().unwrap();
-    let (_, straight) = trainer(config(3), whole.path())
+    let (straight_model, straight) = trainer(config(3), whole.path())
         .run(simclr(&dev), &loader(&split))
         .unwrap();
 
@@ -112,7 +112,7 @@ fn resumed_run_repeats_the_uninterrupted_one_exactly() {
     std::fs::write(partial.join("model.bpk"), b"half a file").unwrap();
 
     // Resumed from a fresh model, it continues from epoch 1 with identical losses.
-    let (_, rest) = trainer(config(3), cut.path())
+    let (resumed, rest) = trainer(config(3), cut.path())
         .run(simclr(&dev), &loader(&split))
         .unwrap();
     assert_eq!(
@@ -121,6 +121,35 @@ fn resumed_run_repeats_the_uninterrupted_one_exactly() {
         "resumed losses differ"
     );
     assert_eq!(rest.state, straight.state);
+    // ... and ends with the same weights and batch-norm statistics.
+    assert_same_state(&resumed, &straight_model);
+}
+
+/// Every parameter and buffer of two models is equal, bit for bit.
+fn assert_same_state<M: Module>(a: &M, b: &M) {
+    let (a, b) = (
+        common::params_by_path(&a.valid(), None),
+        common::params_by_path(&b.valid(), None),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((path, x, _), (_, y, _)) in a.iter().zip(&b) {
+        assert!(x == y, "{path} differs");
+    }
+}
+
+#[test]
+fn the_last_checkpoint_holds_the_model_the_run_returns() {
+    // Issue: the checkpoint written after the last step held the batch-norm statistics of the
+    // step before (burn's running state keeps the newest value pending until it is synced).
+    let split = cifar(64);
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let (trained, _) = trainer(config(2), dir.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+    let latest = checkpoint::latest(dir.path()).unwrap().unwrap();
+    let saved = checkpoint::load_model(&latest, simclr(&dev)).unwrap();
+    assert_same_state(&saved, &trained);
 }
 
 /// SimCLR whose loss turns NaN from step `nan_from` on.

@@ -383,6 +383,14 @@ impl Pipeline {
         self.views.iter().map(|v| v.count).sum()
     }
 
+    /// The side of each view of an image, in order (`[32, 32, 16, 16, ...]` for DINO).
+    pub fn view_sizes(&self) -> Vec<u32> {
+        self.views
+            .iter()
+            .flat_map(|v| std::iter::repeat_n(v.size, v.count))
+            .collect()
+    }
+
     /// The random views of one image, as 8-bit images (before normalisation).
     pub fn images(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<RgbImage> {
         self.views

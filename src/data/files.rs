@@ -41,6 +41,23 @@ impl Entry {
     }
 }
 
+/// The extensions of the image files a source may hold (compared case-insensitively): those of
+/// torchvision's `ImageFolder` that this build decodes, plus `.gif`. The one place that decides
+/// what an image file is: other files (`readme.txt`, `labels.csv`, `LICENSE`) are ignored and
+/// counted. The format itself is sniffed from the bytes, so a PNG named `.jpg` still decodes.
+pub(crate) const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "webp", "gif",
+];
+
+/// Whether a file name has one of [`IMAGE_EXTENSIONS`].
+pub(crate) fn is_image_name(name: &str) -> bool {
+    name.rsplit_once('.').is_some_and(|(_, ext)| {
+        IMAGE_EXTENSIONS
+            .iter()
+            .any(|known| ext.eq_ignore_ascii_case(known))
+    })
+}
+
 /// Whether `path` names a tar archive (by its extension).
 pub(crate) fn is_archive(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");

@@ -1,5 +1,7 @@
 //! Image folders: `root/<split>/<class>/*.jpg`, `root/<class>/*.jpg` or a flat `root/*.jpg`
 //! (unlabelled). Any format the `image` crate decodes; grayscale, RGBA and 16-bit become 8-bit RGB.
+//! Files without an image extension ([`files::IMAGE_EXTENSIONS`]) are ignored and counted, as
+//! torchvision's `ImageFolder` ignores them.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -8,13 +10,25 @@ use anyhow::{bail, Result};
 use image::RgbImage;
 use rayon::prelude::*;
 
-use super::files::Entry;
+use super::files::{self, Entry};
 use super::{Dataset, LoadOptions, Split};
 
 pub(crate) fn read(origin: &Path, entries: &[Entry], opts: &LoadOptions) -> Result<Dataset> {
-    let files: Vec<&Entry> = entries.iter().filter(|e| !e.is_dir()).collect();
+    let (files, ignored): (Vec<&Entry>, Vec<&Entry>) = entries
+        .iter()
+        .filter(|e| !e.is_dir())
+        .partition(|e| files::is_image_name(e.name()));
     if files.is_empty() {
-        bail!("{}: no images found (an empty folder)", origin.display());
+        let what = match ignored.first() {
+            Some(other) => format!(
+                "{} files, none with an image extension (like {}); expected one of: {}",
+                ignored.len(),
+                other.path,
+                files::IMAGE_EXTENSIONS.join(", ")
+            ),
+            None => "an empty folder".into(),
+        };
+        bail!("{}: no images found ({what})", origin.display());
     }
     let depth = files[0].path.matches('/').count();
     if let Some(odd) = files.iter().find(|e| e.path.matches('/').count() != depth) {
@@ -120,6 +134,7 @@ pub(crate) fn read(origin: &Path, entries: &[Entry], opts: &LoadOptions) -> Resu
         classes,
         splits,
         skipped: bad,
+        ignored: ignored.iter().map(|e| e.path.clone()).collect(),
     })
 }
 

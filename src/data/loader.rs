@@ -83,11 +83,12 @@ impl Loader {
         }
     }
 
-    /// Fails with a clear message when an epoch would hold no batch.
-    pub fn check(&self) -> Result<()> {
+    /// Fails with a clear message when an epoch would hold no batch; `key` is the recipe key
+    /// the batch size comes from (`train.batch_size`).
+    pub fn check(&self, key: &str) -> Result<()> {
         if self.batches_per_epoch() == 0 {
             bail!(
-                "batch size {} is larger than the {} images of split '{}' (lower the batch size)",
+                "{key} = {}: more than the {} images of split '{}', and the last partial batch of an epoch is dropped, so an epoch would hold no batch (lower {key} or use more images)",
                 self.batch_size,
                 self.split.len(),
                 self.split.name

@@ -104,6 +104,8 @@ pub struct Dataset {
     pub splits: Vec<Split>,
     /// Files that could not be read, with why (only with `skip_bad`).
     pub skipped: Vec<String>,
+    /// Files of an image folder that are not images by their extension (`readme.txt`), ignored.
+    pub ignored: Vec<String>,
 }
 
 impl Dataset {
@@ -142,6 +144,7 @@ impl Dataset {
             classes,
             splits,
             skipped: vec![],
+            ignored: vec![],
         };
         for split in &dataset.splits {
             if let Some(bad) = split
@@ -209,6 +212,13 @@ impl Dataset {
         }
         if !self.skipped.is_empty() {
             let _ = writeln!(out, "skipped {} unreadable files", self.skipped.len());
+        }
+        if let Some(first) = self.ignored.first() {
+            let _ = writeln!(
+                out,
+                "ignored {} files that are not images by their extension (like {first})",
+                self.ignored.len()
+            );
         }
         out
     }

@@ -109,6 +109,7 @@ pub fn finetune(
         config.batch_size,
         0,
     )?;
+    loader.check("finetune.batch_size")?;
     let steps_per_epoch = loader.batches_per_epoch();
     let total = steps_per_epoch * config.epochs;
     let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;

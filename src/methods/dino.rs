@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{dino_loss, mean_entropy};
+use crate::methods::Feed;
 use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, DinoHead, DinoHeadConfig,
 };
@@ -68,9 +69,17 @@ impl Default for DinoConfig {
 }
 
 impl DinoConfig {
-    pub fn check(&self, views: usize) -> anyhow::Result<()> {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        let views = feed.view_sizes.len();
         if views < 2 {
-            anyhow::bail!("method dino needs the two global crops and any local ones (augment.pipeline = \"dino\"); this pipeline makes {views} view(s)");
+            anyhow::bail!("augment: method dino needs the two global crops and any local ones (augment.pipeline = \"dino\"); this pipeline makes {views} view(s)");
+        }
+        feed.same_size("dino", 0..2)?;
+        feed.same_size("dino", 2..views)?;
+        // The backbone runs once per resolution: 2N global crops, (views - 2)·N local ones.
+        feed.norm_batch("dino", 2 * feed.batch)?;
+        if views > 2 {
+            feed.norm_batch("dino", (views - 2) * feed.batch)?;
         }
         for (name, t) in [
             ("student_temp", self.student_temp),

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::ops::MaskKind;
 use crate::augment::pretext::MaskedViews;
 use crate::augment::{Augment, Pipeline};
+use crate::methods::Feed;
 use crate::models::{
     Backbone, BackboneConfig, ContextDecoder, ContextDecoderConfig, Discriminator,
     DiscriminatorConfig,
@@ -50,17 +51,29 @@ impl Default for InpaintingConfig {
 }
 
 impl InpaintingConfig {
-    pub fn check(&self, view_size: u32) -> anyhow::Result<()> {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
         if !(self.area > 0.0 && self.area < 1.0) {
             anyhow::bail!("method.area = {}: must lie in (0, 1)", self.area);
         }
         if self.lambda_rec < 0.0 || self.lambda_adv < 0.0 {
             anyhow::bail!("method.lambda_rec and lambda_adv cannot be negative");
         }
+        feed.views(
+            "inpainting",
+            1,
+            "it hides a region of one view of each image",
+        )?;
+        let view_size = feed.view_sizes[0];
+        if view_size != feed.size {
+            anyhow::bail!(
+                "augment.views[0].size = {view_size}: inpainting paints views of augment.size = {}",
+                feed.size
+            );
+        }
         if view_size % 8 != 0 || view_size < 8 {
             anyhow::bail!("augment.size = {view_size}: inpainting needs a multiple of 8");
         }
-        Ok(())
+        feed.norm_batch("inpainting", feed.batch)
     }
 
     pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::pretext::JigsawTiles;
 use crate::augment::{Augment, Pipeline};
 use crate::losses::{accuracy, cross_entropy};
+use crate::methods::Feed;
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -48,7 +49,9 @@ impl Default for JigsawConfig {
 }
 
 impl JigsawConfig {
-    pub fn check(&self, view_size: u32) -> anyhow::Result<()> {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        feed.views("jigsaw", 1, "it cuts one view of each image into tiles")?;
+        let view_size = feed.view_sizes[0];
         if !(2..=1000).contains(&self.permutations) {
             anyhow::bail!(
                 "method.permutations = {}: must lie in 2..=1000",

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::methods::Feed;
 use crate::models::{Backbone, BackboneConfig, Vit, VitBlock};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -41,7 +42,7 @@ impl Default for MaeConfig {
 }
 
 impl MaeConfig {
-    pub fn check(&self, model: &BackboneConfig) -> anyhow::Result<()> {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
         if !(0.0..1.0).contains(&self.mask_ratio) {
             anyhow::bail!(
                 "method.mask_ratio = {}: must lie in [0, 1)",
@@ -55,10 +56,10 @@ impl MaeConfig {
                 self.decoder_dim
             );
         }
-        if !matches!(model, BackboneConfig::Vit(_)) {
+        if !matches!(feed.model, BackboneConfig::Vit(_)) {
             anyhow::bail!("method mae needs model.arch = \"vit\"");
         }
-        Ok(())
+        feed.views("mae", 1, "it masks one view of each image")
     }
 
     pub fn init(&self, model: &BackboneConfig, device: &Device) -> Mae {

@@ -26,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{embedding_std, info_nce, l2_normalize};
+use crate::methods::Feed;
 use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig,
 };
@@ -70,7 +71,7 @@ impl Default for MocoConfig {
 }
 
 impl MocoConfig {
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
         if !(self.temperature > 0.0) {
             anyhow::bail!(
                 "method.temperature = {}: must be positive",
@@ -87,6 +88,14 @@ impl MocoConfig {
         }
         if self.queue_size == 0 || self.proj_dim == 0 || self.bn_splits == 0 {
             anyhow::bail!("method.queue_size, proj_dim and bn_splits must be at least 1");
+        }
+        feed.views("moco", 2, "a query and a key")?;
+        if feed.batch < 2 * self.bn_splits {
+            anyhow::bail!(
+                "method.bn_splits = {}: batch norm needs at least 2 images per group, and train.batch_size is {}",
+                self.bn_splits,
+                feed.batch
+            );
         }
         Ok(())
     }

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use anyhow::bail;
+
 use crate::augment::{Augment, Pipeline};
 use crate::models::BackboneConfig;
 pub use dino::{Dino, DinoConfig};
@@ -42,17 +44,21 @@ impl Default for MethodConfig {
 }
 
 impl MethodConfig {
-    /// Checks the settings against the recipe's model and views.
-    pub fn check(&self, model: &BackboneConfig, views: &Pipeline) -> anyhow::Result<()> {
-        let view_size = views.views[0].size;
+    /// Checks the settings, and what the loss and layers need of every forward pass (views per
+    /// image, their sizes, images per batch and per batch-norm group), against `feed`. The error
+    /// names the recipe key at fault and why the method needs it.
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
         match self {
-            MethodConfig::Simclr(c) => c.check(),
-            MethodConfig::Moco(c) => c.check(),
-            MethodConfig::Mae(c) => c.check(model),
-            MethodConfig::Dino(c) => c.check(views.num_views()),
-            MethodConfig::Rotation(_) => Ok(()),
-            MethodConfig::Jigsaw(c) => c.check(view_size),
-            MethodConfig::Inpainting(c) => c.check(view_size),
+            MethodConfig::Simclr(c) => c.check(feed),
+            MethodConfig::Moco(c) => c.check(feed),
+            MethodConfig::Mae(c) => c.check(feed),
+            MethodConfig::Dino(c) => c.check(feed),
+            MethodConfig::Rotation(_) => {
+                feed.views("rotation", 1, "it turns one view of each image four ways")?;
+                feed.norm_batch("rotation", 4 * feed.batch)
+            }
+            MethodConfig::Jigsaw(c) => c.check(feed),
+            MethodConfig::Inpainting(c) => c.check(feed),
         }
     }
 
@@ -81,5 +87,59 @@ impl MethodConfig {
             | MethodConfig::Mae(_)
             | MethodConfig::Dino(_) => Arc::new(base),
         }
+    }
+}
+
+/// What a recipe feeds its method in one forward pass, for [`MethodConfig::check`].
+pub struct Feed<'a> {
+    pub model: &'a BackboneConfig,
+    /// The side of each view of an image, in the order of the loss's `views`.
+    pub view_sizes: Vec<u32>,
+    /// `augment.size`: the side of the views of evaluation, fine-tuning and pictures.
+    pub size: u32,
+    /// `train.batch_size`: images per forward pass.
+    pub batch: usize,
+}
+
+impl Feed<'_> {
+    /// Refuses a pipeline that does not make exactly `n` views of each image.
+    pub fn views(&self, method: &str, n: usize, why: &str) -> anyhow::Result<()> {
+        let made = self.view_sizes.len();
+        if made != n {
+            bail!("augment: method {method} needs {n} view(s) of each image ({why}); this pipeline makes {made} (set augment.pipeline or [[augment.views]])");
+        }
+        Ok(())
+    }
+
+    /// Refuses views `range` of differing sizes (they go through the network as one batch).
+    pub fn same_size(&self, method: &str, range: std::ops::Range<usize>) -> anyhow::Result<()> {
+        let sizes = &self.view_sizes[range.clone()];
+        if sizes.windows(2).any(|w| w[0] != w[1]) {
+            bail!("augment: method {method} batches views {}..{} together, so they need one size; they are {sizes:?} px", range.start, range.end);
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch smaller than `n` images.
+    pub fn min_batch(&self, method: &str, n: usize, why: &str) -> anyhow::Result<()> {
+        if self.batch < n {
+            bail!(
+                "train.batch_size = {}: method {method} needs at least {n} images per batch ({why})",
+                self.batch
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch-norm pass over fewer than 2 images, where the model has batch norm: the
+    /// batch statistics of one image make every feature 0 (it would train on nothing).
+    pub fn norm_batch(&self, method: &str, images: usize) -> anyhow::Result<()> {
+        if matches!(self.model, BackboneConfig::Resnet(_)) && images < 2 {
+            bail!(
+                "train.batch_size = {}: method {method} runs the ResNet's batch norm over {images} image(s) per pass; it needs at least 2",
+                self.batch
+            );
+        }
+        Ok(())
     }
 }

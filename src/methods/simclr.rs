@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{embedding_std, nt_xent};
+use crate::methods::Feed;
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -34,14 +35,20 @@ impl Default for SimclrConfig {
 }
 
 impl SimclrConfig {
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
         if !(self.temperature > 0.0) {
             anyhow::bail!(
                 "method.temperature = {}: must be positive",
                 self.temperature
             );
         }
-        Ok(())
+        feed.views("simclr", 2, "the positive pair")?;
+        feed.same_size("simclr", 0..2)?;
+        feed.min_batch(
+            "simclr",
+            2,
+            "the negatives of a view are the other images of its batch",
+        )
     }
 
     pub fn init(&self, model: &BackboneConfig, device: &Device) -> SimClr {

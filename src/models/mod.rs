@@ -26,11 +26,41 @@ pub enum BackboneConfig {
 }
 
 impl BackboneConfig {
+    /// The CIFAR-scale model of an `arch` that a recipe names without its settings: ResNet-18
+    /// with the CIFAR stem, or ViT-Tiny with 4-px patches at 32 px (timm's `vit_tiny` widths).
+    pub fn default_for(arch: &str) -> Option<BackboneConfig> {
+        match arch {
+            "resnet" => Some(BackboneConfig::default()),
+            "vit" => VitConfig::preset("tiny", 32, 4)
+                .ok()
+                .map(BackboneConfig::Vit),
+            _ => None,
+        }
+    }
+
     pub fn check(&self) -> anyhow::Result<()> {
         match self {
             BackboneConfig::Resnet(c) => c.check(),
             BackboneConfig::Vit(c) => c.check(),
         }
+    }
+
+    /// Refuses images of `size` px that the model would not see whole: a ViT cuts images into
+    /// patches and would silently drop the border that no whole patch covers. `key` is the
+    /// recipe key the size comes from. (Other sizes than `image_size` are fine: the positional
+    /// embeddings are resized to the patch grid, as in DINO.)
+    pub fn check_input(&self, size: u32, key: &str) -> anyhow::Result<()> {
+        if let BackboneConfig::Vit(v) = self {
+            let p = v.patch_size as u32;
+            if size < p || size % p != 0 {
+                anyhow::bail!(
+                    "{key} = {size}: the ViT's {p}-px patches (model.patch_size) must tile it exactly; \
+                     {} px of every side would be dropped (use a multiple of {p})",
+                    size % p
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Width of the features the backbone returns.

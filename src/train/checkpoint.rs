@@ -45,8 +45,11 @@ pub fn save<M: Module>(
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // `valid()` first: burn keeps a batch-norm layer's newest running statistics pending until
+    // they are synced, and a record of the training module itself would hold those of the step
+    // before (or the initial 0 and 1 after one step).
     method
-        .clone()
+        .valid()
         .save_file(tmp.join(MODEL))
         .map_err(|e| anyhow::anyhow!("cannot write the model into {}: {e:?}", tmp.display()))?;
     optim

@@ -222,7 +222,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<(M, Report)> {
         let c = &self.config;
         c.check()?;
-        loader.check()?;
+        loader.check("train.batch_size")?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let (mut method, mut optim, mut aux, mut state) = match checkpoint::latest(&self.out)? {

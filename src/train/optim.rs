@@ -129,7 +129,7 @@ pub struct OptimConfig {
     /// LARS trust coefficient η.
     #[serde(default = "eta")]
     pub eta: f64,
-    /// Clip each parameter's gradient to this l2 norm (DINO: 3.0).
+    /// Clip each parameter's gradient to this l2 norm (DINO: 3.0); unset or 0: no clipping.
     #[serde(default)]
     pub grad_clip: Option<f32>,
     /// AdamW only: weight decay follows a cosine from `weight_decay` to this value (DINO:
@@ -171,8 +171,8 @@ impl OptimConfig {
                 "train.final_weight_decay: a weight-decay schedule needs optimizer = \"adamw\""
             );
         }
-        if let Some(c) = self.grad_clip.filter(|c| !(*c > 0.0)) {
-            anyhow::bail!("train.grad_clip = {c}: must be positive");
+        if let Some(c) = self.grad_clip.filter(|c| !(*c >= 0.0)) {
+            anyhow::bail!("train.grad_clip = {c}: must be positive (or 0: no clipping)");
         }
         Ok(())
     }
@@ -180,8 +180,8 @@ impl OptimConfig {
     pub fn init(&self) -> ModuleOptimizer {
         let optim = self.init_unclipped();
         match self.grad_clip {
-            Some(c) => optim.with_grad_clipping(GradientClipping::Norm(c)),
-            None => optim,
+            Some(c) if c > 0.0 => optim.with_grad_clipping(GradientClipping::Norm(c)),
+            _ => optim,
         }
     }
 

@@ -111,3 +111,23 @@ pub fn tiny_vit() -> selfsup::models::BackboneConfig {
         pool: selfsup::models::Pool::Cls,
     })
 }
+
+/// The tensors of a safetensors file by name, sorted: (name, (dtype, shape, bytes)).
+pub fn safetensors_by_name(path: &Path) -> Vec<(String, (String, Vec<usize>, Vec<u8>))> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let value = (
+                format!("{:?}", t.dtype()),
+                t.shape().to_vec(),
+                t.data().to_vec(),
+            );
+            (name, value)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

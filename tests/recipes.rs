@@ -1,0 +1,164 @@
+//! Recipes: defaults for every key a file leaves out, and refusals, at load, of what a method
+//! cannot learn from (too few views or images per batch, sizes a ViT would crop).
+
+use selfsup::config::{commented_defaults, Recipe};
+use selfsup::methods::MethodConfig;
+use selfsup::models::BackboneConfig;
+use selfsup::train::OptimizerKind;
+
+const METHODS: [&str; 7] = [
+    "simclr",
+    "moco",
+    "mae",
+    "dino",
+    "rotation",
+    "jigsaw",
+    "inpainting",
+];
+
+fn refused(text: &str) -> String {
+    format!("{:#}", Recipe::parse(text).unwrap_err())
+}
+
+#[test]
+fn a_recipe_may_leave_out_any_key() {
+    // Issue: a recipe without train.weight_decay did not parse.
+    let r = Recipe::parse("[train]\nepochs = 30\n").unwrap();
+    assert_eq!(r.train.epochs, 30);
+    let mut defaults = Recipe::parse("").unwrap();
+    defaults.train.epochs = 30;
+    assert_eq!(r, defaults);
+    // SimCLR's published settings: LARS, weight decay 1e-6, τ 0.5.
+    assert_eq!(r.train.optim.optimizer, OptimizerKind::Lars);
+    assert_eq!(r.train.optim.weight_decay, 1e-6);
+    let MethodConfig::Simclr(m) = &r.method else {
+        panic!("{:?}", r.method)
+    };
+    assert_eq!(m.temperature, 0.5);
+
+    // The defaults are the method's: MAE's AdamW (0.9, 0.95), weight decay 0.05, mask 0.75.
+    let r = Recipe::parse("[method]\nname = \"mae\"\n").unwrap();
+    assert_eq!(r.train.optim.optimizer, OptimizerKind::Adamw);
+    assert_eq!(r.train.optim.betas, [0.9, 0.95]);
+    assert_eq!(r.train.optim.weight_decay, 0.05);
+    let MethodConfig::Mae(m) = &r.method else {
+        panic!("{:?}", r.method)
+    };
+    assert_eq!(m.mask_ratio, 0.75);
+    assert!(matches!(r.model, BackboneConfig::Vit(_)));
+
+    // A key that picks another kind does not inherit the defaults of the published one's kind:
+    // DINO with SGD has no AdamW betas or weight-decay schedule, DINO on a ResNet gets ResNet-18.
+    let r = Recipe::parse("[method]\nname = \"dino\"\n[train]\noptimizer = \"sgd\"\n").unwrap();
+    assert_eq!(r.train.optim.betas, [0.9, 0.999]);
+    assert_eq!(r.train.optim.final_weight_decay, None);
+    assert_eq!(r.train.optim.grad_clip, Some(3.0), "not the optimiser's");
+    let r = Recipe::parse("[method]\nname = \"dino\"\n[model]\narch = \"resnet\"\n").unwrap();
+    assert_eq!(r.model, BackboneConfig::default());
+    // Pre-training a pretext task on another pipeline drops the published recipe's own views.
+    let r =
+        Recipe::parse("[method]\nname = \"rotation\"\n[augment]\npipeline = \"eval\"\n").unwrap();
+    assert_eq!(r.augment.views, None);
+
+    // A wrong key or value is still named (a value by its section and itself where serde's
+    // flattened and tagged sections hide the key).
+    let err = refused("[train]\nweight_decay = \"lots\"\n");
+    assert!(err.contains("train") && err.contains("\"lots\""), "{err}");
+    let err = refused("[augment]\nviews = [{ count = \"a\" }]\n");
+    assert!(err.contains("augment.views.count = \"a\""), "{err}");
+    assert!(refused("[train]\nwieght_decay = 0.1\n").contains("wieght_decay"));
+    assert!(refused("[method]\nname = \"byol\"\n").contains("byol"));
+}
+
+#[test]
+fn printed_recipes_are_complete_commented_and_read_back() {
+    for method in METHODS {
+        let text = commented_defaults(method).unwrap();
+        assert!(!text.contains("(undocumented)"), "{method}:\n{text}");
+        // Every setting line has its comment above it.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.contains(" = ") && !line.starts_with('#') {
+                assert!(lines[i - 1].starts_with("# "), "{method}: {line}");
+            }
+        }
+        let back = Recipe::parse(&text).unwrap();
+        assert_eq!(back, Recipe::defaults(method).unwrap(), "{method}");
+        assert_eq!(back.method.name(), method);
+    }
+    // The unset ones are shown, commented out.
+    let dino = commented_defaults("dino").unwrap();
+    assert!(dino.contains("# source = \"path/to/images\""), "{dino}");
+}
+
+#[test]
+fn a_method_refuses_batches_and_views_it_cannot_learn_from() {
+    // Issue: SimCLR with one image per batch has no negatives; it trained at loss 0.
+    let err = refused("[train]\nbatch_size = 1\n");
+    assert!(
+        err.contains("train.batch_size = 1") && err.contains("negatives"),
+        "{err}"
+    );
+    assert!(Recipe::parse("[train]\nbatch_size = 2\n").is_ok());
+    // MoCo: 2 images per batch-norm group.
+    let err = refused("[method]\nname = \"moco\"\nbn_splits = 8\n[train]\nbatch_size = 8\n");
+    assert!(err.contains("method.bn_splits = 8"), "{err}");
+    // A pair-based method with another number of views.
+    let err = refused("[augment]\npipeline = \"dino\"\n");
+    assert!(
+        err.contains("simclr needs 2 view(s)") && err.contains("makes 8"),
+        "{err}"
+    );
+    let err = refused("[method]\nname = \"moco\"\n[augment]\npipeline = \"mae\"\n");
+    assert!(err.contains("moco needs 2 view(s)"), "{err}");
+    // Pretext tasks and MAE use one view.
+    let err = refused("[method]\nname = \"rotation\"\n[augment]\npipeline = \"simclr\"\n");
+    assert!(err.contains("rotation needs 1 view(s)"), "{err}");
+    let err = refused("[method]\nname = \"mae\"\n[augment]\npipeline = \"simclr\"\n");
+    assert!(err.contains("mae needs 1 view(s)"), "{err}");
+    // DINO: at least the two global crops, which must share a size.
+    let err = refused("[method]\nname = \"dino\"\n[augment]\npipeline = \"mae\"\n");
+    assert!(err.contains("two global crops"), "{err}");
+    let err = refused(
+        "[method]\nname = \"dino\"\n[augment]\nviews = [{ count = 1, size = 32 }, { count = 1, size = 16 }]\n",
+    );
+    assert!(
+        err.contains("one size") && err.contains("[32, 16]"),
+        "{err}"
+    );
+    // Batch norm over a single image: inpainting's ResNet encoder, DINO's one local crop.
+    let err = refused("[method]\nname = \"inpainting\"\n[train]\nbatch_size = 1\n");
+    assert!(err.contains("batch norm over 1 image"), "{err}");
+    let err = refused(
+        "[method]\nname = \"dino\"\n[model]\narch = \"resnet\"\n[augment]\nlocal_crops = 1\n[train]\nbatch_size = 1\n",
+    );
+    assert!(err.contains("batch norm over 1 image"), "{err}");
+    // The same on a ViT has no batch norm to starve.
+    assert!(Recipe::parse(
+        "[method]\nname = \"dino\"\n[augment]\nlocal_crops = 1\n[train]\nbatch_size = 1\n"
+    )
+    .is_ok());
+}
+
+#[test]
+fn every_size_that_reaches_a_vit_is_whole_patches() {
+    let dino_vit = "[method]\nname = \"dino\"\n[model]\narch = \"vit\"\nimage_size = 32\npatch_size = 8\ndim = 24\ndepth = 1\nheads = 2\n";
+    // Issue: 20-px local crops under 8-px patches lost their border silently.
+    let err = refused(&format!("{dino_vit}[augment]\nlocal_size = 20\n"));
+    assert!(
+        err.contains("augment.local_size = 20") && err.contains("model.patch_size"),
+        "{err}"
+    );
+    assert!(Recipe::parse(&format!("{dino_vit}[augment]\nlocal_size = 16\n")).is_ok());
+    // The global views and evaluation size.
+    let err = refused(&format!("{dino_vit}[augment]\nsize = 36\n"));
+    assert!(err.contains("augment.size = 36"), "{err}");
+    // Views spelled out.
+    let err = refused("[method]\nname = \"mae\"\n[augment]\nviews = [{ count = 1, size = 30 }]\n");
+    assert!(err.contains("augment.views[0].size = 30"), "{err}");
+    // The model itself.
+    let err = refused(
+        "[method]\nname = \"mae\"\n[model]\narch = \"vit\"\nimage_size = 40\npatch_size = 16\n",
+    );
+    assert!(err.contains("model.patch_size = 16"), "{err}");
+}
