@@ -439,7 +439,9 @@ pub fn commented_defaults(method: &str) -> Result<String> {
         "moco" => "moco_v2".to_string(),
         other => other.to_string(),
     };
-    let text = toml::to_string_pretty(&Recipe::defaults(method)?)?;
+    let mut table = toml::Table::try_from(Recipe::defaults(method)?)?;
+    table.iter_mut().for_each(|(_, v)| shortest_floats(v));
+    let text = toml::to_string(&table)?;
     let mut out = format!(
         "# The {method} recipe with every key at its default (the values of recipes/{file}_cifar10.toml).\n\
          # A recipe may leave out any key: it then takes the value shown here.\n"
@@ -480,4 +482,17 @@ pub fn commented_defaults(method: &str) -> Result<String> {
     }
     close(&section, &mut seen, &mut out);
     Ok(out)
+}
+
+/// Floats that are `f32` settings written as their shortest `f32` decimal (0.4914, not
+/// 0.49140000343322754): the same value once read back.
+fn shortest_floats(value: &mut toml::Value) {
+    match value {
+        toml::Value::Float(v) if (*v as f32) as f64 == *v => {
+            *v = (*v as f32).to_string().parse().unwrap_or(*v);
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(shortest_floats),
+        toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| shortest_floats(v)),
+        _ => {}
+    }
 }
