@@ -6,6 +6,7 @@
 //! the frozen backbone (kNN, linear probe), [`viz`] draws what is worth looking at, and
 //! [`pretrain`] ties a recipe ([`config`]) to all of them.
 
+pub mod alloc;
 pub mod augment;
 pub mod config;
 pub mod data;

@@ -435,7 +435,11 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+#[global_allocator]
+static ALLOCATOR: selfsup::alloc::MiMalloc = selfsup::alloc::MiMalloc;
+
 fn main() -> ExitCode {
+    selfsup::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

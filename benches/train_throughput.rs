@@ -1,0 +1,193 @@
+//! Training throughput of whole recipes: the real loop of `selfsup pretrain` (decoded CIFAR-10
+//! from `../shared/data`, augmentation on the loader's threads, the method, the optimiser, the
+//! checkpoint at the end) for a few steps after a warm-up run of the same recipe. Prints img/s,
+//! CPU time (user, sys), cores busy and peak RSS; each case runs in a process of its own so that
+//! its peak RSS is its own.
+//!
+//! Run: `cargo bench --profile dev --bench train_throughput [-- CASE...]`; the PyTorch
+//! reference for the same cases: `python3 benches/reference/train_throughput_torch.py [CASE...]`.
+
+use std::process::Command;
+use std::time::Instant;
+
+use selfsup::config::Recipe;
+use selfsup::data::{Dataset, LoadOptions};
+
+#[global_allocator]
+static ALLOCATOR: selfsup::alloc::MiMalloc = selfsup::alloc::MiMalloc;
+
+/// (name, steps timed, recipe): the cases of issue 15.
+const CASES: [(&str, usize, &str); 4] = [
+    (
+        "simclr_r18w0.25_b256",
+        8,
+        r#"
+[augment]
+pipeline = "simclr"
+[method]
+name = "simclr"
+temperature = 0.2
+proj_hidden = 512
+proj_dim = 128
+[model]
+arch = "resnet"
+width = 0.25
+[train]
+batch_size = 256
+optimizer = "sgd"
+momentum = 0.9
+base_lr = 0.6
+lr_scaling = "none"
+weight_decay = 1e-5
+"#,
+    ),
+    (
+        "simclr_r18_b128",
+        4,
+        r#"
+[augment]
+pipeline = "simclr"
+[method]
+name = "simclr"
+temperature = 0.2
+proj_hidden = 512
+proj_dim = 128
+[model]
+arch = "resnet"
+[train]
+batch_size = 128
+optimizer = "sgd"
+momentum = 0.9
+base_lr = 0.3
+lr_scaling = "none"
+weight_decay = 1e-5
+"#,
+    ),
+    (
+        "mae_vit_tiny4_b64",
+        8,
+        r#"
+[method]
+name = "mae"
+mask_ratio = 0.75
+[train]
+batch_size = 64
+"#,
+    ),
+    (
+        "dino_vit_tiny4_2+4crops_b64",
+        4,
+        r#"
+[method]
+name = "dino"
+[augment]
+local_crops = 4
+[train]
+batch_size = 64
+"#,
+    ),
+];
+
+/// Seconds of CPU this process has used: (user, sys), from /proc/self/stat.
+fn cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th of them, in clock ticks.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let tick = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(100.0);
+    (
+        fields.get(11).copied().unwrap_or(0.0) / tick,
+        fields.get(12).copied().unwrap_or(0.0) / tick,
+    )
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Runs one case in this process and prints its row.
+fn run_case(name: &str, steps: usize, text: &str) {
+    let data =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-jpeg.tar.gz");
+    let dataset = Dataset::open(&data, &LoadOptions::default()).expect("the CIFAR-10 archive");
+    let mut recipe = Recipe::parse(text).expect("a valid case");
+    // No kNN at the end: the test split is not named.
+    recipe.data.test_split = "none".into();
+    recipe.train.epochs = 1;
+    recipe.train.warmup_epochs = 0.0;
+    recipe.train.monitor_every = 0;
+    let device = burn::tensor::Device::flex();
+    let tmp = std::env::temp_dir().join(format!("selfsup-bench-{}", std::process::id()));
+    let run = |dir: &str, steps: usize| {
+        let mut r = recipe.clone();
+        r.data.train_limit = steps * r.train.batch_size;
+        let out = tmp.join(dir);
+        let _ = std::fs::remove_dir_all(&out);
+        selfsup::pretrain::pretrain(&r, &dataset, &out, &device).expect("training");
+        // The img/s of the last step: images over the epoch's wall time so far.
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let last = metrics
+            .lines()
+            .rfind(|l| l.contains("\"kind\":\"step\""))
+            .unwrap();
+        let line: serde_json::Value = serde_json::from_str(last).unwrap();
+        line["img_per_s"].as_f64().unwrap()
+    };
+    run("warmup", 2);
+    let (cpu0, wall0) = (cpu_seconds(), Instant::now());
+    let rate = run("timed", steps);
+    let (cpu1, wall) = (cpu_seconds(), wall0.elapsed().as_secs_f64());
+    let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    println!(
+        "| {name} | {steps} | {rate:.1} | {user:.0} | {sys:.0} ({:.0}%) | {:.2} | {:.0} |",
+        100.0 * sys / (user + sys),
+        (user + sys) / wall,
+        peak_rss_mib()
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+fn main() {
+    selfsup::alloc::keep_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--case") {
+        let name = &args[i + 1];
+        let (_, steps, text) = CASES.iter().find(|c| c.0 == name).expect("a known case");
+        run_case(name, *steps, text);
+        return;
+    }
+    let chosen: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    println!("selfsup (burn 0.22.1 flex), 2 cores; img/s of the timed steps, CPU seconds of the timed run");
+    println!("| case | steps | img/s | user s | sys s | cores busy | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, _, _) in CASES {
+        if chosen.is_empty() || chosen.iter().any(|c| c.as_str() == name) {
+            let status = Command::new(std::env::current_exe().unwrap())
+                .args(["--case", name])
+                .status()
+                .expect("the bench itself");
+            assert!(status.success(), "{name} failed");
+        }
+    }
+}
