@@ -313,6 +313,15 @@ fn run(cli: Cli) -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let summary = pretrain::pretrain(&recipe, &dataset, &out, &pretrain::device(&device)?)?;
+            if summary.trained == 0 {
+                println!(
+                    "{} is complete: {}/{} epochs trained (pass --epochs N above {} to train further); its results:",
+                    out.display(),
+                    summary.epochs,
+                    recipe.train.epochs,
+                    summary.epochs
+                );
+            }
             println!("run folder: {}", out.display());
             println!(
                 "backbone (torchvision/timm names): {}",

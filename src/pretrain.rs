@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Recipe;
 use crate::data::{Dataset, Loader, Split};
@@ -62,9 +62,12 @@ trait MethodUser<R> {
 }
 
 /// What a finished run reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub epochs: usize,
+    /// Epochs this call trained: 0 when the run folder held a complete run already.
+    #[serde(default)]
+    pub trained: usize,
     pub final_loss: Option<f32>,
     pub knn: Option<Accuracy>,
     pub checkpoint: PathBuf,
@@ -91,6 +94,19 @@ pub fn pretrain(
         {
             bail!("{} holds a run of another recipe (method, model or seed differ): choose another --out", out.display());
         }
+    }
+    // A complete run is not trained or measured again: its summary stands.
+    let done = match train::checkpoint::latest(out)? {
+        Some(dir) => train::checkpoint::state(&dir)?.epoch,
+        None => 0,
+    };
+    let summary_path = out.join("summary.json");
+    if done >= recipe.train.epochs && summary_path.exists() {
+        let text = std::fs::read_to_string(&summary_path)?;
+        let mut summary: Summary =
+            serde_json::from_str(&text).with_context(|| format!("{}", summary_path.display()))?;
+        summary.trained = 0;
+        return Ok(summary);
     }
     std::fs::write(&saved, text)?;
 
@@ -160,6 +176,7 @@ pub fn pretrain(
     };
     let summary = Summary {
         epochs: report.state.epoch,
+        trained: report.state.epoch - done,
         final_loss: report.state.epoch_losses.last().copied(),
         knn,
         checkpoint: train::checkpoint::latest(out)?.unwrap_or_default(),

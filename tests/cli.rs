@@ -257,6 +257,24 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
         );
     }
 
+    // The same pretrain again: the run is complete, and says so instead of training or
+    // measuring again.
+    let (ok, again, stderr) = selfsup(&[
+        "pretrain",
+        "--recipe",
+        recipe_path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(again.contains("is complete: 1/1 epochs"), "{again}");
+    assert!(
+        again.contains("kNN"),
+        "the results are shown again: {again}"
+    );
+
     // Fewer labelled images than one batch: refused, not a fine-tuning of no step.
     let (ok, _, stderr) = selfsup(&[
         "finetune",

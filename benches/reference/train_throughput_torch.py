@@ -5,7 +5,8 @@ Each case decodes ../shared/data/cifar10-jpeg.tar.gz into memory, draws the view
 torchvision transforms in a DataLoader (2 worker processes, as many as cores), and trains
 with torch.set_num_threads(2): 2 warm-up steps, then the timed steps. img/s is images over the
 timed steps' wall time; CPU seconds are the whole machine's (/proc/stat, the workers included),
-so run it on an otherwise idle machine. Peak RSS: the main process's (ru_maxrss).
+so run it on an otherwise idle machine. Peak RSS: the main process's (ru_maxrss), one process a
+case.
 
 Cases (as in the Rust bench):
 - simclr_r18w0.25_b256: CIFAR ResNet-18 at width 0.25, head 128-512-128 with BN, NT-Xent τ 0.2,
@@ -23,6 +24,7 @@ import io
 import math
 import os
 import resource
+import subprocess
 import sys
 import tarfile
 import time
@@ -313,10 +315,13 @@ def run(name, images):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--case"]:
+        run(sys.argv[2], cifar_train())
+        raise SystemExit
     names = sys.argv[1:] or ["simclr_r18w0.25_b256", "simclr_r18_b128", "mae_vit_tiny4_b64", "dino_vit_tiny4_2+4crops_b64"]
-    images = cifar_train()
     print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, DataLoader with 2 workers")
     print("| case | steps | img/s | user s | sys s | cores busy | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for n in names:
-        run(n, images)
+        # One process per case, so that each peak RSS is the case's own.
+        subprocess.run([sys.executable, __file__, "--case", n], check=True)

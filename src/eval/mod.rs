@@ -107,7 +107,7 @@ pub fn extract(
 }
 
 /// Top-1 and top-5 accuracy (fractions).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Accuracy {
     pub top1: f32,
     pub top5: f32,

@@ -107,6 +107,14 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// Where training stood at the checkpoint `dir`.
+pub fn state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+}
+
 /// Loads the weights of the checkpoint `dir` into `method` (same architecture).
 pub fn load_model<M: Module>(dir: &Path, method: M) -> Result<M> {
     method
@@ -128,7 +136,5 @@ pub fn load<M: Module>(
     };
     let optim = load_optim(optim, OPTIM)?;
     let aux = load_optim(aux, AUX_OPTIM)?;
-    let state: TrainState = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE))?)
-        .with_context(|| format!("{}", dir.join(STATE).display()))?;
-    Ok((method, optim, aux, state))
+    Ok((method, optim, aux, state(dir)?))
 }
