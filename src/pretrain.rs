@@ -15,6 +15,7 @@ use crate::data::{Dataset, Loader, Split};
 use crate::eval::{self, Accuracy, Features};
 use crate::methods::MethodConfig;
 use crate::models::{init_seeded, Backbone};
+use crate::train::events::EventWriter;
 use crate::train::{self, Method, Scalars, Trainer};
 
 /// The device named on the command line: `cpu` (burn's flex backend, always built), `cuda`
@@ -118,6 +119,13 @@ pub fn pretrain(
         .filter(|s| s.labels.is_some())
         .cloned();
     let pipeline = recipe.augment.build()?;
+    // The run's pictures, as PNG files and TensorBoard images: its views now, and what MAE and
+    // inpainting paint at the end.
+    let mut pictures = EventWriter::create(out)?;
+    let sample: Vec<&RgbImage> = train_split.images.iter().take(8).collect();
+    let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
+    crate::viz::save_png(&views, &out.join("views.png"))?;
+    pictures.image(0, "views", &views)?;
     let loader = Loader::new(
         train_split.clone(),
         recipe.method.augment(pipeline),
@@ -167,6 +175,13 @@ pub fn pretrain(
 
     let backbone_path = out.join("backbone.safetensors");
     export_backbone(&backbone, &backbone_path)?;
+    if let (MethodConfig::Mae(_) | MethodConfig::Inpainting(_), Some(test)) =
+        (&recipe.method, &test_split)
+    {
+        let painted = reconstruct(out, test, 8, 0, device)?;
+        crate::viz::save_png(&painted, &out.join("reconstructions.png"))?;
+        pictures.image(report.state.step, "reconstructions", &painted)?;
+    }
     // The memory bank is the whole labelled train split, whatever part was trained on.
     let knn = match &test_split {
         Some(test) => Some(knn_accuracy(

@@ -234,6 +234,31 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
     assert!(metrics.contains("rec_loss") && metrics.contains("adv_loss"));
 
     let size = reconstruct(&run, &data, 4);
+    // The run's pictures: PNG files, and the same as TensorBoard images.
+    let mut pictures = vec![];
+    for entry in std::fs::read_dir(&run).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains("tfevents") {
+            for event in selfsup::train::events::read_events(&path).unwrap() {
+                if let Some(selfsup::train::events::What::Summary(s)) = event.what {
+                    for v in s.value {
+                        if let Some(selfsup::train::events::Kind::Image(i)) = v.kind {
+                            pictures.push((v.tag, i.encoded_image_string));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let tags: Vec<&str> = pictures.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(tags, ["views", "reconstructions"]);
+    for (tag, png) in &pictures {
+        let shown = image::load_from_memory(png).unwrap().to_rgb8();
+        let file = image::open(run.join(format!("{tag}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert!(shown == file, "{tag}");
+    }
     // 4 rows of 3 images, each 32 px enlarged 3x into 96 px cells with 4 px gaps.
     assert_eq!(size, (3 * 100 + 4, 4 * 100 + 4));
 

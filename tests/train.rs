@@ -138,6 +138,72 @@ fn assert_same_state<M: Module>(a: &M, b: &M) {
 }
 
 #[test]
+fn metrics_reach_tensorboard_event_files() {
+    use selfsup::train::events::{read_events, Kind, What};
+    let split = cifar(64);
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    trainer(config(2), dir.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    // The framing TensorFlow writes: the first record (24 bytes of Event) and the masked CRC32C
+    // of its length as TensorBoard's own reader computes it (masked_crc32c in
+    // tensorboard.compat.tensorflow_stub.pywrap_tensorflow).
+    let bytes = std::fs::read(&files[0]).unwrap();
+    assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), 24);
+    assert_eq!(
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+        0x224b_7fa3
+    );
+
+    let events = read_events(&files[0]).unwrap();
+    assert_eq!(
+        events[0].what,
+        Some(What::FileVersion("brain.Event:2".into()))
+    );
+    // Every step's loss, at its step, as in metrics.jsonl.
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let mut steps = 0;
+    for line in metrics.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (tag, at) = match line["kind"].as_str().unwrap() {
+            "step" => ("train/loss", line["step"].as_i64().unwrap()),
+            _ => ("epoch/loss", line["epoch"].as_i64().unwrap()),
+        };
+        let logged = events.iter().find_map(|e| match &e.what {
+            Some(What::Summary(s)) if e.step == at => {
+                s.value.iter().find_map(|v| match (&v.kind, v.tag == tag) {
+                    (Some(Kind::SimpleValue(x)), true) => Some(*x),
+                    _ => None,
+                })
+            }
+            _ => None,
+        });
+        assert_eq!(
+            logged,
+            Some(line["loss"].as_f64().unwrap() as f32),
+            "{tag} at {at}"
+        );
+        steps += (tag == "train/loss") as usize;
+    }
+    assert_eq!(steps, 4);
+
+    // A flipped byte is caught by the CRC.
+    let mut broken = bytes.clone();
+    let last = broken.len() - 6;
+    broken[last] ^= 1;
+    std::fs::write(&files[0], broken).unwrap();
+    let err = format!("{:#}", read_events(&files[0]).unwrap_err());
+    assert!(err.contains("CRC"), "{err}");
+}
+
+#[test]
 fn the_last_checkpoint_holds_the_model_the_run_returns() {
     // Issue: the checkpoint written after the last step held the batch-norm statistics of the
     // step before (burn's running state keeps the newest value pending until it is synced).

@@ -1,5 +1,6 @@
 //! One trainer for every method: epochs of batches, the optimiser step under a warm-up + cosine
-//! schedule, gradient accumulation, checkpoints with exact resume, metrics as JSONL, progress,
+//! schedule, gradient accumulation, checkpoints with exact resume, metrics as JSONL and
+//! TensorBoard events, progress,
 //! and a stop with a clear error on a non-finite loss.
 //!
 //! The trainer knows the [`Method`] interface, not the methods. Teachers, queues and centres
@@ -7,6 +8,7 @@
 //! model with its own optimiser (a GAN discriminator) updates in [`Method::auxiliary_step`].
 
 pub mod checkpoint;
+pub mod events;
 pub mod optim;
 
 use std::io::Write;
@@ -258,7 +260,7 @@ impl<'a> Trainer<'a> {
         }
         let total_steps = steps_per_epoch * c.epochs;
         let warmup = (c.warmup_epochs * steps_per_epoch as f64).round() as usize;
-        let mut metrics = Metrics::open(&self.out.join("metrics.jsonl"))?;
+        let mut metrics = Metrics::open(&self.out)?;
         let mut report = Report::default();
 
         while state.epoch < until.min(c.epochs) {
@@ -374,23 +376,41 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// Appends JSON lines to `metrics.jsonl`.
+/// Appends each metrics line to `metrics.jsonl` and its numbers to a TensorBoard event file:
+/// a step's as `train/<name>` at that step, an epoch's as `epoch/<name>` at that epoch.
 struct Metrics {
     file: std::fs::File,
+    events: events::EventWriter,
 }
 
 impl Metrics {
-    fn open(path: &Path) -> Result<Self> {
+    fn open(out: &Path) -> Result<Self> {
+        let path = out.join("metrics.jsonl");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
+            .open(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Metrics { file })
+        Ok(Metrics {
+            file,
+            events: events::EventWriter::create(out)?,
+        })
     }
 
     fn write(&mut self, line: &serde_json::Value) -> Result<()> {
         writeln!(self.file, "{line}")?;
-        Ok(())
+        let (group, at) = match line["kind"].as_str() {
+            Some("step") => ("train", &line["step"]),
+            _ => ("epoch", &line["epoch"]),
+        };
+        let scalars: Vec<(String, f32)> = line
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| !matches!(name.as_str(), "kind" | "epoch" | "step"))
+            .filter_map(|(name, v)| Some((format!("{group}/{name}"), v.as_f64()? as f32)))
+            .collect();
+        self.events
+            .scalars(at.as_u64().unwrap_or(0) as usize, &scalars)
     }
 }
