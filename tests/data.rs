@@ -410,3 +410,84 @@ fn downloader_verifies_length_and_checksum() {
         path
     );
 }
+
+/// `selfsup data info NAME` with the given environment: (ok, stdout, stderr).
+fn info_by_name(name: &str, env: &[(&str, &Path)], mirror: Option<&str>) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_selfsup"));
+    cmd.args(["data", "info", name])
+        .env_remove("SELFSUP_DATA")
+        .env_remove("SELFSUP_DATA_MIRROR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(m) = mirror {
+        cmd.env("SELFSUP_DATA_MIRROR", m);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn datasets_by_name_come_from_the_data_folder_or_a_download() {
+    // A copy in $SELFSUP_DATA, in the official binary layout.
+    let data = tempfile::tempdir().unwrap();
+    common::write_cifar10(&data.path().join("cifar-10-batches-bin"), 20);
+    let (ok, out, err) = info_by_name("cifar10", &[("SELFSUP_DATA", data.path())], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("split train: 100 images"), "{out}");
+
+    // Without the variable, the platform's cache folder: here the official archive's name.
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(cache.path().join("selfsup")).unwrap();
+    common::tar_gz(
+        &data.path().join("cifar-10-batches-bin"),
+        "cifar-10-batches-bin",
+        &cache.path().join("selfsup/cifar-10-binary.tar.gz"),
+    );
+    let (ok, out, err) = info_by_name("cifar10", &[("XDG_CACHE_HOME", cache.path())], None);
+    assert!(ok && out.contains("split test: 20 images"), "{out}{err}");
+
+    // No copy anywhere: the official files are downloaded into the data folder (here from a
+    // mirror on 127.0.0.1), and one that is not the published file is refused by its MD5,
+    // naming what was looked for where; nothing that looks like a good file is left.
+    let empty = tempfile::tempdir().unwrap();
+    let url = serve(b"not cifar-100".to_vec(), false, 1);
+    let mirror = url.rsplit_once('/').unwrap().0;
+    let (ok, _, err) = info_by_name("cifar100", &[("SELFSUP_DATA", empty.path())], Some(mirror));
+    assert!(!ok, "{err}");
+    for part in [
+        "dataset cifar100: no copy in",
+        "cifar-100-binary.tar.gz",
+        "checksum mismatch",
+        "03b5dce01913d631647c71ecec9e9cb8",
+        &format!("{mirror}/cifar-100-binary.tar.gz"),
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    let left: Vec<_> = walk_files(empty.path());
+    assert!(left.is_empty(), "{left:?}");
+
+    // Debian's Fashion-MNIST package is a local copy too.
+    let (ok, out, err) = info_by_name("fashion-mnist", &[("SELFSUP_DATA", empty.path())], None);
+    assert!(
+        ok && out.contains("split train: 60000 images"),
+        "{out}{err}"
+    );
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -1,5 +1,11 @@
-//! Downloads an official archive and verifies its MD5 before it is kept.
-//! The archive is kept as it is: [`super::Dataset::open`] reads `.tar.gz` files directly.
+//! Datasets by name, and downloads of their official files, MD5-checked before they are kept.
+//!
+//! `cifar10`, `cifar100` and `fashion-mnist` name datasets wherever a data source is asked for
+//! (`--data cifar10`, `source = "cifar10"` in a recipe). A name resolves to a copy in the data
+//! folder ([`data_dir`]: `$SELFSUP_DATA`, else the platform's cache folder) when one is there, in
+//! any of the forms it is published or shared in; otherwise the official files are downloaded
+//! into that folder once. Archives are kept as they are: [`super::Dataset::open`] reads `.tar.gz`
+//! files directly.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -7,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use md5::{Digest, Md5};
 
-/// A published archive: where it lives and the MD5 its publisher gives.
+/// A published file: where it lives and the MD5 its publisher gives.
 #[derive(Debug, Clone)]
 pub struct Archive {
     pub name: &'static str,
@@ -30,6 +36,126 @@ pub const CIFAR100_BINARY: Archive = Archive {
     md5: "03b5dce01913d631647c71ecec9e9cb8",
 };
 
+/// Fashion-MNIST's four idx files (Xiao et al. 2017), with the MD5s torchvision checks.
+const FASHION_MNIST: [Archive; 4] = [
+    Archive {
+        name: "fashion-mnist",
+        url:
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
+        file: "train-images-idx3-ubyte.gz",
+        md5: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    },
+    Archive {
+        name: "fashion-mnist",
+        url:
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-labels-idx1-ubyte.gz",
+        file: "train-labels-idx1-ubyte.gz",
+        md5: "25c81989df183df01b3e8a0aad5dffbe",
+    },
+    Archive {
+        name: "fashion-mnist",
+        url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz",
+        file: "t10k-images-idx3-ubyte.gz",
+        md5: "bef4ecab320f06d8554ea6380940ec79",
+    },
+    Archive {
+        name: "fashion-mnist",
+        url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-labels-idx1-ubyte.gz",
+        file: "t10k-labels-idx1-ubyte.gz",
+        md5: "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+];
+
+/// A dataset known by name: the forms a local copy may take in the data folder (files or
+/// folders, first found wins; also absolute places such as Debian's package), and the official
+/// files to download (into `folder` of the data folder when set).
+struct Known {
+    name: &'static str,
+    local: &'static [&'static str],
+    files: &'static [Archive],
+    folder: Option<&'static str>,
+}
+
+const KNOWN: [Known; 3] = [
+    Known {
+        name: "cifar10",
+        local: &[
+            "cifar-10-binary.tar.gz",
+            "cifar-10-batches-bin",
+            "cifar10-jpeg.tar.gz",
+        ],
+        files: &[CIFAR10_BINARY],
+        folder: None,
+    },
+    Known {
+        name: "cifar100",
+        local: &["cifar-100-binary.tar.gz", "cifar-100-binary"],
+        files: &[CIFAR100_BINARY],
+        folder: None,
+    },
+    Known {
+        name: "fashion-mnist",
+        local: &["fashion-mnist", "/usr/share/datasets/fashion-mnist"],
+        files: &FASHION_MNIST,
+        folder: Some("fashion-mnist"),
+    },
+];
+
+/// The environment variable naming the data folder.
+pub const DATA_ENV: &str = "SELFSUP_DATA";
+/// The environment variable naming a mirror to download from instead of the publishers (its
+/// URL with each file's name appended).
+pub const MIRROR_ENV: &str = "SELFSUP_DATA_MIRROR";
+
+/// Where datasets named by name are looked for and downloaded: `$SELFSUP_DATA`, else
+/// `$XDG_CACHE_HOME/selfsup`, else `~/.cache/selfsup`.
+pub fn data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(DATA_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("selfsup")
+}
+
+/// The local path of the dataset called `name` (`cifar10`, `cifar100`, `fashion-mnist`): a
+/// copy in [`data_dir`], or the official files downloaded there now. `None` when `name` names
+/// no dataset; an error says what was looked for where, and why the download failed.
+pub fn resolve(name: &str) -> Result<Option<PathBuf>> {
+    let Some(known) = KNOWN.iter().find(|k| k.name == name) else {
+        return Ok(None);
+    };
+    let dir = data_dir();
+    if let Some(found) = known.local.iter().map(|l| dir.join(l)).find(|p| p.exists()) {
+        return Ok(Some(found));
+    }
+    let target = known.folder.map_or(dir.clone(), |f| dir.join(f));
+    let mirror = std::env::var(MIRROR_ENV).ok();
+    let fetched = known.files.iter().try_for_each(|a| {
+        let url = match &mirror {
+            Some(m) => format!("{}/{}", m.trim_end_matches('/'), a.file),
+            None => a.url.to_string(),
+        };
+        tracing::info!("downloading {url} into {}", target.display());
+        download(&url, a.md5, &target, a.file).map(drop)
+    });
+    match fetched {
+        Ok(()) => Ok(Some(if known.folder.is_some() {
+            target
+        } else {
+            target.join(known.files[0].file)
+        })),
+        Err(e) => bail!(
+            "dataset {name}: no copy in {} (looked for {}; set {DATA_ENV} to a folder that holds one), and the download failed: {e:#}",
+            dir.display(),
+            known.local.join(", ")
+        ),
+    }
+}
+
 impl Archive {
     pub fn named(name: &str) -> Result<Archive> {
         match name {
@@ -39,7 +165,6 @@ impl Archive {
         }
     }
 }
-
 /// Downloads `url` into `out_dir/file` unless a file with the right MD5 is already there.
 /// The bytes go to a `.part` file first; it is renamed only once its length and MD5 are right,
 /// so an interrupted or corrupted download never looks like a good one.

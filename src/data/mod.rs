@@ -3,7 +3,8 @@
 //! [`Dataset::open`] takes a path and recognises what it holds:
 //! - the official CIFAR-10 / CIFAR-100 binary release (folder or its `.tar.gz`),
 //! - MNIST / Fashion-MNIST idx files (raw or gzipped),
-//! - an image folder (`<split>/<class>/img`, `<class>/img` or flat), as a folder or a `.tar(.gz)`.
+//! - an image folder (`<split>/<class>/img`, `<class>/img` or flat), as a folder or a `.tar(.gz)`,
+//! - a dataset by name: `cifar10`, `cifar100`, `fashion-mnist` (a local copy or a download).
 
 mod cifar;
 mod download;
@@ -21,7 +22,9 @@ use image::RgbImage;
 pub use cifar::{
     encode_records as encode_cifar_records, parse_records as parse_cifar_records, CIFAR10_CLASSES,
 };
-pub use download::{download, Archive, CIFAR100_BINARY, CIFAR10_BINARY};
+pub use download::{
+    data_dir, download, resolve, Archive, CIFAR100_BINARY, CIFAR10_BINARY, DATA_ENV, MIRROR_ENV,
+};
 pub use image_folder::decode;
 pub use loader::{Batch, Loader};
 
@@ -109,9 +112,14 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Reads and decodes the source at `path` (see the module docs for what it recognises).
+    /// Reads and decodes the source at `path` (see the module docs for what it recognises), or
+    /// the dataset `path` names (`cifar10`, `cifar100`, `fashion-mnist`; see [`resolve`]).
     pub fn open(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Dataset> {
-        let path = path.as_ref();
+        let named = match path.as_ref() {
+            p if p.exists() => None,
+            p => p.to_str().map(resolve).transpose()?.flatten(),
+        };
+        let path = named.as_deref().unwrap_or(path.as_ref());
         let entries = files::list(path)?;
         if let Some(label_bytes) = cifar::detect(&entries) {
             cifar::read(path, &entries, label_bytes)
