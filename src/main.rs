@@ -126,6 +126,14 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Draw a run's curves (loss, lr, online kNN, each method's diagnostics) into one PNG.
+    Report {
+        /// A run folder written by `pretrain`.
+        run: PathBuf,
+        /// Default: RUN/report.png.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a method's complete recipe, every key commented and at its default, to start from.
     Recipe {
         /// simclr, moco, mae, dino, rotation, jigsaw or inpainting.
@@ -425,6 +433,11 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} (original | masked | reconstruction)",
                 out.display()
             );
+        }
+        Command::Report { run, out } => {
+            let out = out.unwrap_or_else(|| run.join("report.png"));
+            selfsup::viz::report(&run, &out)?;
+            println!("wrote {}", out.display());
         }
         Command::Recipe { method } => {
             print!("{}", selfsup::config::commented_defaults(&method)?);

@@ -122,7 +122,8 @@ pub fn pretrain(
     // The run's pictures, as PNG files and TensorBoard images: its views now, and what MAE and
     // inpainting paint at the end.
     let mut pictures = EventWriter::create(out)?;
-    let sample: Vec<&RgbImage> = train_split.images.iter().take(8).collect();
+    let sample = train_split.limit(8);
+    let sample: Vec<&RgbImage> = sample.images.iter().collect();
     let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
     crate::viz::save_png(&views, &out.join("views.png"))?;
     pictures.image(0, "views", &views)?;

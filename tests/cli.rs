@@ -282,6 +282,16 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
         );
     }
 
+    // Its curves as one picture: loss, lr, z_std... per step, the reconstruction and
+    // adversarial losses of inpainting, one panel each.
+    let (ok, stdout, stderr) = selfsup(&["report", run.to_str().unwrap()]);
+    assert!(ok && stdout.contains("report.png"), "{stdout}{stderr}");
+    let report = image::open(run.join("report.png")).unwrap();
+    let size = (report.width(), report.height());
+    assert!(size.0 >= 3 * 420 && size.1 > 280, "{size:?}");
+    let (ok, _, stderr) = selfsup(&["report", "/nonexistent-run"]);
+    assert!(!ok && stderr.contains("nonexistent-run"), "{stderr}");
+
     // The same pretrain again: the run is complete, and says so instead of training or
     // measuring again.
     let (ok, again, stderr) = selfsup(&[

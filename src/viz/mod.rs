@@ -2,10 +2,12 @@
 
 mod attention;
 mod reconstruction;
+mod report;
 mod views;
 
 pub use attention::{attention_grid, attention_row, mass_mask};
 pub use reconstruction::{denormalize, hide, reconstruction_grid};
+pub use report::report;
 pub use views::views_grid;
 
 use std::path::Path;
