@@ -162,18 +162,54 @@ pub struct Recipe {
 
 /// Each method's published recipe: the paper's settings at CIFAR-10 scale, each file citing its
 /// source. Their values are the defaults of every key a user's recipe leaves out.
-const PUBLISHED: [(&str, &str); 7] = [
-    ("simclr", include_str!("../recipes/simclr_cifar10.toml")),
-    ("moco", include_str!("../recipes/moco_v2_cifar10.toml")),
-    ("mae", include_str!("../recipes/mae_cifar10.toml")),
-    ("dino", include_str!("../recipes/dino_cifar10.toml")),
-    ("rotation", include_str!("../recipes/rotation_cifar10.toml")),
-    ("jigsaw", include_str!("../recipes/jigsaw_cifar10.toml")),
+const PUBLISHED: [(&str, &str, &str); 7] = [
+    (
+        "simclr",
+        "simclr_cifar10",
+        include_str!("../recipes/simclr_cifar10.toml"),
+    ),
+    (
+        "moco",
+        "moco_v2_cifar10",
+        include_str!("../recipes/moco_v2_cifar10.toml"),
+    ),
+    (
+        "mae",
+        "mae_cifar10",
+        include_str!("../recipes/mae_cifar10.toml"),
+    ),
+    (
+        "dino",
+        "dino_cifar10",
+        include_str!("../recipes/dino_cifar10.toml"),
+    ),
+    (
+        "rotation",
+        "rotation_cifar10",
+        include_str!("../recipes/rotation_cifar10.toml"),
+    ),
+    (
+        "jigsaw",
+        "jigsaw_cifar10",
+        include_str!("../recipes/jigsaw_cifar10.toml"),
+    ),
     (
         "inpainting",
+        "inpainting_cifar10",
         include_str!("../recipes/inpainting_cifar10.toml"),
     ),
 ];
+
+/// The published recipe of `method`: (file stem under recipes/, text).
+fn published(method: &str) -> Result<(&'static str, &'static str)> {
+    match PUBLISHED.iter().find(|(name, _, _)| *name == method) {
+        Some((_, stem, text)) => Ok((stem, text)),
+        None => {
+            let known: Vec<&str> = PUBLISHED.iter().map(|(name, _, _)| *name).collect();
+            anyhow::bail!("unknown method '{method}' (known: {})", known.join(", "))
+        }
+    }
+}
 
 /// The method a recipe without `[method] name` trains.
 const DEFAULT_METHOD: &str = "simclr";
@@ -183,10 +219,7 @@ impl Recipe {
     /// `inpainting`): its published recipe (`recipes/<method>_cifar10.toml`, MoCo v2 for
     /// `moco`) without a data source.
     pub fn defaults(method: &str) -> Result<Recipe> {
-        let Some((_, text)) = PUBLISHED.iter().find(|(name, _)| *name == method) else {
-            let known: Vec<&str> = PUBLISHED.iter().map(|(name, _)| *name).collect();
-            anyhow::bail!("unknown method '{method}' (known: {})", known.join(", "));
-        };
+        let (_, text) = published(method)?;
         let mut recipe: Recipe =
             toml::from_str(text).with_context(|| format!("the published {method} recipe"))?;
         recipe.data.source = None;
@@ -200,16 +233,12 @@ impl Recipe {
     }
 
     /// Reads the `recipe.toml` that `pretrain` wrote whole into a run folder, as it is: a key
-    /// unset there (`grad_clip`) stays unset rather than taking its method's default.
+    /// unset there (`grad_clip`) stays unset rather than taking its method's default, and a run
+    /// trained before a check was added still opens.
     pub fn load_saved(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read recipe {}", path.display()))?;
-        let recipe: Recipe =
-            toml::from_str(&text).with_context(|| format!("recipe {}", path.display()))?;
-        recipe
-            .check()
-            .with_context(|| format!("recipe {}", path.display()))?;
-        Ok(recipe)
+        toml::from_str(&text).with_context(|| format!("recipe {}", path.display()))
     }
 
     /// Reads a recipe, taking every key it leaves out from its method's [`defaults`](Self::defaults),
@@ -221,7 +250,13 @@ impl Recipe {
             Some(other) => anyhow::bail!("method.name = {other}: must be a string"),
             None => DEFAULT_METHOD,
         };
-        let mut full = toml::Table::try_from(Recipe::defaults(method)?)?;
+        let mut full = toml::Table::try_from(Recipe::defaults(method).context("method.name")?)?;
+        // A ViT's positional embeddings follow a new `augment.size` unless the recipe sets
+        // `model.image_size` itself.
+        let size = given.get("augment").and_then(|a| a.get("size")).cloned();
+        let image_size_given = given
+            .get("model")
+            .is_some_and(|m| m.get("image_size").is_some());
         for (section, value) in given {
             match (full.get_mut(&section), value) {
                 (Some(toml::Value::Table(defaults)), toml::Value::Table(table)) => {
@@ -230,6 +265,13 @@ impl Recipe {
                 }
                 (_, value) => {
                     full.insert(section, value);
+                }
+            }
+        }
+        if let (Some(size), false) = (size, image_size_given) {
+            if let Some(model) = full.get_mut("model").and_then(|m| m.as_table_mut()) {
+                if model.get("arch").and_then(|a| a.as_str()) == Some("vit") {
+                    model.insert("image_size".into(), size);
                 }
             }
         }
@@ -290,15 +332,16 @@ fn complete(full: &toml::Table) -> Result<Recipe> {
 /// Removes from a section's `defaults` what belongs to another choice than the one `given`
 /// makes, so that a recipe choosing otherwise does not inherit it: the model of another `arch`
 /// (replaced by that architecture's defaults), another optimiser's settings (DINO with SGD gets no
-/// AdamW betas), and the spelled-out views of a published recipe when `given` names its own
-/// pipeline or size (then it gets that pipeline's views).
+/// AdamW betas), and with another pipeline or size the published recipe's spelled-out views and
+/// local-crop size (then the pipeline's own, at that size).
 fn forget_other_choices(
     section: &str,
     defaults: &mut toml::Table,
     given: &toml::Table,
 ) -> Result<()> {
     let differs = |key: &str| given.get(key).is_some_and(|v| defaults.get(key) != Some(v));
-    let (arch, optimizer, pipeline) = (differs("arch"), differs("optimizer"), differs("pipeline"));
+    let (arch, optimizer) = (differs("arch"), differs("optimizer"));
+    let (pipeline, size) = (differs("pipeline"), differs("size"));
     let forget = |defaults: &mut toml::Table, keys: &[&str]| {
         keys.iter().for_each(|k| drop(defaults.remove(*k)));
     };
@@ -316,10 +359,10 @@ fn forget_other_choices(
         }
         "augment" => {
             if pipeline {
-                forget(defaults, &["local_size", "local_crops"]);
+                forget(defaults, &["local_crops"]);
             }
-            if given.contains_key("pipeline") || given.contains_key("size") {
-                forget(defaults, &["views"]);
+            if pipeline || size {
+                forget(defaults, &["views", "local_size"]);
             }
         }
         _ => {}
@@ -331,7 +374,7 @@ fn forget_other_choices(
 /// the keys that may stay unset, an example shown commented out.
 const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("seed", "fixes every random draw: initialisation, shuffles, views, masks", None),
-    ("data.source", "a CIFAR binary release, idx files, or an image folder / .tar(.gz) of one; --data overrides it", Some("\"path/to/images\"")),
+    ("data.source", "cifar10, cifar100, fashion-mnist (found in $SELFSUP_DATA or downloaded), or a path: a CIFAR binary release, idx files, an image folder / .tar(.gz) of one; --data overrides it", Some("\"cifar10\"")),
     ("data.train_split", "split to pre-train on", None),
     ("data.test_split", "labelled split the kNN is measured on", None),
     ("data.train_limit", "pre-train on this many images spread over the split (0: all)", None),
@@ -339,10 +382,10 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("data.skip_bad", "skip and count unreadable image files instead of stopping", None),
     ("augment.pipeline", "named views: simclr, moco_v1, moco_v2, byol, dino, mae, eval (`selfsup pipeline NAME` prints one)", None),
     ("augment.size", "side of the (global) views, and of evaluation views, in pixels", None),
-    ("augment.local_size", "dino: side of the local crops (default: half of size)", Some("16")),
-    ("augment.local_crops", "dino: local crops per image (default: 6)", Some("6")),
-    ("augment.mean", "per-channel normalisation mean (default: ImageNet's)", Some("[0.485, 0.456, 0.406]")),
-    ("augment.std", "per-channel normalisation std (default: ImageNet's)", Some("[0.229, 0.224, 0.225]")),
+    ("augment.local_size", "dino: side of the local crops (unset: half of size)", Some("16")),
+    ("augment.local_crops", "dino: local crops per image (unset: 6)", Some("6")),
+    ("augment.mean", "per-channel normalisation mean (the published recipes: CIFAR-10's; unset: ImageNet's)", Some("[0.485, 0.456, 0.406]")),
+    ("augment.std", "per-channel normalisation std (the published recipes: CIFAR-10's; unset: ImageNet's)", Some("[0.229, 0.224, 0.225]")),
     ("augment.views.count", "how many views of this kind each image gets", None),
     ("augment.views.size", "view side in pixels", None),
     ("augment.views.scale", "RandomResizedCrop area fraction; [1, 1]: the central square, nothing random", None),
@@ -435,15 +478,13 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
 /// The complete recipe of `method` ([`Recipe::defaults`]) as TOML with a comment on every key;
 /// the keys that are unset by default close their section, commented out.
 pub fn commented_defaults(method: &str) -> Result<String> {
-    let file = match method {
-        "moco" => "moco_v2".to_string(),
-        other => other.to_string(),
-    };
+    let (file, _) = published(method)?;
     let mut table = toml::Table::try_from(Recipe::defaults(method)?)?;
     table.iter_mut().for_each(|(_, v)| shortest_floats(v));
     let text = toml::to_string(&table)?;
     let mut out = format!(
-        "# The {method} recipe with every key at its default (the values of recipes/{file}_cifar10.toml).\n\
+        "# The {method} recipe with every key at its default: the values of recipes/{file}.toml\n\
+         # (the paper's settings at CIFAR-10 scale), without its data source.\n\
          # A recipe may leave out any key: it then takes the value shown here.\n"
     );
     let mut section = String::new();

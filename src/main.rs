@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use selfsup::augment::{Pipeline, Sizes, PRESETS};
 use selfsup::config::{AugmentConfig, Recipe};
-use selfsup::data::{self, Archive, Dataset, LoadOptions};
+use selfsup::data::{self, Dataset, LoadOptions};
 use selfsup::models::{Backbone, Pool};
 use selfsup::pretrain;
 
@@ -155,17 +155,14 @@ enum DataCommand {
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// Download an official archive (cifar10, cifar100) and verify its MD5.
+    /// Download a dataset's official files (cifar10, cifar100, fashion-mnist), MD5-checked;
+    /// `$SELFSUP_DATA_MIRROR` names a mirror to fetch them from instead.
     Download {
         name: String,
-        #[arg(long, default_value = "data")]
-        out: PathBuf,
-        /// Fetch from this address instead of the publisher's (a mirror).
+        /// Default: the data folder (`$SELFSUP_DATA`, else ~/.cache/selfsup), where `--data NAME`
+        /// finds it.
         #[arg(long)]
-        url: Option<String>,
-        /// Expect this MD5 instead of the publisher's.
-        #[arg(long)]
-        md5: Option<String>,
+        out: Option<PathBuf>,
     },
 }
 
@@ -256,20 +253,9 @@ fn run(cli: Cli) -> Result<()> {
             let dataset = Dataset::open(&source, &load.options())?;
             print!("{}", dataset.summary());
         }
-        Command::Data(DataCommand::Download {
-            name,
-            out,
-            url,
-            md5,
-        }) => {
-            let archive = Archive::named(&name)?;
-            let path = data::download(
-                url.as_deref().unwrap_or(archive.url),
-                md5.as_deref().unwrap_or(archive.md5),
-                &out,
-                archive.file,
-            )?;
-            println!("{}", path.display());
+        Command::Data(DataCommand::Download { name, out }) => {
+            let out = out.unwrap_or_else(data::data_dir);
+            println!("{}", data::download_named(&name, &out)?.display());
         }
         Command::Views {
             data,

@@ -87,8 +87,11 @@ pub fn pretrain(
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let saved = out.join("recipe.toml");
     let text = toml::to_string_pretty(recipe)?;
-    if saved.exists() {
-        let before = Recipe::load_saved(&saved)?;
+    let before = match saved.exists() {
+        true => Some(Recipe::load_saved(&saved)?),
+        false => None,
+    };
+    if let Some(before) = &before {
         if before.method != recipe.method
             || before.model != recipe.model
             || before.seed != recipe.seed
@@ -96,13 +99,18 @@ pub fn pretrain(
             bail!("{} holds a run of another recipe (method, model or seed differ): choose another --out", out.display());
         }
     }
-    // A complete run is not trained or measured again: its summary stands.
+    // A complete run of this very recipe (epochs aside) is not trained or measured again: its
+    // summary stands.
     let done = match train::checkpoint::latest(out)? {
         Some(dir) => train::checkpoint::state(&dir)?.epoch,
         None => 0,
     };
+    let unchanged = before.is_some_and(|mut b| {
+        b.train.epochs = recipe.train.epochs;
+        b == *recipe
+    });
     let summary_path = out.join("summary.json");
-    if done >= recipe.train.epochs && summary_path.exists() {
+    if unchanged && done >= recipe.train.epochs && summary_path.exists() {
         let text = std::fs::read_to_string(&summary_path)?;
         let mut summary: Summary =
             serde_json::from_str(&text).with_context(|| format!("{}", summary_path.display()))?;
@@ -121,7 +129,7 @@ pub fn pretrain(
     let pipeline = recipe.augment.build()?;
     // The run's pictures, as PNG files and TensorBoard images: its views now, and what MAE and
     // inpainting paint at the end.
-    let mut pictures = EventWriter::create(out)?;
+    let pictures = EventWriter::create(out)?;
     let sample = train_split.limit(8);
     let sample: Vec<&RgbImage> = sample.images.iter().collect();
     let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
@@ -154,6 +162,7 @@ pub fn pretrain(
     let ad = device.clone().autodiff();
     let mut trainer = Trainer::new(recipe.train.clone(), out, ad.clone());
     trainer.monitor = Some(&monitor);
+    trainer.events = Some(pictures.clone());
 
     struct Train<'a> {
         trainer: &'a Trainer<'a>,

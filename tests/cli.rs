@@ -309,6 +309,15 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
         again.contains("kNN"),
         "the results are shown again: {again}"
     );
+    // One TensorBoard event file for the run: its metrics and pictures together.
+    let event_files = std::fs::read_dir(&run)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().contains("tfevents")
+        })
+        .count();
+    assert_eq!(event_files, 1);
 
     // Fewer labelled images than one batch: refused, not a fine-tuning of no step.
     let (ok, _, stderr) = selfsup(&[

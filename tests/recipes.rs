@@ -60,6 +60,19 @@ fn a_recipe_may_leave_out_any_key() {
         Recipe::parse("[method]\nname = \"rotation\"\n[augment]\npipeline = \"eval\"\n").unwrap();
     assert_eq!(r.augment.views, None);
 
+    // Repeating a published value changes nothing; another size drops what was made for the
+    // published one: the spelled-out views, DINO's local-crop side, a ViT's image size.
+    let rotation = Recipe::parse("[method]\nname = \"rotation\"\n").unwrap();
+    let same =
+        Recipe::parse("[method]\nname = \"rotation\"\n[augment]\nsize = 32\npipeline = \"mae\"\n");
+    assert_eq!(same.unwrap(), rotation);
+    let r = Recipe::parse("[method]\nname = \"dino\"\n[augment]\nsize = 64\n").unwrap();
+    assert_eq!(r.augment.local_size, None, "half of 64 by the preset");
+    let BackboneConfig::Vit(vit) = &r.model else {
+        panic!("{:?}", r.model)
+    };
+    assert_eq!(vit.image_size, 64);
+
     // A wrong key or value is still named (a value by its section and itself where serde's
     // flattened and tagged sections hide the key).
     let err = refused("[train]\nweight_decay = \"lots\"\n");
@@ -67,7 +80,8 @@ fn a_recipe_may_leave_out_any_key() {
     let err = refused("[augment]\nviews = [{ count = \"a\" }]\n");
     assert!(err.contains("augment.views.count = \"a\""), "{err}");
     assert!(refused("[train]\nwieght_decay = 0.1\n").contains("wieght_decay"));
-    assert!(refused("[method]\nname = \"byol\"\n").contains("byol"));
+    let err = refused("[method]\nname = \"byol\"\n");
+    assert!(err.contains("method.name") && err.contains("byol"), "{err}");
 }
 
 #[test]
@@ -88,7 +102,7 @@ fn printed_recipes_are_complete_commented_and_read_back() {
     }
     // The unset ones are shown, commented out.
     let dino = commented_defaults("dino").unwrap();
-    assert!(dino.contains("# source = \"path/to/images\""), "{dino}");
+    assert!(dino.contains("# source = \"cifar10\""), "{dino}");
 }
 
 #[test]
@@ -126,18 +140,17 @@ fn a_method_refuses_batches_and_views_it_cannot_learn_from() {
         err.contains("one size") && err.contains("[32, 16]"),
         "{err}"
     );
-    // Batch norm over a single image: inpainting's ResNet encoder, DINO's one local crop.
-    let err = refused("[method]\nname = \"inpainting\"\n[train]\nbatch_size = 1\n");
-    assert!(err.contains("batch norm over 1 image"), "{err}");
-    let err = refused(
-        "[method]\nname = \"dino\"\n[model]\narch = \"resnet\"\n[augment]\nlocal_crops = 1\n[train]\nbatch_size = 1\n",
+    // DINO's head with batch norm over a single local crop's vector.
+    let one_local = "[augment]\nlocal_crops = 1\n[train]\nbatch_size = 1\n";
+    let err = refused(&format!(
+        "[method]\nname = \"dino\"\nhead_batch_norm = true\n{one_local}"
+    ));
+    assert!(
+        err.contains("train.batch_size = 1") && err.contains("single vector"),
+        "{err}"
     );
-    assert!(err.contains("batch norm over 1 image"), "{err}");
-    // The same on a ViT has no batch norm to starve.
-    assert!(Recipe::parse(
-        "[method]\nname = \"dino\"\n[augment]\nlocal_crops = 1\n[train]\nbatch_size = 1\n"
-    )
-    .is_ok());
+    // The same head without batch norm has nothing to starve.
+    assert!(Recipe::parse(&format!("[method]\nname = \"dino\"\n{one_local}")).is_ok());
 }
 
 #[test]
@@ -156,6 +169,11 @@ fn every_size_that_reaches_a_vit_is_whole_patches() {
     // Views spelled out.
     let err = refused("[method]\nname = \"mae\"\n[augment]\nviews = [{ count = 1, size = 30 }]\n");
     assert!(err.contains("augment.views[0].size = 30"), "{err}");
+    // Jigsaw's tiles are what the backbone sees.
+    let err = refused(
+        "[method]\nname = \"jigsaw\"\ntile = 18\n[model]\narch = \"vit\"\nimage_size = 64\npatch_size = 4\n",
+    );
+    assert!(err.contains("method.tile = 18"), "{err}");
     // The model itself.
     let err = refused(
         "[method]\nname = \"mae\"\n[model]\narch = \"vit\"\nimage_size = 40\npatch_size = 16\n",

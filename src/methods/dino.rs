@@ -76,10 +76,12 @@ impl DinoConfig {
         }
         feed.same_size("dino", 0..2)?;
         feed.same_size("dino", 2..views)?;
-        // The backbone runs once per resolution: 2N global crops, (views - 2)·N local ones.
-        feed.norm_batch("dino", 2 * feed.batch)?;
-        if views > 2 {
-            feed.norm_batch("dino", (views - 2) * feed.batch)?;
+        // A head with batch norm runs on the 2N global crops, then on the (views - 2)·N local
+        // ones: a single feature vector has no variance and would come out as the bias alone
+        // (PyTorch refuses it: "Expected more than 1 value per channel when training").
+        let locals = views.saturating_sub(2) * feed.batch;
+        if self.head_batch_norm && locals == 1 {
+            anyhow::bail!("train.batch_size = {}: method.head_batch_norm normalises the local crops' head outputs over the batch, and 1 image with 1 local crop gives it a single vector", feed.batch);
         }
         for (name, t) in [
             ("student_temp", self.student_temp),

@@ -73,7 +73,7 @@ impl InpaintingConfig {
         if view_size % 8 != 0 || view_size < 8 {
             anyhow::bail!("augment.size = {view_size}: inpainting needs a multiple of 8");
         }
-        feed.norm_batch("inpainting", feed.batch)
+        Ok(())
     }
 
     pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {

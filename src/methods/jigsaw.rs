@@ -52,6 +52,8 @@ impl JigsawConfig {
     pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
         feed.views("jigsaw", 1, "it cuts one view of each image into tiles")?;
         let view_size = feed.view_sizes[0];
+        // The backbone sees the tiles.
+        feed.model.check_input(self.tile, "method.tile")?;
         if !(2..=1000).contains(&self.permutations) {
             anyhow::bail!(
                 "method.permutations = {}: must lie in 2..=1000",

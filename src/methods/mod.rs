@@ -54,8 +54,7 @@ impl MethodConfig {
             MethodConfig::Mae(c) => c.check(feed),
             MethodConfig::Dino(c) => c.check(feed),
             MethodConfig::Rotation(_) => {
-                feed.views("rotation", 1, "it turns one view of each image four ways")?;
-                feed.norm_batch("rotation", 4 * feed.batch)
+                feed.views("rotation", 1, "it turns one view of each image four ways")
             }
             MethodConfig::Jigsaw(c) => c.check(feed),
             MethodConfig::Inpainting(c) => c.check(feed),
@@ -125,18 +124,6 @@ impl Feed<'_> {
         if self.batch < n {
             bail!(
                 "train.batch_size = {}: method {method} needs at least {n} images per batch ({why})",
-                self.batch
-            );
-        }
-        Ok(())
-    }
-
-    /// Refuses a batch-norm pass over fewer than 2 images, where the model has batch norm: the
-    /// batch statistics of one image make every feature 0 (it would train on nothing).
-    pub fn norm_batch(&self, method: &str, images: usize) -> anyhow::Result<()> {
-        if matches!(self.model, BackboneConfig::Resnet(_)) && images < 2 {
-            bail!(
-                "train.batch_size = {}: method {method} runs the ResNet's batch norm over {images} image(s) per pass; it needs at least 2",
                 self.batch
             );
         }

@@ -55,7 +55,7 @@ impl BackboneConfig {
             if size < p || size % p != 0 {
                 anyhow::bail!(
                     "{key} = {size}: the ViT's {p}-px patches (model.patch_size) must tile it exactly; \
-                     {} px of every side would be dropped (use a multiple of {p})",
+                     the last {} px of each row and column would be dropped (use a multiple of {p})",
                     size % p
                 );
             }

@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
@@ -88,9 +89,12 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Appends events to a new `events.out.tfevents.<time>.<host>.<pid>.<n>.selfsup` file in a folder.
+/// Appends events to a new `events.out.tfevents.<time>.<host>.<pid>.<n>.selfsup` file in a
+/// folder. Clones write into the same file (a run's metrics and its pictures: TensorBoard's
+/// reader follows one file at a time).
+#[derive(Clone)]
 pub struct EventWriter {
-    file: BufWriter<File>,
+    file: Arc<Mutex<BufWriter<File>>>,
     path: PathBuf,
 }
 
@@ -107,7 +111,7 @@ impl EventWriter {
             host
         };
         let time = now();
-        // Unique per writer: a run writes its metrics and its pictures through two.
+        // Unique per writer, should two runs of one process start in the same second.
         static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!(
@@ -117,8 +121,8 @@ impl EventWriter {
         ));
         let file =
             File::create_new(&path).with_context(|| format!("cannot write {}", path.display()))?;
-        let mut writer = EventWriter {
-            file: BufWriter::new(file),
+        let writer = EventWriter {
+            file: Arc::new(Mutex::new(BufWriter::new(file))),
             path,
         };
         writer.write(&Event {
@@ -134,7 +138,7 @@ impl EventWriter {
     }
 
     /// Scalars `(tag, value)` at `step`, in one event.
-    pub fn scalars(&mut self, step: usize, values: &[(String, f32)]) -> Result<()> {
+    pub fn scalars(&self, step: usize, values: &[(String, f32)]) -> Result<()> {
         let value = values
             .iter()
             .map(|(tag, v)| Value {
@@ -146,7 +150,7 @@ impl EventWriter {
     }
 
     /// A picture at `step`, stored as PNG.
-    pub fn image(&mut self, step: usize, tag: &str, picture: &RgbImage) -> Result<()> {
+    pub fn image(&self, step: usize, tag: &str, picture: &RgbImage) -> Result<()> {
         let mut png = Vec::new();
         picture
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -166,7 +170,7 @@ impl EventWriter {
         )
     }
 
-    fn summary(&mut self, step: usize, value: Vec<Value>) -> Result<()> {
+    fn summary(&self, step: usize, value: Vec<Value>) -> Result<()> {
         self.write(&Event {
             wall_time: now(),
             step: step as i64,
@@ -175,15 +179,18 @@ impl EventWriter {
     }
 
     /// One record, flushed: a run killed later keeps every event written so far.
-    fn write(&mut self, event: &Event) -> Result<()> {
+    fn write(&self, event: &Event) -> Result<()> {
         let data = event.encode_to_vec();
         let len = (data.len() as u64).to_le_bytes();
-        self.file.write_all(&len)?;
-        self.file.write_all(&masked_crc(&len).to_le_bytes())?;
-        self.file.write_all(&data)?;
-        self.file.write_all(&masked_crc(&data).to_le_bytes())?;
-        self.file
-            .flush()
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        file.write_all(&len)?;
+        file.write_all(&masked_crc(&len).to_le_bytes())?;
+        file.write_all(&data)?;
+        file.write_all(&masked_crc(&data).to_le_bytes())?;
+        file.flush()
             .with_context(|| format!("cannot write {}", self.path.display()))
     }
 }

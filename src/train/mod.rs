@@ -195,6 +195,9 @@ pub struct Trainer<'a> {
     pub monitor: Option<&'a dyn Fn(&Backbone) -> Result<Scalars>>,
     /// Show a progress bar.
     pub progress: bool,
+    /// The run's TensorBoard event file, when the caller writes into it too (pictures); by
+    /// default the trainer starts one.
+    pub events: Option<events::EventWriter>,
 }
 
 impl<'a> Trainer<'a> {
@@ -205,6 +208,7 @@ impl<'a> Trainer<'a> {
             device,
             monitor: None,
             progress: true,
+            events: None,
         }
     }
 
@@ -260,7 +264,11 @@ impl<'a> Trainer<'a> {
         }
         let total_steps = steps_per_epoch * c.epochs;
         let warmup = (c.warmup_epochs * steps_per_epoch as f64).round() as usize;
-        let mut metrics = Metrics::open(&self.out)?;
+        let events = match &self.events {
+            Some(e) => e.clone(),
+            None => events::EventWriter::create(&self.out)?,
+        };
+        let mut metrics = Metrics::open(&self.out, events)?;
         let mut report = Report::default();
 
         while state.epoch < until.min(c.epochs) {
@@ -384,17 +392,14 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn open(out: &Path) -> Result<Self> {
+    fn open(out: &Path, events: events::EventWriter) -> Result<Self> {
         let path = out.join("metrics.jsonl");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Metrics {
-            file,
-            events: events::EventWriter::create(out)?,
-        })
+        Ok(Metrics { file, events })
     }
 
     fn write(&mut self, line: &serde_json::Value) -> Result<()> {
