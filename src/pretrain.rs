@@ -18,16 +18,50 @@ use crate::models::{init_seeded, Backbone};
 use crate::train::events::EventWriter;
 use crate::train::{self, Method, Scalars, Trainer};
 
-/// The device named on the command line: `cpu` (burn's flex backend, always built), `cuda`
-/// (with the `cuda` feature) or `wgpu` (Vulkan, with the `wgpu` feature).
+/// The device named on the command line: `cpu` (burn's flex backend, always built),
+/// `cuda[:N]` (an NVIDIA GPU; cargo feature `cuda`) or `vulkan[:N]` (any Vulkan GPU through wgpu,
+/// N counting discrete GPUs; feature `wgpu`). A device this build lacks is named with the
+/// feature to build with.
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(0usize)),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::vulkan(Default::default())),
-        other => bail!("device '{other}' is not available in this build (cpu always is; cuda and wgpu need the cargo features of the same names)"),
+    let (kind, index) = match name.split_once(':') {
+        Some((kind, i)) => match i.parse::<usize>() {
+            Ok(i) => (kind, Some(i)),
+            Err(_) => bail!("--device {name}: '{i}' is not a device index (cuda:0, vulkan:1, ...)"),
+        },
+        None => (name, None),
+    };
+    match kind {
+        "cpu" if index.is_none() => Ok(Device::flex()),
+        "cpu" => bail!("--device {name}: the CPU device takes no index"),
+        "cuda" => gpu::cuda(index.unwrap_or(0)),
+        "vulkan" | "wgpu" => gpu::vulkan(index.unwrap_or(0)),
+        other => bail!("--device {name}: unknown device '{other}' (cpu, cuda[:N], vulkan[:N])"),
+    }
+}
+
+/// The GPU devices, present only in builds with their cargo feature.
+mod gpu {
+    use anyhow::{bail, Result};
+    use burn::tensor::Device;
+
+    #[cfg(feature = "cuda")]
+    pub fn cuda(index: usize) -> Result<Device> {
+        Ok(Device::cuda(index))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn cuda(_: usize) -> Result<Device> {
+        bail!("--device cuda needs a build with the `cuda` feature: cargo build --release --features cuda")
+    }
+
+    #[cfg(feature = "wgpu")]
+    pub fn vulkan(index: usize) -> Result<Device> {
+        Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index)))
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    pub fn vulkan(_: usize) -> Result<Device> {
+        bail!("--device vulkan needs a build with the `wgpu` feature: cargo build --release --features wgpu")
     }
 }
 

@@ -99,6 +99,40 @@ fn printed_pipeline_reads_back_as_a_recipe() {
 }
 
 #[test]
+fn devices_are_named_and_a_missing_one_says_how_to_build_it() {
+    use selfsup::pretrain::device;
+    assert!(device("cpu").is_ok());
+    for (name, says) in [
+        ("cuda:x", "'x' is not a device index"),
+        ("tpu", "unknown device 'tpu'"),
+        ("cpu:1", "takes no index"),
+    ] {
+        let err = device(name).unwrap_err().to_string();
+        assert!(err.contains(says), "{name}: {err}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    assert!(device("cuda:1")
+        .unwrap_err()
+        .to_string()
+        .contains("--features cuda"));
+    #[cfg(not(feature = "wgpu"))]
+    assert!(device("vulkan")
+        .unwrap_err()
+        .to_string()
+        .contains("--features wgpu"));
+    // Through the command line, before any data is read.
+    let (ok, _, err) = selfsup(&[
+        "eval",
+        "knn",
+        "--recipe",
+        "recipes/simclr_cifar10_cpu.toml",
+        "--device",
+        "tpu",
+    ]);
+    assert!(!ok && err.contains("unknown device 'tpu'"), "{err}");
+}
+
+#[test]
 fn recipe_prints_a_complete_recipe_to_start_from() {
     let (ok, out, err) = selfsup(&["recipe", "dino"]);
     assert!(ok, "{err}");
