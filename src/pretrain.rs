@@ -145,9 +145,9 @@ pub fn pretrain(
     });
     let summary_path = out.join("summary.json");
     if unchanged && done >= recipe.train.epochs && summary_path.exists() {
-        let text = std::fs::read_to_string(&summary_path)?;
+        let json = std::fs::read_to_string(&summary_path)?;
         let mut summary: Summary =
-            serde_json::from_str(&text).with_context(|| format!("{}", summary_path.display()))?;
+            serde_json::from_str(&json).with_context(|| format!("{}", summary_path.display()))?;
         summary.trained = 0;
         return Ok(summary);
     }
