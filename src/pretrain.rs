@@ -46,7 +46,38 @@ mod gpu {
 
     #[cfg(feature = "cuda")]
     pub fn cuda(index: usize) -> Result<Device> {
+        cuda_driver_has(index)?;
         Ok(Device::cuda(index))
+    }
+
+    /// Asks the NVIDIA driver itself whether CUDA device `index` exists: burn, asked for a
+    /// device the machine lacks, panics in its device thread instead of returning an error.
+    #[cfg(feature = "cuda")]
+    fn cuda_driver_has(index: usize) -> Result<()> {
+        use libloading::{Library, Symbol};
+        // SAFETY: loading the driver runs no code of ours; the two calls below follow the CUDA
+        // driver API's signatures (CUresult cuInit(unsigned), cuDeviceGetCount(int *)).
+        unsafe {
+            let Some(driver) = ["libcuda.so.1", "libcuda.so"]
+                .iter()
+                .find_map(|name| Library::new(name).ok())
+            else {
+                bail!("--device cuda: the NVIDIA driver's libcuda.so.1 is not on this machine (install the driver, or add its folder to LD_LIBRARY_PATH)");
+            };
+            let init: Symbol<unsafe extern "C" fn(u32) -> i32> = driver.get(b"cuInit\0")?;
+            let code = init(0);
+            if code != 0 {
+                bail!("--device cuda: the NVIDIA driver found no usable GPU (cuInit returned CUDA error {code})");
+            }
+            let count: Symbol<unsafe extern "C" fn(*mut i32) -> i32> =
+                driver.get(b"cuDeviceGetCount\0")?;
+            let mut n = 0i32;
+            let code = count(&mut n);
+            if code != 0 || index >= n.max(0) as usize {
+                bail!("--device cuda:{index}: the NVIDIA driver reports {n} CUDA device(s)");
+            }
+        }
+        Ok(())
     }
 
     #[cfg(not(feature = "cuda"))]
