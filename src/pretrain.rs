@@ -87,7 +87,37 @@ mod gpu {
 
     #[cfg(feature = "wgpu")]
     pub fn vulkan(index: usize) -> Result<Device> {
-        Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index)))
+        let device = Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index));
+        first_use(&device).map_err(|why| {
+            anyhow::anyhow!("--device vulkan:{index}: no usable Vulkan GPU ({why})")
+        })?;
+        Ok(device)
+    }
+
+    /// Makes one tensor on `device` in a thread of its own: burn, asked for a GPU the machine
+    /// lacks, panics in its device threads instead of returning an error. The panic's message
+    /// comes back as the error (and is not printed).
+    #[cfg(feature = "wgpu")]
+    fn first_use(device: &Device) -> std::result::Result<(), String> {
+        use std::sync::{Arc, Mutex};
+        let first: Arc<Mutex<Option<String>>> = Arc::default();
+        let hook = std::panic::take_hook();
+        let seen = first.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.get_or_insert_with(|| info.payload_as_str().unwrap_or("a panic").to_string());
+        }));
+        let device = device.clone();
+        let made = std::thread::spawn(move || {
+            burn::tensor::Tensor::<1>::zeros([1], &device).into_data();
+        })
+        .join();
+        std::panic::set_hook(hook);
+        let why = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match (made, why) {
+            (Ok(()), None) => Ok(()),
+            (_, why) => Err(why.unwrap_or_else(|| "its first use failed".into())),
+        }
     }
 
     #[cfg(not(feature = "wgpu"))]
