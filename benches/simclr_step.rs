@@ -6,6 +6,8 @@
 //! Run: `cargo bench --profile dev --bench simclr_step`; the PyTorch reference, same model, batch,
 //! loss and optimiser on 2 threads: `python3 benches/reference/simclr_step_torch.py`.
 
+mod common;
+
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
@@ -14,17 +16,6 @@ use selfsup::methods::SimclrConfig;
 use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
 use selfsup::train::optim::{OptimConfig, OptimizerKind};
 use selfsup::train::{Method, Progress};
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
 
 fn main() {
     let (batch, steps) = (128usize, 5usize);
@@ -76,5 +67,5 @@ fn main() {
         }
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    println!("selfsup (burn flex) {device}: ResNet-18 SimCLR step, batch {batch}: {:.2} s/step, {:.1} img/s, peak RSS {:.0} MiB", mean, batch as f64 / mean, peak_rss_mib());
+    println!("selfsup (burn flex) {device}: ResNet-18 SimCLR step, batch {batch}: {:.2} s/step, {:.1} img/s, peak RSS {:.0} MiB", mean, batch as f64 / mean, common::peak_rss_mib());
 }

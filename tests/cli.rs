@@ -174,6 +174,23 @@ fn every_shipped_recipe_loads_and_checks() {
     assert!(n >= 9, "{n} recipes");
 }
 
+/// `selfsup pretrain` of a recipe on some data into a run folder: (ok, stdout, stderr).
+fn pretrain(
+    recipe: &std::path::Path,
+    data: &std::path::Path,
+    run: &std::path::Path,
+) -> (bool, String, String) {
+    selfsup(&[
+        "pretrain",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ])
+}
+
 /// A tiny generated CIFAR-10 (20 images per file), a shipped recipe with `edits` applied, and
 /// `selfsup pretrain` of it: (temporary folder, data, recipe path, run folder, stdout).
 fn tiny_run(
@@ -203,15 +220,7 @@ fn tiny_run(
     let recipe_path = tmp.path().join(recipe);
     std::fs::write(&recipe_path, text + extra).unwrap();
     let run = tmp.path().join("run");
-    let (ok, stdout, stderr) = selfsup(&[
-        "pretrain",
-        "--recipe",
-        recipe_path.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = pretrain(&recipe_path, &data, &run);
     assert!(ok, "{stderr}");
     // Logs keep no colour codes when they do not go to a terminal.
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
@@ -328,15 +337,7 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
 
     // The same pretrain again: the run is complete, and says so instead of training or
     // measuring again.
-    let (ok, again, stderr) = selfsup(&[
-        "pretrain",
-        "--recipe",
-        recipe_path.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let (ok, again, stderr) = pretrain(&recipe_path, &data, &run);
     assert!(ok, "{stderr}");
     assert!(again.contains("is complete: 1/1 epochs"), "{again}");
     assert!(

@@ -12,7 +12,7 @@ use selfsup::augment::{Pipeline, Sizes};
 use selfsup::data::{Dataset, LoadOptions, Loader, Split};
 use selfsup::methods::{SimClr, SimclrConfig};
 use selfsup::models::{init_seeded, Backbone, BackboneConfig, ResNetConfig, Stem};
-use selfsup::train::{checkpoint, Method, Progress, StepOutput, TrainConfig, Trainer};
+use selfsup::train::{checkpoint, Method, Progress, Report, StepOutput, TrainConfig, Trainer};
 
 fn cifar(n: usize) -> Split {
     let ds = Dataset::open(
@@ -64,14 +64,18 @@ fn trainer(config: TrainConfig, out: &Path) -> Trainer<'static> {
     t
 }
 
+/// The small SimCLR trained `epochs` epochs on the first `images` CIFAR-10 images, into `out`.
+fn train(images: usize, epochs: usize, out: &Path) -> (SimClr, Report) {
+    let dev = Device::flex().autodiff();
+    trainer(config(epochs), out)
+        .run(simclr(&dev), &loader(&cifar(images)))
+        .unwrap()
+}
+
 #[test]
 fn loss_falls_on_real_images() {
-    let split = cifar(256);
     let dir = tempfile::tempdir().unwrap();
-    let dev = Device::flex().autodiff();
-    let (_, report) = trainer(config(10), dir.path())
-        .run(simclr(&dev), &loader(&split))
-        .unwrap();
+    let (_, report) = train(256, 10, dir.path());
     let losses = &report.state.epoch_losses;
     assert_eq!(losses.len(), 10);
     let (first, last) = (
@@ -140,12 +144,8 @@ fn assert_same_state<M: Module>(a: &M, b: &M) {
 #[test]
 fn metrics_reach_tensorboard_event_files() {
     use selfsup::train::events::{read_events, Kind, What};
-    let split = cifar(64);
-    let dev = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
-    trainer(config(2), dir.path())
-        .run(simclr(&dev), &loader(&split))
-        .unwrap();
+    train(64, 2, dir.path());
     let files: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -207,14 +207,10 @@ fn metrics_reach_tensorboard_event_files() {
 fn the_last_checkpoint_holds_the_model_the_run_returns() {
     // Issue: the checkpoint written after the last step held the batch-norm statistics of the
     // step before (burn's running state keeps the newest value pending until it is synced).
-    let split = cifar(64);
-    let dev = Device::flex().autodiff();
     let dir = tempfile::tempdir().unwrap();
-    let (trained, _) = trainer(config(2), dir.path())
-        .run(simclr(&dev), &loader(&split))
-        .unwrap();
+    let (trained, _) = train(64, 2, dir.path());
     let latest = checkpoint::latest(dir.path()).unwrap().unwrap();
-    let saved = checkpoint::load_model(&latest, simclr(&dev)).unwrap();
+    let saved = checkpoint::load_model(&latest, simclr(&Device::flex().autodiff())).unwrap();
     assert_same_state(&saved, &trained);
 }
 

@@ -14,23 +14,19 @@ use anyhow::{bail, Context, Result};
 use md5::{Digest, Md5};
 
 /// A published file: where it lives and the MD5 its publisher gives.
-#[derive(Debug, Clone)]
-pub struct Archive {
-    pub name: &'static str,
-    pub url: &'static str,
-    pub file: &'static str,
-    pub md5: &'static str,
+struct Archive {
+    url: &'static str,
+    file: &'static str,
+    md5: &'static str,
 }
 
-pub const CIFAR10_BINARY: Archive = Archive {
-    name: "cifar10",
+const CIFAR10_BINARY: Archive = Archive {
     url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
     file: "cifar-10-binary.tar.gz",
     md5: "c32a1d4ab5d03f1284b67883e8d87530",
 };
 
-pub const CIFAR100_BINARY: Archive = Archive {
-    name: "cifar100",
+const CIFAR100_BINARY: Archive = Archive {
     url: "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
     file: "cifar-100-binary.tar.gz",
     md5: "03b5dce01913d631647c71ecec9e9cb8",
@@ -39,27 +35,23 @@ pub const CIFAR100_BINARY: Archive = Archive {
 /// Fashion-MNIST's four idx files (Xiao et al. 2017), with the MD5s torchvision checks.
 const FASHION_MNIST: [Archive; 4] = [
     Archive {
-        name: "fashion-mnist",
         url:
             "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
         file: "train-images-idx3-ubyte.gz",
         md5: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     },
     Archive {
-        name: "fashion-mnist",
         url:
             "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-labels-idx1-ubyte.gz",
         file: "train-labels-idx1-ubyte.gz",
         md5: "25c81989df183df01b3e8a0aad5dffbe",
     },
     Archive {
-        name: "fashion-mnist",
         url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz",
         file: "t10k-images-idx3-ubyte.gz",
         md5: "bef4ecab320f06d8554ea6380940ec79",
     },
     Archive {
-        name: "fashion-mnist",
         url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-labels-idx1-ubyte.gz",
         file: "t10k-labels-idx1-ubyte.gz",
         md5: "bb300cfdad3c16e7a12a480ee83cd310",
@@ -103,10 +95,10 @@ const KNOWN: [Known; 3] = [
 ];
 
 /// The environment variable naming the data folder.
-pub const DATA_ENV: &str = "SELFSUP_DATA";
+const DATA_ENV: &str = "SELFSUP_DATA";
 /// The environment variable naming a mirror to download from instead of the publishers (its
 /// URL with each file's name appended).
-pub const MIRROR_ENV: &str = "SELFSUP_DATA_MIRROR";
+const MIRROR_ENV: &str = "SELFSUP_DATA_MIRROR";
 
 /// Where datasets named by name are looked for and downloaded: `$SELFSUP_DATA`, else
 /// `$XDG_CACHE_HOME/selfsup`, else `~/.cache/selfsup`.

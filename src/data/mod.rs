@@ -22,10 +22,7 @@ use image::RgbImage;
 pub use cifar::{
     encode_records as encode_cifar_records, parse_records as parse_cifar_records, CIFAR10_CLASSES,
 };
-pub use download::{
-    data_dir, download, download_named, resolve, Archive, CIFAR100_BINARY, CIFAR10_BINARY,
-    DATA_ENV, MIRROR_ENV,
-};
+pub use download::{data_dir, download, download_named, resolve};
 pub use image_folder::decode;
 pub use loader::{Batch, Loader};
 

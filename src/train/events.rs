@@ -133,10 +133,6 @@ impl EventWriter {
         Ok(writer)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Scalars `(tag, value)` at `step`, in one event.
     pub fn scalars(&self, step: usize, values: &[(String, f32)]) -> Result<()> {
         let value = values
