@@ -28,6 +28,7 @@ fn main() {
         depth: 18,
         stem: Stem::Cifar,
         width: 1.0,
+        init: None,
     });
     let mut method = init_seeded(&dev, 0, || {
         SimclrConfig {

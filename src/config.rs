@@ -115,6 +115,7 @@ impl Default for BackboneConfig {
             depth: 18,
             stem: Stem::Cifar,
             width: 1.0,
+            init: None,
         })
     }
 }

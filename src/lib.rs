@@ -4,7 +4,8 @@
 //! method asks for, a method of [`methods`] turns them into a loss over a backbone of
 //! [`models`], and [`train`] runs the optimisation, checkpoints and metrics. [`eval`] measures
 //! the frozen backbone (kNN, linear probe), [`viz`] draws what is worth looking at, and
-//! [`pretrain`] ties a recipe ([`config`]) to all of them.
+//! [`pretrain`] ties a recipe ([`config`]) to all of them. [`run`] reads and writes run folders,
+//! [`weights`] moves encoders in and out of PyTorch.
 
 pub mod alloc;
 pub mod augment;
@@ -15,5 +16,7 @@ pub mod losses;
 pub mod methods;
 pub mod models;
 pub mod pretrain;
+pub mod run;
 pub mod train;
 pub mod viz;
+pub mod weights;

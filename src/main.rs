@@ -11,6 +11,8 @@ use selfsup::config::{AugmentConfig, Recipe};
 use selfsup::data::{self, Dataset, LoadOptions};
 use selfsup::models::{Backbone, Pool};
 use selfsup::pretrain;
+use selfsup::run;
+use selfsup::train::Which;
 
 #[derive(Parser)]
 #[command(
@@ -89,12 +91,62 @@ enum Command {
         #[arg(long)]
         labels: Option<usize>,
     },
+    /// Frozen features of a split written to a file (.safetensors, .npy or .csv, by the
+    /// extension), with labels and file names.
+    Embed {
+        #[command(flatten)]
+        encoder: EncoderArgs,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a run folder from PyTorch weights (.safetensors, .pth, .pt): timm ViTs (the
+    /// official DINO and MAE releases) and torchvision ResNet-18/34/50 (ImageNet or CIFAR stem),
+    /// the architecture inferred from the shapes.
+    Import {
+        #[arg(long)]
+        weights: PathBuf,
+        /// The run folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The dictionary inside a checkpoint that holds the weights (`teacher` in DINO's full
+        /// checkpoints); default: state_dict, model, teacher, or the top level.
+        #[arg(long)]
+        key: Option<String>,
+        /// The backbone's key prefix (`module.encoder_q.`); default: the one in front of the
+        /// stem's key.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// A ViT's attention heads (not in the weights; default: dim / 64, as in timm).
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Image side for evaluation (default: a ViT's training size, 224 px for an
+        /// ImageNet-stem ResNet, 32 px for a CIFAR one).
+        #[arg(long)]
+        size: Option<u32>,
+    },
+    /// Write one of a run's encoders as safetensors with torchvision / timm names.
+    Export {
+        /// A run folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// student or teacher (DINO's teacher, MoCo's key encoder); default: the one the
+        /// method's official code releases (DINO: teacher).
+        #[arg(long, value_parser = ["student", "teacher"])]
+        which: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// DINO's attention maps of a ViT run on real images: per head, their mean, and the mask
     /// keeping 60% of the attention mass.
     Attention {
-        /// A run folder written by `pretrain` (any ViT method).
+        /// A run folder written by `pretrain` or `import` (any ViT).
         #[arg(long)]
         checkpoint: PathBuf,
+        /// student or teacher (default: the one the method releases, DINO's teacher).
+        #[arg(long, value_parser = ["student", "teacher"])]
+        which: Option<String>,
         /// Images to look at (repeat the flag for several).
         #[arg(long = "image", required = true)]
         images: Vec<PathBuf>,
@@ -169,10 +221,15 @@ enum DataCommand {
 /// The encoder to evaluate or fine-tune, and the data to do it on.
 #[derive(clap::Args)]
 struct EncoderArgs {
-    /// A run folder written by `pretrain`.
+    /// A run folder written by `pretrain` or `import`.
     #[arg(long, required_unless_present = "recipe")]
     checkpoint: Option<PathBuf>,
-    /// Without --checkpoint: a randomly initialised backbone of this recipe (the baseline).
+    /// student or teacher (DINO's teacher, MoCo's key encoder); default: the one the method's
+    /// official code evaluates (DINO: teacher).
+    #[arg(long, value_parser = ["student", "teacher"], requires = "checkpoint")]
+    which: Option<String>,
+    /// Without --checkpoint: this recipe's backbone before training, random or its
+    /// `[model] init` (the baseline).
     #[arg(long, conflicts_with = "checkpoint")]
     recipe: Option<PathBuf>,
     #[arg(long)]
@@ -198,13 +255,18 @@ impl EncoderArgs {
         let device = pretrain::device(&self.device)?;
         let (recipe, backbone, what) = match (self.checkpoint, self.recipe) {
             (Some(run), _) => {
-                let (r, b) = pretrain::load_backbone(&run, &device)?;
-                (r, b, format!("checkpoint {}", run.display()))
+                let which = self.which.as_deref().map(Which::parse).transpose()?;
+                let (r, b, which) = run::encoder(&run, which, &device)?;
+                (r, b, format!("{} of {}", which.name(), run.display()))
             }
             (None, Some(path)) => {
                 let r = Recipe::load(&path)?;
-                let b = pretrain::random_backbone(&r, &device);
-                (r, b, format!("random init of {}", path.display()))
+                let b = run::initial_backbone(&r, &device)?;
+                let what = match r.model.weights() {
+                    Some(w) => format!("{} as recipe {} starts", w.display(), path.display()),
+                    None => format!("random init of {}", path.display()),
+                };
+                (r, b, what)
             }
             (None, None) => anyhow::bail!("pass --checkpoint or --recipe"),
         };
@@ -318,7 +380,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("run folder: {}", out.display());
             println!(
-                "backbone (torchvision/timm names): {}",
+                "backbone (the {}, torchvision/timm names): {}",
+                summary.released.name(),
                 summary.backbone.display()
             );
             if let Some(knn) = summary.knn {
@@ -384,15 +447,114 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * acc.top5
             );
         }
+        Command::Embed {
+            encoder,
+            split,
+            out,
+        } => {
+            let Encoder {
+                recipe,
+                backbone,
+                what,
+                device,
+                dataset,
+            } = encoder.load()?;
+            let split = dataset.split(&split)?;
+            let pipeline = recipe.augment.eval_pipeline()?;
+            let (features, dim) =
+                selfsup::eval::embed(&backbone, split, &pipeline, recipe.eval.batch_size, &device)?;
+            let files = split.file_names();
+            let written = selfsup::eval::embed::Embedding {
+                features: &features,
+                dim,
+                labels: split.labels.as_ref().map(|l| l.as_slice()),
+                classes: &dataset.classes,
+                files: &files,
+            }
+            .write(&out)?;
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "{} images of {}, {dim} features each ({what})",
+                split.len(),
+                split.name
+            );
+        }
+        Command::Import {
+            weights,
+            out,
+            key,
+            prefix,
+            heads,
+            size,
+        } => {
+            let opts = run::ImportOptions {
+                key,
+                prefix,
+                heads,
+                size,
+            };
+            let imported = run::import(&weights, &out, &opts)?;
+            let model = toml::to_string(&imported.recipe.model)?;
+            println!(
+                "imported {} tensors from {} into {}:\n{}",
+                imported.tensors,
+                weights.display(),
+                out.display(),
+                model.trim_end()
+            );
+            if !imported.left_out.is_empty() {
+                let shown: Vec<&str> = imported
+                    .left_out
+                    .iter()
+                    .take(6)
+                    .map(String::as_str)
+                    .collect();
+                println!(
+                    "left out {} tensors that are not the backbone's: {}{}",
+                    imported.left_out.len(),
+                    shown.join(", "),
+                    if imported.left_out.len() > 6 {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Command::Export {
+            checkpoint,
+            which,
+            out,
+        } => {
+            let which = which.as_deref().map(Which::parse).transpose()?;
+            let (_, backbone, which) =
+                run::encoder(&checkpoint, which, &burn::tensor::Device::flex())?;
+            selfsup::weights::export(&backbone, &out)?;
+            println!(
+                "wrote {} (the {} of {}, torchvision/timm names)",
+                out.display(),
+                which.name(),
+                checkpoint.display()
+            );
+        }
         Command::Attention {
             checkpoint,
+            which,
             images,
             size,
             out,
             device,
         } => {
-            let sheet =
-                pretrain::attention(&checkpoint, &images, size, &pretrain::device(&device)?)?;
+            let which = which.as_deref().map(Which::parse).transpose()?;
+            let sheet = pretrain::attention(
+                &checkpoint,
+                which,
+                &images,
+                size,
+                &pretrain::device(&device)?,
+            )?;
             selfsup::viz::save_png(&sheet, &out)?;
             println!(
                 "wrote {} (image | one map per head | mean | 60% mass mask, {} rows)",
@@ -409,7 +571,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
-            let recipe = pretrain::run_recipe(&checkpoint)?;
+            let recipe = run::recipe(&checkpoint)?;
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let split = dataset.split(&split)?;
             let device = pretrain::device(&device)?;

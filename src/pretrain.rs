@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -16,7 +15,7 @@ use crate::eval::{self, Accuracy, Features};
 use crate::methods::MethodConfig;
 use crate::models::{init_seeded, Backbone};
 use crate::train::events::EventWriter;
-use crate::train::{self, Method, Scalars, Trainer};
+use crate::train::{self, Method, Scalars, Trainer, Which};
 
 /// The device named on the command line: `cpu` (burn's flex backend, always built),
 /// `cuda[:N]` (an NVIDIA GPU; cargo feature `cuda`) or `vulkan[:N]` (any Vulkan GPU through wgpu,
@@ -134,26 +133,58 @@ pub fn open_data(recipe: &Recipe, source: Option<&Path>) -> Result<Dataset> {
     Dataset::open(path, &recipe.data.load_options())
 }
 
-/// The recipe's method around a freshly initialised backbone (seeded by the recipe), on `device`.
-/// `f` receives it: methods are distinct types, so each caller is generic over [`Method`].
-fn with_method<R>(recipe: &Recipe, device: &Device, f: impl MethodUser<R>) -> R {
+/// The recipe's method, freshly initialised (seeded by the recipe) on `device`, its encoder
+/// replaced by `start` if given (see [`Method::start_from`]). `f` receives it: methods are
+/// distinct types, so each caller is generic over [`Method`].
+pub(crate) fn with_method<R>(
+    recipe: &Recipe,
+    start: Option<Backbone>,
+    device: &Device,
+    f: impl MethodUser<R>,
+) -> R {
+    fn started<M: Method>(method: M, start: Option<Backbone>) -> M {
+        match start {
+            Some(weights) => method.start_from(weights),
+            None => method,
+        }
+    }
     let (model, seed) = (&recipe.model, recipe.seed);
     match &recipe.method {
-        MethodConfig::Simclr(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
-        MethodConfig::Moco(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
-        MethodConfig::Mae(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
-        MethodConfig::Dino(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
-        MethodConfig::Rotation(c) => f.call(init_seeded(device, seed, || c.init(model, device))),
-        MethodConfig::Jigsaw(c) => {
-            f.call(init_seeded(device, seed, || c.init(model, seed, device)))
-        }
-        MethodConfig::Inpainting(c) => f.call(init_seeded(device, seed, || {
-            c.init(model, recipe.augment.size as usize, device)
-        })),
+        MethodConfig::Simclr(c) => f.call(started(
+            init_seeded(device, seed, || c.init(model, device)),
+            start,
+        )),
+        MethodConfig::Moco(c) => f.call(started(
+            init_seeded(device, seed, || c.init(model, device)),
+            start,
+        )),
+        MethodConfig::Mae(c) => f.call(started(
+            init_seeded(device, seed, || c.init(model, device)),
+            start,
+        )),
+        MethodConfig::Dino(c) => f.call(started(
+            init_seeded(device, seed, || c.init(model, device)),
+            start,
+        )),
+        MethodConfig::Rotation(c) => f.call(started(
+            init_seeded(device, seed, || c.init(model, device)),
+            start,
+        )),
+        MethodConfig::Jigsaw(c) => f.call(started(
+            init_seeded(device, seed, || c.init(model, seed, device)),
+            start,
+        )),
+        MethodConfig::Inpainting(c) => f.call(started(
+            init_seeded(device, seed, || {
+                c.init(model, recipe.augment.size as usize, device)
+            }),
+            start,
+        )),
     }
 }
 
-trait MethodUser<R> {
+/// A caller of [`with_method`].
+pub(crate) trait MethodUser<R> {
     fn call<M: Method>(self, method: M) -> R;
 }
 
@@ -165,6 +196,9 @@ pub struct Summary {
     #[serde(default)]
     pub trained: usize,
     pub final_loss: Option<f32>,
+    /// The encoder evaluated and exported (see [`Method::released`]).
+    #[serde(default)]
+    pub released: Which,
     pub knn: Option<Accuracy>,
     pub checkpoint: PathBuf,
     pub backbone: PathBuf,
@@ -263,14 +297,23 @@ pub fn pretrain(
         trainer: &'a Trainer<'a>,
         loader: &'a Loader,
     }
-    impl MethodUser<Result<(Backbone, train::Report)>> for Train<'_> {
-        fn call<M: Method>(self, method: M) -> Result<(Backbone, train::Report)> {
+    impl MethodUser<Result<(Backbone, Which, train::Report)>> for Train<'_> {
+        fn call<M: Method>(self, method: M) -> Result<(Backbone, Which, train::Report)> {
             let (method, report) = self.trainer.run(method, self.loader)?;
-            Ok((method.valid().backbone().clone(), report))
+            let method = method.valid();
+            Ok((train::released(&method).clone(), method.released(), report))
         }
     }
-    let (backbone, report) = with_method(
+    // A fresh run starts from `[model] init` if the recipe names weights; a resumed one from its
+    // checkpoint.
+    let fresh = train::checkpoint::latest(out)?.is_none();
+    let start = match recipe.model.weights() {
+        Some(_) if fresh => Some(crate::run::initial_backbone(recipe, &ad)?),
+        _ => None,
+    };
+    let (backbone, released, report) = with_method(
         recipe,
+        start,
         &ad,
         Train {
             trainer: &trainer,
@@ -278,8 +321,8 @@ pub fn pretrain(
         },
     )?;
 
-    let backbone_path = out.join("backbone.safetensors");
-    export_backbone(&backbone, &backbone_path)?;
+    let backbone_path = crate::run::backbone_path(out);
+    crate::weights::export(&backbone, &backbone_path)?;
     if let (MethodConfig::Mae(_) | MethodConfig::Inpainting(_), Some(test)) =
         (&recipe.method, &test_split)
     {
@@ -298,6 +341,7 @@ pub fn pretrain(
         epochs: report.state.epoch,
         trained: report.state.epoch - done,
         final_loss: report.state.epoch_losses.last().copied(),
+        released,
         knn,
         checkpoint: train::checkpoint::latest(out)?.unwrap_or_default(),
         backbone: backbone_path,
@@ -385,49 +429,6 @@ pub fn finetune_accuracy(
     )
 }
 
-/// The recipe a run folder was trained with.
-pub fn run_recipe(run: &Path) -> Result<Recipe> {
-    Recipe::load_saved(&run.join("recipe.toml"))
-        .with_context(|| format!("{} is not a run folder", run.display()))
-}
-
-/// The backbone of a run folder's latest checkpoint, with the run's recipe.
-pub fn load_backbone(run: &Path, device: &Device) -> Result<(Recipe, Backbone)> {
-    let recipe = run_recipe(run)?;
-    let Some(dir) = train::checkpoint::latest(run)? else {
-        bail!("{} holds no checkpoint", run.display())
-    };
-    struct Load<'a>(&'a Path);
-    impl MethodUser<Result<Backbone>> for Load<'_> {
-        fn call<M: Method>(self, method: M) -> Result<Backbone> {
-            Ok(train::checkpoint::load_model(self.0, method)?
-                .backbone()
-                .clone())
-        }
-    }
-    let backbone = with_method(&recipe, device, Load(&dir))?;
-    Ok((recipe, backbone))
-}
-
-/// A randomly initialised backbone of the recipe's architecture (the baseline every method must beat).
-pub fn random_backbone(recipe: &Recipe, device: &Device) -> Backbone {
-    init_seeded(device, recipe.seed, || recipe.model.init(device))
-}
-
-/// Writes the backbone as safetensors with torchvision / timm parameter names and layouts, so
-/// `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` takes it in PyTorch.
-pub fn export_backbone(backbone: &Backbone, path: &Path) -> Result<()> {
-    let mut store = SafetensorsStore::from_file(path)
-        .skip_enum_variants(true)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .with_key_remapping(r"downsample\.conv\.", "downsample.0.")
-        .with_key_remapping(r"downsample\.bn\.", "downsample.1.")
-        .overwrite(true);
-    backbone
-        .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
-}
-
 /// Pictures of what an inpainting or MAE run paints, one row per image of the first `count` of
 /// `split` (masks drawn from `seed`): original | masked input | reconstruction, and for MAE also
 /// the reconstruction with the visible patches pasted back.
@@ -438,7 +439,7 @@ pub fn reconstruct(
     seed: u64,
     device: &Device,
 ) -> Result<RgbImage> {
-    let recipe = run_recipe(run)?;
+    let recipe = crate::run::recipe(run)?;
     let Some(dir) = train::checkpoint::latest(run)? else {
         bail!("{} holds no checkpoint", run.display())
     };
@@ -541,8 +542,14 @@ pub fn reconstruct(
 
 /// DINO-style attention pictures of a ViT run for `images`, each cut to its central square and
 /// resized to `size` (rounded down to whole patches): see [`crate::viz::attention_row`].
-pub fn attention(run: &Path, images: &[PathBuf], size: u32, device: &Device) -> Result<RgbImage> {
-    let (recipe, backbone) = load_backbone(run, device)?;
+pub fn attention(
+    run: &Path,
+    which: Option<Which>,
+    images: &[PathBuf],
+    size: u32,
+    device: &Device,
+) -> Result<RgbImage> {
+    let (recipe, backbone, _) = crate::run::encoder(run, which, device)?;
     let Backbone::Vit(vit) = backbone.valid() else {
         bail!(
             "{} trained a ResNet: attention maps need a ViT",

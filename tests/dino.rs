@@ -161,6 +161,7 @@ fn resnet_dino_with_batch_norm_in_the_head_trains_the_student_only() {
         depth: 18,
         stem: Stem::Cifar,
         width: 0.125,
+        init: None,
     });
     let config = DinoConfig {
         head_batch_norm: true,

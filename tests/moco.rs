@@ -44,6 +44,7 @@ fn moco(config: MocoConfig, device: &Device) -> Moco {
         depth: 18,
         stem: Stem::Cifar,
         width: 0.125,
+        init: None,
     });
     init_seeded(device, 5, || config.init(&model, device))
 }

@@ -32,6 +32,7 @@ fn resnets_have_torchvision_shapes_and_names() {
             depth,
             stem: Stem::Imagenet,
             width: 0.25,
+            init: None,
         };
         assert_eq!(c.feature_dim(), dim / 4);
         let m = init_seeded(&dev, 0, || c.init(&dev));
@@ -42,6 +43,7 @@ fn resnets_have_torchvision_shapes_and_names() {
         depth: 18,
         stem: Stem::Cifar,
         width: 1.0,
+        init: None,
     }));
     let shape = |name: &str| {
         st.tensor(name)
@@ -59,6 +61,7 @@ fn resnets_have_torchvision_shapes_and_names() {
         depth: 50,
         stem: Stem::Imagenet,
         width: 1.0,
+        init: None,
     }));
     assert_eq!(
         st.tensor("layer1.0.conv3.weight").unwrap().shape(),
@@ -82,6 +85,7 @@ fn vit_has_timm_names_and_exposes_attention() {
         heads: 3,
         mlp_ratio: 4.0,
         pool: Pool::Cls,
+        init: None,
     };
     let dev = Device::flex();
     let vit = init_seeded(&dev, 0, || c.init(&dev));
@@ -121,6 +125,7 @@ fn same_seed_same_weights() {
         depth: 18,
         stem: Stem::Cifar,
         width: 0.125,
+        init: None,
     });
     let x = input([1, 3, 32, 32], 2);
     let a = init_seeded(&dev, 5, || c.init(&dev))

@@ -22,6 +22,7 @@ fn model() -> BackboneConfig {
         depth: 18,
         stem: Stem::Cifar,
         width: 0.125,
+        init: None,
     })
 }
 

@@ -37,6 +37,7 @@ fn simclr(device: &Device) -> SimClr {
         depth: 18,
         stem: Stem::Cifar,
         width: 0.125,
+        init: None,
     });
     init_seeded(device, 1, || {
         SimclrConfig {

@@ -121,6 +121,7 @@ pub(crate) fn read(origin: &Path, entries: &[Entry], opts: &LoadOptions) -> Resu
         }
         let split = splits.last_mut().unwrap();
         split.images_mut().push(img);
+        split.files_mut().push(f.path.clone());
         if let Some(class) = class_of(&f.path) {
             let label = classes.binary_search(&class).expect("class listed") as u32;
             split.labels_mut().push(label);

@@ -42,6 +42,8 @@ pub struct Split {
     pub name: String,
     pub images: Arc<Vec<RgbImage>>,
     pub labels: Option<Arc<Vec<u32>>>,
+    /// Each image's path inside an image folder or archive; `None` for CIFAR and idx releases.
+    pub files: Option<Arc<Vec<String>>>,
 }
 
 impl Split {
@@ -50,6 +52,7 @@ impl Split {
             name: name.to_string(),
             images: Arc::new(images),
             labels: labels.map(Arc::new),
+            files: None,
         }
     }
 
@@ -68,13 +71,27 @@ impl Split {
         }
         let stride = self.len() as f64 / n as f64;
         let pick: Vec<usize> = (0..n).map(|i| (i as f64 * stride) as usize).collect();
-        Split::new(
+        let mut subset = Split::new(
             &self.name,
             pick.iter().map(|&i| self.images[i].clone()).collect(),
             self.labels
                 .as_ref()
                 .map(|l| pick.iter().map(|&i| l[i]).collect()),
-        )
+        );
+        subset.files =
+            (self.files.as_ref()).map(|f| Arc::new(pick.iter().map(|&i| f[i].clone()).collect()));
+        subset
+    }
+
+    /// Each image's name: its path inside the source, or `<split>/<index>` in a CIFAR or idx
+    /// release (the index torchvision's datasets use).
+    pub fn file_names(&self) -> Vec<String> {
+        match &self.files {
+            Some(files) => files.to_vec(),
+            None => (0..self.len())
+                .map(|i| format!("{}/{i}", self.name))
+                .collect(),
+        }
     }
 
     /// At most `n` images, as `subset` picks them; 0 keeps them all (a recipe's "no limit").
@@ -88,6 +105,10 @@ impl Split {
 
     fn images_mut(&mut self) -> &mut Vec<RgbImage> {
         Arc::get_mut(&mut self.images).expect("split being built")
+    }
+
+    fn files_mut(&mut self) -> &mut Vec<String> {
+        Arc::get_mut(self.files.get_or_insert_with(Default::default)).expect("split being built")
     }
 
     fn labels_mut(&mut self) -> &mut Vec<u32> {

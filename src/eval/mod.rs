@@ -1,5 +1,6 @@
 //! Evaluation of a frozen backbone: feature extraction, weighted kNN, and a linear probe.
 
+pub mod embed;
 pub mod finetune;
 
 use std::sync::Arc;
@@ -71,7 +72,8 @@ impl Features {
 }
 
 /// Features of the frozen backbone (batch norm in evaluation mode, no gradients) for every
-/// image of `split`, drawn through the deterministic `eval` pipeline (`pipeline` must have one view).
+/// image of a labelled `split`, drawn through the deterministic `eval` pipeline (`pipeline`
+/// must have one view).
 pub fn extract(
     backbone: &Backbone,
     split: &Split,
@@ -82,6 +84,23 @@ pub fn extract(
     let Some(labels) = split.labels.as_ref() else {
         bail!("split '{}' has no labels to evaluate against", split.name)
     };
+    let (data, dim) = embed(backbone, split, pipeline, batch_size, device)?;
+    Ok(Features {
+        data,
+        dim,
+        labels: labels.to_vec(),
+    })
+}
+
+/// Features `[n, dim]` (row-major, with `dim`) of every image of `split`, labelled or not, as
+/// [`extract`] draws them.
+pub fn embed(
+    backbone: &Backbone,
+    split: &Split,
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, usize)> {
     let backbone = backbone.valid().to_device(device);
     let loader =
         Loader::new(split.clone(), Arc::new(pipeline.clone()), batch_size, 0)?.sequential();
@@ -99,11 +118,7 @@ pub fn extract(
         bar.inc(batch.samples.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(Features {
-        data,
-        dim,
-        labels: labels.to_vec(),
-    })
+    Ok((data, dim))
 }
 
 /// Top-1 and top-5 accuracy (fractions).

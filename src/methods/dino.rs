@@ -20,7 +20,7 @@ use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, DinoHead, DinoHeadConfig,
 };
 use crate::train::optim::cosine_ramp;
-use crate::train::{Method, Progress, StepOutput};
+use crate::train::{Method, Progress, StepOutput, Which};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -258,5 +258,21 @@ impl Method for Dino {
 
     fn backbone(&self) -> &Backbone {
         &self.backbone
+    }
+
+    fn teacher(&self) -> Option<&Backbone> {
+        Some(&self.teacher)
+    }
+
+    fn released(&self) -> Which {
+        Which::Teacher
+    }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Dino {
+            teacher: momentum_copy(self.teacher, &weights),
+            backbone: weights,
+            ..self
+        }
     }
 }

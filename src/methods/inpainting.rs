@@ -197,4 +197,11 @@ impl Method for Inpainting {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Inpainting {
+            backbone: weights,
+            ..self
+        }
+    }
 }

@@ -158,6 +158,13 @@ impl Method for Jigsaw {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Jigsaw {
+            backbone: weights,
+            ..self
+        }
+    }
 }
 
 /// Number of positions where two permutations differ.

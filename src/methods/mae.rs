@@ -297,4 +297,11 @@ impl Method for Mae {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Mae {
+            backbone: weights,
+            ..self
+        }
+    }
 }

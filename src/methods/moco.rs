@@ -282,4 +282,16 @@ impl Method for Moco {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
+
+    fn teacher(&self) -> Option<&Backbone> {
+        Some(&self.key_backbone)
+    }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Moco {
+            key_backbone: momentum_copy(self.key_backbone, &weights),
+            backbone: weights,
+            ..self
+        }
+    }
 }

@@ -60,4 +60,11 @@ impl Method for Rotation {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Rotation {
+            backbone: weights,
+            ..self
+        }
+    }
 }

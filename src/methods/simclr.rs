@@ -90,4 +90,11 @@ impl Method for SimClr {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        SimClr {
+            backbone: weights,
+            ..self
+        }
+    }
 }

@@ -63,6 +63,27 @@ impl BackboneConfig {
         Ok(())
     }
 
+    /// `[model] init`: the weights training starts from instead of a random init, a run folder
+    /// (its released encoder) or a PyTorch file (`.safetensors`, `.pth`) with torchvision / timm
+    /// names, read by [`crate::run::weights`].
+    pub fn weights(&self) -> Option<&std::path::Path> {
+        match self {
+            BackboneConfig::Resnet(c) => c.init.as_deref(),
+            BackboneConfig::Vit(c) => c.init.as_deref(),
+        }
+    }
+
+    /// The architecture alone, without `init`: what must agree between two models for weights
+    /// to move from one to the other.
+    pub fn architecture(&self) -> BackboneConfig {
+        let mut a = self.clone();
+        match &mut a {
+            BackboneConfig::Resnet(c) => c.init = None,
+            BackboneConfig::Vit(c) => c.init = None,
+        }
+        a
+    }
+
     /// Width of the features the backbone returns.
     pub fn feature_dim(&self) -> usize {
         match self {

@@ -28,6 +28,10 @@ pub struct ResNetConfig {
     /// Multiplies every channel count (64, 128, 256, 512): 0.25 gives a small CPU model.
     #[serde(default = "one")]
     pub width: f32,
+    /// Start from these weights instead of a random init: a run folder or a PyTorch file
+    /// (see [`BackboneConfig::weights`](crate::models::BackboneConfig::weights)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<std::path::PathBuf>,
 }
 
 fn one() -> f32 {

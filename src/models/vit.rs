@@ -25,6 +25,10 @@ pub struct VitConfig {
     /// The features `forward` returns: the class token, or the mean of the patch tokens.
     #[serde(default)]
     pub pool: Pool,
+    /// Start from these weights instead of a random init: a run folder or a PyTorch file
+    /// (see [`BackboneConfig::weights`](crate::models::BackboneConfig::weights)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +60,7 @@ impl VitConfig {
             heads,
             mlp_ratio: 4.0,
             pool: Pool::Cls,
+            init: None,
         })
     }
 

@@ -88,8 +88,69 @@ pub trait Method: Module + Sized {
         self
     }
 
-    /// The encoder that is kept, evaluated and exported.
+    /// The encoder learned by gradient: DINO's student, MoCo's query encoder, the only one of
+    /// every other method.
     fn backbone(&self) -> &Backbone;
+
+    /// The momentum encoder, where the method has one: DINO's teacher, MoCo's key encoder.
+    fn teacher(&self) -> Option<&Backbone> {
+        None
+    }
+
+    /// The encoder the method's official code evaluates and releases, which `pretrain`
+    /// evaluates and exports: DINO's teacher (`eval_knn.py`, `eval_linear.py` and
+    /// `visualize_attention.py` default to it); the encoder learned by gradient for every other
+    /// method (MoCo's `main_lincls.py` takes the query encoder).
+    fn released(&self) -> Which {
+        Which::Student
+    }
+
+    /// One of the two encoders; `None` for a teacher the method does not have.
+    fn encoder(&self, which: Which) -> Option<&Backbone> {
+        match which {
+            Which::Student => Some(self.backbone()),
+            Which::Teacher => self.teacher(),
+        }
+    }
+
+    /// The method with its encoder replaced by `weights` (`[model] init`), and its momentum
+    /// encoder, where it has one, by a copy of them: θt = θs, as at the start of training.
+    fn start_from(self, weights: Backbone) -> Self;
+}
+
+/// The encoder `method` releases (see [`Method::released`]).
+pub fn released<M: Method>(method: &M) -> &Backbone {
+    method
+        .encoder(method.released())
+        .expect("a method releases an encoder it has")
+}
+
+/// Which of a method's encoders: the one learned by gradient (DINO's student, MoCo's query
+/// encoder) or its momentum copy (DINO's teacher, MoCo's key encoder).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Which {
+    #[default]
+    Student,
+    Teacher,
+}
+
+impl Which {
+    /// `student` or `teacher`.
+    pub fn parse(name: &str) -> Result<Which> {
+        match name {
+            "student" => Ok(Which::Student),
+            "teacher" => Ok(Which::Teacher),
+            other => bail!("'{other}' names no encoder: student or teacher"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::Student => "student",
+            Which::Teacher => "teacher",
+        }
+    }
 }
 
 /// `[train]` of a recipe.
@@ -369,7 +430,7 @@ impl<'a> Trainer<'a> {
                 .monitor
                 .filter(|_| c.monitor_every > 0 && (state.epoch % c.monitor_every == 0 || last))
             {
-                for (name, v) in monitor(&method.valid().backbone().clone())? {
+                for (name, v) in monitor(&released(&method.valid()).clone())? {
                     line[name] = serde_json::json!(v);
                 }
             }

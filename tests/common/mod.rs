@@ -109,6 +109,7 @@ pub fn tiny_vit() -> selfsup::models::BackboneConfig {
         heads: 2,
         mlp_ratio: 2.0,
         pool: selfsup::models::Pool::Cls,
+        init: None,
     })
 }
 
