@@ -444,6 +444,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("model.heads", "vit: attention heads", None),
     ("model.mlp_ratio", "vit: MLP width over token width", None),
     ("model.pool", "vit features: cls (class token) or mean (mean patch token)", None),
+    ("model.init", "start from these weights, not a random init: a run folder (its released encoder) or a PyTorch file (.safetensors, .pth) with torchvision / timm names; the architecture above must match it", Some("\"runs/imported\"")),
     ("train.epochs", "passes over the train split", None),
     ("train.batch_size", "images per forward pass", None),
     ("train.accumulate", "passes summed into one step; gives a contrastive loss no extra negatives", None),

@@ -48,13 +48,12 @@ fn stem_prefix(name: &str, shape: &[usize]) -> Option<String> {
 }
 
 /// Keys under the backbone's prefix that are not the backbone's: classifier heads (torchvision's
-/// `fc`, timm's `head`), MAE's decoder (which shares the encoder's dictionary) and batch norm's
-/// step counters. Any other key the model lacks is an error, not silently dropped.
+/// `fc`, timm's `head`) and MAE's decoder (which shares the encoder's dictionary). Any other
+/// key the model lacks is an error, not silently dropped.
 fn not_backbone(name: &str) -> bool {
     ["fc.", "head.", "decoder", "mask_token"]
         .iter()
         .any(|p| name.starts_with(p))
-        || name.ends_with("num_batches_tracked")
 }
 
 /// A backbone's tensors read from a PyTorch file, named as in torchvision / timm, with the
@@ -132,6 +131,9 @@ impl StateDict {
         };
         let (mut tensors, mut left_out) = (BTreeMap::new(), Vec::new());
         for (name, mut t) in all {
+            if name.ends_with("num_batches_tracked") {
+                continue; // batch norm's step counter: no part of the model's function
+            }
             match name.strip_prefix(prefix.as_str()) {
                 Some(rest) if !not_backbone(rest) => {
                     let rest = rest

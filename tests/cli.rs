@@ -226,9 +226,9 @@ fn tiny_run(
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
     // The last checkpoint holds the backbone that was exported and evaluated, bit for bit.
     let device = burn::tensor::Device::flex();
-    let (_, backbone) = selfsup::pretrain::load_backbone(&run, &device).unwrap();
+    let (_, backbone, _) = selfsup::run::encoder(&run, None, &device).unwrap();
     let again = tmp.path().join("again.safetensors");
-    selfsup::pretrain::export_backbone(&backbone, &again).unwrap();
+    selfsup::weights::export(&backbone, &again).unwrap();
     let (exported, saved) = (
         common::safetensors_by_name(&run.join("backbone.safetensors")),
         common::safetensors_by_name(&again),
@@ -241,6 +241,133 @@ fn tiny_run(
         );
     }
     (tmp, data, recipe_path, run, stdout)
+}
+
+/// `selfsup export` of encoder `which` of `run`: the tensors written, by name.
+fn export(
+    run: &std::path::Path,
+    which: &str,
+) -> Vec<(String, (String, Vec<usize>, Vec<u8>))> {
+    let out = run.join(format!("{which}.safetensors"));
+    let (ok, stdout, stderr) = selfsup(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--which",
+        which,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(which), "{stdout}");
+    common::safetensors_by_name(&out)
+}
+
+#[test]
+fn dino_releases_its_teacher_and_both_encoders_export_and_embed() {
+    let (tmp, data, _, run, stdout) = tiny_run(
+        "dino_vit_cifar10_cpu.toml",
+        &[
+            ("train_limit = 20000", "train_limit = 0"),
+            ("epochs = 3", "epochs = 1"),
+            ("batch_size = 64", "batch_size = 25"),
+            ("depth = 4", "depth = 1"),
+            ("out_dim = 4096", "out_dim = 64"),
+        ],
+        "",
+    );
+    // As official DINO evaluates and releases: the teacher.
+    assert!(stdout.contains("the teacher"), "{stdout}");
+    let released = common::safetensors_by_name(&run.join("backbone.safetensors"));
+    let (teacher, student) = (export(&run, "teacher"), export(&run, "student"));
+    assert_eq!(released, teacher);
+    assert_eq!(teacher.len(), student.len());
+    assert_ne!(teacher, student, "one epoch of EMA leaves the teacher behind the student");
+
+    // Features of the test split (20 images, no file names in a CIFAR release) in each format.
+    for (file, written) in [
+        ("f.safetensors", vec!["f.safetensors"]),
+        ("f.npy", vec!["f.npy", "f.labels.npy", "f.files.txt"]),
+        ("f.csv", vec!["f.csv"]),
+    ] {
+        let out = tmp.path().join(file);
+        let (ok, stdout, stderr) = selfsup(&[
+            "embed",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--which",
+            "student",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("20 images of test, 128 features each (student of"), "{stdout}");
+        for w in written {
+            assert!(tmp.path().join(w).exists(), "{file}: no {w}");
+        }
+    }
+    let st = common::safetensors_by_name(&tmp.path().join("f.safetensors"));
+    let shapes: Vec<(&str, &[usize])> = st.iter().map(|(n, (_, s, _))| (n.as_str(), &s[..])).collect();
+    assert_eq!(shapes, [("features", &[20, 128][..]), ("labels", &[20][..])]);
+    let csv = std::fs::read_to_string(tmp.path().join("f.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 21);
+    assert!(lines[0].starts_with("file,label,class,f0,f1,"), "{}", lines[0]);
+    assert!(lines[1].starts_with("test/0,0,airplane,"), "{}", lines[1]);
+    assert_eq!(lines[1].split(',').count(), 3 + 128);
+    let files = std::fs::read_to_string(tmp.path().join("f.files.txt")).unwrap();
+    assert_eq!(files.lines().nth(3), Some("test/3"));
+    let npy = std::fs::read(tmp.path().join("f.npy")).unwrap();
+    assert!(npy.starts_with(b"\x93NUMPY"));
+    let header = String::from_utf8_lossy(&npy[..128]);
+    assert!(header.contains("'shape': (20, 128)") && header.contains("'<f4'"), "{header}");
+}
+
+#[test]
+fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
+    let (tmp, data, _, run, stdout) = tiny_run(
+        "moco_v2_cifar10_cpu.toml",
+        &[
+            ("queue_size = 4096", "queue_size = 50"),
+            ("epochs = 6", "epochs = 1"),
+            ("batch_size = 256", "batch_size = 25"),
+        ],
+        "",
+    );
+    // MoCo's official evaluation takes the query encoder.
+    assert!(stdout.contains("the student"), "{stdout}");
+    let released = common::safetensors_by_name(&run.join("backbone.safetensors"));
+    let (key, query) = (export(&run, "teacher"), export(&run, "student"));
+    assert_eq!(released, query);
+    assert_ne!(key, query);
+
+    // A second run that starts from the first's query encoder, with a learning rate too small
+    // to move it: its weights stay those of the first run (a random init would be far).
+    let recipe = tmp.path().join("from_run.toml");
+    let text = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    let text = text.replace(
+        "[model]\n",
+        &format!("[model]\ninit = {:?}\n", run.to_str().unwrap()),
+    );
+    let text = text.replace("base_lr = 0.002", "base_lr = 1e-12");
+    assert!(text.contains("base_lr = 1e-12"), "{text}");
+    std::fs::write(&recipe, text).unwrap();
+    let second = tmp.path().join("second");
+    let (ok, _, stderr) = pretrain(&recipe, &data, &second);
+    assert!(ok, "{stderr}");
+    let started = common::safetensors_by_name(&second.join("backbone.safetensors"));
+    let conv = |t: &[(String, (String, Vec<usize>, Vec<u8>))]| -> Vec<f32> {
+        let (_, (_, _, bytes)) = t.iter().find(|(n, _)| n == "layer1.0.conv1.weight").unwrap();
+        bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let moved = conv(&started)
+        .iter()
+        .zip(conv(&query))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved < 1e-6, "the second run did not start from the first's encoder: {moved}");
 }
 
 /// `selfsup reconstruct` of `count` images into a PNG; its (width, height).

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Device, Tensor};
 use selfsup::models::{init_seeded, BackboneConfig, Pool, ResNetConfig, Stem, VitConfig};
-use selfsup::pretrain::export_backbone;
+use selfsup::weights::export as export_backbone;
 
 /// Inputs from our own generator: burn's is global, and other tests seed it.
 fn input(shape: [usize; 4], seed: u64) -> Tensor<4> {

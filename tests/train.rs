@@ -234,6 +234,13 @@ impl Method for Faulty {
     fn backbone(&self) -> &Backbone {
         self.inner.backbone()
     }
+
+    fn start_from(self, weights: Backbone) -> Self {
+        Faulty {
+            inner: self.inner.start_from(weights),
+            ..self
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,281 @@
+//! Weights in and out of PyTorch: the fixtures under tests/fixtures were written by timm and
+//! torchvision (tools/pytorch_fixtures.py) with a fixed input and the features PyTorch computed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use selfsup::models::{BackboneConfig, ResNetConfig, Stem, VitConfig};
+use selfsup::run::{self, ImportOptions};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// `io.safetensors`'s tensor `name` on the CPU.
+fn io<const D: usize>(name: &str) -> Tensor<D> {
+    let bytes = std::fs::read(fixture("io.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = file.tensor(name).unwrap();
+    let values: Vec<f32> = t
+        .data()
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    Tensor::from_data(TensorData::new(values, t.shape().to_vec()), &Device::flex())
+}
+
+/// Largest difference between the features of run folder `run`'s encoder and PyTorch's for
+/// fixture model `name`.
+fn feature_error(run: &Path, name: &str) -> f32 {
+    let (_, backbone, _) = run::encoder(run, None, &Device::flex()).unwrap();
+    let ours = backbone.valid().forward(io::<4>(&format!("{name}.input")));
+    let theirs = io::<2>(&format!("{name}.features"));
+    assert_eq!(ours.dims(), theirs.dims());
+    let err = (ours - theirs).abs().max().into_scalar();
+    eprintln!("{name}: max feature error {err}");
+    err
+}
+
+fn selfsup(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_selfsup"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn a_timm_vit_imports_with_pytorchs_features_from_safetensors_and_a_dino_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    // timm's state dict, and a DINO full checkpoint ({"teacher": {"backbone.*", "head.*"}}):
+    // the pickle path, a dictionary inside the file and a prefix.
+    for file in ["vit_s16_layout.safetensors", "vit_s16_layout_dino_full.pth"] {
+        let out = tmp.path().join(file);
+        let imported = run::import(&fixture(file), &out, &ImportOptions::default()).unwrap();
+        let expected = BackboneConfig::Vit(VitConfig {
+            image_size: 32,
+            patch_size: 16,
+            dim: 64,
+            depth: 2,
+            heads: 1,
+            mlp_ratio: 4.0,
+            pool: selfsup::models::Pool::Cls,
+            init: None,
+        });
+        assert_eq!(imported.recipe.model, expected, "{file}");
+        assert_eq!(imported.tensors, 30, "{file}");
+        assert!(
+            imported.left_out.iter().all(|k| k.starts_with("head.")) && imported.left_out.len() == 2,
+            "{file}: {:?}",
+            imported.left_out
+        );
+        let err = feature_error(&out, "vit");
+        assert!(err < 1e-5, "{file}: features differ from timm's by {err}");
+    }
+}
+
+#[test]
+fn torchvision_resnets_import_with_pytorchs_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r18 = tmp.path().join("r18");
+    let imported = run::import(
+        &fixture("resnet18_cifar.safetensors"),
+        &r18,
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        imported.recipe.model,
+        BackboneConfig::Resnet(ResNetConfig {
+            depth: 18,
+            stem: Stem::Cifar,
+            width: 0.0625,
+            init: None,
+        })
+    );
+    assert_eq!(imported.recipe.augment.size, 32);
+    let err = feature_error(&r18, "resnet18");
+    assert!(err < 1e-5, "ResNet-18 features differ by {err}");
+
+    // MoCo's checkpoint holds the query and the key encoder: the user picks one.
+    let moco = fixture("resnet50_moco.pth");
+    let r50 = tmp.path().join("r50");
+    let err = run::import(&moco, &r50, &ImportOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("'module.encoder_k.', 'module.encoder_q.'") && err.contains("--prefix"),
+        "{err}"
+    );
+    let opts = ImportOptions {
+        prefix: Some("module.encoder_q.".into()),
+        ..ImportOptions::default()
+    };
+    let imported = run::import(&moco, &r50, &opts).unwrap();
+    assert_eq!(
+        imported.recipe.model,
+        BackboneConfig::Resnet(ResNetConfig {
+            depth: 50,
+            stem: Stem::Imagenet,
+            width: 0.0625,
+            init: None,
+        })
+    );
+    assert_eq!(imported.recipe.augment.mean, Some(selfsup::augment::IMAGENET_MEAN));
+    assert!(imported.left_out.contains(&"module.queue".to_string()));
+    assert!(imported.left_out.contains(&"module.encoder_q.fc.weight".to_string()));
+    let err = feature_error(&r50, "resnet50");
+    assert!(err < 1e-5, "ResNet-50 features differ by {err}");
+}
+
+#[test]
+fn export_then_import_gives_the_same_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("first");
+    run::import(&fixture("vit_s16_layout_dino_full.pth"), &first, &Default::default()).unwrap();
+    let file = tmp.path().join("exported.safetensors");
+    let (ok, stdout, stderr) = selfsup(&[
+        "export",
+        "--checkpoint",
+        first.to_str().unwrap(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("student"), "{stdout}");
+    let again = tmp.path().join("again");
+    let (ok, stdout, stderr) = selfsup(&[
+        "import",
+        "--weights",
+        file.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("dim = 64"), "{stdout}");
+    assert_eq!(
+        common::safetensors_by_name(&first.join("backbone.safetensors")),
+        common::safetensors_by_name(&again.join("backbone.safetensors")),
+    );
+    assert!(feature_error(&again, "vit") < 1e-5);
+    // An imported run has one encoder.
+    let (ok, _, stderr) = selfsup(&[
+        "export",
+        "--checkpoint",
+        again.to_str().unwrap(),
+        "--which",
+        "teacher",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("no teacher"), "{stderr}");
+}
+
+#[test]
+fn weights_that_do_not_fit_are_named_with_both_shapes() {
+    let dev = Device::flex();
+    let wider = BackboneConfig::Resnet(ResNetConfig {
+        depth: 18,
+        stem: Stem::Cifar,
+        width: 0.125,
+        init: None,
+    });
+    let err = run::weights(&fixture("resnet18_cifar.safetensors"), &wider, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("shape [4, 3, 3, 3] in the file, the model wants [8, 3, 3, 3]")
+            && err.contains("conv1.weight"),
+        "{err}"
+    );
+    let deeper = BackboneConfig::Resnet(ResNetConfig {
+        depth: 34,
+        stem: Stem::Cifar,
+        width: 0.0625,
+        init: None,
+    });
+    let err = run::weights(&fixture("resnet18_cifar.safetensors"), &deeper, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("lacks") && err.contains("layer1.2."), "{err}");
+
+    // Truncated and foreign files: an error naming the file, no panic.
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["resnet18_cifar.safetensors", "resnet50_moco.pth"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let cut = tmp.path().join(name);
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let err = run::import(&cut, &tmp.path().join("out"), &Default::default())
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains(name), "{err:#}");
+    }
+    let text = tmp.path().join("notes.pth");
+    std::fs::write(&text, "not a checkpoint").unwrap();
+    let err = run::import(&text, &tmp.path().join("out"), &Default::default()).err().unwrap();
+    assert!(format!("{err:#}").contains("notes.pth"), "{err:#}");
+}
+
+#[test]
+fn a_recipe_starts_from_a_file_or_a_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imported = tmp.path().join("imported");
+    run::import(&fixture("resnet18_cifar.safetensors"), &imported, &Default::default()).unwrap();
+    let dev = Device::flex();
+    for init in [fixture("resnet18_cifar.safetensors"), imported] {
+        let text = format!(
+            "[model]\narch = \"resnet\"\ndepth = 18\nstem = \"cifar\"\nwidth = 0.0625\ninit = {:?}\n",
+            init.to_str().unwrap()
+        );
+        let recipe = selfsup::config::Recipe::parse(&text).unwrap();
+        let backbone = run::initial_backbone(&recipe, &dev).unwrap();
+        let ours = backbone.valid().forward(io::<4>("resnet18.input"));
+        let err: f32 = (ours - io::<2>("resnet18.features")).abs().max().into_scalar();
+        assert!(err < 1e-5, "{}: {err}", init.display());
+    }
+    let text = format!(
+        "[model]\narch = \"resnet\"\ndepth = 18\nstem = \"cifar\"\nwidth = 0.125\ninit = {:?}\n",
+        fixture("resnet18_cifar.safetensors").to_str().unwrap()
+    );
+    let recipe = selfsup::config::Recipe::parse(&text).unwrap();
+    let err = run::initial_backbone(&recipe, &dev).err().unwrap();
+    assert!(format!("{err:#}").contains("model.init"), "{err:#}");
+}
+
+#[test]
+fn attention_draws_the_maps_of_an_imported_vit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("vit");
+    run::import(&fixture("vit_s16_layout.safetensors"), &run_dir, &Default::default()).unwrap();
+    let png = tmp.path().join("attn.png");
+    let photo = common::shared_data().join("photos/astronaut.png");
+    let (ok, stdout, stderr) = selfsup(&[
+        "attention",
+        "--checkpoint",
+        run_dir.to_str().unwrap(),
+        "--image",
+        photo.to_str().unwrap(),
+        "--size",
+        "64",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("1 rows"), "{stdout}");
+    // image | 1 head | mean | mask, 64 px panels.
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 68 + 4, 68 + 4));
+}
