@@ -244,10 +244,7 @@ fn tiny_run(
 }
 
 /// `selfsup export` of encoder `which` of `run`: the tensors written, by name.
-fn export(
-    run: &std::path::Path,
-    which: &str,
-) -> Vec<(String, (String, Vec<usize>, Vec<u8>))> {
+fn export(run: &std::path::Path, which: &str) -> Vec<(String, (String, Vec<usize>, Vec<u8>))> {
     let out = run.join(format!("{which}.safetensors"));
     let (ok, stdout, stderr) = selfsup(&[
         "export",
@@ -282,7 +279,10 @@ fn dino_releases_its_teacher_and_both_encoders_export_and_embed() {
     let (teacher, student) = (export(&run, "teacher"), export(&run, "student"));
     assert_eq!(released, teacher);
     assert_eq!(teacher.len(), student.len());
-    assert_ne!(teacher, student, "one epoch of EMA leaves the teacher behind the student");
+    assert_ne!(
+        teacher, student,
+        "one epoch of EMA leaves the teacher behind the student"
+    );
 
     // Features of the test split (20 images, no file names in a CIFAR release) in each format.
     for (file, written) in [
@@ -303,18 +303,31 @@ fn dino_releases_its_teacher_and_both_encoders_export_and_embed() {
             out.to_str().unwrap(),
         ]);
         assert!(ok, "{stderr}");
-        assert!(stdout.contains("20 images of test, 128 features each (student of"), "{stdout}");
+        assert!(
+            stdout.contains("20 images of test, 128 features each (student of"),
+            "{stdout}"
+        );
         for w in written {
             assert!(tmp.path().join(w).exists(), "{file}: no {w}");
         }
     }
     let st = common::safetensors_by_name(&tmp.path().join("f.safetensors"));
-    let shapes: Vec<(&str, &[usize])> = st.iter().map(|(n, (_, s, _))| (n.as_str(), &s[..])).collect();
-    assert_eq!(shapes, [("features", &[20, 128][..]), ("labels", &[20][..])]);
+    let shapes: Vec<(&str, &[usize])> = st
+        .iter()
+        .map(|(n, (_, s, _))| (n.as_str(), &s[..]))
+        .collect();
+    assert_eq!(
+        shapes,
+        [("features", &[20, 128][..]), ("labels", &[20][..])]
+    );
     let csv = std::fs::read_to_string(tmp.path().join("f.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 21);
-    assert!(lines[0].starts_with("file,label,class,f0,f1,"), "{}", lines[0]);
+    assert!(
+        lines[0].starts_with("file,label,class,f0,f1,"),
+        "{}",
+        lines[0]
+    );
     assert!(lines[1].starts_with("test/0,0,airplane,"), "{}", lines[1]);
     assert_eq!(lines[1].split(',').count(), 3 + 128);
     let files = std::fs::read_to_string(tmp.path().join("f.files.txt")).unwrap();
@@ -322,7 +335,10 @@ fn dino_releases_its_teacher_and_both_encoders_export_and_embed() {
     let npy = std::fs::read(tmp.path().join("f.npy")).unwrap();
     assert!(npy.starts_with(b"\x93NUMPY"));
     let header = String::from_utf8_lossy(&npy[..128]);
-    assert!(header.contains("'shape': (20, 128)") && header.contains("'<f4'"), "{header}");
+    assert!(
+        header.contains("'shape': (20, 128)") && header.contains("'<f4'"),
+        "{header}"
+    );
 }
 
 #[test]
@@ -359,15 +375,24 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
     assert!(ok, "{stderr}");
     let started = common::safetensors_by_name(&second.join("backbone.safetensors"));
     let conv = |t: &[(String, (String, Vec<usize>, Vec<u8>))]| -> Vec<f32> {
-        let (_, (_, _, bytes)) = t.iter().find(|(n, _)| n == "layer1.0.conv1.weight").unwrap();
-        bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        let (_, (_, _, bytes)) = t
+            .iter()
+            .find(|(n, _)| n == "layer1.0.conv1.weight")
+            .unwrap();
+        bytes
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     };
     let moved = conv(&started)
         .iter()
         .zip(conv(&query))
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(moved < 1e-6, "the second run did not start from the first's encoder: {moved}");
+    assert!(
+        moved < 1e-6,
+        "the second run did not start from the first's encoder: {moved}"
+    );
 }
 
 /// `selfsup reconstruct` of `count` images into a PNG; its (width, height).

@@ -128,7 +128,15 @@ fn image_folder_with_splits_makes_everything_rgb() {
     let train = ds.split("train").unwrap();
     assert_eq!(train.len(), 8);
     assert_eq!(train.labels.as_ref().unwrap()[..], [0, 0, 0, 0, 1, 1, 1, 1]);
-    // Sorted by name: a.jpg, deep.png, gray.png, rgba.png.
+    // Sorted by name: a.jpg, deep.png, gray.png, rgba.png; named by their paths (`embed`),
+    // also in a subset.
+    let names = train.file_names();
+    assert_eq!(names[1], "train/cat/deep.png");
+    assert_eq!(names[7], "train/dog/rgba.png");
+    assert_eq!(
+        train.subset(2).file_names(),
+        ["train/cat/a.jpg", "train/dog/a.jpg"]
+    );
     assert_eq!(
         train.images[1].get_pixel(0, 0).0,
         [255, 0, 128],
@@ -172,6 +180,7 @@ fn image_folder_archive_and_load_size() {
     .unwrap();
     assert!(ds.classes.is_empty(), "a flat folder is unlabelled");
     let split = ds.split("train").unwrap();
+    assert_eq!(split.file_names(), ["small.png", "wide.png"]);
     assert!(split.labels.is_none());
     assert_eq!(
         split.images[0].dimensions(),

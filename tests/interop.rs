@@ -75,7 +75,8 @@ fn a_timm_vit_imports_with_pytorchs_features_from_safetensors_and_a_dino_checkpo
         assert_eq!(imported.recipe.model, expected, "{file}");
         assert_eq!(imported.tensors, 30, "{file}");
         assert!(
-            imported.left_out.iter().all(|k| k.starts_with("head.")) && imported.left_out.len() == 2,
+            imported.left_out.iter().all(|k| k.starts_with("head."))
+                && imported.left_out.len() == 2,
             "{file}: {:?}",
             imported.left_out
         );
@@ -132,9 +133,14 @@ fn torchvision_resnets_import_with_pytorchs_features() {
             init: None,
         })
     );
-    assert_eq!(imported.recipe.augment.mean, Some(selfsup::augment::IMAGENET_MEAN));
+    assert_eq!(
+        imported.recipe.augment.mean,
+        Some(selfsup::augment::IMAGENET_MEAN)
+    );
     assert!(imported.left_out.contains(&"module.queue".to_string()));
-    assert!(imported.left_out.contains(&"module.encoder_q.fc.weight".to_string()));
+    assert!(imported
+        .left_out
+        .contains(&"module.encoder_q.fc.weight".to_string()));
     let err = feature_error(&r50, "resnet50");
     assert!(err < 1e-5, "ResNet-50 features differ by {err}");
 }
@@ -143,7 +149,12 @@ fn torchvision_resnets_import_with_pytorchs_features() {
 fn export_then_import_gives_the_same_features() {
     let tmp = tempfile::tempdir().unwrap();
     let first = tmp.path().join("first");
-    run::import(&fixture("vit_s16_layout_dino_full.pth"), &first, &Default::default()).unwrap();
+    run::import(
+        &fixture("vit_s16_layout_dino_full.pth"),
+        &first,
+        &Default::default(),
+    )
+    .unwrap();
     let file = tmp.path().join("exported.safetensors");
     let (ok, stdout, stderr) = selfsup(&[
         "export",
@@ -225,7 +236,9 @@ fn weights_that_do_not_fit_are_named_with_both_shapes() {
     }
     let text = tmp.path().join("notes.pth");
     std::fs::write(&text, "not a checkpoint").unwrap();
-    let err = run::import(&text, &tmp.path().join("out"), &Default::default()).err().unwrap();
+    let err = run::import(&text, &tmp.path().join("out"), &Default::default())
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("notes.pth"), "{err:#}");
 }
 
@@ -233,7 +246,12 @@ fn weights_that_do_not_fit_are_named_with_both_shapes() {
 fn a_recipe_starts_from_a_file_or_a_run_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let imported = tmp.path().join("imported");
-    run::import(&fixture("resnet18_cifar.safetensors"), &imported, &Default::default()).unwrap();
+    run::import(
+        &fixture("resnet18_cifar.safetensors"),
+        &imported,
+        &Default::default(),
+    )
+    .unwrap();
     let dev = Device::flex();
     for init in [fixture("resnet18_cifar.safetensors"), imported] {
         let text = format!(
@@ -243,7 +261,10 @@ fn a_recipe_starts_from_a_file_or_a_run_folder() {
         let recipe = selfsup::config::Recipe::parse(&text).unwrap();
         let backbone = run::initial_backbone(&recipe, &dev).unwrap();
         let ours = backbone.valid().forward(io::<4>("resnet18.input"));
-        let err: f32 = (ours - io::<2>("resnet18.features")).abs().max().into_scalar();
+        let err: f32 = (ours - io::<2>("resnet18.features"))
+            .abs()
+            .max()
+            .into_scalar();
         assert!(err < 1e-5, "{}: {err}", init.display());
     }
     let text = format!(
@@ -259,7 +280,12 @@ fn a_recipe_starts_from_a_file_or_a_run_folder() {
 fn attention_draws_the_maps_of_an_imported_vit() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("vit");
-    run::import(&fixture("vit_s16_layout.safetensors"), &run_dir, &Default::default()).unwrap();
+    run::import(
+        &fixture("vit_s16_layout.safetensors"),
+        &run_dir,
+        &Default::default(),
+    )
+    .unwrap();
     let png = tmp.path().join("attn.png");
     let photo = common::shared_data().join("photos/astronaut.png");
     let (ok, stdout, stderr) = selfsup(&[
