@@ -3,7 +3,9 @@
 #   scripts/build-gpu.sh cuda    NVIDIA GPUs (needs only the driver's libcuda at run time)
 #   scripts/build-gpu.sh wgpu    Vulkan GPUs (needs libvulkan and the GPU's Vulkan driver)
 #   scripts/build-gpu.sh         both
-# Each binary is copied to target/gpu/selfsup-<feature>. With internet, a plain
+# Each binary is copied to target/gpu/selfsup-<feature>, and stripped and compressed beside it
+# (selfsup-<feature>.xz, about 35 MB for CUDA) to travel to a GPU machine, where
+# scripts/gpu-check.sh takes either. With internet, a plain
 # `cargo build --release --features cuda` does the same: burn's build script then downloads its
 # LLVM bundle itself. Offline, this script seeds that bundle from PyPI's LLVM 23.1 static
 # libraries (mlc-llvm-static and its extra targets, which add NVPTX), where the build script
@@ -43,7 +45,11 @@ build() {
   cargo build --release --features "$feature"
   mkdir -p target/gpu
   cp "$CARGO_TARGET_DIR/release/selfsup" "target/gpu/selfsup-$feature"
-  echo "target/gpu/selfsup-$feature: $(du -h "target/gpu/selfsup-$feature" | cut -f1)," \
+  strip -o "target/gpu/selfsup-$feature.stripped" "target/gpu/selfsup-$feature"
+  xz -T0 -f "target/gpu/selfsup-$feature.stripped"
+  mv "target/gpu/selfsup-$feature.stripped.xz" "target/gpu/selfsup-$feature.xz"
+  echo "target/gpu/selfsup-$feature: $(du -h "target/gpu/selfsup-$feature" | cut -f1)" \
+    "($(du -h "target/gpu/selfsup-$feature.xz" | cut -f1) stripped and compressed)," \
     "built in $(( $(date +%s) - start )) s"
 }
 

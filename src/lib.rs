@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod augment;
 pub mod config;
 pub mod data;
+pub mod device_check;
 pub mod eval;
 pub mod losses;
 pub mod methods;

@@ -186,6 +186,19 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Check a device (a GPU): training losses against the CPU's on the same batches from the
+    /// same weights (`parity`), or training throughput (`simclr`: ResNet-18 b256 at 32 px;
+    /// `dino`: ViT-S/16 with 2×224 + 8×96 px crops, b64). One JSON line per result; exits
+    /// non-zero when parity fails. `scripts/gpu-check.sh` runs them all.
+    CheckDevice {
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value = "parity", value_parser = ["parity", "simclr", "dino"])]
+        case: String,
+        /// Batches of each parity run, or of the timed epoch.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
     /// Print a method's complete recipe, every key commented and at its default, to start from.
     Recipe {
         /// simclr, moco, mae, dino, rotation, jigsaw or inpainting.
@@ -586,6 +599,28 @@ fn run(cli: Cli) -> Result<()> {
             let out = out.unwrap_or_else(|| run.join("report.png"));
             selfsup::viz::report(&run, &out)?;
             println!("wrote {}", out.display());
+        }
+        Command::CheckDevice {
+            device,
+            case,
+            steps,
+        } => {
+            let outcomes = selfsup::device_check::run(
+                &case,
+                &device,
+                &pretrain::device(&device)?,
+                steps.max(1),
+            )?;
+            for o in &outcomes {
+                println!("{}", serde_json::to_string(o)?);
+            }
+            if let Some(bad) = outcomes.iter().find(|o| !o.ok) {
+                anyhow::bail!(
+                    "{} on {}: the losses differ from the CPU's",
+                    bad.case,
+                    device
+                );
+            }
         }
         Command::Recipe { method } => {
             print!("{}", selfsup::config::commented_defaults(&method)?);

@@ -133,6 +133,33 @@ fn devices_are_named_and_a_missing_one_says_how_to_build_it() {
 }
 
 #[test]
+fn check_device_compares_a_devices_losses_with_the_cpus() {
+    // The GPU check's parity case, here with the CPU on both sides: every line a result.
+    let (ok, stdout, stderr) = selfsup(&["check-device", "--device", "cpu", "--steps", "1"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cases: Vec<&str> = lines.iter().map(|v| v["case"].as_str().unwrap()).collect();
+    assert_eq!(cases, ["parity/simclr", "parity/dino"]);
+    for v in &lines {
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["max_rel_diff"], 0.0, "{v}");
+        let (a, b) = (
+            v["losses"][0][0].as_f64().unwrap(),
+            v["losses"][0][1].as_f64().unwrap(),
+        );
+        assert!(a.is_finite() && a > 0.0 && a == b, "{v}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let (ok, _, stderr) = selfsup(&["check-device", "--device", "cuda"]);
+        assert!(!ok && stderr.contains("--features cuda"), "{stderr}");
+    }
+}
+
+#[test]
 fn recipe_prints_a_complete_recipe_to_start_from() {
     let (ok, out, err) = selfsup(&["recipe", "dino"]);
     assert!(ok, "{err}");

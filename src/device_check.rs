@@ -1,0 +1,221 @@
+//! `selfsup check-device`: does a device train as the CPU does, and how fast? Made for a GPU
+//! machine that has the driver but no Rust toolchain (the built binary is carried there;
+//! `scripts/gpu-check.sh` runs every case and samples the GPU's memory beside it).
+//!
+//! - `parity`: a few training steps of SimCLR (ResNet-18, LARS) and of DINO (ViT, multi-crop,
+//!   EMA teacher) from the same initial weights (drawn on the CPU, then moved) on the same
+//!   batches, on the CPU and on the device; every step's loss must agree within 1e-3
+//!   (relative).
+//! - `simclr`: SimCLR ResNet-18 (full width, CIFAR stem) at batch 256 on 32 px images;
+//! - `dino`: DINO ViT-S/16 with 2 global crops at 224 px and 8 local at 96 px, batch 64.
+//!
+//! Throughput is the whole training loop (augmentation on the CPU threads, the step on the
+//! device), timed over one epoch of `steps` batches after a warm-up epoch (kernel compilation,
+//! autotuning), on synthetic images (uniform noise, so that no dataset has to travel).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use burn::store::burn_pack::Tensor as PackTensor;
+use burn::store::ModuleSnapshot;
+use burn::tensor::Device;
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::Recipe;
+use crate::data::{Loader, Split};
+use crate::models::{BackboneConfig, VitConfig};
+use crate::pretrain::{with_method, MethodUser};
+use crate::train::{Method, Trainer};
+
+/// One case's outcome, printed as a JSON line.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub case: String,
+    pub device: String,
+    /// Per step: (CPU loss, device loss), for `parity`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub losses: Vec<(f32, f32)>,
+    /// Largest |a − b| / max(|a|, 1e-6) over the steps, for `parity`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rel_diff: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_per_s: Option<f64>,
+    pub ok: bool,
+}
+
+/// Runs `case` (`parity`, `simclr` or `dino`) on `device`, `steps` batches (each parity run,
+/// or the timed epoch).
+pub fn run(case: &str, device_name: &str, device: &Device, steps: usize) -> Result<Vec<Outcome>> {
+    let cpu = Device::flex();
+    match case {
+        "parity" => ["simclr", "dino"]
+            .iter()
+            .map(|name| {
+                let recipe = parity_recipe(name)?;
+                let split = noise(recipe.train.batch_size * steps, 32, 1);
+                let reference = losses(&recipe, &split, &cpu, 1)?.0;
+                let theirs = losses(&recipe, &split, device, 1)?.0;
+                let max_rel_diff = reference
+                    .iter()
+                    .zip(&theirs)
+                    .map(|(a, b)| (a - b).abs() / a.abs().max(1e-6))
+                    .fold(0.0f32, f32::max);
+                Ok(Outcome {
+                    case: format!("parity/{name}"),
+                    device: device_name.into(),
+                    losses: reference.into_iter().zip(theirs).collect(),
+                    max_rel_diff: Some(max_rel_diff),
+                    images_per_s: None,
+                    ok: max_rel_diff <= 1e-3,
+                })
+            })
+            .collect(),
+        "simclr" | "dino" => {
+            let (recipe, side) = throughput_recipe(case)?;
+            let split = noise(recipe.train.batch_size * steps, side, 2);
+            let (_, rate) = losses(&recipe, &split, device, 2)?;
+            Ok(vec![Outcome {
+                case: case.into(),
+                device: device_name.into(),
+                losses: vec![],
+                max_rel_diff: None,
+                images_per_s: Some(rate),
+                ok: true,
+            }])
+        }
+        other => bail!("unknown case '{other}' (parity, simclr, dino)"),
+    }
+}
+
+/// Small versions of the published recipes, for parity: SimCLR ResNet-18 at batch 16; DINO with a
+/// 2-block ViT, 2 global + 2 local crops, batch 8.
+fn parity_recipe(name: &str) -> Result<Recipe> {
+    let mut recipe = Recipe::defaults(name)?;
+    if name == "dino" {
+        recipe.model = BackboneConfig::Vit(VitConfig {
+            depth: 2,
+            ..VitConfig::preset("tiny", 32, 4)?
+        });
+        recipe.augment.local_crops = Some(2);
+        recipe.train.batch_size = 8;
+    } else {
+        recipe.train.batch_size = 16;
+    }
+    recipe.check()?;
+    Ok(recipe)
+}
+
+/// The benchmark recipes and their image side: SimCLR ResNet-18 b256 at 32 px; DINO ViT-S/16
+/// with the official ImageNet head (65,536 prototypes), 224 / 96 px crops (2 + 8), b64.
+fn throughput_recipe(name: &str) -> Result<(Recipe, u32)> {
+    let mut recipe = Recipe::defaults(name)?;
+    let side = if name == "dino" {
+        recipe.model = BackboneConfig::Vit(VitConfig::preset("small", 224, 16)?);
+        if let crate::methods::MethodConfig::Dino(c) = &mut recipe.method {
+            c.out_dim = 65536;
+        }
+        recipe.augment.size = 224;
+        recipe.augment.local_size = Some(96);
+        recipe.augment.local_crops = Some(8);
+        recipe.train.batch_size = 64;
+        256
+    } else {
+        recipe.train.batch_size = 256;
+        32
+    };
+    recipe.check()?;
+    Ok((recipe, side))
+}
+
+/// `n` images of uniform noise, `side` px square, from `seed`.
+fn noise(n: usize, side: u32, seed: u64) -> Split {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let images = (0..n)
+        .map(|_| RgbImage::from_fn(side, side, |_, _| image::Rgb(rng.random())))
+        .collect();
+    Split::new("train", images, None)
+}
+
+/// Trains `recipe` on `split` for `epochs` epochs on `device`, from weights drawn on the CPU:
+/// every step's loss, and the images a second of the last epoch (as the trainer logs it).
+fn losses(
+    recipe: &Recipe,
+    split: &Split,
+    device: &Device,
+    epochs: usize,
+) -> Result<(Vec<f32>, f64)> {
+    let out = scratch()?;
+    let loader = Loader::new(
+        split.clone(),
+        recipe.method.augment(recipe.augment.build()?),
+        recipe.train.batch_size,
+        recipe.seed,
+    )?;
+    let mut config = recipe.train.clone();
+    config.epochs = epochs;
+    config.warmup_epochs = 0.0;
+    config.checkpoint_every = 1;
+    let mut trainer = Trainer::new(config, &out, device.clone().autodiff());
+    trainer.progress = false;
+    // Drawn on the CPU (burn's generators differ between devices), then loaded into the same
+    // method made on the device, where the parameters are tracked for gradients.
+    struct Draw;
+    impl MethodUser<Vec<PackTensor>> for Draw {
+        fn call<M: Method>(self, method: M) -> Vec<PackTensor> {
+            method.collect(None, None, false)
+        }
+    }
+    struct Steps<'a> {
+        trainer: &'a Trainer<'a>,
+        loader: &'a Loader,
+        weights: Vec<PackTensor>,
+    }
+    impl MethodUser<Result<Vec<f32>>> for Steps<'_> {
+        fn call<M: Method>(self, mut method: M) -> Result<Vec<f32>> {
+            let applied = method.apply(self.weights, None, None, false);
+            if !applied.errors.is_empty() || !applied.missing.is_empty() {
+                bail!("cannot move the CPU's weights to the device: {applied}");
+            }
+            let epochs = self.trainer.config.epochs;
+            let (_, report) = self.trainer.run_until(method, self.loader, epochs)?;
+            Ok(report.step_losses)
+        }
+    }
+    let weights = with_method(recipe, None, &Device::flex(), Draw);
+    let result = with_method(
+        recipe,
+        None,
+        &trainer.device,
+        Steps {
+            trainer: &trainer,
+            loader: &loader,
+            weights,
+        },
+    )
+    .and_then(|losses| Ok((losses, last_epoch_rate(&out)?)));
+    let _ = std::fs::remove_dir_all(&out);
+    result
+}
+
+/// `img_per_s` of the last epoch line of a run's metrics.jsonl.
+fn last_epoch_rate(out: &std::path::Path) -> Result<f64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "epoch")
+        .filter_map(|v| v["img_per_s"].as_f64())
+        .last()
+        .context("the run logged no epoch")
+}
+
+/// A fresh folder for a check's run files.
+fn scratch() -> Result<PathBuf> {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("selfsup-check-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
