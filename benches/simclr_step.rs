@@ -33,8 +33,11 @@ fn main() {
     let mut method = init_seeded(&dev, 0, || {
         SimclrConfig {
             temperature: 0.5,
-            proj_hidden: 2048,
+            proj_hidden: Some(2048),
             proj_dim: 128,
+            proj_layers: 2,
+            // As the PyTorch step it is compared with.
+            proj_output_norm: false,
         }
         .init(&model, &dev)
     });

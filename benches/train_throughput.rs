@@ -22,7 +22,7 @@ static ALLOCATOR: selfsup::alloc::MiMalloc = selfsup::alloc::MiMalloc;
 fn simclr(width: f32, batch: usize, lr: f64) -> String {
     format!(
         "[augment]\npipeline = \"simclr\"\n\
-         [method]\nname = \"simclr\"\ntemperature = 0.2\nproj_hidden = 512\nproj_dim = 128\n\
+         [method]\nname = \"simclr\"\ntemperature = 0.2\nproj_hidden = 512\nproj_dim = 128\nproj_output_norm = false\n\
          [model]\narch = \"resnet\"\nwidth = {width:?}\n\
          [train]\nbatch_size = {batch}\noptimizer = \"sgd\"\nmomentum = 0.9\nbase_lr = {lr:?}\n\
          lr_scaling = \"none\"\nweight_decay = 1e-5\n"

@@ -62,6 +62,9 @@ pub struct AugmentConfig {
     pub local_crops: Option<usize>,
     /// Replaces the preset's views entirely (`[[augment.views]]` tables).
     pub views: Option<Vec<ViewSpec>>,
+    /// `false` turns Gaussian blur off in every view: the presets' σ (0.1-2 px) is made for
+    /// 224 px images, and the CIFAR settings of SimCLR and solo-learn leave blur out.
+    pub blur: bool,
     /// Normalisation (default: ImageNet's statistics).
     pub mean: Option<[f32; 3]>,
     pub std: Option<[f32; 3]>,
@@ -75,6 +78,7 @@ impl Default for AugmentConfig {
             local_size: None,
             local_crops: None,
             views: None,
+            blur: true,
             mean: None,
             std: None,
         }
@@ -101,6 +105,9 @@ impl AugmentConfig {
         let mut p = Pipeline::preset(&self.pipeline, sizes).context("augment.pipeline")?;
         if let Some(views) = &self.views {
             p.views = views.clone();
+        }
+        if !self.blur {
+            p.views.iter_mut().for_each(|v| v.blur.p = 0.0);
         }
         p.mean = self.mean.unwrap_or(p.mean);
         p.std = self.std.unwrap_or(p.std);
@@ -385,6 +392,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("augment.size", "side of the (global) views, and of evaluation views, in pixels", None),
     ("augment.local_size", "dino: side of the local crops (unset: half of size)", Some("16")),
     ("augment.local_crops", "dino: local crops per image (unset: 6)", Some("6")),
+    ("augment.blur", "false: no Gaussian blur in any view (the presets' sigma is made for 224 px; CIFAR recipes turn it off)", None),
     ("augment.mean", "per-channel normalisation mean (the published recipes: CIFAR-10's; unset: ImageNet's)", Some("[0.485, 0.456, 0.406]")),
     ("augment.std", "per-channel normalisation std (the published recipes: CIFAR-10's; unset: ImageNet's)", Some("[0.229, 0.224, 0.225]")),
     ("augment.views.count", "how many views of this kind each image gets", None),
@@ -404,7 +412,9 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("augment.views.blur.kernel_frac", "blur kernel side as a fraction of the view side", None),
     ("method.name", "simclr, moco, mae, dino, rotation, jigsaw or inpainting", None),
     ("method.temperature", "τ of the InfoNCE / NT-Xent softmax", None),
-    ("method.proj_hidden", "hidden width of the projection head (moco: 0 gives v1's linear head)", None),
+    ("method.proj_hidden", "hidden width of the projection head (moco: 0 gives v1's linear head; simclr unset: the encoder's feature width, as the official code)", Some("2048")),
+    ("method.proj_layers", "simclr: linear layers of the head (2: SimCLR v1, 3: v2)", None),
+    ("method.proj_output_norm", "simclr: batch norm without shift on the head's output (the official head)", None),
     ("method.proj_dim", "output width of the projection head", None),
     ("method.momentum", "EMA momentum of the key encoder / teacher at the start", None),
     ("method.final_momentum", "EMA momentum at the end, reached by a cosine (equal to momentum: constant)", Some("1.0")),

@@ -16,8 +16,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::store::burn_pack::Tensor as PackTensor;
-use burn::store::ModuleSnapshot;
 use burn::tensor::Device;
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
@@ -159,39 +157,27 @@ fn losses(
     config.checkpoint_every = 1;
     let mut trainer = Trainer::new(config, &out, device.clone().autodiff());
     trainer.progress = false;
-    // Drawn on the CPU (burn's generators differ between devices), then loaded into the same
-    // method made on the device, where the parameters are tracked for gradients.
-    struct Draw;
-    impl MethodUser<Vec<PackTensor>> for Draw {
-        fn call<M: Method>(self, method: M) -> Vec<PackTensor> {
-            method.collect(None, None, false)
-        }
-    }
+    // Drawn on the CPU (burn's generators differ between devices), then moved; `train()` makes
+    // the moved parameters tracked for gradients again (the teacher stays frozen).
     struct Steps<'a> {
         trainer: &'a Trainer<'a>,
         loader: &'a Loader,
-        weights: Vec<PackTensor>,
     }
     impl MethodUser<Result<Vec<f32>>> for Steps<'_> {
-        fn call<M: Method>(self, mut method: M) -> Result<Vec<f32>> {
-            let applied = method.apply(self.weights, None, None, false);
-            if !applied.errors.is_empty() || !applied.missing.is_empty() {
-                bail!("cannot move the CPU's weights to the device: {applied}");
-            }
+        fn call<M: Method>(self, method: M) -> Result<Vec<f32>> {
+            let method = method.to_device(&self.trainer.device).train();
             let epochs = self.trainer.config.epochs;
             let (_, report) = self.trainer.run_until(method, self.loader, epochs)?;
             Ok(report.step_losses)
         }
     }
-    let weights = with_method(recipe, None, &Device::flex(), Draw);
     let result = with_method(
         recipe,
         None,
-        &trainer.device,
+        &Device::flex(),
         Steps {
             trainer: &trainer,
             loader: &loader,
-            weights,
         },
     )
     .and_then(|losses| Ok((losses, last_epoch_rate(&out)?)));

@@ -416,7 +416,7 @@ pub fn finetune_accuracy(
     let mut augment = recipe.augment.build()?;
     augment.views.truncate(1);
     augment.views[0].count = 1;
-    eval::finetune::finetune(
+    let tuned = eval::finetune::finetune(
         backbone,
         recipe.model.feature_dim(),
         train,
@@ -426,7 +426,8 @@ pub fn finetune_accuracy(
         &recipe.augment.eval_pipeline()?,
         &recipe.finetune,
         device,
-    )
+    )?;
+    Ok((tuned.accuracy, tuned.labelled))
 }
 
 /// Pictures of what an inpainting or MAE run paints, one row per image of the first `count` of

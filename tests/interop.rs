@@ -271,6 +271,17 @@ fn a_recipe_starts_from_a_file_or_a_run_folder() {
         "[model]\narch = \"resnet\"\ndepth = 18\nstem = \"cifar\"\nwidth = 0.125\ninit = {:?}\n",
         fixture("resnet18_cifar.safetensors").to_str().unwrap()
     );
+    // On the training device the loaded weights are trainable.
+    let recipe = selfsup::config::Recipe::parse(&text.replace("0.125", "0.0625")).unwrap();
+    let ad = dev.clone().autodiff();
+    let backbone = run::initial_backbone(&recipe, &ad).unwrap();
+    let loss = backbone
+        .forward(io::<4>("resnet18.input").to_device(&ad))
+        .sum();
+    let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &backbone);
+    for (path, _, reached) in common::params_by_path(&backbone, Some(&grads)) {
+        assert_eq!(reached, !path.contains("running_"), "gradient for {path}");
+    }
     let recipe = selfsup::config::Recipe::parse(&text).unwrap();
     let err = run::initial_backbone(&recipe, &dev).err().unwrap();
     assert!(format!("{err:#}").contains("model.init"), "{err:#}");

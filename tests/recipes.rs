@@ -28,9 +28,9 @@ fn a_recipe_may_leave_out_any_key() {
     let mut defaults = Recipe::parse("").unwrap();
     defaults.train.epochs = 30;
     assert_eq!(r, defaults);
-    // SimCLR's published settings: LARS, weight decay 1e-6, τ 0.5.
+    // SimCLR's published settings (the official CIFAR command): LARS, weight decay 1e-4, τ 0.5.
     assert_eq!(r.train.optim.optimizer, OptimizerKind::Lars);
-    assert_eq!(r.train.optim.weight_decay, 1e-6);
+    assert_eq!(r.train.optim.weight_decay, 1e-4);
     let MethodConfig::Simclr(m) = &r.method else {
         panic!("{:?}", r.method)
     };

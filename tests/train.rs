@@ -42,8 +42,9 @@ fn simclr(device: &Device) -> SimClr {
     init_seeded(device, 1, || {
         SimclrConfig {
             temperature: 0.5,
-            proj_hidden: 64,
+            proj_hidden: Some(64),
             proj_dim: 32,
+            ..SimclrConfig::default()
         }
         .init(&model, device)
     })

@@ -54,8 +54,18 @@ struct Classifier {
     head: Linear,
 }
 
-/// Fine-tunes `backbone` with a new linear head on `train` (views from `augment`) and returns
-/// the top-1/top-5 accuracy on `test` (views from `eval`) and how many labelled images it used.
+/// What [`finetune`] returns.
+pub struct FineTuned {
+    /// Top-1/top-5 on the test split.
+    pub accuracy: Accuracy,
+    /// Labelled training images used.
+    pub labelled: usize,
+    /// The fine-tuned encoder (evaluation mode, on the given device).
+    pub backbone: Backbone,
+}
+
+/// Fine-tunes `backbone` (every parameter, batch norm in training mode) with a new linear head on
+/// `train` (views from `augment`), then measures it on `test` (views from `eval`).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: Backbone,
@@ -67,15 +77,17 @@ pub fn finetune(
     eval: &Pipeline,
     config: &FinetuneConfig,
     device: &Device,
-) -> Result<(Accuracy, usize)> {
+) -> Result<FineTuned> {
     if config.epochs == 0 || config.batch_size == 0 {
         bail!("finetune.epochs and finetune.batch_size must be at least 1");
     }
     let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     let head = init_seeded(&ad, 0, || LinearConfig::new(feature_dim, classes).init(&ad));
+    // `train()`: a module moved onto the autodiff device keeps untracked tensors (no gradient)
+    // until its configured training state is applied.
     let mut model = Classifier {
-        backbone: backbone.to_device(&ad),
+        backbone: backbone.to_device(&ad).train(),
         head,
     };
     // Layer-wise scales, shallow groups smallest; the head and anything unnamed take lr itself.
@@ -161,5 +173,9 @@ pub fn finetune(
         .try_to_vec()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let scores: Vec<Vec<f32>> = scores.chunks(classes).map(|c| c.to_vec()).collect();
-    Ok((super::accuracy(&scores, &features.labels), train.len()))
+    Ok(FineTuned {
+        accuracy: super::accuracy(&scores, &features.labels),
+        labelled: train.len(),
+        backbone: model.backbone.to_device(device),
+    })
 }

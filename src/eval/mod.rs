@@ -22,7 +22,8 @@ use crate::models::Backbone;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
-    /// kNN neighbours and temperature of the weighted vote exp(s/T) (InstDisc / DINO: 200, 0.1).
+    /// kNN neighbours and temperature of the weighted vote exp(s/T): k = 200, T = 0.1 as InstDisc
+    /// and solo-learn; DINO's `eval_knn.py` uses T = 0.07 and reports k = 20.
     pub knn_k: usize,
     pub knn_t: f32,
     /// Images of the train and test splits the online monitor uses (0: all).

@@ -183,9 +183,16 @@ impl Dino {
             .detach()
     }
 
-    /// Student logits of a batch of same-sized crops.
-    pub fn student_logits(&self, crops: Tensor<4>, freeze_last: bool) -> Tensor<2> {
-        self.head.forward(self.backbone.forward(crops), freeze_last)
+    /// Student logits of all crops, `[Σ n_g, K]` in the order of `groups` (each a batch of
+    /// same-sized crops). As the official `MultiCropWrapper`: the backbone runs once per
+    /// resolution, the head once on every crop's features together, so that a batch-norm head
+    /// normalises over all crops.
+    pub fn student_logits(&self, groups: Vec<Tensor<4>>, freeze_last: bool) -> Tensor<2> {
+        let features = groups
+            .into_iter()
+            .map(|x| self.backbone.forward(x))
+            .collect();
+        self.head.forward(Tensor::cat(features, 0), freeze_last)
     }
 }
 
@@ -200,14 +207,14 @@ impl Method for Dino {
         let tau_t = self.teacher_temp(epoch);
         let p_t = softmax((t.clone() - self.center.val()).div_scalar(tau_t), 1);
         let teacher: Vec<Tensor<2>> = (0..2).map(|i| p_t.clone().narrow(0, i * n, n)).collect();
-        let mut student: Vec<Tensor<2>> = {
-            let s = self.student_logits(globals, freeze);
-            (0..2).map(|i| s.clone().narrow(0, i * n, n)).collect()
-        };
+        let mut groups = vec![globals];
         if views.len() > 2 {
-            let s = self.student_logits(Tensor::cat(views[2..].to_vec(), 0), freeze);
-            student.extend((0..views.len() - 2).map(|i| s.clone().narrow(0, i * n, n)));
+            groups.push(Tensor::cat(views[2..].to_vec(), 0));
         }
+        let s = self.student_logits(groups, freeze);
+        let student: Vec<Tensor<2>> = (0..views.len())
+            .map(|i| s.clone().narrow(0, i * n, n))
+            .collect();
         let loss = dino_loss(&teacher, &student, self.student_temp);
         // Diagnostics: H(P_t) in (0, log K); KL(teacher ‖ student) = cross-entropy − H(P_t).
         let entropy = mean_entropy(p_t);

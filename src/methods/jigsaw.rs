@@ -95,6 +95,7 @@ impl JigsawConfig {
                 output: self.permutations,
                 layers: 2,
                 batch_norm: true,
+                output_norm: false,
             }
             .init(device),
             permutations: Param::initialized(ParamId::new(), table).set_require_grad(false),

@@ -70,9 +70,13 @@ impl MaeConfig {
         let d = self.decoder_dim;
         let grid = vit.image_size / p;
         let pos = sincos_2d(d, grid);
+        let Backbone::Vit(encoder) = model.init(device) else {
+            unreachable!("a ViT config makes a ViT")
+        };
+        let xavier = crate::models::xavier_linear;
         Mae {
-            backbone: model.init(device),
-            decoder_embed: crate::models::vit_linear(vit.dim, d, device),
+            backbone: Backbone::Vit(encoder.mae_init(device)),
+            decoder_embed: xavier(vit.dim, d, device),
             mask_token: Param::from_tensor(Tensor::random(
                 [1, 1, d],
                 burn::tensor::Distribution::Normal(0.0, 0.02),
@@ -84,10 +88,10 @@ impl MaeConfig {
             ))
             .set_require_grad(false),
             decoder_blocks: (0..self.decoder_depth)
-                .map(|_| crate::models::vit_block(d, self.decoder_heads, 4.0, device))
+                .map(|_| crate::models::vit_block(d, self.decoder_heads, 4.0, xavier, device))
                 .collect(),
             decoder_norm: LayerNormConfig::new(d).with_epsilon(1e-6).init(device),
-            decoder_pred: crate::models::vit_linear(d, p * p * 3, device),
+            decoder_pred: xavier(d, p * p * 3, device),
             patch: p,
             mask_ratio: self.mask_ratio,
             norm_pix_loss: self.norm_pix_loss,

@@ -112,6 +112,7 @@ impl MocoConfig {
                 output: self.proj_dim,
                 layers: 2,
                 batch_norm: false,
+                output_norm: false,
             },
         };
         let (backbone, projector) = (model.init(device), head.init(device));

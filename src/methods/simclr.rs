@@ -4,7 +4,11 @@
 //!
 //!   ℓ(i, j) = −log( exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ) ),
 //!
-//! averaged over all 2N positive pairs (i, j) and (j, i), sim = cosine similarity.
+//! sim = cosine similarity. As the official code (`tf2/objective.py`), the loss is the mean over
+//! the N pairs of each direction, summed over the two directions (2× the mean over all 2N rows:
+//! the gradient's scale matters to the parameters that LARS does not adapt, biases and batch
+//! norm). The head follows `tf2/model.py`: linear (no bias) → BN → ReLU, hidden width = the
+//! encoder's, then linear (no bias) → BN without β.
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
@@ -20,16 +24,24 @@ use crate::train::{Method, Progress, StepOutput};
 pub struct SimclrConfig {
     /// τ: 0.5 in the paper at batch 256-512 on CIFAR, 0.2 in solo-learn's CIFAR recipe.
     pub temperature: f64,
-    pub proj_hidden: usize,
+    /// Width of the head's hidden layers; unset: the encoder's feature width (official).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proj_hidden: Option<usize>,
     pub proj_dim: usize,
+    /// Linear layers of the head: 2 in SimCLR v1, 3 in v2.
+    pub proj_layers: usize,
+    /// Batch norm (without β) on the head's output, as the official code.
+    pub proj_output_norm: bool,
 }
 
 impl Default for SimclrConfig {
     fn default() -> Self {
         SimclrConfig {
             temperature: 0.5,
-            proj_hidden: 2048,
+            proj_hidden: None,
             proj_dim: 128,
+            proj_layers: 2,
+            proj_output_norm: true,
         }
     }
 }
@@ -41,6 +53,9 @@ impl SimclrConfig {
                 "method.temperature = {}: must be positive",
                 self.temperature
             );
+        }
+        if self.proj_layers == 0 || self.proj_dim == 0 || self.proj_hidden == Some(0) {
+            anyhow::bail!("method.proj_layers, proj_dim and proj_hidden must be at least 1");
         }
         feed.views("simclr", 2, "the positive pair")?;
         feed.same_size("simclr", 0..2)?;
@@ -54,10 +69,11 @@ impl SimclrConfig {
     pub fn init(&self, model: &BackboneConfig, device: &Device) -> SimClr {
         let head = ProjectionHeadConfig {
             input: model.feature_dim(),
-            hidden: self.proj_hidden,
+            hidden: self.proj_hidden.unwrap_or(model.feature_dim()),
             output: self.proj_dim,
-            layers: 2,
+            layers: self.proj_layers,
             batch_norm: true,
+            output_norm: self.proj_output_norm,
         };
         SimClr {
             backbone: model.init(device),
@@ -74,16 +90,23 @@ pub struct SimClr {
     temperature: f64,
 }
 
+impl SimClr {
+    /// z = g(f(x)) of both views, `[2N, proj_dim]`, view 1 first: one pass, so that batch norm
+    /// sees all 2N images, as SimCLR's global batch norm does.
+    pub fn projections(&self, views: &[Tensor<4>]) -> Tensor<2> {
+        self.projector.forward(
+            self.backbone
+                .forward(Tensor::cat(vec![views[0].clone(), views[1].clone()], 0)),
+        )
+    }
+}
+
 impl Method for SimClr {
     fn loss(&self, views: &[Tensor<4>], _progress: &Progress) -> StepOutput {
         let [n, _, _, _] = views[0].dims();
-        // Both views in one pass: batch norm sees all 2N images, as in SimCLR's global BN.
-        let z = self.projector.forward(
-            self.backbone
-                .forward(Tensor::cat(vec![views[0].clone(), views[1].clone()], 0)),
-        );
+        let z = self.projections(views);
         let (z1, z2) = (z.clone().narrow(0, 0, n), z.clone().narrow(0, n, n));
-        let loss = nt_xent(z1, z2, self.temperature);
+        let loss = nt_xent(z1, z2, self.temperature).mul_scalar(2.0);
         StepOutput::new(loss, vec![("z_std", embedding_std(z))])
     }
 

@@ -1,12 +1,15 @@
 //! Heads put on a backbone during pre-training.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 /// An MLP projection head g(·): `layers` linear layers, each but the last followed by batch
-/// norm and ReLU (SimCLR's head; MoCo v2's is the same without batch norm).
+/// norm and ReLU (MoCo v2's is the same without batch norm). With `batch_norm`, linear layers
+/// followed by batch norm have no bias; with `output_norm` the last one too, and its output is
+/// batch-normalised without a shift (β fixed at 0): SimCLR's head (`tf2/model.py`,
+/// `ProjectionHead`: `LinearLayer(use_bias=False, use_bn=True)` last).
 #[derive(Debug, Clone)]
 pub struct ProjectionHeadConfig {
     pub input: usize,
@@ -14,6 +17,7 @@ pub struct ProjectionHeadConfig {
     pub output: usize,
     pub layers: usize,
     pub batch_norm: bool,
+    pub output_norm: bool,
 }
 
 impl ProjectionHeadConfig {
@@ -25,6 +29,7 @@ impl ProjectionHeadConfig {
             output,
             layers: 1,
             batch_norm: false,
+            output_norm: false,
         }
     }
 
@@ -42,8 +47,13 @@ impl ProjectionHeadConfig {
                 .windows(2)
                 .enumerate()
                 .map(|(i, d)| {
+                    let normed = if i == last {
+                        self.output_norm
+                    } else {
+                        self.batch_norm
+                    };
                     LinearConfig::new(d[0], d[1])
-                        .with_bias(i == last || !self.batch_norm)
+                        .with_bias(!normed)
                         .init(device)
                 })
                 .collect(),
@@ -55,6 +65,12 @@ impl ProjectionHeadConfig {
             } else {
                 vec![]
             },
+            output_norm: self.output_norm.then(|| {
+                let mut bn = BatchNormConfig::new(self.output).init(device);
+                bn.beta = Param::from_tensor(Tensor::zeros([self.output], device))
+                    .set_require_grad(false);
+                bn
+            }),
         }
     }
 }
@@ -63,6 +79,8 @@ impl ProjectionHeadConfig {
 pub struct ProjectionHead {
     layers: Vec<Linear>,
     norms: Vec<BatchNorm>,
+    /// Batch norm of the output, its β fixed at 0 (SimCLR).
+    output_norm: Option<BatchNorm>,
 }
 
 impl ProjectionHead {
@@ -77,7 +95,10 @@ impl ProjectionHead {
                 x = relu(x);
             }
         }
-        x
+        match &self.output_norm {
+            Some(bn) => bn.forward(x),
+            None => x,
+        }
     }
 }
 
@@ -100,7 +121,14 @@ pub struct DinoHeadConfig {
 impl DinoHeadConfig {
     pub fn init(&self, device: &Device) -> DinoHead {
         let linear = |i: usize, o: usize| crate::models::vit_linear(i, o, device);
-        let v = linear(self.bottleneck, self.out_dim).weight;
+        // The official head initialises its MLP (N(0, 0.02), zero biases) before making the last
+        // layer, which keeps PyTorch's default Linear init, U(±1/√bottleneck).
+        let bound = 1.0 / (self.bottleneck as f64).sqrt();
+        let v = burn::module::Param::from_tensor(Tensor::random(
+            [self.bottleneck, self.out_dim],
+            burn::tensor::Distribution::Uniform(-bound, bound),
+            device,
+        ));
         DinoHead {
             mlp: vec![
                 linear(self.input, self.hidden),

@@ -14,7 +14,7 @@ pub use context::{ContextDecoder, ContextDecoderConfig, Discriminator, Discrimin
 pub use ema::{ema_update, momentum_copy};
 pub use heads::{DinoHead, DinoHeadConfig, ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
-pub(crate) use vit::{block as vit_block, linear as vit_linear};
+pub(crate) use vit::{block as vit_block, linear as vit_linear, xavier_linear};
 pub use vit::{Pool, Vit, VitBlock, VitConfig};
 
 /// `[model]` of a recipe: which encoder to learn.

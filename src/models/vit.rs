@@ -88,7 +88,7 @@ impl VitConfig {
 
     pub fn init(&self, device: &Device) -> Vit {
         let blocks = (0..self.depth)
-            .map(|_| block(self.dim, self.heads, self.mlp_ratio, device))
+            .map(|_| block(self.dim, self.heads, self.mlp_ratio, linear, device))
             .collect();
         let norm = LayerNormConfig::new(self.dim)
             .with_epsilon(1e-6)
@@ -114,18 +114,37 @@ impl VitConfig {
     }
 }
 
-/// Linear layers as timm initialises them: N(0, 0.02) weights.
+/// Linear layers as timm and DINO initialise them: N(0, 0.02) weights (their `trunc_normal_`
+/// cuts at ±2, a hundred standard deviations), zero biases.
 pub(crate) fn linear(input: usize, output: usize, device: &Device) -> Linear {
-    LinearConfig::new(input, output)
+    let mut layer = LinearConfig::new(input, output)
         .with_initializer(Initializer::Normal {
             mean: 0.0,
             std: 0.02,
         })
-        .init(device)
+        .init(device);
+    layer.bias = Some(Param::from_tensor(Tensor::zeros([output], device)));
+    layer
 }
 
-/// One pre-norm transformer block (MAE's decoder is made of the same).
-pub(crate) fn block(dim: usize, heads: usize, mlp_ratio: f32, device: &Device) -> VitBlock {
+/// Linear layers as MAE initialises them: xavier-uniform weights, zero biases.
+pub(crate) fn xavier_linear(input: usize, output: usize, device: &Device) -> Linear {
+    let mut layer = LinearConfig::new(input, output)
+        .with_initializer(Initializer::XavierUniform { gain: 1.0 })
+        .init(device);
+    layer.bias = Some(Param::from_tensor(Tensor::zeros([output], device)));
+    layer
+}
+
+/// One pre-norm transformer block (MAE's decoder is made of the same), its linear layers made by
+/// `linear` ([`linear`] for timm's and DINO's init, [`xavier_linear`] for MAE's).
+pub(crate) fn block(
+    dim: usize,
+    heads: usize,
+    mlp_ratio: f32,
+    linear: fn(usize, usize, &Device) -> Linear,
+    device: &Device,
+) -> VitBlock {
     let norm = || LayerNormConfig::new(dim).with_epsilon(1e-6).init(device);
     let hidden = (dim as f32 * mlp_ratio) as usize;
     VitBlock {
@@ -267,6 +286,37 @@ impl Vit {
         match self.pool {
             Pool::Cls => tokens.narrow(1, 0, 1).reshape([n, d]),
             Pool::Mean => tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d]),
+        }
+    }
+
+    /// The encoder as official MAE initialises it: positional embeddings fixed to the 2-D
+    /// sin-cos table (no gradient; the class token's row zero), the patch projection xavier-uniform
+    /// on its flattened `[dim, 3·p·p]` weight, every linear layer xavier-uniform with zero
+    /// biases (`models_mae.py`, `initialize_weights`).
+    pub fn mae_init(self, device: &Device) -> Vit {
+        let [d, c, p, _] = self.patch_embed.proj.weight.dims();
+        let n = self.pos_embed.dims()[1] - 1;
+        let grid = (n as f64).sqrt().round() as usize;
+        let bound = (6.0 / (c * p * p + d) as f64).sqrt();
+        let pos = crate::methods::mae::sincos_2d(d, grid);
+        let mut proj = self.patch_embed.proj;
+        proj.weight = Param::from_tensor(Tensor::random(
+            [d, c, p, p],
+            Distribution::Uniform(-bound, bound),
+            device,
+        ));
+        let hidden = self.blocks[0].mlp.fc1.weight.dims()[1];
+        let heads = self.blocks[0].attn.heads;
+        Vit {
+            patch_embed: PatchEmbed { proj },
+            pos_embed: Param::from_tensor(
+                Tensor::<1>::from_floats(pos.as_slice(), device).reshape([1, 1 + n, d]),
+            )
+            .set_require_grad(false),
+            blocks: (0..self.blocks.len())
+                .map(|_| block(d, heads, hidden as f32 / d as f32, xavier_linear, device))
+                .collect(),
+            ..self
         }
     }
 

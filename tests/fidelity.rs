@@ -1,0 +1,288 @@
+//! What runs around the losses, as the papers' own code has it: heads, initialisations, the
+//! multi-crop wiring and the published recipes (issue 18).
+
+mod common;
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use selfsup::config::Recipe;
+use selfsup::methods::{DinoConfig, MaeConfig, MethodConfig, SimclrConfig};
+use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
+use selfsup::train::{Method, Progress};
+
+fn images(n: usize, size: usize, seed: u64, device: &Device) -> Tensor<4> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..n * 3 * size * size)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device)
+}
+
+fn progress() -> Progress {
+    Progress {
+        epoch: 1,
+        step: 10,
+        total_steps: 100,
+        steps_per_epoch: 10,
+    }
+}
+
+fn resnet() -> BackboneConfig {
+    BackboneConfig::Resnet(ResNetConfig {
+        depth: 18,
+        stem: Stem::Cifar,
+        width: 0.125,
+        init: None,
+    })
+}
+
+#[test]
+fn simclr_has_the_official_head_and_sums_both_directions() {
+    let dev = Device::flex().autodiff();
+    let m = init_seeded(&dev, 0, || SimclrConfig::default().init(&resnet(), &dev));
+    let views = vec![images(4, 16, 1, &dev), images(4, 16, 2, &dev)];
+    let out = m.loss(&views, &progress());
+    let grads = GradientsParams::from_grads(out.loss.clone().backward(), &m);
+    let head: Vec<(String, usize, bool)> = common::params_by_path(&m, Some(&grads))
+        .into_iter()
+        .filter(|(p, _, _)| p.starts_with("projector"))
+        .map(|(p, v, g)| (p, v.len(), g))
+        .collect();
+    let names: Vec<&str> = head.iter().map(|(p, _, _)| p.as_str()).collect();
+    // Linear (no bias, hidden = the encoder's 64) → BN → ReLU → linear (no bias) → BN without β.
+    assert_eq!(
+        names,
+        [
+            "projector.layers.0.weight",
+            "projector.layers.1.weight",
+            "projector.norms.0.gamma",
+            "projector.norms.0.beta",
+            "projector.norms.0.running_mean",
+            "projector.norms.0.running_var",
+            "projector.output_norm.gamma",
+            "projector.output_norm.beta",
+            "projector.output_norm.running_mean",
+            "projector.output_norm.running_var",
+        ]
+    );
+    assert_eq!(head[0].1, 64 * 64);
+    assert_eq!(head[1].1, 64 * 128);
+    for (path, _, reached) in &head {
+        let learned = !path.contains("running_") && path != "projector.output_norm.beta";
+        assert_eq!(*reached, learned, "gradient for {path}");
+    }
+    // tf2/objective.py: loss_a + loss_b, each a mean over N rows = 2 × NT-Xent's mean over 2N.
+    let z = m.projections(&views);
+    let (z1, z2) = (z.clone().narrow(0, 0, 4), z.narrow(0, 4, 4));
+    let expected: f32 = selfsup::losses::nt_xent(z1, z2, 0.5).into_scalar();
+    let loss: f32 = out.loss.into_scalar();
+    assert!(
+        (loss - 2.0 * expected).abs() < 1e-5,
+        "{loss} vs 2 × {expected}"
+    );
+}
+
+#[test]
+fn mae_initialises_as_the_official_code() {
+    let dev = Device::flex().autodiff();
+    let vit = BackboneConfig::Vit(selfsup::models::VitConfig::preset("tiny", 16, 4).unwrap());
+    let config = MaeConfig {
+        decoder_dim: 32,
+        decoder_depth: 1,
+        decoder_heads: 2,
+        ..MaeConfig::default()
+    };
+    let m = init_seeded(&dev, 0, || config.init(&vit, &dev));
+    let out = m.loss(&[images(2, 16, 1, &dev)], &progress());
+    let grads = GradientsParams::from_grads(out.loss.backward(), &m);
+    let params = common::params_by_path(&m, Some(&grads));
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(p, _, _)| p == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    // The encoder's positions: the fixed 2-D sin-cos table, no gradient.
+    let (_, pos, reached) = get("backbone.Vit.pos_embed");
+    assert_eq!(pos, &selfsup::methods::mae::sincos_2d(192, 4));
+    assert!(!reached);
+    // xavier-uniform linear layers (bound √(6 / (fan_in + fan_out))), zero biases; the patch
+    // projection on its flattened [192, 3·4·4] weight.
+    for (name, fan_in, fan_out) in [
+        ("backbone.Vit.blocks.0.attn.qkv.weight", 192, 576),
+        ("backbone.Vit.blocks.11.mlp.fc2.weight", 768, 192),
+        ("decoder_embed.weight", 192, 32),
+        ("decoder_pred.weight", 32, 48),
+        ("backbone.Vit.patch_embed.proj.weight", 48, 192),
+    ] {
+        let (_, w, _) = get(name);
+        let bound = (6.0 / (fan_in + fan_out) as f32).sqrt();
+        let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+        assert!(
+            max <= bound && max > 0.9 * bound,
+            "{name}: max {max}, bound {bound}"
+        );
+        assert!(
+            (std - bound / 3f32.sqrt()).abs() < 0.05 * bound,
+            "{name}: std {std}"
+        );
+    }
+    for name in ["backbone.Vit.blocks.0.attn.qkv.bias", "decoder_pred.bias"] {
+        assert!(get(name).1.iter().all(|&b| b == 0.0), "{name}");
+    }
+}
+
+#[test]
+fn vit_and_dino_head_initialise_as_timm_and_dino() {
+    let dev = Device::flex();
+    let config = DinoConfig {
+        out_dim: 4096,
+        hidden: 64,
+        bottleneck: 256,
+        ..DinoConfig::default()
+    };
+    let m = init_seeded(&dev, 0, || config.init(&common::tiny_vit(), &dev));
+    for (path, values, _) in common::params_by_path(&m, None) {
+        if path.ends_with(".bias") && (path.contains("blocks") || path.contains("mlp")) {
+            assert!(
+                values.iter().all(|&b| b == 0.0),
+                "{path}: timm's biases start at 0"
+            );
+        }
+        // The last layer keeps PyTorch's Linear init: U(±1/√256).
+        if path.ends_with("last_v") {
+            let bound = 1.0 / 16.0;
+            let max = values.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let std = (values.iter().map(|x| x * x).sum::<f32>() / values.len() as f32).sqrt();
+            assert!(max <= bound && max > 0.99 * bound, "{path}: {max}");
+            assert!(
+                (std - bound / 3f32.sqrt()).abs() < 0.01 * bound,
+                "{path}: {std}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dino_runs_its_batch_norm_head_once_over_all_crops() {
+    // MultiCropWrapper: the head normalises global and local crops together, so a global crop's
+    // logits depend on the local crops beside it.
+    let dev = Device::flex().autodiff();
+    let config = DinoConfig {
+        out_dim: 32,
+        hidden: 16,
+        bottleneck: 8,
+        head_batch_norm: true,
+        ..DinoConfig::default()
+    };
+    let m = init_seeded(&dev, 0, || config.init(&resnet(), &dev));
+    let globals = images(4, 16, 1, &dev);
+    let logits = |locals: Tensor<4>| -> Vec<f32> {
+        m.student_logits(vec![globals.clone(), locals], false)
+            .narrow(0, 0, 4)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (logits(images(8, 8, 2, &dev)), logits(images(8, 8, 3, &dev)));
+    let moved = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "the globals' logits ignore the locals: {moved}"
+    );
+    // The method evaluates and releases its teacher, as official DINO.
+    assert_eq!(m.released(), selfsup::train::Which::Teacher);
+}
+
+#[test]
+fn published_recipes_follow_the_sources_they_cite() {
+    // google-research/simclr's CIFAR command.
+    let r = Recipe::defaults("simclr").unwrap();
+    assert_eq!((r.train.batch_size, r.train.epochs), (512, 1000));
+    assert_eq!((r.train.base_lr, r.train.optim.weight_decay), (1.0, 1e-4));
+    let MethodConfig::Simclr(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!(
+        (c.temperature, c.proj_hidden, c.proj_output_norm),
+        (0.5, None, true)
+    );
+    let p = r.augment.build().unwrap();
+    assert_eq!(p.views.len(), 1);
+    let v = &p.views[0];
+    assert_eq!(v.blur.p, 0.0, "no blur at CIFAR scale");
+    let j = &v.jitter;
+    assert_eq!(
+        [j.brightness, j.contrast, j.saturation, j.hue],
+        [0.4, 0.4, 0.4, 0.1]
+    );
+    // DINO at batch 256: momentum 0.9995, no blur.
+    let r = Recipe::defaults("dino").unwrap();
+    let MethodConfig::Dino(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!((r.train.batch_size, c.momentum), (256, 0.9995));
+    assert!(r
+        .augment
+        .build()
+        .unwrap()
+        .views
+        .iter()
+        .all(|v| v.blur.p == 0.0));
+    // solo-learn's MoCo v2+: crops from 8% of the image, key momentum 0.99 → 0.999.
+    let r = Recipe::defaults("moco").unwrap();
+    let MethodConfig::Moco(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!((c.momentum, c.final_momentum), (0.99, Some(0.999)));
+    assert_eq!(r.augment.build().unwrap().views[0].scale, [0.08, 1.0]);
+}
+
+#[test]
+fn fine_tuning_trains_the_encoder_not_only_the_head() {
+    // The encoder arrives on the plain device (as a run folder's is loaded) and must be trained
+    // on the autodiff one: before the fix only the linear head learned.
+    let dev = Device::flex();
+    let backbone = init_seeded(&dev, 0, || resnet().init(&dev));
+    let before = common::params_by_path(&backbone, None);
+    let split = |n: usize| {
+        let images = (0..n as u32).map(common::pattern).collect();
+        selfsup::data::Split::new(
+            "train",
+            images,
+            Some((0..n as u32).map(|i| i % 2).collect()),
+        )
+    };
+    let eval =
+        selfsup::augment::Pipeline::preset("eval", selfsup::augment::Sizes::small(32)).unwrap();
+    let config = selfsup::eval::finetune::FinetuneConfig {
+        epochs: 1,
+        batch_size: 4,
+        warmup_epochs: 0.0,
+        ..Default::default()
+    };
+    let tuned = selfsup::eval::finetune::finetune(
+        backbone,
+        64,
+        &split(8),
+        &split(4),
+        2,
+        &eval,
+        &eval,
+        &config,
+        &dev,
+    )
+    .unwrap();
+    let after = common::params_by_path(&tuned.backbone, None);
+    for ((path, a, _), (_, b, _)) in before.iter().zip(&after) {
+        if path.ends_with("weight") || path.ends_with("gamma") {
+            assert!(a != b, "{path} did not change in fine-tuning");
+        }
+    }
+}
