@@ -118,9 +118,44 @@ fn permutation_set_is_spread_and_without_duplicates() {
                 p
             })
             .collect();
-        let (ours, theirs) = (min_hamming(&set), min_hamming(&random));
-        println!("{count} permutations: minimum Hamming distance {ours} (random set: {theirs})");
-        assert!(ours >= theirs && ours >= 6, "{ours} vs random {theirs}");
+        let mean = |s: &[[u8; TILES]]| {
+            let mut sum = 0;
+            for (i, a) in s.iter().enumerate() {
+                sum += s[i + 1..].iter().map(|b| hamming(a, b)).sum::<usize>();
+            }
+            sum as f64 / (s.len() * (s.len() - 1) / 2) as f64
+        };
+        let (ours, theirs) = (mean(&set), mean(&random));
+        println!(
+            "{count} permutations: mean Hamming distance {ours:.3} (random set: {theirs:.3}), minimum {}",
+            min_hamming(&set)
+        );
+        assert!(ours > theirs && ours > 8.0, "{ours} vs random {theirs}");
+    }
+    // The greedy rule of Noroozi's script: each pick has the largest mean distance to the picks
+    // before it among all 9! permutations.
+    let set = permutation_set(6, 1);
+    let mut all: Vec<[u8; TILES]> = vec![];
+    let mut p: [u8; TILES] = std::array::from_fn(|i| i as u8);
+    loop {
+        all.push(p);
+        // Lexicographic successor.
+        let Some(i) = (0..TILES - 1).rev().find(|&i| p[i] < p[i + 1]) else {
+            break;
+        };
+        let j = (i + 1..TILES).rev().find(|&j| p[j] > p[i]).unwrap();
+        p.swap(i, j);
+        p[i + 1..].reverse();
+    }
+    for k in 1..set.len() {
+        let sum = |q: &[u8; TILES]| set[..k].iter().map(|c| hamming(c, q)).sum::<usize>();
+        let best = all
+            .iter()
+            .filter(|q| !set[..k].contains(q))
+            .map(sum)
+            .max()
+            .unwrap();
+        assert_eq!(sum(&set[k]), best, "pick {k}");
     }
     assert_eq!(
         hamming(&[0, 1, 2, 3, 4, 5, 6, 7, 8], &[1, 0, 2, 3, 4, 5, 6, 7, 8]),

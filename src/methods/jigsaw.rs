@@ -184,9 +184,9 @@ pub fn min_hamming(set: &[[u8; TILES]]) -> usize {
     min
 }
 
-/// `count` permutations of the 9 tiles, chosen greedily: a random first one, then each time one
-/// of the permutations farthest (in minimum Hamming distance) from those chosen, ties broken at
-/// random. Noroozi's script ranks by the mean distance; the minimum makes the spread explicit.
+/// `count` permutations of the 9 tiles, chosen greedily as Noroozi & Favaro's
+/// `select_permutations.py` (selection `max`): a random first one, then each time the
+/// permutation with the largest mean Hamming distance to those chosen, ties broken at random.
 pub fn permutation_set(count: usize, seed: u64) -> Vec<[u8; TILES]> {
     let mut all = Vec::with_capacity(362_880);
     let mut p: [u8; TILES] = std::array::from_fn(|i| i as u8);
@@ -199,17 +199,23 @@ pub fn permutation_set(count: usize, seed: u64) -> Vec<[u8; TILES]> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     all.shuffle(&mut rng);
     let count = count.min(all.len());
-    let mut nearest = vec![u8::MAX; all.len()];
-    let mut chosen = vec![all[0]];
+    // Σ of the distances to the chosen (the mean, times their count); chosen ones drop out.
+    let mut total = vec![0u32; all.len()];
+    let mut taken = vec![false; all.len()];
+    let (mut chosen, mut last) = (Vec::with_capacity(count), 0);
+    taken[0] = true;
+    chosen.push(all[0]);
     while chosen.len() < count {
-        let last = chosen[chosen.len() - 1];
-        for (d, q) in nearest.iter_mut().zip(&all) {
-            *d = (*d).min(hamming(&last, q) as u8);
+        for (t, q) in total.iter_mut().zip(&all) {
+            *t += hamming(&all[last], q) as u32;
         }
         // `all` is shuffled: the first farthest is a random one of them.
-        let best = nearest.iter().copied().max().unwrap_or(0);
-        let pick = nearest.iter().position(|&d| d == best).unwrap_or(0);
-        chosen.push(all[pick]);
+        last = (0..all.len())
+            .filter(|&j| !taken[j])
+            .max_by_key(|&j| (total[j], std::cmp::Reverse(j)))
+            .unwrap_or(0);
+        taken[last] = true;
+        chosen.push(all[last]);
     }
     chosen
 }
