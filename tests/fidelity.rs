@@ -180,7 +180,7 @@ fn dino_runs_its_batch_norm_head_once_over_all_crops() {
     let m = init_seeded(&dev, 0, || config.init(&resnet(), &dev));
     let globals = images(4, 16, 1, &dev);
     let logits = |locals: Tensor<4>| -> Vec<f32> {
-        m.student_logits(vec![globals.clone(), locals], false)
+        m.student_logits(vec![globals.clone(), locals], false, 0)
             .narrow(0, 0, 4)
             .into_data()
             .try_to_vec::<f32>()
@@ -285,4 +285,48 @@ fn fine_tuning_trains_the_encoder_not_only_the_head() {
             assert!(a != b, "{path} did not change in fine-tuning");
         }
     }
+}
+
+#[test]
+fn drop_path_rises_over_the_blocks_and_rescales_what_it_keeps() {
+    let dev = Device::flex();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let (n, depth, rate) = (4000, 5, 0.4);
+    let masks = selfsup::models::drop_path_masks(n, depth, rate, &mut rng, &dev);
+    assert_eq!(masks.len(), depth);
+    for (i, pair) in masks.iter().enumerate() {
+        let p = rate * i as f64 / (depth - 1) as f64;
+        for mask in pair {
+            assert_eq!(mask.dims(), [n, 1, 1]);
+            let v = mask.clone().into_data().try_to_vec::<f32>().unwrap();
+            let kept = 1.0 / (1.0 - p) as f32;
+            assert!(
+                v.iter().all(|&x| x == 0.0 || (x - kept).abs() < 1e-6),
+                "block {i}"
+            );
+            let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / n as f64;
+            assert!(
+                (dropped - p).abs() < 0.03,
+                "block {i}: dropped {dropped}, p {p}"
+            );
+        }
+    }
+    // Rate 0 is the plain forward; a rate changes the features; the same seed draws the same.
+    let vit = init_seeded(&dev, 0, || common::tiny_vit().init(&dev));
+    let x = images(3, 16, 1, &dev);
+    let f = |rate: f64, seed: u64| -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        vit.forward_drop_path(x.clone(), rate, &mut rng)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let plain: Vec<f32> = vit
+        .forward(x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(f(0.0, 1), plain);
+    assert_eq!(f(0.9, 1), f(0.9, 1));
+    assert_ne!(f(0.9, 1), plain);
 }

@@ -12,6 +12,8 @@
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{dino_loss, mean_entropy};
@@ -46,6 +48,8 @@ pub struct DinoConfig {
     pub final_momentum: f64,
     /// Epochs during which the head's last layer does not learn.
     pub freeze_last_layer: usize,
+    /// Stochastic depth of a ViT student (official `drop_path_rate`, 0.1); the teacher has none.
+    pub drop_path: f64,
 }
 
 impl Default for DinoConfig {
@@ -64,6 +68,7 @@ impl Default for DinoConfig {
             momentum: 0.996,
             final_momentum: 1.0,
             freeze_last_layer: 1,
+            drop_path: 0.1,
         }
     }
 }
@@ -129,6 +134,7 @@ impl DinoConfig {
             momentum: self.momentum,
             final_momentum: self.final_momentum,
             freeze_last_layer: self.freeze_last_layer,
+            drop_path: self.drop_path,
         }
     }
 }
@@ -149,6 +155,7 @@ pub struct Dino {
     momentum: f64,
     final_momentum: f64,
     freeze_last_layer: usize,
+    drop_path: f64,
 }
 
 impl Dino {
@@ -186,11 +193,18 @@ impl Dino {
     /// Student logits of all crops, `[Σ n_g, K]` in the order of `groups` (each a batch of
     /// same-sized crops). As the official `MultiCropWrapper`: the backbone runs once per
     /// resolution, the head once on every crop's features together, so that a batch-norm head
-    /// normalises over all crops.
-    pub fn student_logits(&self, groups: Vec<Tensor<4>>, freeze_last: bool) -> Tensor<2> {
+    /// normalises over all crops. A ViT student drops paths (`drop_path`) with masks drawn from
+    /// `step`, so that a resumed run draws the same.
+    pub fn student_logits(
+        &self,
+        groups: Vec<Tensor<4>>,
+        freeze_last: bool,
+        step: usize,
+    ) -> Tensor<2> {
+        let mut rng = ChaCha8Rng::seed_from_u64(0x6472_6f70 ^ step as u64);
         let features = groups
             .into_iter()
-            .map(|x| self.backbone.forward(x))
+            .map(|x| self.backbone.forward_drop_path(x, self.drop_path, &mut rng))
             .collect();
         self.head.forward(Tensor::cat(features, 0), freeze_last)
     }
@@ -211,7 +225,7 @@ impl Method for Dino {
         if views.len() > 2 {
             groups.push(Tensor::cat(views[2..].to_vec(), 0));
         }
-        let s = self.student_logits(groups, freeze);
+        let s = self.student_logits(groups, freeze, progress.step);
         let student: Vec<Tensor<2>> = (0..views.len())
             .map(|i| s.clone().narrow(0, i * n, n))
             .collect();

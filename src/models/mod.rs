@@ -15,7 +15,7 @@ pub use ema::{ema_update, momentum_copy};
 pub use heads::{DinoHead, DinoHeadConfig, ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub(crate) use vit::{block as vit_block, linear as vit_linear, xavier_linear};
-pub use vit::{Pool, Vit, VitBlock, VitConfig};
+pub use vit::{drop_path_masks, Pool, Vit, VitBlock, VitConfig};
 
 /// `[model]` of a recipe: which encoder to learn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +113,20 @@ impl Backbone {
         match self {
             Backbone::ResNet(m) => m.forward(x),
             Backbone::Vit(m) => m.forward(x),
+        }
+    }
+
+    /// [`forward`](Self::forward) in training with a ViT's stochastic depth at `rate`, masks
+    /// from `rng` ([`Vit::forward_drop_path`]); a ResNet has none (as in DINO).
+    pub fn forward_drop_path(
+        &self,
+        x: Tensor<4>,
+        rate: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Tensor<2> {
+        match self {
+            Backbone::ResNet(m) => m.forward(x),
+            Backbone::Vit(m) => m.forward_drop_path(x, rate, rng),
         }
     }
 }

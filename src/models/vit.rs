@@ -213,15 +213,59 @@ pub struct VitBlock {
 
 impl VitBlock {
     pub(crate) fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let (a, attn) = self.attn.forward(self.norm1.forward(x.clone()));
-        let x = x + a;
-        let x = x.clone()
-            + self
-                .mlp
-                .fc2
-                .forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x))));
-        (x, attn)
+        self.forward_masked(x, None)
     }
+
+    /// The block with each residual branch multiplied by its `[n, 1, 1]` drop-path mask.
+    fn forward_masked(
+        &self,
+        x: Tensor<3>,
+        keep: Option<&[Tensor<3>; 2]>,
+    ) -> (Tensor<3>, Tensor<4>) {
+        let branch = |y: Tensor<3>, i: usize| match keep {
+            Some(masks) => y * masks[i].clone(),
+            None => y,
+        };
+        let (a, attn) = self.attn.forward(self.norm1.forward(x.clone()));
+        let x = x + branch(a, 0);
+        let m = self
+            .mlp
+            .fc2
+            .forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        (x + branch(m, 1), attn)
+    }
+}
+
+/// Stochastic depth (Huang et al. 2016) as timm's `DropPath`, for one forward pass of `n`
+/// images through `depth` blocks: block i drops each image's attention and MLP branches with
+/// probability p_i, rising linearly from 0 to `rate` over the blocks (DINO's and MAE's
+/// `drop_path_rate`), and scales the kept ones by 1 / (1 − p_i). The masks come from `rng`, a
+/// generator of the caller's (seeded by the training step, so that a resumed run draws the same).
+pub fn drop_path_masks(
+    n: usize,
+    depth: usize,
+    rate: f64,
+    rng: &mut impl rand::Rng,
+    device: &Device,
+) -> Vec<[Tensor<3>; 2]> {
+    (0..depth)
+        .map(|i| {
+            let p = if depth > 1 {
+                rate * i as f64 / (depth - 1) as f64
+            } else {
+                0.0
+            };
+            std::array::from_fn(|_| {
+                let keep: Vec<f32> = (0..n)
+                    .map(|_| match rng.random::<f64>() < p {
+                        true => 0.0,
+                        false => (1.0 / (1.0 - p)) as f32,
+                    })
+                    .collect();
+                Tensor::<1>::from_floats(keep.as_slice(), device).reshape([n, 1, 1])
+            })
+        })
+        .collect()
 }
 
 #[derive(Module, Debug)]
@@ -264,12 +308,22 @@ impl Vit {
     /// Prepends the class token and runs the blocks and final norm: `[n, 1 + l, dim]`, and the
     /// last block's attention weights `[n, heads, 1 + l, 1 + l]`.
     pub fn encode_tokens(&self, tokens: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        self.encode_masked(tokens, None)
+    }
+
+    /// [`encode_tokens`](Self::encode_tokens) with stochastic depth: one pair of
+    /// [`drop_path_masks`] per block.
+    fn encode_masked(
+        &self,
+        tokens: Tensor<3>,
+        keep: Option<&[[Tensor<3>; 2]]>,
+    ) -> (Tensor<3>, Tensor<4>) {
         let [n, _, d] = tokens.dims();
         let cls = (self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1)).expand([n, 1, d]);
         let mut x = Tensor::cat(vec![cls, tokens], 1);
         let mut last = None;
-        for block in &self.blocks {
-            let (y, attn) = block.forward(x);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (y, attn) = block.forward_masked(x, keep.map(|k| &k[i]));
             x = y;
             last = Some(attn);
         }
@@ -281,7 +335,26 @@ impl Vit {
 
     /// Features `[n, dim]`: the class token, or the mean patch token (`pool`).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let (tokens, _) = self.encode_tokens(self.patch_tokens(x));
+        self.pool(self.encode_tokens(self.patch_tokens(x)).0)
+    }
+
+    /// [`forward`](Self::forward) in training with stochastic depth at `rate` (see
+    /// [`drop_path_masks`]); `rate` 0 is `forward`.
+    pub fn forward_drop_path(
+        &self,
+        x: Tensor<4>,
+        rate: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Tensor<2> {
+        if rate <= 0.0 {
+            return self.forward(x);
+        }
+        let n = x.dims()[0];
+        let keep = drop_path_masks(n, self.blocks.len(), rate, rng, &x.device());
+        self.pool(self.encode_masked(self.patch_tokens(x), Some(&keep)).0)
+    }
+
+    fn pool(&self, tokens: Tensor<3>) -> Tensor<2> {
         let [n, t, d] = tokens.dims();
         match self.pool {
             Pool::Cls => tokens.narrow(1, 0, 1).reshape([n, d]),
