@@ -30,7 +30,9 @@ use crate::train::{Method, Trainer};
 /// One case's outcome, printed as a JSON line.
 #[derive(Debug, Serialize)]
 pub struct Outcome {
+    /// `parity/simclr`, `parity/dino`, `simclr` or `dino`.
     pub case: String,
+    /// The device as named on the command line.
     pub device: String,
     /// Per step: (CPU loss, device loss), for `parity`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -38,8 +40,10 @@ pub struct Outcome {
     /// Largest |a − b| / max(|a|, 1e-6) over the steps, for `parity`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rel_diff: Option<f32>,
+    /// Training throughput, for `simclr` and `dino`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub images_per_s: Option<f64>,
+    /// Parity held (always true for a throughput case that ran).
     pub ok: bool,
 }
 
@@ -55,6 +59,13 @@ pub fn run(case: &str, device_name: &str, device: &Device, steps: usize) -> Resu
                 let split = noise(recipe.train.batch_size * steps, 32, 1);
                 let reference = losses(&recipe, &split, &cpu, 1)?.0;
                 let theirs = losses(&recipe, &split, device, 1)?.0;
+                if reference.is_empty() || reference.len() != theirs.len() {
+                    bail!(
+                        "parity/{name}: {} steps on the CPU, {} on {device_name}",
+                        reference.len(),
+                        theirs.len()
+                    );
+                }
                 let max_rel_diff = reference
                     .iter()
                     .zip(&theirs)
@@ -117,6 +128,7 @@ fn throughput_recipe(name: &str) -> Result<(Recipe, u32)> {
         recipe.augment.size = 224;
         recipe.augment.local_size = Some(96);
         recipe.augment.local_crops = Some(8);
+        recipe.augment.blur = true; // ImageNet DINO blurs; the CIFAR recipe does not
         recipe.train.batch_size = 64;
         256
     } else {
@@ -154,7 +166,8 @@ fn losses(
     let mut config = recipe.train.clone();
     config.epochs = epochs;
     config.warmup_epochs = 0.0;
-    config.checkpoint_every = 1;
+    // One checkpoint, at the end (DINO ViT-S's is about a gigabyte).
+    config.checkpoint_every = epochs;
     let mut trainer = Trainer::new(config, &out, device.clone().autodiff());
     trainer.progress = false;
     // Drawn on the CPU (burn's generators differ between devices), then moved; `train()` makes

@@ -133,8 +133,8 @@ enum Command {
         checkpoint: PathBuf,
         /// student or teacher (DINO's teacher, MoCo's key encoder); default: the one the
         /// method's official code releases (DINO: teacher).
-        #[arg(long, value_parser = ["student", "teacher"])]
-        which: Option<String>,
+        #[arg(long, value_enum)]
+        which: Option<Which>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -145,8 +145,8 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
         /// student or teacher (default: the one the method releases, DINO's teacher).
-        #[arg(long, value_parser = ["student", "teacher"])]
-        which: Option<String>,
+        #[arg(long, value_enum)]
+        which: Option<Which>,
         /// Images to look at (repeat the flag for several).
         #[arg(long = "image", required = true)]
         images: Vec<PathBuf>,
@@ -239,8 +239,8 @@ struct EncoderArgs {
     checkpoint: Option<PathBuf>,
     /// student or teacher (DINO's teacher, MoCo's key encoder); default: the one the method's
     /// official code evaluates (DINO: teacher).
-    #[arg(long, value_parser = ["student", "teacher"], requires = "checkpoint")]
-    which: Option<String>,
+    #[arg(long, value_enum, requires = "checkpoint")]
+    which: Option<Which>,
     /// Without --checkpoint: this recipe's backbone before training, random or its
     /// `[model] init` (the baseline).
     #[arg(long, conflicts_with = "checkpoint")]
@@ -268,8 +268,7 @@ impl EncoderArgs {
         let device = pretrain::device(&self.device)?;
         let (recipe, backbone, what) = match (self.checkpoint, self.recipe) {
             (Some(run), _) => {
-                let which = self.which.as_deref().map(Which::parse).transpose()?;
-                let (r, b, which) = run::encoder(&run, which, &device)?;
+                let (r, b, which) = run::encoder(&run, self.which, &device)?;
                 (r, b, format!("{} of {}", which.name(), run.display()))
             }
             (None, Some(path)) => {
@@ -474,8 +473,13 @@ fn run(cli: Cli) -> Result<()> {
             } = encoder.load()?;
             let split = dataset.split(&split)?;
             let pipeline = recipe.augment.eval_pipeline()?;
-            let (features, dim) =
-                selfsup::eval::embed(&backbone, split, &pipeline, recipe.eval.batch_size, &device)?;
+            let (features, dim) = selfsup::eval::features(
+                &backbone,
+                split,
+                &pipeline,
+                recipe.eval.batch_size,
+                &device,
+            )?;
             let files = split.file_names();
             let written = selfsup::eval::embed::Embedding {
                 features: &features,
@@ -541,7 +545,6 @@ fn run(cli: Cli) -> Result<()> {
             which,
             out,
         } => {
-            let which = which.as_deref().map(Which::parse).transpose()?;
             let (_, backbone, which) =
                 run::encoder(&checkpoint, which, &burn::tensor::Device::flex())?;
             selfsup::weights::export(&backbone, &out)?;
@@ -560,7 +563,6 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
-            let which = which.as_deref().map(Which::parse).transpose()?;
             let sheet = pretrain::attention(
                 &checkpoint,
                 which,

@@ -553,7 +553,7 @@ pub fn attention(
     let (recipe, backbone, _) = crate::run::encoder(run, which, device)?;
     let Backbone::Vit(vit) = backbone.valid() else {
         bail!(
-            "{} trained a ResNet: attention maps need a ViT",
+            "{} holds a ResNet: attention maps need a ViT",
             run.display()
         );
     };

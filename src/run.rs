@@ -55,21 +55,22 @@ pub fn encoder(
             );
         }
         let backbone = StateDict::read(&path, None, Some(""))?.load(&recipe.model, device)?;
-        return Ok((recipe, backbone, Which::Student));
+        return Ok((recipe, backbone, Which::Imported));
     };
-    struct Load<'a>(&'a Path, Option<Which>);
+    struct Load<'a>(&'a Path, Option<Which>, &'static str);
     impl crate::pretrain::MethodUser<Result<(Backbone, Which)>> for Load<'_> {
         fn call<M: Method>(self, method: M) -> Result<(Backbone, Which)> {
             let method = train::checkpoint::load_model(self.0, method)?;
             let which = self.1.unwrap_or(method.released());
             match method.encoder(which) {
                 Some(b) => Ok((b.clone(), which)),
-                None => bail!("this method trains one encoder: there is no teacher"),
+                None => bail!("{} trains one encoder: there is no teacher", self.2),
             }
         }
     }
-    let (backbone, which) = crate::pretrain::with_method(&recipe, None, device, Load(&dir, which))
-        .with_context(|| format!("{}", run.display()))?;
+    let load = Load(&dir, which, recipe.method.name());
+    let (backbone, which) = crate::pretrain::with_method(&recipe, None, device, load)
+        .with_context(|| format!("cannot load the encoder of {}", run.display()))?;
     Ok((recipe, backbone, which))
 }
 
@@ -84,7 +85,9 @@ pub fn weights(source: &Path, model: &BackboneConfig, device: &Device) -> Result
             &format!("{} ({})", source.display(), which.name()),
         )
     } else {
-        StateDict::read(source, None, None)?
+        StateDict::read(source, None, None).context(
+            "a file that needs --key or --prefix: import it with `selfsup import` and name the run folder",
+        )?
     };
     state.load(&model.architecture(), device)
 }
@@ -104,8 +107,11 @@ pub fn initial_backbone(recipe: &Recipe, device: &Device) -> Result<Backbone> {
 /// [`StateDict::architecture`].
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
+    /// The dictionary inside a checkpoint that holds the weights.
     pub key: Option<String>,
+    /// The backbone's key prefix.
     pub prefix: Option<String>,
+    /// A ViT's attention heads (default: dim / 64).
     pub heads: Option<usize>,
     /// Evaluation image size (default: a ViT's `pos_embed` size, 224 px for an ImageNet-stem
     /// ResNet, 32 px for a CIFAR-stem one).
@@ -114,8 +120,11 @@ pub struct ImportOptions {
 
 /// What `import` did.
 pub struct Imported {
+    /// The recipe written into the run folder (the inferred architecture).
     pub recipe: Recipe,
+    /// Tensors of the backbone read.
     pub tensors: usize,
+    /// Keys of the file that are not the backbone's.
     pub left_out: Vec<String>,
 }
 

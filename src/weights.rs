@@ -2,9 +2,10 @@
 //! (ResNet) and timm's (ViT) parameter names and layouts; import reads such a file, or a
 //! `.pth` / `.pt` state dict, from timm, torchvision, the official DINO, MAE and MoCo releases,
 //! solo-learn or lightly: it finds the backbone's keys under their prefix (`module.`,
-//! `backbone.`, `encoder_q.`, ...), infers the architecture from the shapes, and leaves out what
-//! the backbone does not have (classifier and projection heads, MAE's decoder, MoCo's key
-//! encoder and queue), saying so.
+//! `backbone.`, `encoder_q.`, ...; a file with several backbones, as MoCo's query and key
+//! encoders, needs the prefix named), infers the architecture from the shapes, and leaves out
+//! what the backbone does not have (classifier and projection heads, MAE's decoder, the other
+//! encoder and MoCo's queue), saying so.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -94,7 +95,16 @@ impl StateDict {
             .filter_map(|t| stem_prefix(&t.name, &t.shape))
             .collect();
         let prefix = match (prefix, stems.as_slice()) {
-            (Some(p), _) => p.to_string(),
+            (Some(p), _) => {
+                let p = match p.is_empty() || p.ends_with('.') {
+                    true => p.to_string(),
+                    false => format!("{p}."),
+                };
+                if !all.keys().any(|k| k.starts_with(&p)) {
+                    bail!("{origin}: no key starts with the prefix '{p}'");
+                }
+                p
+            }
             (None, []) => {
                 let mut heads: Vec<&str> = all
                     .keys()
@@ -172,6 +182,7 @@ impl StateDict {
         self.tensors.len()
     }
 
+    /// Whether no tensor of the file is the backbone's.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
@@ -194,10 +205,13 @@ impl StateDict {
         if let Some(w) = self.shape("patch_embed.proj.weight") {
             let (dim, patch) = (w[0], w[2]);
             let depth = self.count(|i| format!("blocks.{i}.norm1.weight"));
-            let tokens = self
-                .shape("pos_embed")
-                .map(|s| s[1])
-                .context("a ViT without pos_embed")?;
+            let tokens = match self.shape("pos_embed") {
+                Some(&[1, t, _]) if t >= 2 => t,
+                Some(other) => {
+                    bail!("{origin}: pos_embed has shape {other:?}, not [1, tokens, dim]")
+                }
+                None => bail!("{origin}: a ViT without pos_embed"),
+            };
             if self.shape("cls_token").is_none() {
                 bail!("{origin}: a ViT without cls_token; selfsup's ViT has a class token");
             }
@@ -255,11 +269,15 @@ impl StateDict {
         }))
     }
 
-    /// A backbone of `config` holding these weights, in float32. Every parameter and buffer of
-    /// the backbone must be in the file with its shape: a missing key or a wrong shape is named.
+    /// A backbone of `config` holding these weights, in float32, on `device` (on an autodiff
+    /// device, trainable). Every parameter and buffer of the backbone must be in the file with
+    /// its shape: a missing key or a wrong shape is named.
     pub fn load(&self, config: &BackboneConfig, device: &Device) -> Result<Backbone> {
         let origin = &self.origin;
-        let mut backbone = init_seeded(device, 0, || config.init(device));
+        // Loaded and cast on the plain device, then moved: `train()` makes the moved parameters
+        // tracked for gradients on an autodiff device.
+        let cpu = Device::flex();
+        let mut backbone = init_seeded(&cpu, 0, || config.init(&cpu));
         let result = backbone.apply(
             self.tensors.values().cloned().collect(),
             None,
@@ -310,7 +328,11 @@ impl StateDict {
                     .join(", ")
             );
         }
-        Ok(backbone.map(&mut ToF32))
+        let backbone = backbone.map(&mut ToF32).to_device(device);
+        Ok(match device.is_autodiff() {
+            true => backbone.train(),
+            false => backbone,
+        })
     }
 }
 

@@ -140,17 +140,14 @@ fn a_method_refuses_batches_and_views_it_cannot_learn_from() {
         err.contains("one size") && err.contains("[32, 16]"),
         "{err}"
     );
-    // DINO's head with batch norm over a single local crop's vector.
+    // DINO's head with batch norm runs once over all crops (MultiCropWrapper): one image with
+    // one local crop still gives it three vectors.
     let one_local = "[augment]\nlocal_crops = 1\n[train]\nbatch_size = 1\n";
-    let err = refused(&format!(
-        "[method]\nname = \"dino\"\nhead_batch_norm = true\n{one_local}"
-    ));
-    assert!(
-        err.contains("train.batch_size = 1") && err.contains("single vector"),
-        "{err}"
-    );
-    // The same head without batch norm has nothing to starve.
-    assert!(Recipe::parse(&format!("[method]\nname = \"dino\"\n{one_local}")).is_ok());
+    for head in ["head_batch_norm = true\n", ""] {
+        assert!(Recipe::parse(&format!("[method]\nname = \"dino\"\n{head}{one_local}")).is_ok());
+    }
+    let err = refused("[method]\nname = \"dino\"\ndrop_path = 1.0\n");
+    assert!(err.contains("method.drop_path = 1"), "{err}");
 }
 
 #[test]

@@ -19,10 +19,13 @@ use anyhow::{bail, Context, Result};
 pub struct Embedding<'a> {
     /// `[n, dim]` row-major.
     pub features: &'a [f32],
+    /// Features per image.
     pub dim: usize,
+    /// Each image's class, for a labelled split.
     pub labels: Option<&'a [u32]>,
     /// Class names, indexed by label.
     pub classes: &'a [String],
+    /// Each image's name (see [`crate::data::Split::file_names`]).
     pub files: &'a [String],
 }
 
@@ -49,11 +52,10 @@ impl Embedding<'_> {
 
     fn safetensors(&self, path: &Path) -> Result<Vec<PathBuf>> {
         use safetensors::tensor::{Dtype, TensorView};
-        let bytes = |v: &[u8]| v.to_vec();
         let features: Vec<u8> = self.features.iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut tensors = vec![(
             "features".to_string(),
-            bytes(&features),
+            features,
             Dtype::F32,
             vec![self.len(), self.dim],
         )];

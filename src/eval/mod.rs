@@ -85,7 +85,7 @@ pub fn extract(
     let Some(labels) = split.labels.as_ref() else {
         bail!("split '{}' has no labels to evaluate against", split.name)
     };
-    let (data, dim) = embed(backbone, split, pipeline, batch_size, device)?;
+    let (data, dim) = features(backbone, split, pipeline, batch_size, device)?;
     Ok(Features {
         data,
         dim,
@@ -95,7 +95,7 @@ pub fn extract(
 
 /// Features `[n, dim]` (row-major, with `dim`) of every image of `split`, labelled or not, as
 /// [`extract`] draws them.
-pub fn embed(
+pub fn features(
     backbone: &Backbone,
     split: &Split,
     pipeline: &Pipeline,

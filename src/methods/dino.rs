@@ -81,12 +81,11 @@ impl DinoConfig {
         }
         feed.same_size("dino", 0..2)?;
         feed.same_size("dino", 2..views)?;
-        // A head with batch norm runs on the 2N global crops, then on the (views - 2)·N local
-        // ones: a single feature vector has no variance and would come out as the bias alone
-        // (PyTorch refuses it: "Expected more than 1 value per channel when training").
-        let locals = views.saturating_sub(2) * feed.batch;
-        if self.head_batch_norm && locals == 1 {
-            anyhow::bail!("train.batch_size = {}: method.head_batch_norm normalises the local crops' head outputs over the batch, and 1 image with 1 local crop gives it a single vector", feed.batch);
+        if !(0.0..1.0).contains(&self.drop_path) {
+            anyhow::bail!(
+                "method.drop_path = {}: a drop probability must lie in [0, 1)",
+                self.drop_path
+            );
         }
         for (name, t) in [
             ("student_temp", self.student_temp),
@@ -193,8 +192,9 @@ impl Dino {
     /// Student logits of all crops, `[Σ n_g, K]` in the order of `groups` (each a batch of
     /// same-sized crops). As the official `MultiCropWrapper`: the backbone runs once per
     /// resolution, the head once on every crop's features together, so that a batch-norm head
-    /// normalises over all crops. A ViT student drops paths (`drop_path`) with masks drawn from
-    /// `step`, so that a resumed run draws the same.
+    /// normalises over all crops (at least the 2N global ones). A ViT student drops paths
+    /// (`drop_path`) with masks drawn from `step`, so that a resumed run draws the same (the
+    /// passes of an accumulated step share them, on other images).
     pub fn student_logits(
         &self,
         groups: Vec<Tensor<4>>,

@@ -16,7 +16,9 @@ pub struct ProjectionHeadConfig {
     pub hidden: usize,
     pub output: usize,
     pub layers: usize,
+    /// Batch norm after each hidden layer.
     pub batch_norm: bool,
+    /// Batch norm without shift on the output (SimCLR).
     pub output_norm: bool,
 }
 

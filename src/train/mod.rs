@@ -108,7 +108,7 @@ pub trait Method: Module + Sized {
     /// One of the two encoders; `None` for a teacher the method does not have.
     fn encoder(&self, which: Which) -> Option<&Backbone> {
         match which {
-            Which::Student => Some(self.backbone()),
+            Which::Student | Which::Imported => Some(self.backbone()),
             Which::Teacher => self.teacher(),
         }
     }
@@ -126,29 +126,25 @@ pub fn released<M: Method>(method: &M) -> &Backbone {
 }
 
 /// Which of a method's encoders: the one learned by gradient (DINO's student, MoCo's query
-/// encoder) or its momentum copy (DINO's teacher, MoCo's key encoder).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// encoder) or its momentum copy (DINO's teacher, MoCo's key encoder); an imported run's one
+/// encoder is neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Which {
     #[default]
     Student,
     Teacher,
+    #[value(skip)]
+    Imported,
 }
 
 impl Which {
-    /// `student` or `teacher`.
-    pub fn parse(name: &str) -> Result<Which> {
-        match name {
-            "student" => Ok(Which::Student),
-            "teacher" => Ok(Which::Teacher),
-            other => bail!("'{other}' names no encoder: student or teacher"),
-        }
-    }
-
+    /// How messages name it: `student`, `teacher`, `imported encoder`.
     pub fn name(self) -> &'static str {
         match self {
             Which::Student => "student",
             Which::Teacher => "teacher",
+            Which::Imported => "imported encoder",
         }
     }
 }
