@@ -96,8 +96,10 @@ enum Command {
     Embed {
         #[command(flatten)]
         encoder: EncoderArgs,
+        /// The split to embed (labelled or not).
         #[arg(long, default_value = "test")]
         split: String,
+        /// FILE.safetensors, FILE.npy (labels and names beside it) or FILE.csv.
         #[arg(long)]
         out: PathBuf,
     },
@@ -105,6 +107,7 @@ enum Command {
     /// official DINO and MAE releases) and torchvision ResNet-18/34/50 (ImageNet or CIFAR stem),
     /// the architecture inferred from the shapes.
     Import {
+        /// A PyTorch file: a state dict or checkpoint as .safetensors, .pth or .pt.
         #[arg(long)]
         weights: PathBuf,
         /// The run folder to write.
@@ -245,11 +248,13 @@ struct EncoderArgs {
     /// `[model] init` (the baseline).
     #[arg(long, conflicts_with = "checkpoint")]
     recipe: Option<PathBuf>,
+    /// Images to work on (default: the recipe's data.source): a dataset name or a path.
     #[arg(long)]
     data: Option<PathBuf>,
     /// ViT features: the class token (`cls`) or the mean patch token (`mean`, MAE's choice).
     #[arg(long, value_parser = ["cls", "mean"])]
     pool: Option<String>,
+    /// cpu, cuda[:N] or vulkan[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
 }
