@@ -149,37 +149,20 @@ pub(crate) fn with_method<R>(
         }
     }
     let (model, seed) = (&recipe.model, recipe.seed);
+    // Each arm makes its own method type: `f` is called once per arm.
+    macro_rules! call {
+        ($init:expr) => {
+            f.call(started(init_seeded(device, seed, || $init), start))
+        };
+    }
     match &recipe.method {
-        MethodConfig::Simclr(c) => f.call(started(
-            init_seeded(device, seed, || c.init(model, device)),
-            start,
-        )),
-        MethodConfig::Moco(c) => f.call(started(
-            init_seeded(device, seed, || c.init(model, device)),
-            start,
-        )),
-        MethodConfig::Mae(c) => f.call(started(
-            init_seeded(device, seed, || c.init(model, device)),
-            start,
-        )),
-        MethodConfig::Dino(c) => f.call(started(
-            init_seeded(device, seed, || c.init(model, device)),
-            start,
-        )),
-        MethodConfig::Rotation(c) => f.call(started(
-            init_seeded(device, seed, || c.init(model, device)),
-            start,
-        )),
-        MethodConfig::Jigsaw(c) => f.call(started(
-            init_seeded(device, seed, || c.init(model, seed, device)),
-            start,
-        )),
-        MethodConfig::Inpainting(c) => f.call(started(
-            init_seeded(device, seed, || {
-                c.init(model, recipe.augment.size as usize, device)
-            }),
-            start,
-        )),
+        MethodConfig::Simclr(c) => call!(c.init(model, device)),
+        MethodConfig::Moco(c) => call!(c.init(model, device)),
+        MethodConfig::Mae(c) => call!(c.init(model, device)),
+        MethodConfig::Dino(c) => call!(c.init(model, device)),
+        MethodConfig::Rotation(c) => call!(c.init(model, device)),
+        MethodConfig::Jigsaw(c) => call!(c.init(model, seed, device)),
+        MethodConfig::Inpainting(c) => call!(c.init(model, recipe.augment.size as usize, device)),
     }
 }
 

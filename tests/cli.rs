@@ -2,19 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn selfsup(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_selfsup"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::selfsup;
 
 #[test]
 fn data_info_on_the_cifar10_image_archive() {

@@ -4,10 +4,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
+use common::selfsup;
 use selfsup::models::{BackboneConfig, ResNetConfig, Stem, VitConfig};
 use selfsup::run::{self, ImportOptions};
 
@@ -40,18 +40,6 @@ fn feature_error(run: &Path, name: &str) -> f32 {
     let err = (ours - theirs).abs().max().into_scalar();
     eprintln!("{name}: max feature error {err}");
     err
-}
-
-fn selfsup(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_selfsup"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[test]

@@ -6,6 +6,19 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
+/// Runs the `selfsup` binary: (success, stdout, stderr).
+pub fn selfsup(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_selfsup"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// `../shared/data` beside the checkout: the project's real test data.
 pub fn shared_data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
