@@ -85,9 +85,11 @@ pub fn weights(source: &Path, model: &BackboneConfig, device: &Device) -> Result
             &format!("{} ({})", source.display(), which.name()),
         )
     } else {
-        StateDict::read(source, None, None).context(
-            "a file that needs --key or --prefix: import it with `selfsup import` and name the run folder",
-        )?
+        StateDict::read(source, None, None).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#} (a file that needs --key or --prefix: `selfsup import` it, then name the run folder)"
+            )
+        })?
     };
     state.load(&model.architecture(), device)
 }
