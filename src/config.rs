@@ -437,6 +437,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("method.warmup_teacher_temp_epochs", "epochs over which τt rises linearly", None),
     ("method.center_momentum", "EMA momentum of the teacher's centre", None),
     ("method.freeze_last_layer", "epochs during which the head's last layer does not learn", None),
+    ("method.selection", "jigsaw: permutations by largest mean (max_mean, Noroozi's script) or minimum (max_min) Hamming distance", None),
     ("method.drop_path", "dino: stochastic depth of a ViT student, rising over the blocks to this rate (the teacher has none)", None),
     ("method.permutations", "P, jigsaw permutations (classes)", None),
     ("method.tile", "side of each jigsaw tile in pixels", None),

@@ -396,9 +396,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("run folder: {}", out.display());
+            // Which of two encoders, for the methods that have two.
+            let which = match summary.released {
+                Which::Teacher => "the teacher, ",
+                _ if recipe.method.has_teacher() => "the student, ",
+                _ => "",
+            };
             println!(
-                "backbone (the {}, torchvision/timm names): {}",
-                summary.released.name(),
+                "backbone ({which}torchvision/timm names): {}",
                 summary.backbone.display()
             );
             if let Some(knn) = summary.knn {

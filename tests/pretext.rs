@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use selfsup::augment::ops::MaskKind;
 use selfsup::augment::{sample_rng, Pipeline, Sizes, View};
 use selfsup::methods::inpainting::masked_mse;
-use selfsup::methods::jigsaw::{hamming, min_hamming, permutation_set, TILES};
+use selfsup::methods::jigsaw::{hamming, min_hamming, permutation_set, Selection, TILES};
 use selfsup::methods::{InpaintingConfig, JigsawConfig, RotationConfig};
 use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
 use selfsup::train::{Method, OptimConfig, OptimizerKind, Progress};
@@ -100,7 +100,7 @@ fn rotation_loss_labels_view_r_with_r() {
 #[test]
 fn permutation_set_is_spread_and_without_duplicates() {
     for (count, seed) in [(100, 0), (30, 5)] {
-        let set = permutation_set(count, seed);
+        let set = permutation_set(count, seed, Selection::MaxMean);
         assert_eq!(set.len(), count);
         let unique: HashSet<_> = set.iter().collect();
         assert_eq!(unique.len(), count, "duplicates");
@@ -134,7 +134,9 @@ fn permutation_set_is_spread_and_without_duplicates() {
     }
     // The greedy rule of Noroozi's script: each pick has the largest mean distance to the picks
     // before it among all 9! permutations.
-    let set = permutation_set(6, 1);
+    // The max-min rule instead: no two of 100 closer than 6 tiles (a random set: 2 or less).
+    assert!(min_hamming(&permutation_set(100, 0, Selection::MaxMin)) >= 6);
+    let set = permutation_set(6, 1, Selection::MaxMean);
     let mut all: Vec<[u8; TILES]> = vec![];
     let mut p: [u8; TILES] = std::array::from_fn(|i| i as u8);
     loop {
@@ -162,8 +164,8 @@ fn permutation_set_is_spread_and_without_duplicates() {
         2
     );
     assert_eq!(
-        permutation_set(50, 3),
-        permutation_set(50, 3),
+        permutation_set(50, 3, Selection::MaxMean),
+        permutation_set(50, 3, Selection::MaxMean),
         "not a function of the seed"
     );
 }
@@ -180,7 +182,7 @@ fn jigsaw_puzzle_places_tile_pi_j_at_position_j() {
     let set = m.permutations();
     assert_eq!(
         set,
-        permutation_set(10, 0),
+        permutation_set(10, 0, Selection::MaxMean),
         "the stored set is not the seed's"
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);

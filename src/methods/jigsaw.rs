@@ -36,6 +36,20 @@ pub struct JigsawConfig {
     pub tile: u32,
     /// Hidden width of the MLP on the concatenated tile embeddings.
     pub hidden: usize,
+    /// How the permutation set is chosen (see [`permutation_set`]).
+    pub selection: Selection,
+}
+
+/// How [`permutation_set`] chooses, greedily after a random first permutation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// The largest mean Hamming distance to those chosen: Noroozi & Favaro's
+    /// `select_permutations.py` (selection `max`).
+    #[default]
+    MaxMean,
+    /// The largest minimum distance: no two permutations closer than 6 of 9 tiles (for 100).
+    MaxMin,
 }
 
 impl Default for JigsawConfig {
@@ -44,6 +58,7 @@ impl Default for JigsawConfig {
             permutations: 100,
             tile: 9,
             hidden: 1024,
+            selection: Selection::MaxMean,
         }
     }
 }
@@ -79,7 +94,7 @@ impl JigsawConfig {
 
     /// The encoder, the MLP, and the permutation set drawn from `seed` (kept in checkpoints).
     pub fn init(&self, model: &BackboneConfig, seed: u64, device: &Device) -> Jigsaw {
-        let set = permutation_set(self.permutations, seed);
+        let set = permutation_set(self.permutations, seed, self.selection);
         tracing::info!(
             "jigsaw: {} permutations, minimum Hamming distance {}",
             set.len(),
@@ -184,10 +199,10 @@ pub fn min_hamming(set: &[[u8; TILES]]) -> usize {
     min
 }
 
-/// `count` permutations of the 9 tiles, chosen greedily as Noroozi & Favaro's
-/// `select_permutations.py` (selection `max`): a random first one, then each time the
-/// permutation with the largest mean Hamming distance to those chosen, ties broken at random.
-pub fn permutation_set(count: usize, seed: u64) -> Vec<[u8; TILES]> {
+/// `count` permutations of the 9 tiles, chosen greedily: a random first one, then each time the
+/// permutation farthest from those chosen in Hamming distance, by `selection` (their mean, as
+/// Noroozi's `select_permutations.py`, or their minimum), ties broken at random.
+pub fn permutation_set(count: usize, seed: u64, selection: Selection) -> Vec<[u8; TILES]> {
     let mut all = Vec::with_capacity(362_880);
     let mut p: [u8; TILES] = std::array::from_fn(|i| i as u8);
     loop {
@@ -199,20 +214,31 @@ pub fn permutation_set(count: usize, seed: u64) -> Vec<[u8; TILES]> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     all.shuffle(&mut rng);
     let count = count.min(all.len());
-    // Σ of the distances to the chosen (the mean, times their count); chosen ones drop out.
-    let mut total = vec![0u32; all.len()];
+    // Each candidate's distance to the chosen: the sum (the mean, times their count) or the
+    // minimum; chosen ones drop out.
+    let mut score = vec![
+        match selection {
+            Selection::MaxMean => 0u32,
+            Selection::MaxMin => u32::MAX,
+        };
+        all.len()
+    ];
     let mut taken = vec![false; all.len()];
     let (mut chosen, mut last) = (Vec::with_capacity(count), 0);
     taken[0] = true;
     chosen.push(all[0]);
     while chosen.len() < count {
-        for (t, q) in total.iter_mut().zip(&all) {
-            *t += hamming(&all[last], q) as u32;
+        for (s, q) in score.iter_mut().zip(&all) {
+            let d = hamming(&all[last], q) as u32;
+            *s = match selection {
+                Selection::MaxMean => *s + d,
+                Selection::MaxMin => (*s).min(d),
+            };
         }
         // `all` is shuffled: the first farthest is a random one of them.
         last = (0..all.len())
             .filter(|&j| !taken[j])
-            .max_by_key(|&j| (total[j], std::cmp::Reverse(j)))
+            .max_by_key(|&j| (score[j], std::cmp::Reverse(j)))
             .unwrap_or(0);
         taken[last] = true;
         chosen.push(all[last]);

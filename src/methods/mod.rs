@@ -62,6 +62,11 @@ impl MethodConfig {
     }
 
     /// The `name` of the recipe's `[method]`.
+    /// Whether the method keeps a momentum encoder beside the trained one (DINO, MoCo).
+    pub fn has_teacher(&self) -> bool {
+        matches!(self, MethodConfig::Dino(_) | MethodConfig::Moco(_))
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             MethodConfig::Simclr(_) => "simclr",
