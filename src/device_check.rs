@@ -170,15 +170,14 @@ fn losses(
     config.checkpoint_every = epochs;
     let mut trainer = Trainer::new(config, &out, device.clone().autodiff());
     trainer.progress = false;
-    // Drawn on the CPU (burn's generators differ between devices), then moved; `train()` makes
-    // the moved parameters tracked for gradients again (the teacher stays frozen).
+    // Drawn on the CPU (burn's generators differ between devices), then moved.
     struct Steps<'a> {
         trainer: &'a Trainer<'a>,
         loader: &'a Loader,
     }
     impl MethodUser<Result<Vec<f32>>> for Steps<'_> {
         fn call<M: Method>(self, method: M) -> Result<Vec<f32>> {
-            let method = method.to_device(&self.trainer.device).train();
+            let method = crate::models::to_device(method, &self.trainer.device);
             let epochs = self.trainer.config.epochs;
             let (_, report) = self.trainer.run_until(method, self.loader, epochs)?;
             Ok(report.step_losses)

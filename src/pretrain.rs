@@ -213,8 +213,9 @@ pub fn pretrain(
     }
     // A complete run of this very recipe (epochs aside) is not trained or measured again: its
     // summary stands.
-    let done = match train::checkpoint::latest(out)? {
-        Some(dir) => train::checkpoint::state(&dir)?.epoch,
+    let latest = train::checkpoint::latest(out)?;
+    let done = match &latest {
+        Some(dir) => train::checkpoint::state(dir)?.epoch,
         None => 0,
     };
     let unchanged = before.is_some_and(|mut b| {
@@ -289,9 +290,8 @@ pub fn pretrain(
     }
     // A fresh run starts from `[model] init` if the recipe names weights; a resumed one from its
     // checkpoint.
-    let fresh = train::checkpoint::latest(out)?.is_none();
     let start = match recipe.model.weights() {
-        Some(_) if fresh => Some(crate::run::initial_backbone(recipe, &ad)?),
+        Some(_) if latest.is_none() => Some(crate::run::initial_backbone(recipe, &ad)?),
         _ => None,
     };
     let (backbone, released, report) = with_method(

@@ -91,7 +91,7 @@ pub fn weights(source: &Path, model: &BackboneConfig, device: &Device) -> Result
             )
         })?
     };
-    state.load(&model.architecture(), device)
+    state.load(model, device)
 }
 
 /// The recipe's backbone before training: seeded random weights, or `[model] init`'s.

@@ -274,8 +274,7 @@ impl StateDict {
     /// its shape: a missing key or a wrong shape is named.
     pub fn load(&self, config: &BackboneConfig, device: &Device) -> Result<Backbone> {
         let origin = &self.origin;
-        // Loaded and cast on the plain device, then moved: `train()` makes the moved parameters
-        // tracked for gradients on an autodiff device.
+        // Loaded and cast on the plain device, then moved.
         let cpu = Device::flex();
         let mut backbone = init_seeded(&cpu, 0, || config.init(&cpu));
         let result = backbone.apply(
@@ -328,11 +327,7 @@ impl StateDict {
                     .join(", ")
             );
         }
-        let backbone = backbone.map(&mut ToF32).to_device(device);
-        Ok(match device.is_autodiff() {
-            true => backbone.train(),
-            false => backbone,
-        })
+        Ok(crate::models::to_device(backbone.map(&mut ToF32), device))
     }
 }
 

@@ -84,10 +84,8 @@ pub fn finetune(
     let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     let head = init_seeded(&ad, 0, || LinearConfig::new(feature_dim, classes).init(&ad));
-    // `train()`: a module moved onto the autodiff device keeps untracked tensors (no gradient)
-    // until its configured training state is applied.
     let mut model = Classifier {
-        backbone: backbone.to_device(&ad).train(),
+        backbone: crate::models::to_device(backbone, &ad),
         head,
     };
     // Layer-wise scales, shallow groups smallest; the head and anything unnamed take lr itself.

@@ -73,17 +73,6 @@ impl BackboneConfig {
         }
     }
 
-    /// The architecture alone, without `init`: what must agree between two models for weights
-    /// to move from one to the other.
-    pub fn architecture(&self) -> BackboneConfig {
-        let mut a = self.clone();
-        match &mut a {
-            BackboneConfig::Resnet(c) => c.init = None,
-            BackboneConfig::Vit(c) => c.init = None,
-        }
-        a
-    }
-
     /// Width of the features the backbone returns.
     pub fn feature_dim(&self) -> usize {
         match self {
@@ -128,6 +117,17 @@ impl Backbone {
             Backbone::ResNet(m) => m.forward(x),
             Backbone::Vit(m) => m.forward_drop_path(x, rate, rng),
         }
+    }
+}
+
+/// `module` on `device`. On an autodiff device its parameters are tracked for gradients again:
+/// burn keeps a moved module's tensors untracked until `Module::train()` applies its configured
+/// training state (frozen ones, a teacher's, stay frozen).
+pub fn to_device<M: Module>(module: M, device: &Device) -> M {
+    let module = module.to_device(device);
+    match device.is_autodiff() {
+        true => module.train(),
+        false => module,
     }
 }
 

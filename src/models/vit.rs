@@ -117,20 +117,26 @@ impl VitConfig {
 /// Linear layers as timm and DINO initialise them: N(0, 0.02) weights (their `trunc_normal_`
 /// cuts at ±2, a hundred standard deviations), zero biases.
 pub(crate) fn linear(input: usize, output: usize, device: &Device) -> Linear {
-    let mut layer = LinearConfig::new(input, output)
-        .with_initializer(Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        })
-        .init(device);
-    layer.bias = Some(Param::from_tensor(Tensor::zeros([output], device)));
-    layer
+    let normal = Initializer::Normal {
+        mean: 0.0,
+        std: 0.02,
+    };
+    zero_bias_linear(input, output, normal, device)
 }
 
 /// Linear layers as MAE initialises them: xavier-uniform weights, zero biases.
 pub(crate) fn xavier_linear(input: usize, output: usize, device: &Device) -> Linear {
+    zero_bias_linear(
+        input,
+        output,
+        Initializer::XavierUniform { gain: 1.0 },
+        device,
+    )
+}
+
+fn zero_bias_linear(input: usize, output: usize, weights: Initializer, device: &Device) -> Linear {
     let mut layer = LinearConfig::new(input, output)
-        .with_initializer(Initializer::XavierUniform { gain: 1.0 })
+        .with_initializer(weights)
         .init(device);
     layer.bias = Some(Param::from_tensor(Tensor::zeros([output], device)));
     layer
