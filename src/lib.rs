@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod device_check;
 pub mod eval;
+pub mod kernels;
 pub mod losses;
 pub mod methods;
 pub mod models;

@@ -1,6 +1,7 @@
 //! The context encoder's other parts: a DCGAN-style decoder that paints an image from the
 //! encoder's features, and a DCGAN-style discriminator (Pathak et al. 2016; Radford et al. 2016).
 
+use crate::kernels::batch_norm;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
@@ -55,16 +56,16 @@ impl ContextDecoder {
     /// Features `[n, input]` to an image `[n, 3, size, size]` (in the normalised space).
     pub fn forward(&self, features: Tensor<2>) -> Tensor<4> {
         let [n, _] = features.dims();
-        let mut x = relu(self.fc_bn.forward(self.fc.forward(features).reshape([
-            n,
-            4 * self.width,
-            self.base,
-            self.base,
-        ])));
+        let mut x = relu(batch_norm(
+            &self.fc_bn,
+            self.fc
+                .forward(features)
+                .reshape([n, 4 * self.width, self.base, self.base]),
+        ));
         for (i, up) in self.up.iter().enumerate() {
             x = up.forward(x);
             if let Some(bn) = self.bns.get(i) {
-                x = relu(bn.forward(x));
+                x = relu(batch_norm(bn, x));
             }
         }
         x

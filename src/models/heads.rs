@@ -1,5 +1,6 @@
 //! Heads put on a backbone during pre-training.
 
+use crate::kernels::batch_norm;
 use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
@@ -92,13 +93,13 @@ impl ProjectionHead {
             x = layer.forward(x);
             if i < last {
                 if let Some(bn) = self.norms.get(i) {
-                    x = bn.forward(x);
+                    x = batch_norm(bn, x);
                 }
                 x = relu(x);
             }
         }
         match &self.output_norm {
-            Some(bn) => bn.forward(x),
+            Some(bn) => batch_norm(bn, x),
             None => x,
         }
     }
@@ -170,7 +171,7 @@ impl DinoHead {
             x = layer.forward(x);
             if i < last {
                 if let Some(bn) = self.norms.get(i) {
-                    x = bn.forward(x);
+                    x = batch_norm(bn, x);
                 }
                 x = burn::tensor::activation::gelu(x);
             }

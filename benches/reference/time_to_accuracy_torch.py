@@ -1,0 +1,132 @@
+"""PyTorch reference for time to accuracy (issue 15): how good a SimCLR encoder a plain PyTorch
+script gets out of a fixed CPU budget on this machine, measured the way selfsup measures its own
+(`selfsup eval knn`: k = 200, T = 0.1, cosine similarity, votes weighted by exp(sim / T), the
+50,000 training images as the bank, the 10,000 test images as queries, centre images only).
+
+Budget: CPU seconds of the whole machine (/proc/stat, user + sys, DataLoader workers included)
+from the first training step to the last, so run it on an otherwise idle machine. Decoding the
+archive and the kNN evaluation are outside the budget, as they are for selfsup. The schedule is
+fitted to the budget: the CPU cost of steps 10 to 30 (inside the warm-up, after the workers'
+start) sets how many steps the budget holds, with a linear warm-up over the first 10% and a
+cosine decay to 0, and stops early if it would overrun.
+
+Cases:
+- simclr_w0.25_sgd: the recipe of issue 15: CIFAR ResNet-18 at width 0.25, batch 256, SGD lr 0.6
+  momentum 0.9 (weight decay 1e-5), NT-Xent tau 0.2, BN projection head 512-128.
+- simclr_cpu: selfsup's recipes/simclr_cifar10_cpu.toml written in PyTorch: width 0.125, AdamW
+  2e-3 (weight decay 1e-6), the same head and tau.
+Both with solo-learn's CIFAR views (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at p 0.8,
+grayscale 0.2, no blur), as selfsup's CPU recipe.
+
+Run: python3 benches/reference/time_to_accuracy_torch.py CASE [CPU_MINUTES=45]
+"""
+import io
+import math
+import os
+import sys
+import tarfile
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_throughput_torch import ARCHIVE, SimCLR, Views, cpu_seconds, normalize  # noqa: E402
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
+
+
+def cifar(split):
+    """(images, labels) of one split, classes numbered in the sorted order of their folders."""
+    found = []
+    with tarfile.open(ARCHIVE) as tar:
+        for m in tar.getmembers():
+            if m.isfile() and f"/{split}/" in m.name and m.name.endswith(".jpg"):
+                image = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                found.append((m.name.split("/")[-2], m.name, image))
+    classes = sorted({c for c, _, _ in found})
+    found.sort(key=lambda f: f[1])
+    return [i for _, _, i in found], [classes.index(c) for c, _, _ in found]
+
+
+def solo_view():
+    return T.Compose([
+        T.RandomResizedCrop(32, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+        *normalize()])
+
+
+@torch.no_grad()
+def features(backbone, images):
+    backbone.eval()
+    to_tensor = T.Compose(normalize())
+    out = [backbone(torch.stack([to_tensor(i) for i in images[s:s + 512]])) for s in range(0, len(images), 512)]
+    return F.normalize(torch.cat(out), dim=1)
+
+
+@torch.no_grad()
+def knn(train, train_labels, test, test_labels, k=200, t=0.1, classes=10):
+    train_labels, correct = torch.tensor(train_labels), 0
+    for s in range(0, len(test), 256):
+        sims, idx = (test[s:s + 256] @ train.t()).topk(k, dim=1)
+        votes = torch.zeros(sims.shape[0], classes).scatter_add_(1, train_labels[idx], (sims / t).exp())
+        correct += (votes.argmax(1) == torch.tensor(test_labels[s:s + 256])).sum().item()
+    return 100.0 * correct / len(test)
+
+
+def main(name, budget_minutes):
+    if name == "simclr_w0.25_sgd":
+        model = SimCLR(0.25)
+        opt = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-5)
+    elif name == "simclr_cpu":
+        model = SimCLR(0.125)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6)
+    else:
+        raise SystemExit(f"unknown case {name}")
+    peak_lr, batch, budget = opt.param_groups[0]["lr"], 256, 60 * budget_minutes
+    train, train_labels = cifar("train")
+    test, test_labels = cifar("test")
+    loader = torch.utils.data.DataLoader(Views(train, [solo_view(), solo_view()]), batch_size=batch, shuffle=True,
+                                         drop_last=True, num_workers=2, persistent_workers=True)
+
+    def batches():
+        while True:
+            yield from loader
+
+    calibration, total, step, warmup, used_at_start = (10, 30), None, 0, None, 0.0
+    cpu0, wall0 = sum(cpu_seconds()), time.perf_counter()
+    model.train()
+    for views in batches():
+        used = sum(cpu_seconds()) - cpu0
+        if step == calibration[0]:
+            used_at_start = used
+        if step == calibration[1]:
+            per_step = (used - used_at_start) / (calibration[1] - calibration[0])
+            total = step + int((budget - used) / per_step)
+            warmup = max(step, total // 10)
+            print(f"{per_step:.2f} CPU-s a step: {total} steps ({total * batch / 50000:.2f} epochs) "
+                  f"in {budget_minutes} CPU-min", flush=True)
+        if total is not None and (step >= total or used > budget):
+            break
+        w = warmup or total or 100
+        lr = peak_lr * (step + 1) / w if step < w else peak_lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(views)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step}/{total} loss {loss.item():.3f} lr {lr:.4f} {used / 60:.1f} CPU-min", flush=True)
+    cpu, wall = sum(cpu_seconds()) - cpu0, time.perf_counter() - wall0
+    accuracy = knn(features(model.backbone, train), train_labels, features(model.backbone, test), test_labels)
+    print(f"| PyTorch {torch.__version__} {name} | {step} steps ({step * batch / 50000:.2f} epochs) | "
+          f"{cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall) | kNN top-1 {accuracy:.2f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 45.0)

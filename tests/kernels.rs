@@ -1,0 +1,107 @@
+//! The fused CPU kernels (`selfsup::kernels`) against burn's own ops: values, running statistics
+//! and gradients within 1e-5, on contiguous and strided inputs.
+
+use burn::module::Param;
+use burn::nn::{BatchNorm, BatchNormConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use selfsup::kernels;
+
+/// Values drawn from U(-1, 1) · `scale` + `offset`: an offset mean tests the variance's precision.
+fn random<const D: usize>(shape: [usize; D], seed: u64, scale: f32, offset: f32) -> TensorData {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * scale + offset)
+        .collect();
+    TensorData::new(data, shape)
+}
+
+fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: Tensor<D>) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let values = |t: Tensor<D>| t.into_data().try_to_vec::<f32>().unwrap();
+    let (got, want) = (values(got), values(want));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "{what}: differs from burn's op by {worst:e}");
+}
+
+/// A batch norm layer with non-trivial γ and β on `device`.
+fn layer(channels: usize, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels).init(device);
+    bn.gamma = Param::from_tensor(Tensor::from_data(random([channels], 7, 0.5, 1.0), device));
+    bn.beta = Param::from_tensor(Tensor::from_data(random([channels], 8, 0.5, 0.0), device));
+    bn
+}
+
+/// Runs batch norm both ways on `x` (made strided when `permuted`) with a loss that weights
+/// every output differently, and compares outputs, running statistics and gradients.
+fn check_batch_norm<const D: usize>(shape: [usize; D], permuted: bool) {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<D>::from_data(random(shape, 1, 2.0, 3.0), &device).require_grad();
+    let weights = Tensor::<D>::from_data(random(shape, 2, 1.0, 0.0), &device);
+    let run = |fused: bool| {
+        let bn = layer(shape[1], &device);
+        // The same values through a transposed copy: a strided view of it.
+        let input = match permuted {
+            true => x
+                .clone()
+                .swap_dims(D - 1, D - 2)
+                .mul_scalar(1.0)
+                .swap_dims(D - 1, D - 2),
+            false => x.clone(),
+        };
+        let output = match fused {
+            true => kernels::batch_norm(&bn, input),
+            false => bn.forward(input),
+        };
+        let grads = (output.clone() * weights.clone()).sum().backward();
+        let grad = |t: Tensor<1>| t.grad(&grads).unwrap();
+        (
+            output,
+            x.grad(&grads).unwrap(),
+            grad(bn.gamma.val()),
+            grad(bn.beta.val()),
+            bn.running_mean.value(),
+            bn.running_var.value(),
+        )
+    };
+    let (fused, reference) = (run(true), run(false));
+    assert_close("output", fused.0, reference.0);
+    assert_close("x grad", fused.1, reference.1);
+    assert_close("gamma grad", fused.2, reference.2);
+    assert_close("beta grad", fused.3, reference.3);
+    assert_close("running mean", fused.4, reference.4);
+    assert_close("running var", fused.5, reference.5);
+}
+
+#[test]
+fn batch_norm_matches_burn_on_images() {
+    check_batch_norm([6, 5, 7, 3], false);
+}
+
+#[test]
+fn batch_norm_matches_burn_on_strided_images() {
+    check_batch_norm([4, 3, 5, 6], true);
+}
+
+#[test]
+fn batch_norm_matches_burn_on_feature_vectors() {
+    check_batch_norm([16, 12], false);
+}
+
+#[test]
+fn batch_norm_outside_training_is_burns_forward() {
+    // No autodiff: the running statistics normalise, as burn's own forward does.
+    let device = Device::flex();
+    let bn = layer(5, &device);
+    let x = Tensor::<4>::from_data(random([2, 5, 3, 3], 3, 1.0, 0.0), &device);
+    assert_close(
+        "eval output",
+        kernels::batch_norm(&bn, x.clone()),
+        bn.forward(x),
+    );
+}
