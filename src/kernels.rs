@@ -1,13 +1,19 @@
 //! Fused CPU kernels for the ops that dominate a training step on the `flex` backend, plugged in
 //! through burn's own backend extension (`#[backend_extension]`), not a fork of burn.
 //!
-//! burn 0.22 runs training-mode batch norm on `flex` as its generic composition: the activation
-//! is transposed and copied to put channels first, and the mean, the variance, the normalisation
-//! and, backwards, eight more whole-tensor ops each read and write it again. [`batch_norm`] reads
-//! the activation once for the statistics and once for the output (twice backwards), in parallel
-//! over the batch. Every other backend, and every dtype but f32, takes burn's own op; the
-//! results are the same within float rounding (`tests/kernels.rs` pins values and gradients to
-//! burn's op within 1e-5).
+//! - [`conv2d`]: burn 0.22's `flex` convolution copies every input to channels-last on one thread
+//!   before its parallel im2col + gemm, and takes its gradients through generic fallbacks (the
+//!   weight gradient a convolution of transposed copies, the input gradient a transposed
+//!   convolution): in a ResNet step, the copies and the idle second core cost more than the
+//!   arithmetic. Here forward and both gradients are Caffe's im2col + gemm on the NCHW layout,
+//!   in parallel over the batch, with no layout copies.
+//! - [`batch_norm`]: burn runs training-mode batch norm as its generic composition (the
+//!   activation transposed and copied to put channels first, then mean, variance and the
+//!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
+//!   one pass gives the statistics and one the output (two backwards), in parallel over the batch.
+//!
+//! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
+//! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -15,19 +21,36 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::ops::ModuleOps;
+use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     backend_extension, Autodiff, AutodiffBackend, Backend, DType, Dispatch, DispatchDevice, Flex,
     TensorMetadata,
 };
-use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{Bytes, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The fused ops, implemented for `flex` and, with their backward passes, for autodiff over it.
 #[backend_extension(Flex, Autodiff)]
 pub trait CpuKernels: Backend {
+    /// 2-D convolution without bias, one group: `x` `[N, C, H, W]`, `weight` `[Co, C, kh, kw]`,
+    /// `geometry` its stride, padding and dilation; output `[N, Co, OH, OW]`.
+    fn conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> FloatTensor<Self>;
+
+    /// Gradients (x, weight) of [`CpuKernels::conv2d`] given its output's.
+    fn conv2d_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// Training-mode batch norm over dim 1 of `x` (`[N, C, ...]`): (output, batch mean `[C]`,
     /// biased batch variance `[C]`), as burn's `ModuleOps::batch_norm_train`.
     fn batch_norm_train(
@@ -55,6 +78,58 @@ fn on_flex(device: &burn::tensor::Device) -> bool {
         device.clone().inner().as_dispatch(),
         DispatchDevice::Flex(_)
     )
+}
+
+/// Stride, padding and dilation of a 2-D convolution, in pixels: `padding` is
+/// (top, left, bottom, right), as burn's `PaddingConfig2d::Explicit`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvGeometry {
+    pub stride: [usize; 2],
+    pub padding: [usize; 4],
+    pub dilation: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// Output (height, width) for an input of (h, w) and a kernel of (kh, kw); `None` when the
+    /// kernel does not fit.
+    fn output_size(&self, [h, w]: [usize; 2], [kh, kw]: [usize; 2]) -> Option<[usize; 2]> {
+        let [top, left, bottom, right] = self.padding;
+        let size = |len: usize, pad: usize, k: usize, stride: usize, dilation: usize| {
+            let span = dilation * (k - 1) + 1;
+            (len + pad >= span).then(|| (len + pad - span) / stride + 1)
+        };
+        Some([
+            size(h, top + bottom, kh, self.stride[0], self.dilation[0])?,
+            size(w, left + right, kw, self.stride[1], self.dilation[1])?,
+        ])
+    }
+}
+
+/// `conv.forward(x)` (`x` `[N, C, H, W]`) with the fused kernels on `flex`, for one-group
+/// convolutions with explicit or no padding; burn's own forward otherwise.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+        PaddingConfig2d::Same => return conv.forward(x),
+    };
+    if conv.groups != 1 || !on_flex(&x.device()) {
+        return conv.forward(x);
+    }
+    let geometry = ConvGeometry {
+        stride: conv.stride,
+        padding,
+        dilation: conv.dilation,
+    };
+    let output = Tensor::<4>::from_dispatch(<Dispatch as CpuKernels>::conv2d(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        geometry,
+    ));
+    match &conv.bias {
+        Some(bias) => output + bias.val().reshape([1, -1, 1, 1]),
+        None => output,
+    }
 }
 
 /// `bn.forward(x)` with the fused kernels on `flex`: in training (an autodiff device and a
@@ -168,7 +243,311 @@ fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f32; 3]], c: usize, s: 
     out
 }
 
+/// `c (+)= a · b` for an m×k `a` and a k×n `b` given as (values, row stride, column stride),
+/// into the row-major m×n `c`, on the calling thread.
+fn gemm(
+    [m, k, n]: [usize; 3],
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(c.len() >= m * n);
+    assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
+    assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
+    // SAFETY: the asserts keep every index the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The shapes of one convolution: input `[C, H, W]` per image, kernel, output grid.
+#[derive(Clone, Copy)]
+struct ConvShape {
+    channels: usize,
+    input: [usize; 2],
+    kernel: [usize; 2],
+    output: [usize; 2],
+    geometry: ConvGeometry,
+}
+
+impl ConvShape {
+    /// Rows of the column matrix: C·kh·kw, in the order of the weight's `[C, kh, kw]`.
+    fn rows(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Columns of the column matrix: the output positions.
+    fn positions(&self) -> usize {
+        self.output[0] * self.output[1]
+    }
+
+    /// A 1×1 kernel at stride 1 without padding reads the image itself as its column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.geometry.stride == [1, 1] && self.geometry.padding == [0; 4]
+    }
+
+    /// For every (row (c, i, j), output row oh): the input row it reads, or `None` in the
+    /// padding, and the input column of each output column (`None` in the padding).
+    fn walk(&self, mut visit: impl FnMut(usize, usize, usize, Option<usize>, &[Option<usize>])) {
+        let [h, w] = self.input;
+        let [kh, kw] = self.kernel;
+        let [oh, ow] = self.output;
+        let g = self.geometry;
+        let (top, left) = (g.padding[0] as isize, g.padding[1] as isize);
+        let mut columns = vec![None; ow];
+        for c in 0..self.channels {
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = (c * kh + i) * kw + j;
+                    for (x, column) in columns.iter_mut().enumerate() {
+                        let iw = (x * g.stride[1] + j * g.dilation[1]) as isize - left;
+                        *column = (0..w as isize).contains(&iw).then_some(iw as usize);
+                    }
+                    for y in 0..oh {
+                        let ih = (y * g.stride[0] + i * g.dilation[0]) as isize - top;
+                        let input_row = (0..h as isize).contains(&ih).then_some(ih as usize);
+                        visit(row, c, y, input_row, &columns);
+                    }
+                }
+            }
+        }
+    }
+
+    /// im2col: `image` `[C, H, W]` into `cols` `[C·kh·kw, OH·OW]`.
+    fn im2col(&self, image: &[f32], cols: &mut [f32]) {
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        let positions = oh * ow;
+        self.walk(|row, c, y, input_row, columns| {
+            let out = &mut cols[row * positions + y * ow..row * positions + (y + 1) * ow];
+            match input_row {
+                None => out.fill(0.0),
+                Some(ih) => {
+                    let line = &image[(c * h + ih) * w..(c * h + ih + 1) * w];
+                    for (o, column) in out.iter_mut().zip(columns) {
+                        *o = column.map_or(0.0, |iw| line[iw]);
+                    }
+                }
+            }
+        });
+    }
+
+    /// col2im: adds `cols` `[C·kh·kw, OH·OW]` back onto `image` `[C, H, W]` (the adjoint of
+    /// [`ConvShape::im2col`]).
+    fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        let positions = oh * ow;
+        self.walk(|row, c, y, input_row, columns| {
+            if let Some(ih) = input_row {
+                let from = &cols[row * positions + y * ow..row * positions + (y + 1) * ow];
+                let line = &mut image[(c * h + ih) * w..(c * h + ih + 1) * w];
+                for (v, column) in from.iter().zip(columns) {
+                    if let Some(iw) = column {
+                        line[*iw] += v;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The convolution's shapes when the fused kernel takes it: f32, `[N, C, H, W]` against
+/// `[Co, C, kh, kw]`, a kernel that fits; `None` sends it to burn's op.
+fn conv_shape(x: &FlexTensor, weight: &FlexTensor, geometry: ConvGeometry) -> Option<ConvShape> {
+    let (xs, ws) = (x.shape(), weight.shape());
+    let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    if !f32s || xs.num_dims() != 4 || ws.num_dims() != 4 || xs[1] != ws[1] || xs.num_elements() == 0
+    {
+        return None;
+    }
+    let (input, kernel) = ([xs[2], xs[3]], [ws[2], ws[3]]);
+    Some(ConvShape {
+        channels: xs[1],
+        input,
+        kernel,
+        output: geometry.output_size(input, kernel)?,
+        geometry,
+    })
+}
+
+impl ConvGeometry {
+    /// burn's options for the same convolution (for the fallback).
+    fn options(&self) -> ConvOptions<2> {
+        let [top, left, bottom, right] = self.padding;
+        ConvOptions::new_with_padding(
+            self.stride,
+            [(top, bottom), (left, right)],
+            self.dilation,
+            1,
+        )
+    }
+}
+
+/// How many images each parallel task takes: the batch split evenly over rayon's threads.
+fn images_per_task(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads()).max(1)
+}
+
 impl CpuKernels for Flex {
+    fn conv2d(x: FlexTensor, weight: FlexTensor, geometry: ConvGeometry) -> FlexTensor {
+        let Some(shape) = conv_shape(&x, &weight, geometry) else {
+            return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, geometry.options());
+        };
+        let (xs, ws) = (values(&x), values(&weight));
+        let (n, co) = (x.shape()[0], weight.shape()[0]);
+        let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
+        let mut output = vec![0f32; n * co * positions];
+        let per_task = images_per_task(n);
+        output
+            .par_chunks_mut(per_task * co * positions)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let mut cols = vec![
+                    0f32;
+                    if shape.is_pointwise() {
+                        0
+                    } else {
+                        rows * positions
+                    }
+                ];
+                for (i, out) in out.chunks_mut(co * positions).enumerate() {
+                    let b = task * per_task + i;
+                    let image = &xs[b * image..(b + 1) * image];
+                    let cols: &[f32] = match shape.is_pointwise() {
+                        true => image,
+                        false => {
+                            shape.im2col(image, &mut cols);
+                            &cols
+                        }
+                    };
+                    // out[Co, P] = W[Co, K] · cols[K, P]
+                    gemm(
+                        [co, rows, positions],
+                        (&ws, rows, 1),
+                        (cols, positions, 1),
+                        out,
+                        false,
+                    );
+                }
+            });
+        flex_tensor(
+            output,
+            Shape::new([n, co, shape.output[0], shape.output[1]]),
+        )
+    }
+
+    fn conv2d_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+        geometry: ConvGeometry,
+    ) -> (FlexTensor, FlexTensor) {
+        let Some(shape) = conv_shape(&x, &weight, geometry) else {
+            let options = geometry.options();
+            let x_grad = <Flex as ModuleOps<Flex>>::conv2d_x_backward(
+                x.clone(),
+                weight.clone(),
+                output_grad.clone(),
+                options.clone(),
+            );
+            let weight_grad =
+                <Flex as ModuleOps<Flex>>::conv2d_weight_backward(x, weight, output_grad, options);
+            return (x_grad, weight_grad);
+        };
+        let (xs, ws, dy) = (values(&x), values(&weight), values(&output_grad));
+        let (n, co) = (x.shape()[0], weight.shape()[0]);
+        let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
+        let mut x_grad = vec![0f32; xs.len()];
+        let per_task = images_per_task(n);
+        let weight_grad = x_grad
+            .par_chunks_mut(per_task * image)
+            .enumerate()
+            .map(|(task, dx)| {
+                let mut weight_grad = vec![0f32; co * rows];
+                let mut cols = vec![
+                    0f32;
+                    if shape.is_pointwise() {
+                        0
+                    } else {
+                        rows * positions
+                    }
+                ];
+                let mut col_grad = vec![0f32; rows * positions];
+                for (i, dx) in dx.chunks_mut(image).enumerate() {
+                    let b = task * per_task + i;
+                    let dy = &dy[b * co * positions..(b + 1) * co * positions];
+                    let image = &xs[b * image..(b + 1) * image];
+                    // dW[Co, K] += dy[Co, P] · cols[K, P]ᵀ
+                    let cols: &[f32] = match shape.is_pointwise() {
+                        true => image,
+                        false => {
+                            shape.im2col(image, &mut cols);
+                            &cols
+                        }
+                    };
+                    gemm(
+                        [co, positions, rows],
+                        (dy, positions, 1),
+                        (cols, 1, positions),
+                        &mut weight_grad,
+                        true,
+                    );
+                    // dcols[K, P] = W[Co, K]ᵀ · dy[Co, P], folded back onto the image.
+                    match shape.is_pointwise() {
+                        true => gemm(
+                            [rows, co, positions],
+                            (&ws, 1, rows),
+                            (dy, positions, 1),
+                            dx,
+                            false,
+                        ),
+                        false => {
+                            gemm(
+                                [rows, co, positions],
+                                (&ws, 1, rows),
+                                (dy, positions, 1),
+                                &mut col_grad,
+                                false,
+                            );
+                            shape.col2im(&col_grad, dx);
+                        }
+                    }
+                }
+                weight_grad
+            })
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            })
+            .unwrap_or_else(|| vec![0f32; co * rows]);
+        (
+            flex_tensor(x_grad, x.shape()),
+            flex_tensor(weight_grad, weight.shape()),
+        )
+    }
+
     fn batch_norm_train(
         x: FlexTensor,
         gamma: FlexTensor,
@@ -264,6 +643,71 @@ impl CpuKernels for Flex {
 }
 
 impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
+    fn conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        geometry: ConvGeometry,
+    ) -> FloatTensor<Self> {
+        /// The backward step: both gradients from one pass of the fused kernel.
+        #[derive(Debug)]
+        struct Conv2dBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 2> for Conv2dBackward {
+            /// x and the weight as checkpointed nodes, the geometry.
+            type State = (NodeId, NodeId, ConvGeometry);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, weight, geometry) = ops.state;
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x);
+                let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(weight);
+                let (x_grad, weight_grad) =
+                    <B as CpuKernels>::conv2d_backward(x, weight, grad, geometry);
+                for (node, grad) in [(node_x, x_grad), (node_weight, weight_grad)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        match Conv2dBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), geometry);
+                let output = <B as CpuKernels>::conv2d(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    geometry,
+                );
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as CpuKernels>::conv2d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                geometry,
+            )),
+        }
+    }
+
+    fn conv2d_backward(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+        _geometry: ConvGeometry,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        panic!("a convolution's backward pass has no gradient of its own here")
+    }
+
     fn batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,

@@ -2,7 +2,8 @@
 //! and gradients within 1e-5, on contiguous and strided inputs.
 
 use burn::module::Param;
-use burn::nn::{BatchNorm, BatchNormConfig};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::kernels;
@@ -103,5 +104,168 @@ fn batch_norm_outside_training_is_burns_forward() {
         "eval output",
         kernels::batch_norm(&bn, x.clone()),
         bn.forward(x),
+    );
+}
+
+/// A convolution of `channels` with a random weight (and bias when `bias`) on `device`.
+fn convolution(
+    [c, co]: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: PaddingConfig2d,
+    dilation: [usize; 2],
+    bias: bool,
+    device: &Device,
+) -> Conv2d {
+    let mut conv = Conv2dConfig::new([c, co], kernel)
+        .with_stride(stride)
+        .with_padding(padding)
+        .with_dilation(dilation)
+        .with_bias(bias)
+        .init(device);
+    conv.weight = Param::from_tensor(Tensor::from_data(
+        random([co, c, kernel[0], kernel[1]], 5, 0.5, 0.0),
+        device,
+    ));
+    if bias {
+        conv.bias = Some(Param::from_tensor(Tensor::from_data(
+            random([co], 6, 0.5, 0.0),
+            device,
+        )));
+    }
+    conv
+}
+
+/// Runs a convolution both ways on an `[N, C, H, W]` input of `input` shape, with a loss that
+/// weights every output differently, and compares outputs and the gradients of x, weight, bias.
+fn check_conv(
+    input: [usize; 4],
+    co: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: PaddingConfig2d,
+    dilation: [usize; 2],
+    bias: bool,
+) {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<4>::from_data(random(input, 1, 1.0, 0.5), &device).require_grad();
+    let run = |fused: bool| {
+        let conv = convolution(
+            [input[1], co],
+            kernel,
+            stride,
+            padding.clone(),
+            dilation,
+            bias,
+            &device,
+        );
+        let output = match fused {
+            true => kernels::conv2d(&conv, x.clone()),
+            false => conv.forward(x.clone()),
+        };
+        let weights = Tensor::<4>::from_data(random(output.dims(), 2, 1.0, 0.0), &device);
+        let grads = (output.clone() * weights).sum().backward();
+        let bias_grad = conv.bias.as_ref().map(|b| b.val().grad(&grads).unwrap());
+        (
+            output,
+            x.grad(&grads).unwrap(),
+            conv.weight.val().grad(&grads).unwrap(),
+            bias_grad,
+        )
+    };
+    let (fused, reference) = (run(true), run(false));
+    assert_close("output", fused.0, reference.0);
+    assert_close("x grad", fused.1, reference.1);
+    assert_close("weight grad", fused.2, reference.2);
+    if let (Some(fused), Some(reference)) = (fused.3, reference.3) {
+        assert_close("bias grad", fused, reference);
+    }
+}
+
+#[test]
+fn conv_matches_burn_for_resnet_layers() {
+    let same = PaddingConfig2d::Explicit(1, 1, 1, 1);
+    // 3×3 at stride 1 and 2, the 1×1 downsample, the ImageNet stem.
+    check_conv([3, 4, 9, 8], 5, [3, 3], [1, 1], same.clone(), [1, 1], false);
+    check_conv([3, 4, 9, 8], 6, [3, 3], [2, 2], same, [1, 1], false);
+    check_conv(
+        [3, 4, 9, 8],
+        6,
+        [1, 1],
+        [2, 2],
+        PaddingConfig2d::Valid,
+        [1, 1],
+        false,
+    );
+    check_conv(
+        [2, 3, 16, 15],
+        4,
+        [7, 7],
+        [2, 2],
+        PaddingConfig2d::Explicit(3, 3, 3, 3),
+        [1, 1],
+        false,
+    );
+}
+
+#[test]
+fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
+    // 1×1 at stride 1 (the image is its own column matrix), a ViT patch embedding with bias,
+    // asymmetric padding, dilation.
+    check_conv(
+        [3, 6, 5, 4],
+        7,
+        [1, 1],
+        [1, 1],
+        PaddingConfig2d::Valid,
+        [1, 1],
+        false,
+    );
+    check_conv(
+        [2, 3, 16, 16],
+        8,
+        [4, 4],
+        [4, 4],
+        PaddingConfig2d::Valid,
+        [1, 1],
+        true,
+    );
+    check_conv(
+        [2, 3, 7, 6],
+        4,
+        [3, 2],
+        [2, 1],
+        PaddingConfig2d::Explicit(0, 1, 2, 0),
+        [1, 1],
+        true,
+    );
+    check_conv(
+        [2, 3, 9, 9],
+        4,
+        [3, 3],
+        [1, 1],
+        PaddingConfig2d::Explicit(2, 2, 2, 2),
+        [2, 2],
+        false,
+    );
+}
+
+#[test]
+fn conv_outside_training_matches_burn() {
+    let device = Device::flex();
+    let conv = convolution(
+        [3, 5],
+        [3, 3],
+        [2, 2],
+        PaddingConfig2d::Explicit(1, 1, 1, 1),
+        [1, 1],
+        true,
+        &device,
+    );
+    let x = Tensor::<4>::from_data(random([2, 3, 8, 8], 3, 1.0, 0.0), &device);
+    assert_close(
+        "eval output",
+        kernels::conv2d(&conv, x.clone()),
+        conv.forward(x),
     );
 }

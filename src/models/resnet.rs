@@ -2,7 +2,7 @@
 //! `layer1.0.conv1`, ...), a CIFAR stem (3×3 stride-1 conv, no max-pool)
 //! or the ImageNet stem (7×7 stride-2 conv + 3×3 max-pool), and a width multiplier.
 
-use crate::kernels::batch_norm;
+use crate::kernels::{batch_norm, conv2d};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -188,13 +188,13 @@ impl Block {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, d.conv.forward(x.clone())),
+            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, self.conv1.forward(x)));
-        out = batch_norm(&self.bn2, self.conv2.forward(out));
+        let mut out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv3.forward(relu(out)));
+            out = batch_norm(bn3, conv2d(conv3, relu(out)));
         }
         relu(out + identity)
     }
@@ -214,7 +214,7 @@ pub struct ResNet {
 impl ResNet {
     /// Globally pooled features, `[n, feature_dim]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(batch_norm(&self.bn1, self.conv1.forward(x)));
+        let mut x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }

@@ -3,6 +3,7 @@
 //! blocks, a class token, learned positional embeddings, and attention weights on request
 //! (DINO's attention maps need the last block's).
 
+use crate::kernels::conv2d;
 use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -290,7 +291,7 @@ impl Vit {
     /// MAE keeps a subset of these before the blocks. Images of another size than the model's
     /// (DINO's local crops) get the embeddings resized bicubically to their grid, as in DINO.
     pub fn patch_tokens(&self, x: Tensor<4>) -> Tensor<3> {
-        let grid = self.patch_embed.proj.forward(x);
+        let grid = conv2d(&self.patch_embed.proj, x);
         let [_, d, gh, gw] = grid.dims();
         let tokens = grid.flatten::<3>(2, 3).swap_dims(1, 2);
         let pos = self.pos_embed.val();
