@@ -307,46 +307,69 @@ impl ConvShape {
         self.kernel == [1, 1] && self.geometry.stride == [1, 1] && self.geometry.padding == [0; 4]
     }
 
-    /// For every (row (c, i, j), output row oh): the input row it reads, or `None` in the
-    /// padding, and the input column of each output column (`None` in the padding).
-    fn walk(&self, mut visit: impl FnMut(usize, usize, usize, Option<usize>, &[Option<usize>])) {
+    /// Calls `visit(input, column, count)` for every run of the column matrix that reads the
+    /// image: `count` entries from `column` on (an index into `[C·kh·kw, OH·OW]`) read the
+    /// image `[C, H, W]` from `input` on, every `stride[1]`-th entry. Entries not visited read
+    /// padding.
+    fn walk(&self, mut visit: impl FnMut(usize, usize, usize)) {
         let [h, w] = self.input;
         let [kh, kw] = self.kernel;
         let [oh, ow] = self.output;
         let g = self.geometry;
-        let (top, left) = (g.padding[0] as isize, g.padding[1] as isize);
-        let mut columns = vec![None; ow];
-        for c in 0..self.channels {
-            for i in 0..kh {
-                for j in 0..kw {
+        let positions = oh * ow;
+        // The output positions o with 0 <= o·stride + offset < len.
+        let inside = |offset: isize, stride: usize, len: usize, count: usize| {
+            let (stride, len) = (stride as isize, len as isize);
+            let first = if offset >= 0 {
+                0
+            } else {
+                (-offset + stride - 1) / stride
+            };
+            let end = if offset >= len {
+                0
+            } else {
+                (len - offset + stride - 1) / stride
+            };
+            first.min(count as isize) as usize..end.clamp(0, count as isize) as usize
+        };
+        for i in 0..kh {
+            let top = (i * g.dilation[0]) as isize - g.padding[0] as isize;
+            let ys = inside(top, g.stride[0], h, oh);
+            for j in 0..kw {
+                let left = (j * g.dilation[1]) as isize - g.padding[1] as isize;
+                let xs = inside(left, g.stride[1], w, ow);
+                if xs.is_empty() {
+                    continue;
+                }
+                let first_column = (xs.start as isize * g.stride[1] as isize + left) as usize;
+                for c in 0..self.channels {
                     let row = (c * kh + i) * kw + j;
-                    for (x, column) in columns.iter_mut().enumerate() {
-                        let iw = (x * g.stride[1] + j * g.dilation[1]) as isize - left;
-                        *column = (0..w as isize).contains(&iw).then_some(iw as usize);
-                    }
-                    for y in 0..oh {
-                        let ih = (y * g.stride[0] + i * g.dilation[0]) as isize - top;
-                        let input_row = (0..h as isize).contains(&ih).then_some(ih as usize);
-                        visit(row, c, y, input_row, &columns);
+                    for y in ys.clone() {
+                        let ih = (y as isize * g.stride[0] as isize + top) as usize;
+                        visit(
+                            (c * h + ih) * w + first_column,
+                            row * positions + y * ow + xs.start,
+                            xs.len(),
+                        );
                     }
                 }
             }
         }
     }
 
-    /// im2col: `image` `[C, H, W]` into `cols` `[C·kh·kw, OH·OW]`.
+    /// im2col: `image` `[C, H, W]` into `cols` `[C·kh·kw, OH·OW]` (zero where the kernel reads
+    /// padding).
     fn im2col(&self, image: &[f32], cols: &mut [f32]) {
-        let [h, w] = self.input;
-        let [oh, ow] = self.output;
-        let positions = oh * ow;
-        self.walk(|row, c, y, input_row, columns| {
-            let out = &mut cols[row * positions + y * ow..row * positions + (y + 1) * ow];
-            match input_row {
-                None => out.fill(0.0),
-                Some(ih) => {
-                    let line = &image[(c * h + ih) * w..(c * h + ih + 1) * w];
-                    for (o, column) in out.iter_mut().zip(columns) {
-                        *o = column.map_or(0.0, |iw| line[iw]);
+        let stride = self.geometry.stride[1];
+        cols.fill(0.0);
+        self.walk(|input, column, count| {
+            let out = &mut cols[column..column + count];
+            match stride {
+                1 => out.copy_from_slice(&image[input..input + count]),
+                _ => {
+                    let line = &image[input..input + (count - 1) * stride + 1];
+                    for (o, v) in out.iter_mut().zip(line.chunks(stride)) {
+                        *o = v[0];
                     }
                 }
             }
@@ -356,16 +379,19 @@ impl ConvShape {
     /// col2im: adds `cols` `[C·kh·kw, OH·OW]` back onto `image` `[C, H, W]` (the adjoint of
     /// [`ConvShape::im2col`]).
     fn col2im(&self, cols: &[f32], image: &mut [f32]) {
-        let [h, w] = self.input;
-        let [oh, ow] = self.output;
-        let positions = oh * ow;
-        self.walk(|row, c, y, input_row, columns| {
-            if let Some(ih) = input_row {
-                let from = &cols[row * positions + y * ow..row * positions + (y + 1) * ow];
-                let line = &mut image[(c * h + ih) * w..(c * h + ih + 1) * w];
-                for (v, column) in from.iter().zip(columns) {
-                    if let Some(iw) = column {
-                        line[*iw] += v;
+        let stride = self.geometry.stride[1];
+        self.walk(|input, column, count| {
+            let from = &cols[column..column + count];
+            match stride {
+                1 => {
+                    for (v, g) in image[input..input + count].iter_mut().zip(from) {
+                        *v += g;
+                    }
+                }
+                _ => {
+                    let line = &mut image[input..input + (count - 1) * stride + 1];
+                    for (v, g) in line.chunks_mut(stride).zip(from) {
+                        v[0] += g;
                     }
                 }
             }
