@@ -11,6 +11,11 @@
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
 //!   one pass gives the statistics and one the output (two backwards), in parallel over the batch.
+//! - [`layer_norm`] and [`gelu`], the element-wise work of a ViT block: burn's autodiff runs
+//!   layer norm as a composition of a dozen whole-tensor ops, and `flex` runs GELU with a
+//!   scalar `erf` per element, both on one thread below 256K elements (a ViT-Tiny block at
+//!   batch 64). Here each is one parallel pass forward and one backward, GELU's `erf` by
+//!   Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7).
 //!
 //! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
@@ -18,17 +23,17 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     backend_extension, Autodiff, AutodiffBackend, Backend, DType, Dispatch, DispatchDevice, Flex,
     TensorMetadata,
 };
 use burn::nn::conv::Conv2d;
-use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::nn::{BatchNorm, LayerNorm, PaddingConfig2d};
 use burn::tensor::{Bytes, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -50,6 +55,30 @@ pub trait CpuKernels: Backend {
         output_grad: FloatTensor<Self>,
         geometry: ConvGeometry,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// GELU, x·Φ(x) with the exact Gaussian CDF (PyTorch's default, not the tanh form).
+    fn gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradient of [`CpuKernels::gelu`] at `x` given its output's.
+    fn gelu_backward(x: FloatTensor<Self>, output_grad: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Layer norm over the last dim of `x` (`[..., D]`): (output, mean, 1/σ), the last two
+    /// per row `[rows]`.
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients (x, gamma, beta) of [`CpuKernels::layer_norm`] given its output's.
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        inv_std: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// Training-mode batch norm over dim 1 of `x` (`[N, C, ...]`): (output, batch mean `[C]`,
     /// biased batch variance `[C]`), as burn's `ModuleOps::batch_norm_train`.
@@ -163,6 +192,61 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
         Tensor::from_dispatch(variance),
     ));
     Tensor::from_dispatch(output)
+}
+
+/// GELU (exact), with the fused kernel on `flex`, burn's `gelu` elsewhere.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    match on_flex(&x.device()) {
+        true => Tensor::from_dispatch(<Dispatch as CpuKernels>::gelu(x.into_dispatch())),
+        false => burn::tensor::activation::gelu(x),
+    }
+}
+
+/// `ln.forward(x)` with the fused kernel on `flex`. burn keeps a `LayerNorm`'s ε private, so the
+/// caller passes the ε it built the layer with.
+pub fn layer_norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>, epsilon: f64) -> Tensor<D> {
+    let Some(beta) = ln.beta.as_ref().filter(|_| on_flex(&x.device())) else {
+        return ln.forward(x);
+    };
+    let (output, _, _) = <Dispatch as CpuKernels>::layer_norm(
+        x.into_dispatch(),
+        ln.gamma.val().into_dispatch(),
+        beta.val().into_dispatch(),
+        epsilon,
+    );
+    Tensor::from_dispatch(output)
+}
+
+/// erf(z) by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), with exp(−z²) passed in.
+fn erf(z: f32, exp_minus_z2: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * z.abs());
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * exp_minus_z2).copysign(z)
+}
+
+/// Element-wise `f` over f32 values in parallel chunks (sizes fit a core's L1/L2 cache).
+fn map_parallel(x: &[f32], y: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    const CHUNK: usize = 16 * 1024;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
+        let x = &x[i * CHUNK..i * CHUNK + out.len()];
+        match y {
+            Some(y) => {
+                let y = &y[i * CHUNK..i * CHUNK + out.len()];
+                for ((o, x), y) in out.iter_mut().zip(x).zip(y) {
+                    *o = f(*x, *y);
+                }
+            }
+            None => {
+                for (o, x) in out.iter_mut().zip(x) {
+                    *o = f(*x, 0.0);
+                }
+            }
+        }
+    });
+    out
 }
 
 /// An f32 tensor of `shape` holding `values`.
@@ -436,7 +520,131 @@ fn images_per_task(batch: usize) -> usize {
     batch.div_ceil(rayon::current_num_threads()).max(1)
 }
 
+/// Rows of `[rows, D]` per parallel task: about 16K values.
+fn rows_per_task(d: usize) -> usize {
+    (16 * 1024 / d.max(1)).max(1)
+}
+
 impl CpuKernels for Flex {
+    fn gelu(x: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 {
+            return <Flex as ActivationOps<Flex>>::gelu(x);
+        }
+        let output = map_parallel(&values(&x), None, |x, _| {
+            let z = x * std::f32::consts::FRAC_1_SQRT_2;
+            0.5 * x * (1.0 + erf(z, (-z * z).exp()))
+        });
+        flex_tensor(output, x.shape())
+    }
+
+    fn gelu_backward(x: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 || output_grad.dtype() != DType::F32 {
+            return <Flex as ActivationOps<Flex>>::gelu_backward(x, output_grad);
+        }
+        // d/dx x·Φ(x) = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π): one exp for both.
+        let output = map_parallel(&values(&x), Some(&values(&output_grad)), |x, g| {
+            let z = x * std::f32::consts::FRAC_1_SQRT_2;
+            let e = (-z * z).exp();
+            let cdf = 0.5 * (1.0 + erf(z, e));
+            g * (cdf + x * e * 0.398_942_3)
+        });
+        flex_tensor(output, x.shape())
+    }
+
+    fn layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let d = shape[shape.num_dims() - 1];
+        let rows = shape.num_elements() / d.max(1);
+        let (xs, gamma, beta) = (values(&x), values(&gamma), values(&beta));
+        let mut output = vec![0f32; xs.len()];
+        let mut mean = vec![0f32; rows];
+        let mut inv_std = vec![0f32; rows];
+        let per_task = rows_per_task(d);
+        output
+            .par_chunks_mut(per_task * d)
+            .zip(mean.par_chunks_mut(per_task))
+            .zip(inv_std.par_chunks_mut(per_task))
+            .enumerate()
+            .for_each(|(task, ((out, mean), inv_std))| {
+                let first = task * per_task * d;
+                for (r, out) in out.chunks_mut(d).enumerate() {
+                    let x = &xs[first + r * d..first + (r + 1) * d];
+                    let mu = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / d as f64;
+                    let (mu, rstd) = (mu as f32, (1.0 / (var + epsilon).sqrt()) as f32);
+                    for (((o, x), g), b) in out.iter_mut().zip(x).zip(&*gamma).zip(&*beta) {
+                        *o = (x - mu) * rstd * g + b;
+                    }
+                    (mean[r], inv_std[r]) = (mu, rstd);
+                }
+            });
+        let stats = Shape::new([rows]);
+        (
+            flex_tensor(output, shape),
+            flex_tensor(mean, stats.clone()),
+            flex_tensor(inv_std, stats),
+        )
+    }
+
+    fn layer_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        mean: FlexTensor,
+        inv_std: FlexTensor,
+        output_grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let d = shape[shape.num_dims() - 1];
+        let (xs, dy, gamma) = (values(&x), values(&output_grad), values(&gamma));
+        let (mean, inv_std) = (values(&mean), values(&inv_std));
+        let mut x_grad = vec![0f32; xs.len()];
+        let per_task = rows_per_task(d);
+        let zeros = || (vec![0f32; d], vec![0f32; d]);
+        let (gamma_grad, beta_grad) = x_grad
+            .par_chunks_mut(per_task * d)
+            .enumerate()
+            .map(|(task, dx)| {
+                let (mut gamma_grad, mut beta_grad) = zeros();
+                for (r, dx) in dx.chunks_mut(d).enumerate() {
+                    let row = task * per_task + r;
+                    let (x, dy) = (&xs[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
+                    let (mu, rstd) = (mean[row], inv_std[row]);
+                    // dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ.
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for (k, (&x, &dy)) in x.iter().zip(dy).enumerate() {
+                        let xhat = (x - mu) * rstd;
+                        let g = dy * gamma[k];
+                        sum_g += g;
+                        sum_gx += g * xhat;
+                        gamma_grad[k] += dy * xhat;
+                        beta_grad[k] += dy;
+                    }
+                    let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
+                    for (k, (dx, (&x, &dy))) in dx.iter_mut().zip(x.iter().zip(dy)).enumerate() {
+                        let xhat = (x - mu) * rstd;
+                        *dx = rstd * (dy * gamma[k] - mean_g - xhat * mean_gx);
+                    }
+                }
+                (gamma_grad, beta_grad)
+            })
+            .reduce(zeros, |(mut ga, mut ba), (gb, bb)| {
+                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
+                ba.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
+                (ga, ba)
+            });
+        let params = Shape::new([d]);
+        (
+            flex_tensor(x_grad, shape),
+            flex_tensor(gamma_grad, params.clone()),
+            flex_tensor(beta_grad, params),
+        )
+    }
+
     fn conv2d(x: FlexTensor, weight: FlexTensor, geometry: ConvGeometry) -> FlexTensor {
         let Some(shape) = conv_shape(&x, &weight, geometry) else {
             return <Flex as ModuleOps<Flex>>::conv2d(x, weight, None, geometry.options());
@@ -669,6 +877,126 @@ impl CpuKernels for Flex {
 }
 
 impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
+    fn gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        /// The backward step: the fused kernel's derivative at the checkpointed input.
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 1> for GeluBackward {
+            type State = NodeId;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    <B as CpuKernels>::gelu_backward(x, grad)
+                });
+            }
+        }
+
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, <B as CpuKernels>::gelu(x.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as CpuKernels>::gelu(x.into_primitive())),
+        }
+    }
+
+    fn gelu_backward(_x: FloatTensor<Self>, _output_grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        panic!("GELU's backward pass has no gradient of its own here")
+    }
+
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        /// The backward step: the fused kernel, from the row statistics of the forward pass.
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 3> for LayerNormBackward {
+            /// (x, γ) as checkpointed nodes, each row's mean and 1/σ.
+            type State = (NodeId, NodeId, FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, mean, inv_std) = ops.state;
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x);
+                let gamma = checkpointer.retrieve_node_output::<FloatTensor<B>>(gamma);
+                let (x_grad, gamma_grad, beta_grad) =
+                    <B as CpuKernels>::layer_norm_backward(x, gamma, mean, inv_std, grad);
+                for (node, grad) in [
+                    (node_x, x_grad),
+                    (node_gamma, gamma_grad),
+                    (node_beta, beta_grad),
+                ] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let statistic = <Self as AutodiffBackend>::from_inner;
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (output, mean, inv_std) = <B as CpuKernels>::layer_norm(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let state = (x_state, gamma_state, mean.clone(), inv_std.clone());
+                (
+                    prep.finish(state, output),
+                    statistic(mean),
+                    statistic(inv_std),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (output, mean, inv_std) = <B as CpuKernels>::layer_norm(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                (prep.finish(output), statistic(mean), statistic(inv_std))
+            }
+        }
+    }
+
+    fn layer_norm_backward(
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _mean: FloatTensor<Self>,
+        _inv_std: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        panic!("layer norm's backward pass has no gradient of its own here")
+    }
+
     fn conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

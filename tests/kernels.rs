@@ -3,7 +3,7 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, BatchNormConfig, LayerNorm, LayerNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::kernels;
@@ -267,5 +267,76 @@ fn conv_outside_training_matches_burn() {
         "eval output",
         kernels::conv2d(&conv, x.clone()),
         conv.forward(x),
+    );
+}
+
+#[test]
+fn gelu_matches_burn() {
+    let device = Device::flex().autodiff();
+    // Values over the whole useful range, tails included, in more than one parallel chunk.
+    let x = Tensor::<2>::from_data(random([300, 97], 1, 6.0, 0.0), &device).require_grad();
+    let weights = Tensor::<2>::from_data(random([300, 97], 2, 1.0, 0.0), &device);
+    let run = |fused: bool| {
+        let y = match fused {
+            true => kernels::gelu(x.clone()),
+            false => burn::tensor::activation::gelu(x.clone()),
+        };
+        let grads = (y.clone() * weights.clone()).sum().backward();
+        (y, x.grad(&grads).unwrap())
+    };
+    let (fused, reference) = (run(true), run(false));
+    assert_close("gelu", fused.0, reference.0);
+    assert_close("gelu grad", fused.1, reference.1);
+}
+
+/// A layer norm over `d` with non-trivial γ and β on `device`.
+fn layer_norm_module(d: usize, device: &Device) -> LayerNorm {
+    let mut ln = LayerNormConfig::new(d).with_epsilon(1e-6).init(device);
+    ln.gamma = Param::from_tensor(Tensor::from_data(random([d], 7, 0.5, 1.0), device));
+    ln.beta = Some(Param::from_tensor(Tensor::from_data(
+        random([d], 8, 0.5, 0.0),
+        device,
+    )));
+    ln
+}
+
+#[test]
+fn layer_norm_matches_burn() {
+    let device = Device::flex().autodiff();
+    // ViT tokens [n, t, d], rows spanning several parallel tasks, an offset mean.
+    let shape = [5, 41, 192];
+    let x = Tensor::<3>::from_data(random(shape, 1, 2.0, 1.5), &device).require_grad();
+    let weights = Tensor::<3>::from_data(random(shape, 2, 1.0, 0.0), &device);
+    let run = |fused: bool| {
+        let ln = layer_norm_module(192, &device);
+        let y = match fused {
+            true => kernels::layer_norm(&ln, x.clone(), 1e-6),
+            false => ln.forward(x.clone()),
+        };
+        let grads = (y.clone() * weights.clone()).sum().backward();
+        let beta = ln.beta.as_ref().unwrap().val();
+        (
+            y,
+            x.grad(&grads).unwrap(),
+            ln.gamma.val().grad(&grads).unwrap(),
+            beta.grad(&grads).unwrap(),
+        )
+    };
+    let (fused, reference) = (run(true), run(false));
+    assert_close("layer norm", fused.0, reference.0);
+    assert_close("x grad", fused.1, reference.1);
+    assert_close("gamma grad", fused.2, reference.2);
+    assert_close("beta grad", fused.3, reference.3);
+}
+
+#[test]
+fn layer_norm_outside_training_matches_burn() {
+    let device = Device::flex();
+    let ln = layer_norm_module(16, &device);
+    let x = Tensor::<2>::from_data(random([7, 16], 3, 1.0, 0.0), &device);
+    assert_close(
+        "eval layer norm",
+        kernels::layer_norm(&ln, x.clone(), 1e-6),
+        ln.forward(x),
     );
 }

@@ -14,8 +14,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::layer_norm;
 use crate::methods::Feed;
-use crate::models::{Backbone, BackboneConfig, Vit, VitBlock};
+use crate::models::{Backbone, BackboneConfig, Vit, VitBlock, LAYER_NORM_EPS};
 use crate::train::{Method, Progress, StepOutput};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +91,9 @@ impl MaeConfig {
             decoder_blocks: (0..self.decoder_depth)
                 .map(|_| crate::models::vit_block(d, self.decoder_heads, 4.0, xavier, device))
                 .collect(),
-            decoder_norm: LayerNormConfig::new(d).with_epsilon(1e-6).init(device),
+            decoder_norm: LayerNormConfig::new(d)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device),
             decoder_pred: xavier(d, p * p * 3, device),
             patch: p,
             mask_ratio: self.mask_ratio,
@@ -244,7 +247,9 @@ impl Mae {
         for block in &self.decoder_blocks {
             x = block.forward(x).0;
         }
-        let x = self.decoder_pred.forward(self.decoder_norm.forward(x));
+        let x = self
+            .decoder_pred
+            .forward(layer_norm(&self.decoder_norm, x, LAYER_NORM_EPS));
         x.narrow(1, 1, l)
     }
 

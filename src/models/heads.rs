@@ -173,7 +173,7 @@ impl DinoHead {
                 if let Some(bn) = self.norms.get(i) {
                     x = batch_norm(bn, x);
                 }
-                x = burn::tensor::activation::gelu(x);
+                x = crate::kernels::gelu(x);
             }
         }
         let x = crate::losses::l2_normalize(x);

@@ -3,15 +3,18 @@
 //! blocks, a class token, learned positional embeddings, and attention weights on request
 //! (DINO's attention maps need the last block's).
 
-use crate::kernels::conv2d;
+use crate::kernels::{conv2d, gelu, layer_norm};
 use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+
+/// ε of every layer norm in the ViT and MAE's decoder (timm's and the official MAE/DINO's).
+pub const LAYER_NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,7 +95,7 @@ impl VitConfig {
             .map(|_| block(self.dim, self.heads, self.mlp_ratio, linear, device))
             .collect();
         let norm = LayerNormConfig::new(self.dim)
-            .with_epsilon(1e-6)
+            .with_epsilon(LAYER_NORM_EPS)
             .init(device);
         let p = self.patch_size;
         let trunc = Distribution::Normal(0.0, 0.02);
@@ -152,7 +155,11 @@ pub(crate) fn block(
     linear: fn(usize, usize, &Device) -> Linear,
     device: &Device,
 ) -> VitBlock {
-    let norm = || LayerNormConfig::new(dim).with_epsilon(1e-6).init(device);
+    let norm = || {
+        LayerNormConfig::new(dim)
+            .with_epsilon(LAYER_NORM_EPS)
+            .init(device)
+    };
     let hidden = (dim as f32 * mlp_ratio) as usize;
     VitBlock {
         norm1: norm(),
@@ -233,12 +240,15 @@ impl VitBlock {
             Some(masks) => y * masks[i].clone(),
             None => y,
         };
-        let (a, attn) = self.attn.forward(self.norm1.forward(x.clone()));
+        let (a, attn) = self
+            .attn
+            .forward(layer_norm(&self.norm1, x.clone(), LAYER_NORM_EPS));
         let x = x + branch(a, 0);
-        let m = self
-            .mlp
-            .fc2
-            .forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(layer_norm(
+            &self.norm2,
+            x.clone(),
+            LAYER_NORM_EPS,
+        ))));
         (x + branch(m, 1), attn)
     }
 }
@@ -335,7 +345,7 @@ impl Vit {
             last = Some(attn);
         }
         (
-            self.norm.forward(x),
+            layer_norm(&self.norm, x, LAYER_NORM_EPS),
             last.expect("a ViT has at least one block"),
         )
     }
