@@ -274,31 +274,44 @@ fn batch_channels(x: &FlexTensor) -> (usize, usize, usize) {
 }
 
 /// Per-channel sums (Σa, Σa·b) over N and the spatial positions of two `[N, C, S]` arrays, in
-/// f64, summed in parallel over the batch.
+/// f64: one partial sum per image in parallel, added in image order (the same result on every
+/// run, whatever thread took which image).
 fn channel_sums(a: &[f32], b: &[f32], c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
-    let zeros = || (vec![0f64; c], vec![0f64; c]);
-    a.par_chunks(c * s)
+    let partials: Vec<Vec<[f64; 2]>> = a
+        .par_chunks(c * s)
         .zip(b.par_chunks(c * s))
-        .fold(zeros, |(mut sa, mut sab), (a, b)| {
-            for ch in 0..c {
-                let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
-                let (mut x, mut xy) = (0f32, 0f32);
-                for (a, b) in a.iter().zip(b) {
-                    x += a;
-                    xy += a * b;
-                }
-                sa[ch] += x as f64;
-                sab[ch] += xy as f64;
-            }
-            (sa, sab)
+        .map(|(a, b)| {
+            (0..c)
+                .map(|ch| {
+                    let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
+                    let (mut x, mut xy) = (0f32, 0f32);
+                    for (a, b) in a.iter().zip(b) {
+                        x += a;
+                        xy += a * b;
+                    }
+                    [x as f64, xy as f64]
+                })
+                .collect()
         })
-        .reduce(zeros, |(mut sa, mut sab), (ta, tab)| {
-            for ch in 0..c {
-                sa[ch] += ta[ch];
-                sab[ch] += tab[ch];
-            }
-            (sa, sab)
-        })
+        .collect();
+    let (mut sa, mut sab) = (vec![0f64; c], vec![0f64; c]);
+    for image in partials {
+        for (ch, [x, xy]) in image.into_iter().enumerate() {
+            sa[ch] += x;
+            sab[ch] += xy;
+        }
+    }
+    (sa, sab)
+}
+
+/// Adds up per-task partial sums in task order, so that a parallel reduction gives the same
+/// bits on every run.
+fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut total = vec![0f32; len];
+    for partial in partials {
+        total.iter_mut().zip(&partial).for_each(|(t, p)| *t += p);
+    }
+    total
 }
 
 /// `out = a·x + b·y + d` per channel over `[N, C, S]` arrays (`y` may be omitted), in parallel
@@ -604,12 +617,11 @@ impl CpuKernels for Flex {
         let (mean, inv_std) = (values(&mean), values(&inv_std));
         let mut x_grad = vec![0f32; xs.len()];
         let per_task = rows_per_task(d);
-        let zeros = || (vec![0f32; d], vec![0f32; d]);
-        let (gamma_grad, beta_grad) = x_grad
+        let partials: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * d)
             .enumerate()
             .map(|(task, dx)| {
-                let (mut gamma_grad, mut beta_grad) = zeros();
+                let (mut gamma_grad, mut beta_grad) = (vec![0f32; d], vec![0f32; d]);
                 for (r, dx) in dx.chunks_mut(d).enumerate() {
                     let row = task * per_task + r;
                     let (x, dy) = (&xs[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
@@ -630,13 +642,11 @@ impl CpuKernels for Flex {
                         *dx = rstd * (dy * gamma[k] - mean_g - xhat * mean_gx);
                     }
                 }
-                (gamma_grad, beta_grad)
+                [gamma_grad, beta_grad].concat()
             })
-            .reduce(zeros, |(mut ga, mut ba), (gb, bb)| {
-                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
-                ba.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
-                (ga, ba)
-            });
+            .collect();
+        let mut gamma_grad = sum_in_order(partials, 2 * d);
+        let beta_grad = gamma_grad.split_off(d);
         let params = Shape::new([d]);
         (
             flex_tensor(x_grad, shape),
@@ -715,7 +725,7 @@ impl CpuKernels for Flex {
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
         let mut x_grad = vec![0f32; xs.len()];
         let per_task = images_per_task(n);
-        let weight_grad = x_grad
+        let weight_grad: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * image)
             .enumerate()
             .map(|(task, dx)| {
@@ -771,11 +781,8 @@ impl CpuKernels for Flex {
                 }
                 weight_grad
             })
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            })
-            .unwrap_or_else(|| vec![0f32; co * rows]);
+            .collect();
+        let weight_grad = sum_in_order(weight_grad, co * rows);
         (
             flex_tensor(x_grad, x.shape()),
             flex_tensor(weight_grad, weight.shape()),

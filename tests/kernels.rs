@@ -340,3 +340,44 @@ fn layer_norm_outside_training_matches_burn() {
         ln.forward(x),
     );
 }
+
+#[test]
+fn gradients_are_the_same_bits_on_every_run() {
+    // Parallel reductions (batch norm's statistics, the weight and γ gradients) add their
+    // partial sums in a fixed order: a resumed run must repeat the uninterrupted one exactly.
+    let device = Device::flex().autodiff();
+    let conv = convolution(
+        [3, 8],
+        [3, 3],
+        [1, 1],
+        PaddingConfig2d::Explicit(1, 1, 1, 1),
+        [1, 1],
+        false,
+        &device,
+    );
+    let bn = layer(8, &device);
+    let ln = layer_norm_module(8, &device);
+    let x = Tensor::<4>::from_data(random([64, 3, 12, 12], 1, 1.0, 0.5), &device);
+    let grads = || {
+        let y = kernels::batch_norm(&bn, kernels::conv2d(&conv, x.clone()));
+        let z = kernels::layer_norm(&ln, kernels::gelu(y.swap_dims(1, 3)), 1e-6);
+        let grads = z.powi_scalar(2).sum().backward();
+        let bits = |t: Tensor<1>| {
+            t.into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        [
+            bits(conv.weight.val().grad(&grads).unwrap().flatten(0, 3)),
+            bits(bn.gamma.val().grad(&grads).unwrap()),
+            bits(ln.gamma.val().grad(&grads).unwrap()),
+        ]
+    };
+    let first = grads();
+    for _ in 0..4 {
+        assert_eq!(grads(), first);
+    }
+}
