@@ -26,6 +26,19 @@ pub fn cross_entropy(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
     log_softmax(logits, 1).gather(1, idx).mean().neg()
 }
 
+/// Cross-entropy against labels smoothed by ε (Szegedy et al. 2016; timm's
+/// `LabelSmoothingCrossEntropy`, which MAE's fine-tuning uses with ε = 0.1): the target puts
+/// 1 − ε on the label and ε spread evenly over all classes, so
+/// L = (1 − ε)·(−log p_y) + ε·mean_c(−log p_c), averaged over the batch. ε = 0 is
+/// [`cross_entropy`].
+pub fn cross_entropy_smoothed(logits: Tensor<2>, targets: &[usize], epsilon: f64) -> Tensor<1> {
+    if epsilon == 0.0 {
+        return cross_entropy(logits, targets);
+    }
+    let uniform = log_softmax(logits.clone(), 1).mean().neg();
+    cross_entropy(logits, targets).mul_scalar(1.0 - epsilon) + uniform.mul_scalar(epsilon)
+}
+
 /// InfoNCE (van den Oord et al. 2018), over logits s(q, k)/τ:
 ///
 ///   L = −log( exp(s(q,k+)/τ) / (exp(s(q,k+)/τ) + Σ_j exp(s(q,k_j−)/τ)) )

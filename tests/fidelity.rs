@@ -330,3 +330,15 @@ fn drop_path_rises_over_the_blocks_and_rescales_what_it_keeps() {
     assert_eq!(f(0.9, 1), f(0.9, 1));
     assert_ne!(f(0.9, 1), plain);
 }
+
+#[test]
+fn fine_tuning_defaults_are_maes() {
+    // main_finetune.py: --drop_path 0.1, --smoothing 0.1, --layer_decay 0.75, --weight_decay
+    // 0.05, --warmup_epochs 5, --epochs 100 (ViT-L/H; ViT-B takes 0.65 and 5e-4).
+    let c = selfsup::eval::finetune::FinetuneConfig::default();
+    assert_eq!((c.drop_path, c.label_smoothing), (0.1, 0.1));
+    assert_eq!(
+        (c.layer_decay, c.weight_decay, c.warmup_epochs, c.epochs),
+        (0.75, 0.05, 5.0, 100)
+    );
+}

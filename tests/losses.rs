@@ -3,7 +3,7 @@
 use burn::optim::Optimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use selfsup::eval::{knn, Features};
-use selfsup::losses::{cosine_logits, cross_entropy, info_nce, nt_xent};
+use selfsup::losses::{cosine_logits, cross_entropy, cross_entropy_smoothed, info_nce, nt_xent};
 use selfsup::train::optim::{cosine_ramp, warmup_cosine, Lars};
 
 fn dev() -> Device {
@@ -59,6 +59,22 @@ fn cross_entropy_matches_the_formula() {
     let loss = scalar(cross_entropy(logits, &[0, 1]));
     let expected = 0.5 * (-(2f64.exp() / (2f64.exp() + 1.0)).ln() + 2f64.ln());
     assert!((loss - expected).abs() < 1e-5);
+}
+
+#[test]
+fn smoothed_cross_entropy_matches_timms_formula() {
+    // timm's LabelSmoothingCrossEntropy: (1 − ε)·nll + ε·mean over classes of −log p.
+    let logits = || t2(&[[2.0, 0.0], [0.0, 0.0]]);
+    let loss = scalar(cross_entropy_smoothed(logits(), &[0, 1], 0.1));
+    let z = (2f64.exp() + 1.0).ln();
+    let nll = 0.5 * ((z - 2.0) + 2f64.ln());
+    let uniform = 0.5 * ((z - 1.0) + 2f64.ln());
+    assert!((loss - (0.9 * nll + 0.1 * uniform)).abs() < 1e-5, "{loss}");
+    let plain = scalar(cross_entropy(logits(), &[0, 1]));
+    assert_eq!(
+        scalar(cross_entropy_smoothed(logits(), &[0, 1], 0.0)),
+        plain
+    );
 }
 
 #[test]

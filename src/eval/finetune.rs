@@ -1,21 +1,25 @@
 //! Fine-tuning: the whole encoder and a linear classifier trained on labels (AdamW, warm-up +
 //! cosine), with layer-wise learning-rate decay for ViTs as in MAE and BEiT: block i of a
 //! depth-d ViT learns at lr·decay^(d − i), the embeddings at lr·decay^(d + 1), the head at lr.
-//! The same call on a randomly initialised encoder is the from-scratch baseline.
+//! As MAE's `main_finetune.py`: stochastic depth in the ViT (`drop_path`, 0.1), label smoothing
+//! (0.1), the head's weights from N(0, (2e-5)²) with a zero bias. Not (yet) here: mixup/cutmix,
+//! RandAugment and random erasing, and MAE's exemption of biases, norms and embeddings from
+//! weight decay. The same call on a randomly initialised encoder is the from-scratch baseline.
 
 use anyhow::{bail, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use super::Accuracy;
 use crate::augment::Pipeline;
 use crate::data::{Loader, Split};
-use crate::losses::cross_entropy;
+use crate::losses::cross_entropy_smoothed;
 use crate::models::{init_seeded, Backbone};
 use crate::train::optim::{warmup_cosine, OptimConfig, OptimizerKind};
 
@@ -32,6 +36,10 @@ pub struct FinetuneConfig {
     pub warmup_epochs: f64,
     /// Labelled training images used (0: all).
     pub train_limit: usize,
+    /// Stochastic depth rate of a ViT's blocks (MAE: 0.1 for ViT-B); a ResNet has none.
+    pub drop_path: f64,
+    /// Label smoothing ε of the cross-entropy (MAE: 0.1).
+    pub label_smoothing: f64,
 }
 
 impl Default for FinetuneConfig {
@@ -44,6 +52,8 @@ impl Default for FinetuneConfig {
             weight_decay: 0.05,
             warmup_epochs: 5.0,
             train_limit: 0,
+            drop_path: 0.1,
+            label_smoothing: 0.1,
         }
     }
 }
@@ -81,9 +91,24 @@ pub fn finetune(
     if config.epochs == 0 || config.batch_size == 0 {
         bail!("finetune.epochs and finetune.batch_size must be at least 1");
     }
+    if !(0.0..1.0).contains(&config.drop_path) || !(0.0..1.0).contains(&config.label_smoothing) {
+        bail!("finetune.drop_path and finetune.label_smoothing must lie in [0, 1)");
+    }
     let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
-    let head = init_seeded(&ad, 0, || LinearConfig::new(feature_dim, classes).init(&ad));
+    // MAE: trunc_normal_(head.weight, std=2e-5), a zero bias.
+    let head = init_seeded(&ad, 0, || {
+        LinearConfig::new(feature_dim, classes)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: 2e-5,
+            })
+            .init(&ad)
+    });
+    let head = Linear {
+        bias: head.bias.map(|b| b.map(|t| t.zeros_like())),
+        ..head
+    };
     let mut model = Classifier {
         backbone: crate::models::to_device(backbone, &ad),
         head,
@@ -125,6 +150,7 @@ pub fn finetune(
     let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let peak = config.base_lr * config.batch_size as f64 / 256.0;
     let bar = crate::data::progress_bar(total as u64, "fine-tune");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut step = 0;
     for epoch in 0..config.epochs {
         for batch in loader.epoch(epoch as u64, 0) {
@@ -137,8 +163,11 @@ pub fn finetune(
                 bail!("split '{}' has no labels to fine-tune on", train.name);
             }
             let x = batch.views[0].to_tensor(&ad);
-            let logits = model.head.forward(model.backbone.forward(x));
-            let loss = cross_entropy(logits, &labels);
+            let features = model
+                .backbone
+                .forward_drop_path(x, config.drop_path, &mut rng);
+            let logits = model.head.forward(features);
+            let loss = cross_entropy_smoothed(logits, &labels, config.label_smoothing);
             let value: f32 = loss.clone().into_scalar();
             if !value.is_finite() {
                 bail!("fine-tuning loss became {value} at step {step}");
