@@ -62,7 +62,7 @@ pub trait CpuKernels: Backend {
     /// The gradient of [`CpuKernels::gelu`] at `x` given its output's.
     fn gelu_backward(x: FloatTensor<Self>, output_grad: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// Layer norm over the last dim of `x` (`[..., D]`): (output, mean, 1/σ), the last two
+    /// Layer norm over the last dim of `x` (`[..., D]`): (output, mean, variance), the last two
     /// per row `[rows]`.
     fn layer_norm(
         x: FloatTensor<Self>,
@@ -76,7 +76,8 @@ pub trait CpuKernels: Backend {
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         mean: FloatTensor<Self>,
-        inv_std: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
         output_grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
@@ -205,7 +206,12 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// `ln.forward(x)` with the fused kernel on `flex`. burn keeps a `LayerNorm`'s ε private, so the
 /// caller passes the ε it built the layer with.
 pub fn layer_norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>, epsilon: f64) -> Tensor<D> {
-    let Some(beta) = ln.beta.as_ref().filter(|_| on_flex(&x.device())) else {
+    let d = x.dims()[D - 1];
+    let f32s = [x.dtype(), ln.gamma.val().dtype()]
+        .iter()
+        .all(|t| *t == burn::tensor::DType::F32);
+    let fits = d > 0 && ln.gamma.dims() == [d] && f32s && on_flex(&x.device());
+    let Some(beta) = ln.beta.as_ref().filter(|_| fits) else {
         return ln.forward(x);
     };
     let (output, _, _) = <Dispatch as CpuKernels>::layer_norm(
@@ -266,6 +272,18 @@ fn values(x: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
+/// Whether the fused batch norm (`axis` 1) takes `x` and its per-channel `params`: all f32,
+/// `x` of rank ≥ 2 and not empty, each parameter of the channel count.
+fn fused_norm<const P: usize>(x: &FlexTensor, params: [&FlexTensor; P], axis: usize) -> bool {
+    let shape = x.shape();
+    shape.num_dims() > axis
+        && shape.num_elements() > 0
+        && x.dtype() == DType::F32
+        && params
+            .iter()
+            .all(|p| p.dtype() == DType::F32 && p.shape().num_elements() == shape[axis])
+}
+
 /// (N, C, spatial size) of a `[N, C, ...]` activation.
 fn batch_channels(x: &FlexTensor) -> (usize, usize, usize) {
     let shape = x.shape();
@@ -273,10 +291,11 @@ fn batch_channels(x: &FlexTensor) -> (usize, usize, usize) {
     (n, c, shape.num_elements() / (n * c).max(1))
 }
 
-/// Per-channel sums (Σa, Σa·b) over N and the spatial positions of two `[N, C, S]` arrays, in
-/// f64: one partial sum per image in parallel, added in image order (the same result on every
-/// run, whatever thread took which image).
-fn channel_sums(a: &[f32], b: &[f32], c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
+/// Per-channel sums (Σa, Σa·(b − shift_c)) over N and the spatial positions of two `[N, C, S]`
+/// arrays, accumulated in f64: one partial sum per image in parallel, added in image order (the
+/// same result on every run, whatever thread took which image). Subtracting the known mean in
+/// the product keeps a variance exact when the mean is large against the spread.
+fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
     let partials: Vec<Vec<[f64; 2]>> = a
         .par_chunks(c * s)
         .zip(b.par_chunks(c * s))
@@ -284,12 +303,12 @@ fn channel_sums(a: &[f32], b: &[f32], c: usize, s: usize) -> (Vec<f64>, Vec<f64>
             (0..c)
                 .map(|ch| {
                     let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
-                    let (mut x, mut xy) = (0f32, 0f32);
-                    for (a, b) in a.iter().zip(b) {
-                        x += a;
-                        xy += a * b;
+                    let (mut x, mut xy) = (0f64, 0f64);
+                    for (&a, &b) in a.iter().zip(b) {
+                        x += a as f64;
+                        xy += a as f64 * (b as f64 - shift[ch]);
                     }
-                    [x as f64, xy as f64]
+                    [x, xy]
                 })
                 .collect()
         })
@@ -501,8 +520,8 @@ impl ConvShape {
 fn conv_shape(x: &FlexTensor, weight: &FlexTensor, geometry: ConvGeometry) -> Option<ConvShape> {
     let (xs, ws) = (x.shape(), weight.shape());
     let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
-    if !f32s || xs.num_dims() != 4 || ws.num_dims() != 4 || xs[1] != ws[1] || xs.num_elements() == 0
-    {
+    let empty = xs.num_elements() == 0 || ws.num_elements() == 0;
+    if !f32s || xs.num_dims() != 4 || ws.num_dims() != 4 || xs[1] != ws[1] || empty {
         return None;
     }
     let (input, kernel) = ([xs[2], xs[3]], [ws[2], ws[3]]);
@@ -528,9 +547,11 @@ impl ConvGeometry {
     }
 }
 
-/// How many images each parallel task takes: the batch split evenly over rayon's threads.
+/// How many images each parallel task of a convolution takes: the batch in 8 tasks whatever the
+/// number of threads, so that the weight gradient's per-task sums (added in task order) give
+/// the same bits on any machine; 8 keeps 2-8 cores busy and the per-task gradient copies few.
 fn images_per_task(batch: usize) -> usize {
-    batch.div_ceil(rayon::current_num_threads()).max(1)
+    batch.div_ceil(8).max(1)
 }
 
 /// Rows of `[rows, D]` per parallel task: about 16K values.
@@ -576,14 +597,14 @@ impl CpuKernels for Flex {
         let (xs, gamma, beta) = (values(&x), values(&gamma), values(&beta));
         let mut output = vec![0f32; xs.len()];
         let mut mean = vec![0f32; rows];
-        let mut inv_std = vec![0f32; rows];
+        let mut variance = vec![0f32; rows];
         let per_task = rows_per_task(d);
         output
             .par_chunks_mut(per_task * d)
             .zip(mean.par_chunks_mut(per_task))
-            .zip(inv_std.par_chunks_mut(per_task))
+            .zip(variance.par_chunks_mut(per_task))
             .enumerate()
-            .for_each(|(task, ((out, mean), inv_std))| {
+            .for_each(|(task, ((out, mean), variance))| {
                 let first = task * per_task * d;
                 for (r, out) in out.chunks_mut(d).enumerate() {
                     let x = &xs[first + r * d..first + (r + 1) * d];
@@ -593,14 +614,14 @@ impl CpuKernels for Flex {
                     for (((o, x), g), b) in out.iter_mut().zip(x).zip(&*gamma).zip(&*beta) {
                         *o = (x - mu) * rstd * g + b;
                     }
-                    (mean[r], inv_std[r]) = (mu, rstd);
+                    (mean[r], variance[r]) = (mu, var as f32);
                 }
             });
         let stats = Shape::new([rows]);
         (
             flex_tensor(output, shape),
             flex_tensor(mean, stats.clone()),
-            flex_tensor(inv_std, stats),
+            flex_tensor(variance, stats),
         )
     }
 
@@ -608,13 +629,14 @@ impl CpuKernels for Flex {
         x: FlexTensor,
         gamma: FlexTensor,
         mean: FlexTensor,
-        inv_std: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
         output_grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let shape = x.shape();
         let d = shape[shape.num_dims() - 1];
         let (xs, dy, gamma) = (values(&x), values(&output_grad), values(&gamma));
-        let (mean, inv_std) = (values(&mean), values(&inv_std));
+        let (mean, variance) = (values(&mean), values(&variance));
         let mut x_grad = vec![0f32; xs.len()];
         let per_task = rows_per_task(d);
         let partials: Vec<Vec<f32>> = x_grad
@@ -625,7 +647,8 @@ impl CpuKernels for Flex {
                 for (r, dx) in dx.chunks_mut(d).enumerate() {
                     let row = task * per_task + r;
                     let (x, dy) = (&xs[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
-                    let (mu, rstd) = (mean[row], inv_std[row]);
+                    let rstd = (1.0 / (variance[row] as f64 + epsilon).sqrt()) as f32;
+                    let mu = mean[row];
                     // dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ.
                     let (mut sum_g, mut sum_gx) = (0f32, 0f32);
                     for (k, (&x, &dy)) in x.iter().zip(dy).enumerate() {
@@ -795,7 +818,7 @@ impl CpuKernels for Flex {
         beta: FlexTensor,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if x.dtype() != DType::F32 || x.shape().num_dims() < 2 || x.shape().num_elements() == 0 {
+        if !fused_norm(&x, [&gamma, &beta], 1) {
             let r = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
             return (r.output, r.mean, r.variance);
         }
@@ -803,14 +826,12 @@ impl CpuKernels for Flex {
         let shape = x.shape();
         let xs = values(&x);
         let (gamma, beta) = (values(&gamma), values(&beta));
-        let (sum, sum_sq) = channel_sums(&xs, &xs, c, s);
+        // Two passes, as burn's: the mean, then Σ(x − μ)·(x − μ) (x·(x − μ) sums the same).
         let count = (n * s) as f64;
+        let (sum, _) = channel_sums(&xs, &xs, &vec![0.0; c], c, s);
         let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
-        let variance: Vec<f64> = sum_sq
-            .iter()
-            .zip(&mean)
-            .map(|(sq, m)| (sq / count - m * m).max(0.0))
-            .collect();
+        let (_, centred) = channel_sums(&xs, &xs, &mean, c, s);
+        let variance: Vec<f64> = centred.iter().map(|v| (v / count).max(0.0)).collect();
         let coef: Vec<[f32; 3]> = (0..c)
             .map(|ch| {
                 let scale = gamma[ch] as f64 / (variance[ch] + epsilon).sqrt();
@@ -839,7 +860,7 @@ impl CpuKernels for Flex {
         epsilon: f64,
         output_grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if x.dtype() != DType::F32 || x.shape().num_dims() < 2 || x.shape().num_elements() == 0 {
+        if !fused_norm(&x, [&gamma, &mean, &variance], 1) || output_grad.dtype() != DType::F32 {
             let r = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
                 x,
                 gamma,
@@ -854,8 +875,9 @@ impl CpuKernels for Flex {
         let shape = x.shape();
         let (xs, dy) = (values(&x), values(&output_grad));
         let (gamma, mean, variance) = (values(&gamma), values(&mean), values(&variance));
-        // Σdy and Σdy·x per channel give β's and γ's gradients (Σdy·x̂ = (Σdy·x − μΣdy)/σ).
-        let (sum_dy, sum_dy_x) = channel_sums(&dy, &xs, c, s);
+        // Σdy and Σdy·(x − μ) per channel give β's and γ's gradients (Σdy·x̂ = Σdy·(x − μ)/σ).
+        let mu: Vec<f64> = mean.iter().map(|&m| m as f64).collect();
+        let (sum_dy, sum_dy_centred) = channel_sums(&dy, &xs, &mu, c, s);
         let count = (n * s) as f64;
         let mut gamma_grad = vec![0f32; c];
         let coef: Vec<[f32; 3]> = (0..c)
@@ -864,7 +886,7 @@ impl CpuKernels for Flex {
                     mean[ch] as f64,
                     1.0 / (variance[ch] as f64 + epsilon).sqrt(),
                 );
-                let dy_xhat = (sum_dy_x[ch] - mu * sum_dy[ch]) * inv_std;
+                let dy_xhat = sum_dy_centred[ch] * inv_std;
                 gamma_grad[ch] = dy_xhat as f32;
                 // dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy·x̂)) = a·dy + b·x + d.
                 let a = gamma[ch] as f64 * inv_std;
@@ -880,6 +902,110 @@ impl CpuKernels for Flex {
             flex_tensor(gamma_grad, Shape::new([c])),
             flex_tensor(beta_grad, Shape::new([c])),
         )
+    }
+}
+
+/// A normalisation's forward pass on the inner backend: (output, mean, variance) of
+/// (x, γ, β, ε), and its backward: (x, γ, β) gradients of (x, γ, mean, variance, ε, output grad).
+type NormForward<B> = fn(
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+type NormBackwardFn<B> = fn(
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    f64,
+    FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+/// The backward step of [`normalization`].
+#[derive(Debug)]
+struct NormBackward<B: Backend> {
+    backward: NormBackwardFn<B>,
+}
+
+impl<B: Backend> Backward<B, 3> for NormBackward<B> {
+    /// (x, γ) as checkpointed nodes, the batch or row mean and variance, ε.
+    type State = (NodeId, NodeId, FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gamma, mean, variance, epsilon) = ops.state;
+        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x);
+        let gamma = checkpointer.retrieve_node_output::<FloatTensor<B>>(gamma);
+        let (x_grad, gamma_grad, beta_grad) =
+            (self.backward)(x, gamma, mean, variance, epsilon, grad);
+        for (node, grad) in [
+            (node_x, x_grad),
+            (node_gamma, gamma_grad),
+            (node_beta, beta_grad),
+        ] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Batch norm or layer norm under autodiff: the fused forward on the inner backend, (x, γ)
+/// checkpointed with the statistics it returned, and the fused backward (burn's own autodiff
+/// step for batch norm, with the fused kernels).
+fn normalization<B: Backend, C: CheckpointStrategy>(
+    [x, gamma, beta]: [FloatTensor<Autodiff<B, C>>; 3],
+    epsilon: f64,
+    forward: NormForward<B>,
+    backward: NormBackwardFn<B>,
+) -> (
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+    FloatTensor<Autodiff<B, C>>,
+) {
+    let statistic = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+    match (NormBackward { backward })
+        .prepare::<C>([x.node(), gamma.node(), beta.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+            let (output, mean, variance) = forward(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                epsilon,
+            );
+            let state = (
+                x_state,
+                gamma_state,
+                mean.clone(),
+                variance.clone(),
+                epsilon,
+            );
+            (
+                prep.finish(state, output),
+                statistic(mean),
+                statistic(variance),
+            )
+        }
+        OpsKind::UnTracked(prep) => {
+            let (output, mean, variance) = forward(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                epsilon,
+            );
+            (prep.finish(output), statistic(mean), statistic(variance))
+        }
     }
 }
 
@@ -928,77 +1054,20 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        /// The backward step: the fused kernel, from the row statistics of the forward pass.
-        #[derive(Debug)]
-        struct LayerNormBackward;
-
-        impl<B: Backend + CpuKernels> Backward<B, 3> for LayerNormBackward {
-            /// (x, γ) as checkpointed nodes, each row's mean and 1/σ.
-            type State = (NodeId, NodeId, FloatTensor<B>, FloatTensor<B>);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_gamma, node_beta] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, gamma, mean, inv_std) = ops.state;
-                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x);
-                let gamma = checkpointer.retrieve_node_output::<FloatTensor<B>>(gamma);
-                let (x_grad, gamma_grad, beta_grad) =
-                    <B as CpuKernels>::layer_norm_backward(x, gamma, mean, inv_std, grad);
-                for (node, grad) in [
-                    (node_x, x_grad),
-                    (node_gamma, gamma_grad),
-                    (node_beta, beta_grad),
-                ] {
-                    if let Some(node) = node {
-                        grads.register::<B>(node.id, grad);
-                    }
-                }
-            }
-        }
-
-        let statistic = <Self as AutodiffBackend>::from_inner;
-        match LayerNormBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
-                let (output, mean, inv_std) = <B as CpuKernels>::layer_norm(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                let state = (x_state, gamma_state, mean.clone(), inv_std.clone());
-                (
-                    prep.finish(state, output),
-                    statistic(mean),
-                    statistic(inv_std),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (output, mean, inv_std) = <B as CpuKernels>::layer_norm(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                (prep.finish(output), statistic(mean), statistic(inv_std))
-            }
-        }
+        normalization::<B, C>(
+            [x, gamma, beta],
+            epsilon,
+            <B as CpuKernels>::layer_norm,
+            <B as CpuKernels>::layer_norm_backward,
+        )
     }
 
     fn layer_norm_backward(
         _x: FloatTensor<Self>,
         _gamma: FloatTensor<Self>,
         _mean: FloatTensor<Self>,
-        _inv_std: FloatTensor<Self>,
+        _variance: FloatTensor<Self>,
+        _epsilon: f64,
         _output_grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         panic!("layer norm's backward pass has no gradient of its own here")
@@ -1075,78 +1144,12 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        /// The backward step: burn's own for batch norm, with the fused kernel.
-        #[derive(Debug)]
-        struct BatchNormBackward;
-
-        impl<B: Backend + CpuKernels> Backward<B, 3> for BatchNormBackward {
-            /// (x, γ) as checkpointed nodes, the batch mean and variance, ε.
-            type State = (NodeId, NodeId, FloatTensor<B>, FloatTensor<B>, f64);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_gamma, node_beta] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x, gamma, mean, variance, epsilon) = ops.state;
-                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x);
-                let gamma = checkpointer.retrieve_node_output::<FloatTensor<B>>(gamma);
-                let (x_grad, gamma_grad, beta_grad) = <B as CpuKernels>::batch_norm_train_backward(
-                    x, gamma, mean, variance, epsilon, grad,
-                );
-                for (node, grad) in [
-                    (node_x, x_grad),
-                    (node_gamma, gamma_grad),
-                    (node_beta, beta_grad),
-                ] {
-                    if let Some(node) = node {
-                        grads.register::<B>(node.id, grad);
-                    }
-                }
-            }
-        }
-
-        let statistic = <Self as AutodiffBackend>::from_inner;
-        match BatchNormBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let gamma_state = prep.checkpoint(&gamma);
-                let (output, mean, variance) = <B as CpuKernels>::batch_norm_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                let state = (
-                    x_state,
-                    gamma_state,
-                    mean.clone(),
-                    variance.clone(),
-                    epsilon,
-                );
-                (
-                    prep.finish(state, output),
-                    statistic(mean),
-                    statistic(variance),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (output, mean, variance) = <B as CpuKernels>::batch_norm_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                (prep.finish(output), statistic(mean), statistic(variance))
-            }
-        }
+        normalization::<B, C>(
+            [x, gamma, beta],
+            epsilon,
+            <B as CpuKernels>::batch_norm_train,
+            <B as CpuKernels>::batch_norm_train_backward,
+        )
     }
 
     fn batch_norm_train_backward(

@@ -433,6 +433,19 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 pretrain::linear_accuracy(&recipe, &backbone, train, test, classes, &device)?
             };
+            // Say which protocol the number used: the linear probe is the quick one, not the
+            // papers' (SGD/LARS on augmented crops).
+            let protocol = match protocol.as_str() {
+                "knn" => format!(
+                    "kNN (k={}, T={}, cosine, weighted votes, {} as the bank)",
+                    recipe.eval.knn_k, recipe.eval.knn_t, recipe.data.train_split
+                ),
+                _ => format!(
+                    "linear probe (AdamW, {} epochs on fixed, standardised centre-crop features; \
+                     not the papers' SGD on augmented crops)",
+                    recipe.eval.linear_epochs
+                ),
+            };
             println!(
                 "{protocol} on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
                 recipe.data.test_split,

@@ -321,3 +321,43 @@ fn normalisation_is_per_channel() {
     let v = selfsup::augment::normalize(&img, [0.5, 0.5, 0.0], [0.5, 0.25, 0.2]);
     assert_eq!(v.data, vec![1.0, 1.0, -2.0, -2.0, 1.0, 1.0]);
 }
+
+#[test]
+fn dino_and_mae_crops_resize_bicubic_simclr_bilinear() {
+    // DINO's and MAE's RandomResizedCrop(..., interpolation=BICUBIC); torchvision's default
+    // (bilinear) for SimCLR and MoCo.
+    let interpolation = |name: &str| {
+        let p = Pipeline::preset(name, Sizes::small(32)).unwrap();
+        p.views.iter().map(|v| v.interpolation).collect::<Vec<_>>()
+    };
+    assert!(interpolation("dino")
+        .iter()
+        .all(|&i| i == ops::Interpolation::Bicubic));
+    assert!(interpolation("mae")
+        .iter()
+        .all(|&i| i == ops::Interpolation::Bicubic));
+    assert!(interpolation("simclr")
+        .iter()
+        .all(|&i| i == ops::Interpolation::Bilinear));
+    // Upsampling a step edge: Catmull-Rom overshoots on both sides of it, bilinear never
+    // leaves the range of its inputs.
+    let step = RgbImage::from_fn(
+        4,
+        1,
+        |x, _| if x < 2 { Rgb([50; 3]) } else { Rgb([200; 3]) },
+    );
+    let whole = ops::Crop {
+        x: 0,
+        y: 0,
+        w: 4,
+        h: 1,
+    };
+    let range = |i| {
+        let up = ops::crop_resize_with(&step, whole, 16, 1, i);
+        let v: Vec<u8> = up.pixels().map(|p| p.0[0]).collect();
+        (*v.iter().min().unwrap(), *v.iter().max().unwrap())
+    };
+    assert_eq!(range(ops::Interpolation::Bilinear), (50, 200));
+    let (low, high) = range(ops::Interpolation::Bicubic);
+    assert!(low < 50 && high > 200, "{low}..{high}");
+}

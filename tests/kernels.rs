@@ -41,8 +41,13 @@ fn layer(channels: usize, device: &Device) -> BatchNorm {
 /// Runs batch norm both ways on `x` (made strided when `permuted`) with a loss that weights
 /// every output differently, and compares outputs, running statistics and gradients.
 fn check_batch_norm<const D: usize>(shape: [usize; D], permuted: bool) {
+    check_batch_norm_of(shape, permuted, 2.0, 3.0);
+}
+
+/// [`check_batch_norm`] on values U(-1, 1)·`scale` + `offset`.
+fn check_batch_norm_of<const D: usize>(shape: [usize; D], permuted: bool, scale: f32, offset: f32) {
     let device = Device::flex().autodiff();
-    let x = Tensor::<D>::from_data(random(shape, 1, 2.0, 3.0), &device).require_grad();
+    let x = Tensor::<D>::from_data(random(shape, 1, scale, offset), &device).require_grad();
     let weights = Tensor::<D>::from_data(random(shape, 2, 1.0, 0.0), &device);
     let run = |fused: bool| {
         let bn = layer(shape[1], &device);
@@ -90,8 +95,16 @@ fn batch_norm_matches_burn_on_strided_images() {
 }
 
 #[test]
-fn batch_norm_matches_burn_on_feature_vectors() {
+fn batch_norm_matches_burn_on_feature_vectors_and_sequences() {
     check_batch_norm([16, 12], false);
+    check_batch_norm([4, 6, 10], false);
+}
+
+#[test]
+fn batch_norm_keeps_its_precision_when_the_mean_dwarfs_the_spread() {
+    // Mean 20 standard deviations from zero over 4,096 positions a channel: E[x²] − μ² in f32
+    // would lose the variance's leading digits.
+    check_batch_norm_of([2, 4, 64, 64], false, 0.5, 10.0);
 }
 
 #[test]
@@ -143,10 +156,11 @@ fn check_conv(
     co: usize,
     kernel: [usize; 2],
     stride: [usize; 2],
-    padding: PaddingConfig2d,
+    [top, left, bottom, right]: [usize; 4],
     dilation: [usize; 2],
     bias: bool,
 ) {
+    let padding = PaddingConfig2d::Explicit(top, left, bottom, right);
     let device = Device::flex().autodiff();
     let x = Tensor::<4>::from_data(random(input, 1, 1.0, 0.5), &device).require_grad();
     let run = |fused: bool| {
@@ -184,70 +198,41 @@ fn check_conv(
 
 #[test]
 fn conv_matches_burn_for_resnet_layers() {
-    let same = PaddingConfig2d::Explicit(1, 1, 1, 1);
     // 3×3 at stride 1 and 2, the 1×1 downsample, the ImageNet stem.
-    check_conv([3, 4, 9, 8], 5, [3, 3], [1, 1], same.clone(), [1, 1], false);
-    check_conv([3, 4, 9, 8], 6, [3, 3], [2, 2], same, [1, 1], false);
-    check_conv(
-        [3, 4, 9, 8],
-        6,
-        [1, 1],
-        [2, 2],
-        PaddingConfig2d::Valid,
-        [1, 1],
-        false,
-    );
-    check_conv(
-        [2, 3, 16, 15],
-        4,
-        [7, 7],
-        [2, 2],
-        PaddingConfig2d::Explicit(3, 3, 3, 3),
-        [1, 1],
-        false,
-    );
+    check_conv([3, 4, 9, 8], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([3, 4, 9, 8], 6, [3, 3], [2, 2], [1; 4], [1, 1], false);
+    check_conv([3, 4, 9, 8], 6, [1, 1], [2, 2], [0; 4], [1, 1], false);
+    check_conv([2, 3, 16, 15], 4, [7, 7], [2, 2], [3; 4], [1, 1], false);
 }
 
 #[test]
 fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
     // 1×1 at stride 1 (the image is its own column matrix), a ViT patch embedding with bias,
-    // asymmetric padding, dilation.
+    // asymmetric padding, dilation, dilation with stride 2 and asymmetric padding, a kernel
+    // larger than the input, a 1×1 output.
+    check_conv([3, 6, 5, 4], 7, [1, 1], [1, 1], [0; 4], [1, 1], false);
+    check_conv([2, 3, 16, 16], 8, [4, 4], [4, 4], [0; 4], [1, 1], true);
+    check_conv([2, 3, 7, 6], 4, [3, 2], [2, 1], [0, 1, 2, 0], [1, 1], true);
+    check_conv([2, 3, 9, 9], 4, [3, 3], [1, 1], [2; 4], [2, 2], false);
     check_conv(
-        [3, 6, 5, 4],
-        7,
-        [1, 1],
-        [1, 1],
-        PaddingConfig2d::Valid,
-        [1, 1],
-        false,
-    );
-    check_conv(
-        [2, 3, 16, 16],
-        8,
-        [4, 4],
-        [4, 4],
-        PaddingConfig2d::Valid,
-        [1, 1],
-        true,
-    );
-    check_conv(
-        [2, 3, 7, 6],
-        4,
-        [3, 2],
-        [2, 1],
-        PaddingConfig2d::Explicit(0, 1, 2, 0),
-        [1, 1],
-        true,
-    );
-    check_conv(
-        [2, 3, 9, 9],
+        [2, 3, 11, 10],
         4,
         [3, 3],
-        [1, 1],
-        PaddingConfig2d::Explicit(2, 2, 2, 2),
+        [2, 2],
+        [1, 3, 2, 0],
         [2, 2],
         false,
     );
+    check_conv([2, 2, 3, 3], 3, [5, 5], [1, 1], [2; 4], [1, 1], false);
+    check_conv([2, 3, 7, 7], 3, [7, 7], [1, 1], [0; 4], [1, 1], true);
+}
+
+#[test]
+fn conv_matches_burn_for_batches_of_any_size() {
+    // One image, and batches that do not split evenly into the kernel's parallel tasks.
+    for n in [1, 5, 13] {
+        check_conv([n, 2, 6, 6], 3, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    }
 }
 
 #[test]
@@ -330,6 +315,21 @@ fn layer_norm_matches_burn() {
 }
 
 #[test]
+fn layer_norm_of_half_precision_is_burns() {
+    // The kernels take f32; other dtypes go to burn's op.
+    let device = Device::flex();
+    let ln = layer_norm_module(16, &device);
+    let x = Tensor::<2>::from_data(random([7, 16], 3, 1.0, 0.0), &device)
+        .cast(burn::tensor::DType::F16);
+    let got = kernels::layer_norm(&ln, x.clone(), 1e-6).cast(burn::tensor::DType::F32);
+    assert_close(
+        "f16 layer norm",
+        got,
+        ln.forward(x).cast(burn::tensor::DType::F32),
+    );
+}
+
+#[test]
 fn layer_norm_outside_training_matches_burn() {
     let device = Device::flex();
     let ln = layer_norm_module(16, &device);
@@ -377,7 +377,15 @@ fn gradients_are_the_same_bits_on_every_run() {
         ]
     };
     let first = grads();
-    for _ in 0..4 {
+    for _ in 0..2 {
         assert_eq!(grads(), first);
+    }
+    // The same bits on a machine with another number of cores.
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        assert_eq!(pool.install(grads), first, "{threads} threads");
     }
 }

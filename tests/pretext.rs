@@ -213,6 +213,17 @@ fn jigsaw_puzzle_places_tile_pi_j_at_position_j() {
 }
 
 #[test]
+fn tile_colour_jitter_shifts_each_channel_and_clips() {
+    // The PyTorch port's rgb_jittering: im[:, :, ch] += randint(-2, 2), clipped to 0..=255.
+    let mut img = image::RgbImage::from_pixel(2, 1, image::Rgb([0, 128, 255]));
+    img.put_pixel(1, 0, image::Rgb([1, 2, 254]));
+    selfsup::augment::ops::shift_channels(&mut img, [-2, 1, 1]);
+    assert_eq!(img.get_pixel(0, 0).0, [0, 129, 255]);
+    assert_eq!(img.get_pixel(1, 0).0, [0, 3, 255]);
+    assert_eq!(JigsawConfig::default().tile_jitter, 2);
+}
+
+#[test]
 fn inpainting_views_are_the_image_and_a_mask_of_the_asked_area() {
     let img = common::pattern(3);
     let base = Pipeline::preset("mae", Sizes::small(32)).unwrap();

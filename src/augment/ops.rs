@@ -69,11 +69,37 @@ pub fn center_square(width: u32, height: u32) -> Crop {
     }
 }
 
-/// Antialiased bilinear resize of the `crop` of `img` to `w`×`h` (PIL's bilinear filter).
+/// How a crop is resized to its view's size (antialiased, as PIL's filters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// torchvision's default, as SimCLR and MoCo crop.
+    #[default]
+    Bilinear,
+    /// PIL's bicubic (Catmull-Rom, a = −0.5), as DINO's and MAE's crops (`interpolation=3`).
+    Bicubic,
+}
+
+/// Antialiased resize of the `crop` of `img` to `w`×`h` (PIL's bilinear filter).
 pub fn crop_resize(img: &RgbImage, crop: Crop, w: u32, h: u32) -> RgbImage {
+    crop_resize_with(img, crop, w, h, Interpolation::Bilinear)
+}
+
+/// Antialiased resize of the `crop` of `img` to `w`×`h` with the given filter.
+pub fn crop_resize_with(
+    img: &RgbImage,
+    crop: Crop,
+    w: u32,
+    h: u32,
+    interpolation: Interpolation,
+) -> RgbImage {
+    let filter = match interpolation {
+        Interpolation::Bilinear => fr::FilterType::Bilinear,
+        Interpolation::Bicubic => fr::FilterType::CatmullRom,
+    };
     let mut dst = RgbImage::new(w, h);
     let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+        .resize_alg(fr::ResizeAlg::Convolution(filter))
         .crop(crop.x as f64, crop.y as f64, crop.w as f64, crop.h as f64);
     fr::Resizer::new()
         .resize(img, &mut dst, &opts)
@@ -270,6 +296,15 @@ pub fn jigsaw_tiles(img: &RgbImage, grid: u32, tile: u32, rng: &mut impl Rng) ->
         }
     }
     out
+}
+
+/// Adds `shifts[c]` grey levels to channel c of every pixel, clipped to 0..=255.
+pub fn shift_channels(img: &mut RgbImage, shifts: [i16; 3]) {
+    for pixel in img.pixels_mut() {
+        for (v, s) in pixel.0.iter_mut().zip(shifts) {
+            *v = (*v as i16 + s).clamp(0, 255) as u8;
+        }
+    }
 }
 
 /// The region an inpainting mask hides.

@@ -6,7 +6,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::ops;
+use super::ops::{self, Interpolation};
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -105,6 +105,8 @@ pub struct ViewSpec {
     pub grayscale: f32,
     pub blur: Blur,
     pub solarize: f32,
+    /// The filter that resizes the crop: bilinear (SimCLR, MoCo) or bicubic (DINO, MAE).
+    pub interpolation: Interpolation,
 }
 
 impl Default for ViewSpec {
@@ -119,6 +121,7 @@ impl Default for ViewSpec {
             grayscale: 0.0,
             blur: Blur::default(),
             solarize: 0.0,
+            interpolation: Interpolation::Bilinear,
         }
     }
 }
@@ -131,7 +134,7 @@ impl ViewSpec {
         } else {
             ops::random_resized_crop_box(img.width(), img.height(), self.scale, self.ratio, rng)
         };
-        let mut v = ops::crop_resize(img, crop, self.size, self.size);
+        let mut v = ops::crop_resize_with(img, crop, self.size, self.size, self.interpolation);
         if rng.random::<f32>() < self.flip {
             ops::flip_horizontal(&mut v);
         }
@@ -326,6 +329,7 @@ impl Pipeline {
                     scale: [0.4, 1.0],
                     jitter: Jitter::new(0.8, [0.4, 0.4, 0.2, 0.1]),
                     grayscale: 0.2,
+                    interpolation: Interpolation::Bicubic,
                     ..base
                 };
                 let local = ViewSpec {
@@ -341,9 +345,10 @@ impl Pipeline {
                 let [g1, g2] = asymmetric_pair(g);
                 vec![g1, g2, local]
             }
-            // MAE: crop 0.2-1 and flip only.
+            // MAE: crop 0.2-1 (bicubic) and flip only.
             "mae" => vec![ViewSpec {
                 scale: [0.2, 1.0],
+                interpolation: Interpolation::Bicubic,
                 ..base
             }],
             // Evaluation: the central square, resized; nothing random.

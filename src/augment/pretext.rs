@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use image::RgbImage;
+use rand::Rng;
 
 use super::ops::{self, MaskKind};
 use super::{normalize, Augment, Pipeline, SampleRng, View};
@@ -27,20 +28,29 @@ impl Augment for Rotations {
 }
 
 /// Jigsaw (Noroozi & Favaro 2016): the `grid`×`grid` tiles of one view, cut with gaps and
-/// random jitter (`ops::jigsaw_tiles`), in row-major order; each tile is normalised on its own
-/// (per channel), so that tiles cannot be matched by their brightness or colour statistics.
+/// random jitter (`ops::jigsaw_tiles`), in row-major order; each tile's channels shifted by up
+/// to `jitter` grey levels (`ops::shift_channels`), then normalised on its own (per channel),
+/// so that tiles cannot be matched by their brightness or colour statistics.
 pub struct JigsawTiles {
     pub base: Arc<Pipeline>,
     pub grid: u32,
     pub tile: u32,
+    pub jitter: u8,
 }
 
 impl Augment for JigsawTiles {
     fn views(&self, img: &RgbImage, rng: &mut SampleRng) -> Vec<View> {
         let v = base_view(&self.base, img, rng);
+        let n = self.jitter as i16;
         ops::jigsaw_tiles(&v, self.grid, self.tile, rng)
-            .iter()
-            .map(standardize)
+            .into_iter()
+            .map(|mut tile| {
+                if n > 0 {
+                    let shifts = [(); 3].map(|_| rng.random_range(-n..n));
+                    ops::shift_channels(&mut tile, shifts);
+                }
+                standardize(&tile)
+            })
             .collect()
     }
 }

@@ -38,6 +38,11 @@ pub struct JigsawConfig {
     pub hidden: usize,
     /// How the permutation set is chosen (see [`permutation_set`]).
     pub selection: Selection,
+    /// Per-tile colour jitter: each channel of each tile shifted by a whole number of grey
+    /// levels drawn from [−n, n) and clipped to 0..=255, as the PyTorch port of the paper's code
+    /// does (`rgb_jittering`, n = 2). After each tile's own normalisation only the clipping of
+    /// that shift remains; 0 turns it off.
+    pub tile_jitter: u8,
 }
 
 /// How [`permutation_set`] chooses, greedily after a random first permutation.
@@ -59,6 +64,7 @@ impl Default for JigsawConfig {
             tile: 9,
             hidden: 1024,
             selection: Selection::MaxMean,
+            tile_jitter: 2,
         }
     }
 }
@@ -89,6 +95,7 @@ impl JigsawConfig {
             base: Arc::new(base),
             grid: 3,
             tile: self.tile,
+            jitter: self.tile_jitter,
         })
     }
 
