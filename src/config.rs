@@ -402,6 +402,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("augment.views.flip", "probability of a horizontal flip", None),
     ("augment.views.grayscale", "probability of turning the view grey", None),
     ("augment.views.solarize", "probability of solarizing", None),
+    ("augment.views.interpolation", "filter resizing the crop: bilinear (SimCLR, MoCo) or bicubic (DINO, MAE)", None),
     ("augment.views.jitter.p", "probability of colour jitter", None),
     ("augment.views.jitter.brightness", "jitter strength (torchvision ColorJitter)", None),
     ("augment.views.jitter.contrast", "jitter strength", None),
@@ -438,6 +439,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("method.center_momentum", "EMA momentum of the teacher's centre", None),
     ("method.freeze_last_layer", "epochs during which the head's last layer does not learn", None),
     ("method.selection", "jigsaw: permutations by largest mean (max_mean, Noroozi's script) or minimum (max_min) Hamming distance", None),
+    ("method.tile_jitter", "jigsaw: each tile's channels shifted by up to this many grey levels (the PyTorch port's rgb_jittering; 0: off)", None),
     ("method.drop_path", "dino: stochastic depth of a ViT student, rising over the blocks to this rate (the teacher has none)", None),
     ("method.permutations", "P, jigsaw permutations (classes)", None),
     ("method.tile", "side of each jigsaw tile in pixels", None),
@@ -487,6 +489,8 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("finetune.weight_decay", "AdamW weight decay", None),
     ("finetune.warmup_epochs", "linear warm-up", None),
     ("finetune.train_limit", "labelled images used (0: all)", None),
+    ("finetune.drop_path", "stochastic depth rate of a ViT's blocks (MAE: 0.1)", None),
+    ("finetune.label_smoothing", "label smoothing of the cross-entropy (MAE: 0.1)", None),
 ];
 
 /// The complete recipe of `method` ([`Recipe::defaults`]) as TOML with a comment on every key;
