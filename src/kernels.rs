@@ -38,6 +38,8 @@ use burn::tensor::{Bytes, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The fused ops, implemented for `flex` and, with their backward passes, for autodiff over it.
+/// The `*_backward` ops are the inner backend's: autodiff calls them from its backward steps
+/// and never differentiates them (their default body, which autodiff keeps, is unreachable).
 #[backend_extension(Flex, Autodiff)]
 pub trait CpuKernels: Backend {
     /// 2-D convolution without bias, one group: `x` `[N, C, H, W]`, `weight` `[Co, C, kh, kw]`,
@@ -50,17 +52,21 @@ pub trait CpuKernels: Backend {
 
     /// Gradients (x, weight) of [`CpuKernels::conv2d`] given its output's.
     fn conv2d_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        output_grad: FloatTensor<Self>,
-        geometry: ConvGeometry,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+        _geometry: ConvGeometry,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
 
     /// GELU, x·Φ(x) with the exact Gaussian CDF (PyTorch's default, not the tanh form).
     fn gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// The gradient of [`CpuKernels::gelu`] at `x` given its output's.
-    fn gelu_backward(x: FloatTensor<Self>, output_grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn gelu_backward(_x: FloatTensor<Self>, _output_grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
 
     /// Layer norm over the last dim of `x` (`[..., D]`): (output, mean, variance), the last two
     /// per row `[rows]`.
@@ -73,13 +79,15 @@ pub trait CpuKernels: Backend {
 
     /// Gradients (x, gamma, beta) of [`CpuKernels::layer_norm`] given its output's.
     fn layer_norm_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        variance: FloatTensor<Self>,
-        epsilon: f64,
-        output_grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _mean: FloatTensor<Self>,
+        _variance: FloatTensor<Self>,
+        _epsilon: f64,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
 
     /// Training-mode batch norm over dim 1 of `x` (`[N, C, ...]`): (output, batch mean `[C]`,
     /// biased batch variance `[C]`), as burn's `ModuleOps::batch_norm_train`.
@@ -93,13 +101,15 @@ pub trait CpuKernels: Backend {
     /// Gradients (x, gamma, beta) of [`CpuKernels::batch_norm_train`] given its output's, as
     /// burn's `ModuleOps::batch_norm_train_backward`.
     fn batch_norm_train_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        mean: FloatTensor<Self>,
-        variance: FloatTensor<Self>,
-        epsilon: f64,
-        output_grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _mean: FloatTensor<Self>,
+        _variance: FloatTensor<Self>,
+        _epsilon: f64,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
 }
 
 /// Whether `device` computes on `flex` (with or without autodiff), where the fused kernels run.
@@ -132,6 +142,17 @@ impl ConvGeometry {
             size(h, top + bottom, kh, self.stride[0], self.dilation[0])?,
             size(w, left + right, kw, self.stride[1], self.dilation[1])?,
         ])
+    }
+
+    /// burn's options for the same convolution (for the fallback).
+    fn options(&self) -> ConvOptions<2> {
+        let [top, left, bottom, right] = self.padding;
+        ConvOptions::new_with_padding(
+            self.stride,
+            [(top, bottom), (left, right)],
+            self.dilation,
+            1,
+        )
     }
 }
 
@@ -272,16 +293,16 @@ fn values(x: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// Whether the fused batch norm (`axis` 1) takes `x` and its per-channel `params`: all f32,
-/// `x` of rank ≥ 2 and not empty, each parameter of the channel count.
-fn fused_norm<const P: usize>(x: &FlexTensor, params: [&FlexTensor; P], axis: usize) -> bool {
+/// Whether the fused batch norm takes `x` and its per-channel `params`: all f32, `x` of rank
+/// ≥ 2 and not empty, each parameter of the channel count (dim 1).
+fn fused_batch_norm<const P: usize>(x: &FlexTensor, params: [&FlexTensor; P]) -> bool {
     let shape = x.shape();
-    shape.num_dims() > axis
+    shape.num_dims() >= 2
         && shape.num_elements() > 0
         && x.dtype() == DType::F32
         && params
             .iter()
-            .all(|p| p.dtype() == DType::F32 && p.shape().num_elements() == shape[axis])
+            .all(|p| p.dtype() == DType::F32 && p.shape().num_elements() == shape[1])
 }
 
 /// (N, C, spatial size) of a `[N, C, ...]` activation.
@@ -532,19 +553,6 @@ fn conv_shape(x: &FlexTensor, weight: &FlexTensor, geometry: ConvGeometry) -> Op
         output: geometry.output_size(input, kernel)?,
         geometry,
     })
-}
-
-impl ConvGeometry {
-    /// burn's options for the same convolution (for the fallback).
-    fn options(&self) -> ConvOptions<2> {
-        let [top, left, bottom, right] = self.padding;
-        ConvOptions::new_with_padding(
-            self.stride,
-            [(top, bottom), (left, right)],
-            self.dilation,
-            1,
-        )
-    }
 }
 
 /// How many images each parallel task of a convolution takes: the batch in 8 tasks whatever the
@@ -818,7 +826,7 @@ impl CpuKernels for Flex {
         beta: FlexTensor,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if !fused_norm(&x, [&gamma, &beta], 1) {
+        if !fused_batch_norm(&x, [&gamma, &beta]) {
             let r = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
             return (r.output, r.mean, r.variance);
         }
@@ -860,7 +868,7 @@ impl CpuKernels for Flex {
         epsilon: f64,
         output_grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if !fused_norm(&x, [&gamma, &mean, &variance], 1) || output_grad.dtype() != DType::F32 {
+        if !fused_batch_norm(&x, [&gamma, &mean, &variance]) || output_grad.dtype() != DType::F32 {
             let r = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
                 x,
                 gamma,
@@ -1044,10 +1052,6 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         }
     }
 
-    fn gelu_backward(_x: FloatTensor<Self>, _output_grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        panic!("GELU's backward pass has no gradient of its own here")
-    }
-
     fn layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -1060,17 +1064,6 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             <B as CpuKernels>::layer_norm,
             <B as CpuKernels>::layer_norm_backward,
         )
-    }
-
-    fn layer_norm_backward(
-        _x: FloatTensor<Self>,
-        _gamma: FloatTensor<Self>,
-        _mean: FloatTensor<Self>,
-        _variance: FloatTensor<Self>,
-        _epsilon: f64,
-        _output_grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        panic!("layer norm's backward pass has no gradient of its own here")
     }
 
     fn conv2d(
@@ -1129,15 +1122,6 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         }
     }
 
-    fn conv2d_backward(
-        _x: FloatTensor<Self>,
-        _weight: FloatTensor<Self>,
-        _output_grad: FloatTensor<Self>,
-        _geometry: ConvGeometry,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        panic!("a convolution's backward pass has no gradient of its own here")
-    }
-
     fn batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -1150,16 +1134,5 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             <B as CpuKernels>::batch_norm_train,
             <B as CpuKernels>::batch_norm_train_backward,
         )
-    }
-
-    fn batch_norm_train_backward(
-        _x: FloatTensor<Self>,
-        _gamma: FloatTensor<Self>,
-        _mean: FloatTensor<Self>,
-        _variance: FloatTensor<Self>,
-        _epsilon: f64,
-        _output_grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        panic!("batch norm's backward pass has no gradient of its own (as in burn)")
     }
 }
