@@ -494,6 +494,24 @@ impl ConvShape {
         }
     }
 
+    /// A buffer for [`ConvShape::columns`] (empty when the image is its own column matrix).
+    fn column_buffer(&self) -> Vec<f32> {
+        match self.is_pointwise() {
+            true => Vec::new(),
+            false => vec![0f32; self.rows() * self.positions()],
+        }
+    }
+
+    /// The column matrix `[C·kh·kw, OH·OW]` of `image`: the image itself for a pointwise
+    /// convolution, else its im2col in `buffer`.
+    fn columns<'a>(&self, image: &'a [f32], buffer: &'a mut [f32]) -> &'a [f32] {
+        if self.is_pointwise() {
+            return image;
+        }
+        self.im2col(image, buffer);
+        buffer
+    }
+
     /// im2col: `image` `[C, H, W]` into `cols` `[C·kh·kw, OH·OW]` (zero where the kernel reads
     /// padding).
     fn im2col(&self, image: &[f32], cols: &mut [f32]) {
@@ -699,24 +717,11 @@ impl CpuKernels for Flex {
             .par_chunks_mut(per_task * co * positions)
             .enumerate()
             .for_each(|(task, out)| {
-                let mut cols = vec![
-                    0f32;
-                    if shape.is_pointwise() {
-                        0
-                    } else {
-                        rows * positions
-                    }
-                ];
+                let mut cols = shape.column_buffer();
                 for (i, out) in out.chunks_mut(co * positions).enumerate() {
                     let b = task * per_task + i;
                     let image = &xs[b * image..(b + 1) * image];
-                    let cols: &[f32] = match shape.is_pointwise() {
-                        true => image,
-                        false => {
-                            shape.im2col(image, &mut cols);
-                            &cols
-                        }
-                    };
+                    let cols = shape.columns(image, &mut cols);
                     // out[Co, P] = W[Co, K] · cols[K, P]
                     gemm(
                         [co, rows, positions],
@@ -761,27 +766,14 @@ impl CpuKernels for Flex {
             .enumerate()
             .map(|(task, dx)| {
                 let mut weight_grad = vec![0f32; co * rows];
-                let mut cols = vec![
-                    0f32;
-                    if shape.is_pointwise() {
-                        0
-                    } else {
-                        rows * positions
-                    }
-                ];
+                let mut cols = shape.column_buffer();
                 let mut col_grad = vec![0f32; rows * positions];
                 for (i, dx) in dx.chunks_mut(image).enumerate() {
                     let b = task * per_task + i;
                     let dy = &dy[b * co * positions..(b + 1) * co * positions];
                     let image = &xs[b * image..(b + 1) * image];
                     // dW[Co, K] += dy[Co, P] · cols[K, P]ᵀ
-                    let cols: &[f32] = match shape.is_pointwise() {
-                        true => image,
-                        false => {
-                            shape.im2col(image, &mut cols);
-                            &cols
-                        }
-                    };
+                    let cols = shape.columns(image, &mut cols);
                     gemm(
                         [co, positions, rows],
                         (dy, positions, 1),
