@@ -7,7 +7,7 @@
 //!   convolution): in a ResNet step, the copies and the idle second core cost more than the
 //!   arithmetic. Here forward and both gradients are Caffe's im2col + gemm on the NCHW layout,
 //!   in parallel over the batch, with no layout copies.
-//! - [`batch_norm`]: burn runs training-mode batch norm as its generic composition (the
+//! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
 //!   one pass gives the statistics and one the output (two backwards), in parallel over the batch.
@@ -187,33 +187,66 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// trainable layer) the batch statistics normalise `x` and update the running ones with the
 /// layer's momentum, exactly as burn's `BatchNorm::forward_train`; otherwise burn's own forward.
 pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    split_batch_norm(bn, x, 1)
+}
+
+/// [`batch_norm`] with statistics per group in training, as the MoCo CIFAR demo's
+/// `SplitBatchNorm`: image `i` of `x` (`[N, C, ...]`) is normalised with the images `j ≡ i (mod
+/// groups)`, in one pass (`x` viewed as `[N/groups, groups·C, ...]`, γ and β shared by the
+/// groups), and the running statistics follow the groups' mean statistics. Outside training
+/// it is plain batch norm with the running statistics. `N` must be a multiple of `groups`
+/// (recipes check it); otherwise the whole batch is one group.
+pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: usize) -> Tensor<D> {
     let device = x.device();
-    if !(device.is_autodiff() && bn.training.is_enabled() && on_flex(&device)) {
+    if !(device.is_autodiff() && bn.training.is_enabled()) {
         return bn.forward(x);
     }
-    let (output, mean, variance) = <Dispatch as CpuKernels>::batch_norm_train(
-        x.into_dispatch(),
-        bn.gamma.val().into_dispatch(),
-        bn.beta.val().into_dispatch(),
-        bn.epsilon,
+    let dims = x.dims();
+    let groups = match groups > 1 && dims[0] % groups == 0 {
+        true => groups,
+        false => 1,
+    };
+    let mut grouped = dims;
+    grouped[0] /= groups;
+    grouped[1] *= groups;
+    let (x, gamma, beta) = (
+        x.reshape(grouped),
+        bn.gamma.val().repeat_dim(0, groups),
+        bn.beta.val().repeat_dim(0, groups),
     );
-    let momentum = bn.momentum;
+    let (output, mean, variance) = match on_flex(&device) {
+        true => {
+            let (output, mean, variance) = <Dispatch as CpuKernels>::batch_norm_train(
+                x.into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
+                bn.epsilon,
+            );
+            (
+                Tensor::<D>::from_dispatch(output),
+                Tensor::<1>::from_dispatch(mean),
+                Tensor::<1>::from_dispatch(variance),
+            )
+        }
+        false => {
+            let r = burn::tensor::module::batch_norm_train(x, gamma, beta, bn.epsilon);
+            (r.output, r.mean, r.variance)
+        }
+    };
+    let (momentum, c) = (bn.momentum, dims[1]);
     let update = |running: Tensor<1>, batch: Tensor<1>| {
+        let batch = batch.detach().reshape([groups, c]).mean_dim(0).reshape([c]);
         running
             .to_device(&device)
             .mul_scalar(1.0 - momentum)
-            .add(batch.detach().mul_scalar(momentum))
+            .add(batch.mul_scalar(momentum))
             .detach()
     };
-    bn.running_mean.update(update(
-        bn.running_mean.value_sync(),
-        Tensor::from_dispatch(mean),
-    ));
-    bn.running_var.update(update(
-        bn.running_var.value_sync(),
-        Tensor::from_dispatch(variance),
-    ));
-    Tensor::from_dispatch(output)
+    bn.running_mean
+        .update(update(bn.running_mean.value_sync(), mean));
+    bn.running_var
+        .update(update(bn.running_var.value_sync(), variance));
+    output.reshape(dims)
 }
 
 /// GELU (exact), with the fused kernel on `flex`, burn's `gelu` elsewhere.

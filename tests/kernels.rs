@@ -120,6 +120,65 @@ fn batch_norm_outside_training_is_burns_forward() {
     );
 }
 
+/// Split batch norm (MoCo's shuffle-BN on one device) against batch norm run on each group
+/// `i ≡ g (mod groups)` on its own: outputs, gradients of x and γ (shared by the groups: the sum
+/// of theirs), running statistics (the groups' mean).
+#[test]
+fn split_batch_norm_normalises_each_group_on_its_own() {
+    let device = Device::flex().autodiff();
+    let (n, c, groups) = (8, 3, 4);
+    let x = Tensor::<4>::from_data(random([n, c, 3, 2], 9, 1.0, 0.3), &device);
+    let weights = Tensor::<4>::from_data(random([n, c, 3, 2], 10, 1.0, 0.0), &device);
+    let loss = |y: Tensor<4>| (y * weights.clone()).sum().backward();
+
+    let split = layer(c, &device);
+    let x1 = x.clone().require_grad();
+    let out = kernels::split_batch_norm(&split, x1.clone(), groups);
+    let grads = loss(out.clone());
+
+    let x2 = x.require_grad();
+    let alone: Vec<BatchNorm> = (0..groups).map(|_| layer(c, &device)).collect();
+    let mut rows = vec![None; n];
+    for (g, bn) in alone.iter().enumerate() {
+        let members: Vec<i64> = (g..n).step_by(groups).map(|i| i as i64).collect();
+        let index = Tensor::from_data(TensorData::new(members.clone(), [n / groups]), &device);
+        let y = kernels::batch_norm(bn, x2.clone().select(0, index));
+        for (k, &i) in members.iter().enumerate() {
+            rows[i as usize] = Some(y.clone().narrow(0, k, 1));
+        }
+    }
+    let expected = Tensor::cat(rows.into_iter().map(Option::unwrap).collect(), 0);
+    assert_close("split output", out, expected.clone());
+    let expected_grads = loss(expected);
+    assert_close(
+        "split x grad",
+        x1.grad(&grads).unwrap(),
+        x2.grad(&expected_grads).unwrap(),
+    );
+    let sum = |f: &dyn Fn(&BatchNorm) -> Tensor<1>| {
+        Tensor::stack::<2>(alone.iter().map(f).collect(), 0)
+            .sum_dim(0)
+            .reshape([c])
+    };
+    let gamma_grads = sum(&|bn| bn.gamma.val().grad(&expected_grads).unwrap());
+    assert_close(
+        "split gamma grad",
+        split.gamma.val().grad(&grads).unwrap(),
+        gamma_grads,
+    );
+    let mean = |f: &dyn Fn(&BatchNorm) -> Tensor<1>| sum(f).div_scalar(groups as f64);
+    assert_close(
+        "split running mean",
+        split.running_mean.value_sync(),
+        mean(&|bn| bn.running_mean.value_sync()),
+    );
+    assert_close(
+        "split running var",
+        split.running_var.value_sync(),
+        mean(&|bn| bn.running_var.value_sync()),
+    );
+}
+
 /// A convolution of `channels` with a random weight (and bias when `bias`) on `device`.
 fn convolution(
     [c, co]: [usize; 2],

@@ -114,9 +114,11 @@ fn a_method_refuses_batches_and_views_it_cannot_learn_from() {
         "{err}"
     );
     assert!(Recipe::parse("[train]\nbatch_size = 2\n").is_ok());
-    // MoCo: 2 images per batch-norm group.
+    // MoCo: batch-norm groups of equal size, 2 images at least.
     let err = refused("[method]\nname = \"moco\"\nbn_splits = 8\n[train]\nbatch_size = 8\n");
     assert!(err.contains("method.bn_splits = 8"), "{err}");
+    let err = refused("[method]\nname = \"moco\"\nbn_splits = 4\n[train]\nbatch_size = 18\n");
+    assert!(err.contains("method.bn_splits = 4"), "{err}");
     // A pair-based method with another number of views.
     let err = refused("[augment]\npipeline = \"dino\"\n");
     assert!(

@@ -15,8 +15,9 @@
 //! Shuffle-BN on one device: with one batch-norm batch, a query and its key would share batch
 //! statistics that the queue's keys lack, a shortcut that identifies the positive. As MoCo spreads
 //! the batch over GPUs and shuffles keys across them, both encoders here normalise in
-//! `bn_splits` groups (ghost batch norm, one forward pass per group), and keys are grouped
-//! after a random permutation, so a key is normalised with other images than its query.
+//! `bn_splits` groups in one pass (the CIFAR demo's `SplitBatchNorm`: image i in group
+//! i mod `bn_splits`), and keys are grouped after a random permutation, so a key is normalised
+//! with other images than its query.
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -90,9 +91,9 @@ impl MocoConfig {
             anyhow::bail!("method.queue_size, proj_dim and bn_splits must be at least 1");
         }
         feed.views("moco", 2, "a query and a key")?;
-        if feed.batch < 2 * self.bn_splits {
+        if feed.batch < 2 * self.bn_splits || feed.batch % self.bn_splits != 0 {
             anyhow::bail!(
-                "method.bn_splits = {}: batch norm needs at least 2 images per group, and train.batch_size is {}",
+                "method.bn_splits = {}: the batch is split into groups of equal size, at least 2 images each, and train.batch_size is {}",
                 self.bn_splits,
                 feed.batch
             );
@@ -153,12 +154,10 @@ pub struct Moco {
 }
 
 impl Moco {
-    /// Unit queries of `x`, batch norm per group of consecutive images.
+    /// Unit queries of `x`, batch norm per group of images `i ≡ g (mod bn_splits)`.
     pub fn queries(&self, x: Tensor<4>) -> Tensor<2> {
-        let q = in_groups(x, self.bn_splits, |x| {
-            self.head.forward(self.backbone.forward(x))
-        });
-        l2_normalize(q)
+        let features = self.backbone.forward_split_bn(x, self.bn_splits);
+        l2_normalize(self.head.forward(features))
     }
 
     /// Unit keys of `x` (no gradient): images permuted by `shuffle` before the grouped batch
@@ -173,9 +172,10 @@ impl Moco {
         for (pos, &i) in shuffle.iter().enumerate() {
             unshuffle[i] = pos;
         }
-        let k = in_groups(x.detach().select(0, index(shuffle)), self.bn_splits, |x| {
-            self.key_head.forward(self.key_backbone.forward(x))
-        });
+        let features = self
+            .key_backbone
+            .forward_split_bn(x.detach().select(0, index(shuffle)), self.bn_splits);
+        let k = self.key_head.forward(features);
         l2_normalize(k.select(0, index(&unshuffle))).detach()
     }
 
@@ -194,20 +194,6 @@ impl Moco {
         let [n, _] = q.dims();
         info_nce(self.logits(q, k), &vec![0; n])
     }
-}
-
-/// `f` applied to groups of consecutive images, one pass each: batch statistics per group.
-fn in_groups(x: Tensor<4>, groups: usize, f: impl Fn(Tensor<4>) -> Tensor<2>) -> Tensor<2> {
-    let [n, _, _, _] = x.dims();
-    let size = n.div_ceil(groups.min(n).max(1));
-    if size >= n {
-        return f(x);
-    }
-    let parts = (0..n)
-        .step_by(size)
-        .map(|start| f(x.clone().narrow(0, start, size.min(n - start))))
-        .collect();
-    Tensor::cat(parts, 0)
 }
 
 /// Writes `keys` into the ring buffer `queue` from row `ptr` on, wrapping around (FIFO: the

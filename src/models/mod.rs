@@ -105,6 +105,15 @@ impl Backbone {
         }
     }
 
+    /// [`forward`](Self::forward) with a ResNet's training-mode batch statistics per group of
+    /// images `i ≡ g (mod bn_splits)` ([`ResNet::forward_split_bn`]); a ViT has no batch norm.
+    pub fn forward_split_bn(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<2> {
+        match self {
+            Backbone::ResNet(m) => m.forward_split_bn(x, bn_splits),
+            Backbone::Vit(m) => m.forward(x),
+        }
+    }
+
     /// [`forward`](Self::forward) in training with a ViT's stochastic depth at `rate`, masks
     /// from `rng` ([`Vit::forward_drop_path`]); a ResNet has none (as in DINO).
     pub fn forward_drop_path(

@@ -2,7 +2,7 @@
 //! `layer1.0.conv1`, ...), a CIFAR stem (3×3 stride-1 conv, no max-pool)
 //! or the ImageNet stem (7×7 stride-2 conv + 3×3 max-pool), and a width multiplier.
 
-use crate::kernels::{batch_norm, conv2d};
+use crate::kernels::{conv2d, split_batch_norm};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -186,15 +186,17 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    /// The block on `x`, batch statistics per group of `bn_splits` ([`split_batch_norm`]).
+    fn forward(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<4> {
+        let bn = |bn: &BatchNorm, x| split_batch_norm(bn, x, bn_splits);
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
+            Some(d) => bn(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
-        out = batch_norm(&self.bn2, conv2d(&self.conv2, out));
+        let mut out = relu(bn(&self.bn1, conv2d(&self.conv1, x)));
+        out = bn(&self.bn2, conv2d(&self.conv2, out));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = batch_norm(bn3, conv2d(conv3, relu(out)));
+            out = bn(bn3, conv2d(conv3, relu(out)));
         }
         relu(out + identity)
     }
@@ -214,7 +216,17 @@ pub struct ResNet {
 impl ResNet {
     /// Globally pooled features, `[n, feature_dim]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(batch_norm(&self.bn1, conv2d(&self.conv1, x)));
+        self.forward_split_bn(x, 1)
+    }
+
+    /// [`forward`](Self::forward) with training-mode batch statistics per group of images
+    /// `i ≡ g (mod bn_splits)` (MoCo's `SplitBatchNorm`, [`split_batch_norm`]).
+    pub fn forward_split_bn(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<2> {
+        let mut x = relu(split_batch_norm(
+            &self.bn1,
+            conv2d(&self.conv1, x),
+            bn_splits,
+        ));
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
@@ -225,7 +237,7 @@ impl ResNet {
             .chain(&self.layer3)
             .chain(&self.layer4)
         {
-            x = block.forward(x);
+            x = block.forward(x, bn_splits);
         }
         let [n, c, _, _] = x.dims();
         x.mean_dims(&[2, 3]).reshape([n, c])
