@@ -10,6 +10,7 @@ use crate::augment::{Pipeline, Sizes, ViewSpec};
 use crate::data::LoadOptions;
 use crate::eval::finetune::FinetuneConfig;
 use crate::eval::EvalConfig;
+use crate::eval::LinearEvalConfig;
 use crate::methods::{Feed, MethodConfig};
 use crate::models::{BackboneConfig, ResNetConfig, Stem};
 use crate::train::{LrScaling, OptimConfig, OptimizerKind, TrainConfig};
@@ -152,7 +153,7 @@ impl Default for TrainConfig {
 }
 
 /// A whole recipe file: `seed` and the sections `[data]`, `[augment]`, `[method]`, `[model]`,
-/// `[train]`, `[eval]`, `[finetune]`. A recipe file may leave out any key: it then takes the value
+/// `[train]`, `[eval]`, `[linear_eval]`, `[finetune]`. A recipe file may leave out any key: it then takes the value
 /// of its method's published recipe ([`Recipe::defaults`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -164,6 +165,8 @@ pub struct Recipe {
     pub model: BackboneConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub linear_eval: LinearEvalConfig,
     #[serde(default)]
     pub finetune: FinetuneConfig,
 }
@@ -294,6 +297,7 @@ impl Recipe {
         let pipeline = self.augment.build()?;
         self.model.check()?;
         self.train.check()?;
+        self.linear_eval.check()?;
         // Every size that reaches the model: the training views, and `augment.size` for
         // evaluation, fine-tuning and reconstructions.
         for (i, view) in pipeline.views.iter().enumerate() {
@@ -447,7 +451,13 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("method.area", "fraction of the image hidden", None),
     ("method.lambda_rec", "weight of the reconstruction loss", None),
     ("method.lambda_adv", "weight of the adversarial loss", None),
-    ("method.width", "channels of the decoder's and discriminator's widest layer", None),
+    ("method.width", "inpainting: channels of the decoder's last and the discriminator's first layer (doubling inwards)", None),
+    ("method.bottleneck_layer", "inpainting: decoder start from the encoder's map: conv (the released code: a 4000-d code over the whole map), channel_wise (the paper's channel-wise fully connected layer) or pooled (its global mean)", None),
+    ("method.bottleneck_dim", "inpainting: width of the conv bottleneck", None),
+    ("method.overlap", "inpainting: band of visible pixels around the hole painted too, in px (the released code: 4 at 128 px)", None),
+    ("method.overlap_weight", "inpainting: weight of that band in L_rec (hidden pixels weigh 1)", None),
+    ("method.adversary", "inpainting: what D judges: output (the generator's raw painting, the paper and released code) or completed (real pixels outside the hole)", None),
+    ("method.discriminator_lr", "inpainting: D's learning rate as a fraction of G's (the released code: 0.1)", None),
     ("model.arch", "resnet or vit", None),
     ("model.depth", "resnet: 18, 34 or 50; vit: transformer blocks", None),
     ("model.stem", "resnet: cifar (3x3, no max-pool) or imagenet (7x7 and max-pool)", None),
@@ -479,9 +489,18 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("eval.knn_t", "temperature of the vote weights exp(s / T)", None),
     ("eval.monitor_train", "train images of the online kNN bank (0: all)", None),
     ("eval.monitor_test", "test images of the online kNN (0: all)", None),
-    ("eval.linear_epochs", "epochs of the linear probe", None),
-    ("eval.linear_lr", "learning rate of the linear probe", None),
+    ("eval.linear_epochs", "epochs of the quick linear probe (AdamW on fixed centre-crop features, `eval linear --quick`)", None),
+    ("eval.linear_lr", "learning rate of the quick linear probe", None),
     ("eval.batch_size", "images per pass when extracting features", None),
+    ("linear_eval.epochs", "epochs of the papers' linear evaluation (`selfsup eval linear`)", None),
+    ("linear_eval.batch_size", "images per step", None),
+    ("linear_eval.optimizer", "sgd (momentum 0.9: DINO, MoCo, SimCLR) or lars (MAE)", None),
+    ("linear_eval.base_lr", "peak lr before × batch / 256 (cosine to 0)", None),
+    ("linear_eval.weight_decay", "weight decay of the classifier", None),
+    ("linear_eval.warmup_epochs", "linear warm-up (MAE: 10)", None),
+    ("linear_eval.last_blocks", "vit: class tokens of the last N blocks, concatenated (DINO ViT-S: 4; 1: the encoder's features)", None),
+    ("linear_eval.batch_norm", "batch norm without affine parameters before the classifier (MAE)", None),
+    ("linear_eval.train_limit", "labelled images used (0: all)", None),
     ("finetune.epochs", "fine-tuning epochs", None),
     ("finetune.batch_size", "images per step", None),
     ("finetune.base_lr", "peak lr before × batch / 256", None),

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use selfsup::augment::{Pipeline, Sizes, PRESETS};
 use selfsup::config::{AugmentConfig, Recipe};
 use selfsup::data::{self, Dataset, LoadOptions};
+use selfsup::methods::MethodConfig;
 use selfsup::models::{Backbone, Pool};
 use selfsup::pretrain;
 use selfsup::run;
@@ -72,12 +73,19 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Evaluate a frozen backbone: `knn` or `linear`.
+    /// Evaluate a frozen backbone: `knn`, or `linear` (the papers' protocol, the recipe's
+    /// [linear_eval]; with --quick, AdamW on fixed centre-crop features).
     Eval {
         #[arg(value_parser = ["knn", "linear"])]
         protocol: String,
         #[command(flatten)]
         encoder: EncoderArgs,
+        /// linear: the quick probe on fixed features (minutes on a CPU), not the papers' protocol.
+        #[arg(long)]
+        quick: bool,
+        /// linear: overrides linear_eval.epochs (eval.linear_epochs with --quick).
+        #[arg(long)]
+        epochs: Option<usize>,
     },
     /// Fine-tune the whole encoder with a linear head on labels (the recipe's [finetune]):
     /// a pre-trained run, or with --recipe alone the same network from scratch.
@@ -397,8 +405,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("run folder: {}", out.display());
             // Which of two encoders, for the methods that have two.
-            let which = match summary.released {
-                Which::Teacher => "the teacher, ",
+            let which = match (summary.released, &recipe.method) {
+                (Which::Teacher, MethodConfig::Moco(_)) => "the key encoder, ",
+                (Which::Teacher, _) => "the teacher, ",
+                (_, MethodConfig::Moco(_)) => "the query encoder, ",
                 _ if recipe.method.has_teacher() => "the student, ",
                 _ => "",
             };
@@ -417,33 +427,46 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Eval { protocol, encoder } => {
+        Command::Eval {
+            protocol,
+            encoder,
+            quick,
+            epochs,
+        } => {
             let Encoder {
-                recipe,
+                mut recipe,
                 backbone,
                 what,
                 device,
                 dataset,
             } = encoder.load()?;
+            if let Some(e) = epochs {
+                recipe.linear_eval.epochs = e;
+                recipe.eval.linear_epochs = e;
+            }
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;
             let classes = dataset.classes.len();
-            let acc = if protocol == "knn" {
-                pretrain::knn_accuracy(&recipe, &backbone, train, test, classes, &device)?
-            } else {
-                pretrain::linear_accuracy(&recipe, &backbone, train, test, classes, &device)?
-            };
-            // Say which protocol the number used: the linear probe is the quick one, not the
-            // papers' (SGD/LARS on augmented crops).
-            let protocol = match protocol.as_str() {
-                "knn" => format!(
-                    "kNN (k={}, T={}, cosine, weighted votes, {} as the bank)",
-                    recipe.eval.knn_k, recipe.eval.knn_t, recipe.data.train_split
+            // Each number is printed with the protocol that gave it.
+            let (acc, protocol) = match (protocol.as_str(), quick) {
+                ("knn", _) => (
+                    pretrain::knn_accuracy(&recipe, &backbone, train, test, classes, &device)?,
+                    format!(
+                        "kNN (k={}, T={}, cosine, weighted votes, {} as the bank)",
+                        recipe.eval.knn_k, recipe.eval.knn_t, recipe.data.train_split
+                    ),
                 ),
-                _ => format!(
-                    "linear probe (AdamW, {} epochs on fixed, standardised centre-crop features; \
-                     not the papers' SGD on augmented crops)",
-                    recipe.eval.linear_epochs
+                (_, true) => (
+                    pretrain::linear_accuracy(&recipe, &backbone, train, test, classes, &device)?,
+                    format!(
+                        "quick linear probe (AdamW, {} epochs on fixed, standardised centre-crop features; \
+                         not the papers' protocol)",
+                        recipe.eval.linear_epochs
+                    ),
+                ),
+                (_, false) => (
+                    pretrain::linear_eval_accuracy(&recipe, &backbone, train, test, classes, &device)?,
+                    recipe.linear_eval.describe(&backbone),
                 ),
             };
             println!(

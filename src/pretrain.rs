@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+use crate::augment::{Pipeline, ViewSpec};
 use crate::config::Recipe;
 use crate::data::{Dataset, Loader, Split};
 use crate::eval::{self, Accuracy, Features};
@@ -372,7 +373,8 @@ pub fn knn_accuracy(
     ))
 }
 
-/// Linear-probe accuracy of `backbone` trained on `train`, measured on `test`.
+/// The quick linear probe's accuracy ([`eval::linear_probe`]): AdamW on fixed centre-crop
+/// features of `train`, measured on `test`.
 pub fn linear_accuracy(
     recipe: &Recipe,
     backbone: &Backbone,
@@ -383,6 +385,37 @@ pub fn linear_accuracy(
 ) -> Result<Accuracy> {
     let (tr, te) = features(recipe, backbone, train, test, device)?;
     Ok(eval::linear_probe(&tr, &te, classes, &recipe.eval, device))
+}
+
+/// The papers' linear evaluation of `backbone` (the recipe's `[linear_eval]`): a classifier
+/// trained on random-resized crops and flips of `train` at `augment.size`, measured on `test`.
+pub fn linear_eval_accuracy(
+    recipe: &Recipe,
+    backbone: &Backbone,
+    train: &Split,
+    test: &Split,
+    classes: usize,
+    device: &Device,
+) -> Result<Accuracy> {
+    let built = recipe.augment.build()?;
+    let augment = Pipeline {
+        views: vec![ViewSpec {
+            size: recipe.augment.size,
+            interpolation: built.views[0].interpolation,
+            ..ViewSpec::default()
+        }],
+        ..built
+    };
+    eval::linear_eval(
+        backbone,
+        train,
+        test,
+        classes,
+        &augment,
+        &recipe.augment.eval_pipeline()?,
+        &recipe.linear_eval,
+        device,
+    )
 }
 
 /// Fine-tunes `backbone` (pre-trained, or random for the from-scratch baseline) with the

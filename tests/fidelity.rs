@@ -342,3 +342,150 @@ fn fine_tuning_defaults_are_maes() {
         (0.75, 0.05, 5.0, 100)
     );
 }
+
+#[test]
+fn linear_eval_follows_each_methods_official_code() {
+    use selfsup::train::OptimizerKind::{Lars, Sgd};
+    let l = |m: &str| Recipe::defaults(m).unwrap().linear_eval;
+    // DINO eval_linear.py: SGD 0.001 × b/256, 100 epochs, ViT-S: the last 4 class tokens.
+    let d = l("dino");
+    assert_eq!(
+        (d.optimizer, d.base_lr, d.epochs, d.last_blocks),
+        (Sgd, 0.001, 100, 4)
+    );
+    // MAE main_linprobe.py: BN without affine, LARS 0.1 × b/256, 90 epochs, 10 of warm-up.
+    let m = l("mae");
+    assert_eq!((m.optimizer, m.base_lr, m.epochs), (Lars, 0.1, 90));
+    assert_eq!(
+        (m.warmup_epochs, m.batch_norm, m.last_blocks),
+        (10.0, true, 1)
+    );
+    // MoCo main_lincls.py: lr 30, 100 epochs; SimCLR: 0.1 × b/256, 90 epochs. No weight decay.
+    let (mo, s) = (l("moco"), l("simclr"));
+    assert_eq!(
+        (mo.base_lr, mo.epochs, s.base_lr, s.epochs),
+        (30.0, 100, 0.1, 90)
+    );
+    for c in [d, m, mo, s] {
+        assert_eq!(c.weight_decay, 0.0);
+    }
+}
+
+#[test]
+fn last_blocks_class_tokens_end_with_the_one_forward_gives() {
+    let dev = Device::flex();
+    let BackboneConfig::Vit(config) = common::tiny_vit() else {
+        panic!()
+    };
+    let vit = init_seeded(&dev, 0, || config.init(&dev));
+    let x = images(3, config.image_size, 4, &dev);
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    let own = values(vit.forward(x.clone()));
+    assert_eq!(values(vit.last_blocks_cls(x.clone(), 1)), own);
+    let two = vit.last_blocks_cls(x, 2);
+    let d = config.dim;
+    assert_eq!(two.dims(), [3, 2 * d]);
+    // The second block of columns is the last block's: the class token forward returns.
+    assert_eq!(values(two.clone().narrow(1, d, d)), own);
+    assert_ne!(values(two.narrow(1, 0, d)), own);
+}
+
+/// Images of two classes a frozen random encoder tells apart linearly: dark and bright noise.
+fn dark_or_bright(n: usize, seed: u64) -> selfsup::data::Split {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
+    let images = labels
+        .iter()
+        .map(|&c| {
+            image::RgbImage::from_fn(32, 32, |_, _| {
+                let base = if c == 0 { 40 } else { 180 };
+                image::Rgb([0; 3].map(|_: u8| base + rng.random_range(0..60u8)))
+            })
+        })
+        .collect();
+    selfsup::data::Split::new("train", images, Some(labels))
+}
+
+#[test]
+fn linear_eval_learns_a_classifier_on_frozen_augmented_features() {
+    use selfsup::eval::{linear_eval, LinearEvalConfig};
+    let dev = Device::flex();
+    let backbone = init_seeded(&dev, 0, || resnet().init(&dev));
+    let sizes = selfsup::augment::Sizes::small(32);
+    let eval = selfsup::augment::Pipeline::preset("eval", sizes).unwrap();
+    let augment = selfsup::augment::Pipeline {
+        views: vec![selfsup::augment::ViewSpec::default()],
+        ..eval.clone()
+    };
+    let (train, test) = (dark_or_bright(64, 1), dark_or_bright(20, 2));
+    // MoCo's SGD and MAE's LARS behind batch norm without affine parameters.
+    // (LARS scales each weight step to 0.001 of the weight norm: a large lr for 16 steps.)
+    for (base_lr, lars) in [(30.0, false), (1600.0, true)] {
+        let config = LinearEvalConfig {
+            epochs: 4,
+            batch_size: 16,
+            optimizer: if lars {
+                selfsup::train::OptimizerKind::Lars
+            } else {
+                selfsup::train::OptimizerKind::Sgd
+            },
+            base_lr,
+            batch_norm: lars,
+            ..LinearEvalConfig::default()
+        };
+        let acc = linear_eval(&backbone, &train, &test, 2, &augment, &eval, &config, &dev).unwrap();
+        assert!(acc.top1 >= 0.9, "lars {lars}: top-1 {}", acc.top1);
+    }
+    // AdamW is the quick probe's, not a paper's linear evaluation.
+    let adamw = LinearEvalConfig {
+        optimizer: selfsup::train::OptimizerKind::Adamw,
+        ..LinearEvalConfig::default()
+    };
+    let err = linear_eval(&backbone, &train, &test, 2, &augment, &eval, &adamw, &dev).unwrap_err();
+    assert!(err.to_string().contains("linear_eval.optimizer"), "{err}");
+}
+
+#[test]
+fn fine_tuning_exempts_the_class_token_and_positions_from_weight_decay() {
+    // MAE's param_groups_lrd skips timm's no_weight_decay() set (pos_embed, cls_token) and every
+    // bias and norm; matrices decay. With zero gradients, AdamW's step is the decay alone.
+    use selfsup::train::{OptimConfig, OptimizerKind};
+    let dev = Device::flex().autodiff();
+    let BackboneConfig::Vit(config) = common::tiny_vit() else {
+        panic!()
+    };
+    for exempt in [true, false] {
+        let vit = init_seeded(&dev, 0, || config.init(&dev));
+        let before = common::params_by_path(&vit, None);
+        let x = images(2, config.image_size, 1, &dev);
+        let loss = vit.forward(x).sum().mul_scalar(0.0);
+        let grads = GradientsParams::from_grads(loss.backward(), &vit);
+        let mut optim = OptimConfig {
+            optimizer: OptimizerKind::Adamw,
+            weight_decay: 0.5,
+            exempt_embeddings: exempt,
+            ..OptimConfig::default()
+        }
+        .init();
+        let after = common::params_by_path(&optim.step(0.1, vit, grads), None);
+        for ((path, a, _), (_, b, _)) in before.iter().zip(&after) {
+            let embedding = path.ends_with("cls_token") || path.ends_with("pos_embed");
+            let decayed = a
+                .iter()
+                .zip(b)
+                .all(|(a, b)| (b - a * 0.95).abs() <= 1e-6 * a.abs().max(1.0));
+            let kept = a == b;
+            match (
+                embedding,
+                path.ends_with("weight") && !path.contains("norm"),
+            ) {
+                (true, _) => assert!(
+                    if exempt { kept } else { decayed },
+                    "{path}, exempt {exempt}"
+                ),
+                (false, true) => assert!(decayed, "{path} did not decay"),
+                (false, false) => assert!(kept, "{path} decayed"),
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Pretext tasks: rotation views and labels, the jigsaw permutation set and puzzles, inpainting
-//! masks, the masked reconstruction loss, and the separation of generator and discriminator.
+//! masks, the weighted reconstruction loss, the decoder's bottlenecks, what the discriminator
+//! judges and at which rate, and the separation of generator and discriminator.
 
 mod common;
 
@@ -11,10 +12,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::augment::ops::MaskKind;
 use selfsup::augment::{sample_rng, Pipeline, Sizes, View};
-use selfsup::methods::inpainting::masked_mse;
+use selfsup::methods::inpainting::{masked_mse, overlap_weights, Adversary};
 use selfsup::methods::jigsaw::{hamming, min_hamming, permutation_set, Selection, TILES};
 use selfsup::methods::{InpaintingConfig, JigsawConfig, RotationConfig};
-use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
+use selfsup::models::{init_seeded, BackboneConfig, Bottleneck, ResNetConfig, Stem, VitConfig};
 use selfsup::train::{Method, OptimConfig, OptimizerKind, Progress};
 
 fn model() -> BackboneConfig {
@@ -264,6 +265,187 @@ fn masked_mse_ignores_visible_pixels() {
     assert!((a - 2.5).abs() < 1e-6, "{a}");
     let b: f32 = masked_mse(x, t(vec![0.0, 100.0, 1.0, 50.0]), mask).into_scalar();
     assert_eq!(a, b);
+}
+
+#[test]
+fn overlap_band_weighs_the_visible_ring_around_the_hole() {
+    // A 2×2 hole in a 6×6 image, a 1-px band: the 4×4 ring around it weighs 10, as the released
+    // code's wtl2Matrix (overlapL2Weight 10 on the band, 1 inside).
+    let dev = Device::flex();
+    let mut m = vec![0.0f32; 36];
+    for (y, x) in [(2, 2), (2, 3), (3, 2), (3, 3)] {
+        m[y * 6 + x] = 1.0;
+    }
+    let mask = Tensor::<4>::from_data(TensorData::new(m, [1, 1, 6, 6]), &dev);
+    let w = values(overlap_weights(mask.clone(), 1, 10.0));
+    for y in 0..6 {
+        for x in 0..6 {
+            let want = match (y, x) {
+                (2..=3, 2..=3) => 1.0,
+                (1..=4, 1..=4) => 10.0,
+                _ => 0.0,
+            };
+            assert_eq!(w[y * 6 + x], want, "weight at ({y}, {x})");
+        }
+    }
+    assert_eq!(
+        values(overlap_weights(mask.clone(), 0, 10.0)),
+        values(mask.clone())
+    );
+    // L_rec = Σ W (x − y)² / #{W > 0}: an error of 1 on every pixel gives (4 + 12·10) / 16.
+    let zeros = Tensor::<4>::zeros([1, 1, 6, 6], &dev);
+    let rec: f32 = masked_mse(
+        zeros.clone(),
+        zeros.add_scalar(1.0),
+        overlap_weights(mask, 1, 10.0),
+    )
+    .into_scalar();
+    assert!((rec - 124.0 / 16.0).abs() < 1e-6, "{rec}");
+}
+
+fn batch(config: &InpaintingConfig, n: usize, dev: &Device) -> [Tensor<4>; 2] {
+    let aug = config.augment(Pipeline::preset("mae", Sizes::small(32)).unwrap());
+    let views: Vec<Vec<View>> = (0..n)
+        .map(|i| aug.views(&common::pattern(i as u32), &mut sample_rng(0, 0, i as u64)))
+        .collect();
+    [0, 1].map(|v| {
+        let data: Vec<f32> = views.iter().flat_map(|s| s[v].data.clone()).collect();
+        Tensor::<4>::from_data(TensorData::new(data, [n, 3, 32, 32]), dev)
+    })
+}
+
+/// The parameter count of every parameter whose path starts with `prefix`.
+fn sizes(m: &impl Module, prefix: &str) -> Vec<(String, usize)> {
+    common::params_by_path(m, None)
+        .into_iter()
+        .filter(|(p, _, _)| p.starts_with(prefix) && !p.contains("running_"))
+        .map(|(p, v, _)| (p, v.len()))
+        .collect()
+}
+
+#[test]
+fn decoder_starts_from_the_spatial_map_through_each_bottleneck() {
+    let dev = Device::flex().autodiff();
+    let vit = BackboneConfig::Vit(VitConfig::preset("tiny", 32, 4).unwrap());
+    // ResNet (64 channels on a 4×4 map at 32 px) and ViT-Tiny/4 (192 on 8×8).
+    for (model, c, g) in [(model(), 64, 4), (vit, 192, 8)] {
+        assert_eq!(model.feature_grid(32), g);
+        for bottleneck in [
+            Bottleneck::Conv,
+            Bottleneck::ChannelWise,
+            Bottleneck::Pooled,
+        ] {
+            let config = InpaintingConfig {
+                width: 8,
+                bottleneck_layer: bottleneck,
+                bottleneck_dim: 40,
+                ..InpaintingConfig::default()
+            };
+            let m = init_seeded(&dev, 0, || config.init(&model, 32, &dev));
+            let [x, mask] = batch(&config, 2, &dev);
+            assert_eq!(m.paint(x, mask).dims(), [2, 3, 32, 32], "{bottleneck:?}");
+            let first = sizes(&m, "decoder.start_layer");
+            let expected: Vec<usize> = match bottleneck {
+                // The released code: the whole map to a 40-d code (weights, bias, its BN's γ
+                // and β), then to the 4·8-channel 4×4 start.
+                Bottleneck::Conv => vec![c * g * g * 40, 40, 40, 40, 40 * 32 * 16, 32 * 16],
+                // The paper: one g²×g² layer per channel, then a 1×1 conv to the start width
+                // (8 << ups−1 channels: 32 from 4×4, 16 from 8×8).
+                Bottleneck::ChannelWise => {
+                    let start = if g == 4 { 32 } else { 16 };
+                    vec![c * g.pow(4), c * g * g, c * start, start]
+                }
+                Bottleneck::Pooled => vec![c * 32 * 16, 32 * 16],
+            };
+            let got: Vec<usize> = first.iter().map(|(_, n)| *n).collect();
+            assert_eq!(got, expected, "{bottleneck:?}: {first:?}");
+        }
+    }
+}
+
+#[test]
+fn channel_wise_bottleneck_needs_a_power_of_two_upscale() {
+    let vit = BackboneConfig::Vit(VitConfig::preset("tiny", 48, 6).unwrap());
+    let config = InpaintingConfig {
+        bottleneck_layer: Bottleneck::ChannelWise,
+        ..InpaintingConfig::default()
+    };
+    let feed = selfsup::methods::Feed {
+        model: &vit,
+        view_sizes: vec![48],
+        size: 48,
+        batch: 8,
+    };
+    let err = config.check(&feed).unwrap_err().to_string();
+    assert!(
+        err.contains("method.bottleneck_layer") && err.contains("48"),
+        "{err}"
+    );
+    let conv = InpaintingConfig::default();
+    assert!(conv.check(&feed).is_ok());
+}
+
+#[test]
+fn discriminator_judges_the_raw_output_by_default_at_a_tenth_of_the_rate() {
+    let dev = Device::flex().autodiff();
+    for adversary in [Adversary::Output, Adversary::Completed] {
+        let config = InpaintingConfig {
+            width: 8,
+            bottleneck_dim: 32,
+            adversary,
+            ..InpaintingConfig::default()
+        };
+        let m = init_seeded(&dev, 0, || config.init(&model(), 32, &dev));
+        let [x, mask] = batch(&config, 2, &dev);
+        let kept = m
+            .loss(&[x.clone(), mask.clone()], &progress())
+            .keep
+            .unwrap();
+        let judged = kept
+            .narrow(1, 3 * 32 * 32, 3 * 32 * 32)
+            .reshape([2, 3, 32, 32]);
+        let want = match adversary {
+            Adversary::Output => m.paint(x, mask),
+            Adversary::Completed => m.complete(x, mask),
+        };
+        let gap: f32 = (judged - want).abs().max().into_scalar();
+        assert!(
+            gap < 1e-5,
+            "{adversary:?}: D is shown something else ({gap})"
+        );
+    }
+    // Plain SGD: D's step scales with discriminator_lr.
+    let step = |share: f64| {
+        let config = InpaintingConfig {
+            width: 8,
+            bottleneck_dim: 32,
+            discriminator_lr: share,
+            ..InpaintingConfig::default()
+        };
+        let m = init_seeded(&dev, 0, || config.init(&model(), 32, &dev));
+        let out = m.loss(&batch(&config, 2, &dev), &progress());
+        let mut optim = OptimConfig {
+            optimizer: OptimizerKind::Sgd,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            ..OptimConfig::default()
+        }
+        .init();
+        let before = flat(&m, true);
+        let after = flat(&m.auxiliary_step(out.keep.as_ref(), 0.5, &mut optim), true);
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| a - b)
+            .collect::<Vec<f32>>()
+    };
+    let (full, tenth) = (step(1.0), step(0.1));
+    let ratio: f32 =
+        full.iter().map(|d| d.abs()).sum::<f32>() / tenth.iter().map(|d| d.abs()).sum::<f32>();
+    assert!(
+        (ratio - 10.0).abs() < 1e-2,
+        "D's steps differ by {ratio}×, not 10×"
+    );
 }
 
 /// All parameter values of the discriminator, or of everything else (buffers aside).

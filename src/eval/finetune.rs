@@ -2,9 +2,9 @@
 //! cosine), with layer-wise learning-rate decay for ViTs as in MAE and BEiT: block i of a
 //! depth-d ViT learns at lr·decay^(d − i), the embeddings at lr·decay^(d + 1), the head at lr.
 //! As MAE's `main_finetune.py`: stochastic depth in the ViT (`drop_path`, 0.1), label smoothing
-//! (0.1), the head's weights from N(0, (2e-5)²) with a zero bias. Not (yet) here: mixup/cutmix,
-//! RandAugment and random erasing, and MAE's exemption of biases, norms and embeddings from
-//! weight decay. The same call on a randomly initialised encoder is the from-scratch baseline.
+//! (0.1), the head's weights from N(0, (2e-5)²) with a zero bias, no weight decay on biases,
+//! norms, the class token and position embeddings. Not (yet) here: mixup/cutmix, RandAugment
+//! and random erasing. The same call on a randomly initialised encoder is the from-scratch baseline.
 
 use anyhow::{bail, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
@@ -135,6 +135,7 @@ pub fn finetune(
         momentum: 0.9,
         betas: [0.9, 0.999],
         eta: 0.001,
+        exempt_embeddings: true,
         ..OptimConfig::default()
     }
     .init();

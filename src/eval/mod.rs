@@ -1,21 +1,22 @@
-//! Evaluation of a frozen backbone: feature extraction, weighted kNN, and a linear probe.
+//! Evaluation of a frozen backbone: feature extraction, weighted kNN, and linear evaluation
+//! ([`linear`]); fine-tuning ([`finetune`]) and features for other tools ([`embed`]).
 
 pub mod embed;
 pub mod finetune;
+pub mod linear;
+
+pub use linear::{linear_eval, linear_probe, LinearEvalConfig};
 
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use burn::module::Module;
-use burn::nn::LinearConfig;
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{sample_rng, Pipeline};
+use crate::augment::Pipeline;
 use crate::data::{Loader, Split};
-use crate::losses::{cross_entropy, l2_normalize};
+use crate::losses::l2_normalize;
 use crate::models::Backbone;
 
 /// `[eval]` of a recipe.
@@ -103,13 +104,28 @@ pub fn features(
     device: &Device,
 ) -> Result<(Vec<f32>, usize)> {
     let backbone = backbone.valid().to_device(device);
+    features_of(&backbone, split, pipeline, batch_size, device, |b, x| {
+        b.forward(x)
+    })
+}
+
+/// [`features`] with `f(backbone, images)` as the features, `backbone` already on `device` in
+/// evaluation mode.
+pub(crate) fn features_of(
+    backbone: &Backbone,
+    split: &Split,
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: &Device,
+    f: impl Fn(&Backbone, Tensor<4>) -> Tensor<2>,
+) -> Result<(Vec<f32>, usize)> {
     let loader =
         Loader::new(split.clone(), Arc::new(pipeline.clone()), batch_size, 0)?.sequential();
     let bar = crate::data::progress_bar(split.len() as u64, &format!("features of {}", split.name));
     let mut data = Vec::new();
     let mut dim = 0;
     for batch in loader.epoch(0, 0) {
-        let f = backbone.forward(batch.views[0].to_tensor(device));
+        let f = f(backbone, batch.views[0].to_tensor(device));
         dim = f.dims()[1];
         data.extend(
             f.into_data()
@@ -184,81 +200,5 @@ pub fn knn(
             scores.push(votes);
         }
     }
-    accuracy(&scores, &test.labels)
-}
-
-/// A linear classifier on frozen features (standardised with the training statistics), trained
-/// with AdamW and cross-entropy for `epochs` passes over shuffled mini-batches.
-pub fn linear_probe(
-    train: &Features,
-    test: &Features,
-    classes: usize,
-    config: &EvalConfig,
-    device: &Device,
-) -> Accuracy {
-    let d = train.dim;
-    let mean: Vec<f32> = (0..d)
-        .map(|j| train.data.iter().skip(j).step_by(d).sum::<f32>() / train.len() as f32)
-        .collect();
-    let std: Vec<f32> = (0..d)
-        .map(|j| {
-            (train
-                .data
-                .iter()
-                .skip(j)
-                .step_by(d)
-                .map(|v| (v - mean[j]).powi(2))
-                .sum::<f32>()
-                / train.len() as f32)
-                .sqrt()
-                .max(1e-6)
-        })
-        .collect();
-    let standardise = |f: &Features| -> Vec<f32> {
-        f.data
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v - mean[i % d]) / std[i % d])
-            .collect()
-    };
-    let (xtr, xte) = (standardise(train), standardise(test));
-    let ad = device.clone().autodiff();
-    let mut model = crate::models::init_seeded(&ad, 0, || LinearConfig::new(d, classes).init(&ad));
-    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let bar = crate::data::progress_bar(config.linear_epochs as u64, "linear probe");
-    for epoch in 0..config.linear_epochs {
-        order.shuffle(&mut sample_rng(0, epoch as u64, u64::MAX));
-        let lr = crate::train::optim::warmup_cosine(
-            epoch,
-            0,
-            config.linear_epochs,
-            config.linear_lr,
-            0.0,
-        );
-        for chunk in order.chunks(config.batch_size) {
-            let x: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&i| xtr[i * d..(i + 1) * d].iter().copied())
-                .collect();
-            let targets: Vec<usize> = chunk.iter().map(|&i| train.labels[i] as usize).collect();
-            let logits = model.forward(Tensor::<2>::from_data(
-                TensorData::new(x, [chunk.len(), d]),
-                &ad,
-            ));
-            let grads =
-                GradientsParams::from_grads(cross_entropy(logits, &targets).backward(), &model);
-            model = optim.step(lr, model, grads);
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let model = model.valid();
-    let logits = model.forward(Tensor::<2>::from_data(
-        TensorData::new(xte, [test.len(), d]),
-        device,
-    ));
-    let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().expect("f32 logits");
-    let scores: Vec<Vec<f32>> = logits.chunks(classes).map(<[f32]>::to_vec).collect();
     accuracy(&scores, &test.labels)
 }

@@ -1,18 +1,28 @@
 //! Context encoders (Pathak et al. 2016): hide a region M of the image and have a generator
 //! F = decoder ∘ encoder paint it back from the rest; the encoder is the backbone learned.
 //!
-//!   L_rec = ||M ⊙ (x − F((1−M) ⊙ x))||²   (mean over the hidden pixels),
-//!   L_adv = −log D(x̂),  x̂ = M ⊙ F((1−M) ⊙ x) + (1−M) ⊙ x,
+//!   L_rec = Σ W ⊙ (x − F((1−M) ⊙ x))² / #{W > 0},
+//!   L_adv = −log D(F((1−M) ⊙ x)),
 //!   L_G   = λ_rec·L_rec + λ_adv·L_adv      (0.999 and 0.001),
 //!
 //! and the discriminator D, updated in alternation with its own optimiser, minimises
-//! −log D(x) − log(1 − D(x̂)). The adversarial term sharpens what L2 alone paints as a blur.
+//! −log D(x) − log(1 − D(F((1−M) ⊙ x))). The adversarial term sharpens what L2 alone paints as
+//! a blur (the paper's feature-learning runs used L_rec alone: `lambda_adv = 0`).
+//!
+//! The released code (`pathak22/context-encoder`, `train.lua`) sets the defaults: W is 1 on the
+//! hidden pixels and `overlap_weight` (10) on an `overlap`-px band (4) of visible pixels around
+//! them, which F paints too; D judges F's raw output (`adversary = "output"`, the paper's
+//! equation; `"completed"` shows it x̂ = M ⊙ F + (1−M) ⊙ x instead); D learns at a tenth of G's
+//! rate (`discriminator_lr`); and the decoder starts from a 4000-d bottleneck over the encoder's
+//! whole feature map (`bottleneck_layer`, [`Bottleneck`]).
 
 use std::sync::Arc;
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::softplus;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -21,10 +31,21 @@ use crate::augment::pretext::MaskedViews;
 use crate::augment::{Augment, Pipeline};
 use crate::methods::Feed;
 use crate::models::{
-    Backbone, BackboneConfig, ContextDecoder, ContextDecoderConfig, Discriminator,
+    Backbone, BackboneConfig, Bottleneck, ContextDecoder, ContextDecoderConfig, Discriminator,
     DiscriminatorConfig,
 };
 use crate::train::{Method, Progress, StepOutput};
+
+/// What the discriminator is shown as a painting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Adversary {
+    /// F((1−M) ⊙ x), the generator's raw output (the paper's Eq. 3 and the released code).
+    #[default]
+    Output,
+    /// x̂ = M ⊙ F((1−M) ⊙ x) + (1−M) ⊙ x: the visible pixels are the real ones.
+    Completed,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,8 +55,20 @@ pub struct InpaintingConfig {
     pub area: f32,
     pub lambda_rec: f64,
     pub lambda_adv: f64,
-    /// Channels of the decoder's and discriminator's first (last) layer.
+    /// Channels of the decoder's last and the discriminator's first layer.
     pub width: usize,
+    pub bottleneck_layer: Bottleneck,
+    /// Width of the `conv` bottleneck (the released code's `nBottleneck`: 4000).
+    pub bottleneck_dim: usize,
+    /// Band of visible pixels around the hidden region that F paints too, in px (the released
+    /// code: 4, at 128 px).
+    pub overlap: usize,
+    /// Weight of the band's pixels in L_rec, the hidden ones weighing 1 (the released code: 10).
+    pub overlap_weight: f64,
+    pub adversary: Adversary,
+    /// D's learning rate as a fraction of the schedule's (G's): the released code trains G at
+    /// 10× D's rate.
+    pub discriminator_lr: f64,
 }
 
 impl Default for InpaintingConfig {
@@ -46,6 +79,12 @@ impl Default for InpaintingConfig {
             lambda_rec: 0.999,
             lambda_adv: 0.001,
             width: 64,
+            bottleneck_layer: Bottleneck::Conv,
+            bottleneck_dim: 4000,
+            overlap: 4,
+            overlap_weight: 10.0,
+            adversary: Adversary::Output,
+            discriminator_lr: 0.1,
         }
     }
 }
@@ -55,8 +94,17 @@ impl InpaintingConfig {
         if !(self.area > 0.0 && self.area < 1.0) {
             anyhow::bail!("method.area = {}: must lie in (0, 1)", self.area);
         }
-        if self.lambda_rec < 0.0 || self.lambda_adv < 0.0 {
-            anyhow::bail!("method.lambda_rec and lambda_adv cannot be negative");
+        if self.lambda_rec < 0.0 || self.lambda_adv < 0.0 || self.overlap_weight < 0.0 {
+            anyhow::bail!("method.lambda_rec, lambda_adv and overlap_weight cannot be negative");
+        }
+        if !(self.discriminator_lr > 0.0) {
+            anyhow::bail!(
+                "method.discriminator_lr = {}: D's share of the learning rate must be positive",
+                self.discriminator_lr
+            );
+        }
+        if self.width == 0 || self.bottleneck_dim == 0 {
+            anyhow::bail!("method.width and bottleneck_dim must be at least 1");
         }
         feed.views(
             "inpainting",
@@ -73,7 +121,7 @@ impl InpaintingConfig {
         if view_size % 8 != 0 || view_size < 8 {
             anyhow::bail!("augment.size = {view_size}: inpainting needs a multiple of 8");
         }
-        Ok(())
+        self.decoder(feed.model, view_size as usize).check()
     }
 
     pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
@@ -84,15 +132,21 @@ impl InpaintingConfig {
         })
     }
 
+    fn decoder(&self, model: &BackboneConfig, size: usize) -> ContextDecoderConfig {
+        ContextDecoderConfig {
+            bottleneck: self.bottleneck_layer,
+            channels: model.feature_dim(),
+            grid: model.feature_grid(size),
+            bottleneck_dim: self.bottleneck_dim,
+            width: self.width,
+            size,
+        }
+    }
+
     pub fn init(&self, model: &BackboneConfig, size: usize, device: &Device) -> Inpainting {
         Inpainting {
             backbone: model.init(device),
-            decoder: ContextDecoderConfig {
-                input: model.feature_dim(),
-                width: self.width,
-                size,
-            }
-            .init(device),
+            decoder: self.decoder(model, size).init(device),
             discriminator: DiscriminatorConfig {
                 width: self.width,
                 size,
@@ -100,6 +154,10 @@ impl InpaintingConfig {
             .init(device),
             lambda_rec: self.lambda_rec,
             lambda_adv: self.lambda_adv,
+            overlap: self.overlap,
+            overlap_weight: self.overlap_weight,
+            judge_output: self.adversary == Adversary::Output,
+            discriminator_lr: self.discriminator_lr,
             size,
         }
     }
@@ -112,6 +170,11 @@ pub struct Inpainting {
     discriminator: Discriminator,
     lambda_rec: f64,
     lambda_adv: f64,
+    overlap: usize,
+    overlap_weight: f64,
+    /// D judges F's raw output (else the completion x̂).
+    judge_output: bool,
+    discriminator_lr: f64,
     size: usize,
 }
 
@@ -119,7 +182,7 @@ impl Inpainting {
     /// F((1−M) ⊙ x): the generator's painting of the whole image from its visible part.
     pub fn paint(&self, x: Tensor<4>, mask: Tensor<4>) -> Tensor<4> {
         let visible = x * mask.neg().add_scalar(1.0);
-        self.decoder.forward(self.backbone.forward(visible))
+        self.decoder.forward(self.backbone.feature_map(visible))
     }
 
     /// x̂ = M ⊙ F((1−M) ⊙ x) + (1−M) ⊙ x: the image with the hidden region painted in.
@@ -133,10 +196,37 @@ impl Inpainting {
     }
 }
 
-/// Mean of M ⊙ (x − y)² over the hidden entries.
-pub fn masked_mse(x: Tensor<4>, y: Tensor<4>, mask: Tensor<4>) -> Tensor<1> {
-    let hidden = mask.clone().sum().clamp_min(1.0);
-    ((x - y).square() * mask).sum() / hidden
+/// Σ W ⊙ (x − y)² / #{W > 0}: with W = M, the mean squared error over the hidden entries.
+pub fn masked_mse(x: Tensor<4>, y: Tensor<4>, weight: Tensor<4>) -> Tensor<1> {
+    let count = weight
+        .clone()
+        .greater_elem(0.0)
+        .float()
+        .sum()
+        .clamp_min(1.0);
+    ((x - y).square() * weight).sum() / count
+}
+
+/// L_rec's weights W for a mask M (`[n, c, h, w]`, 1 where hidden): 1 on the hidden pixels,
+/// `band_weight` on the visible ones within `overlap` px of them (Chebyshev distance: a square
+/// band around a square hole, as the released code's), 0 elsewhere.
+pub fn overlap_weights(mask: Tensor<4>, overlap: usize, band_weight: f64) -> Tensor<4> {
+    if overlap == 0 {
+        return mask;
+    }
+    let k = 2 * overlap + 1;
+    let grown = max_pool2d(
+        mask.clone(),
+        MaxPoolOptions {
+            kernel_size: [k, k],
+            stride: [1, 1],
+            padding: [(overlap, overlap); 2],
+            dilation: [1, 1],
+            ceil_mode: false,
+        },
+    );
+    let band = grown - mask.clone();
+    mask + band.mul_scalar(band_weight)
 }
 
 impl Method for Inpainting {
@@ -144,21 +234,21 @@ impl Method for Inpainting {
     fn loss(&self, views: &[Tensor<4>], _progress: &Progress) -> StepOutput {
         let (x, mask) = (views[0].clone(), views[1].clone());
         let painted = self.paint(x.clone(), mask.clone());
-        let rec = masked_mse(x.clone(), painted.clone(), mask.clone());
-        let completed = painted * mask.clone() + x.clone() * mask.neg().add_scalar(1.0);
-        // −log σ(D(x̂)) = softplus(−D(x̂)), with D's weights held: G's gradient only.
-        let adv = softplus(
-            self.discriminator.forward_frozen(completed.clone()).neg(),
-            1.0,
-        )
-        .mean();
+        let weights = overlap_weights(mask.clone(), self.overlap, self.overlap_weight);
+        let rec = masked_mse(x.clone(), painted.clone(), weights);
+        let judged = match self.judge_output {
+            true => painted,
+            false => painted * mask.clone() + x.clone() * mask.neg().add_scalar(1.0),
+        };
+        // −log σ(D(·)) = softplus(−D(·)), with D's weights held: G's gradient only.
+        let adv = softplus(self.discriminator.forward_frozen(judged.clone()).neg(), 1.0).mean();
         let loss =
             rec.clone().mul_scalar(self.lambda_rec) + adv.clone().mul_scalar(self.lambda_adv);
         let n = x.dims()[0];
         let keep = Tensor::cat(
             vec![
                 x.reshape([n as i32, -1]),
-                completed.detach().reshape([n as i32, -1]),
+                judged.detach().reshape([n as i32, -1]),
             ],
             1,
         );
@@ -172,7 +262,8 @@ impl Method for Inpainting {
         }
     }
 
-    /// D's step on the step's real images and (detached) completions: −log D(x) − log(1 − D(x̂)).
+    /// D's step on the step's real images and (detached) paintings, at `discriminator_lr` times
+    /// the schedule's rate: −log D(x) − log(1 − D(painting)).
     fn auxiliary_step(
         self,
         kept: Option<&Tensor<2>>,
@@ -191,7 +282,7 @@ impl Method for Inpainting {
         let loss =
             softplus(d.forward(real).neg(), 1.0).mean() + softplus(d.forward(fake), 1.0).mean();
         let grads = GradientsParams::from_grads(loss.backward(), &self);
-        optim.step(lr, self, grads)
+        optim.step(lr * self.discriminator_lr, self, grads)
     }
 
     fn backbone(&self) -> &Backbone {

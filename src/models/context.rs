@@ -1,67 +1,178 @@
 //! The context encoder's other parts: a DCGAN-style decoder that paints an image from the
-//! encoder's features, and a DCGAN-style discriminator (Pathak et al. 2016; Radford et al. 2016).
+//! encoder's feature map through a bottleneck, and a DCGAN-style discriminator (Pathak et al. 2016; Radford et al. 2016).
 
-use crate::kernels::batch_norm;
-use burn::module::Module;
+use crate::kernels::{batch_norm, conv2d};
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{leaky_relu, relu};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
 
-/// Three ×2 up-convolutions from a `size/8` square: the image side must be a multiple of 8.
+/// How the decoder starts from the encoder's feature map `[n, C, g, g]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bottleneck {
+    /// The released code (`train.lua`): a convolution over the whole map (a fully connected
+    /// layer on it) to `bottleneck_dim` channels at 1×1, batch norm, LeakyReLU(0.2); then a
+    /// 1×1 → `size/8` up-convolution (a fully connected layer again), batch norm, ReLU.
+    #[default]
+    Conv,
+    /// The paper (§3.1): a channel-wise fully connected layer (each channel's g×g map to a
+    /// g×g map, no mixing across channels: layout is kept, parameters stay C·g⁴), then a 1×1
+    /// convolution across channels, batch norm, ReLU; up-convolutions from g on.
+    ChannelWise,
+    /// The map's global mean (all layout averaged away), a fully connected layer to a
+    /// `size/8` square, batch norm, ReLU: a cheap variant.
+    Pooled,
+}
+
+/// The context encoder's decoder: a start from the encoder's feature map ([`Bottleneck`]), then
+/// ×2 up-convolutions (4×4, stride 2; batch norm and ReLU between them) to a `size`-px image.
 #[derive(Debug, Clone)]
 pub struct ContextDecoderConfig {
-    pub input: usize,
-    /// Channels of the last up-convolution (×2, ×4 before it).
+    pub bottleneck: Bottleneck,
+    /// Channels C and side g of the encoder's feature map.
+    pub channels: usize,
+    pub grid: usize,
+    /// Width of the `Conv` bottleneck (the released code: 4000).
+    pub bottleneck_dim: usize,
+    /// Channels of the last up-convolution (doubling towards the start).
     pub width: usize,
     pub size: usize,
 }
 
 impl ContextDecoderConfig {
+    /// Side of the square the up-convolutions start from: the map's for `ChannelWise`, else
+    /// `size/8`.
+    fn start(&self) -> usize {
+        match self.bottleneck {
+            Bottleneck::ChannelWise => self.grid,
+            _ => self.size / 8,
+        }
+    }
+
+    /// Refuses sizes the up-convolutions cannot reach: `size` must be the start side times a
+    /// power of two (at least 2).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let start = self.start();
+        let ratio = (start > 0 && self.size % start == 0).then(|| self.size / start);
+        match ratio {
+            Some(r) if r >= 2 && r.is_power_of_two() => Ok(()),
+            _ => anyhow::bail!(
+                "method.bottleneck_layer: the decoder doubles a {start}-px start (the encoder's map for channel_wise, augment.size/8 otherwise) up to {} px, which needs {} = {start}·2^k",
+                self.size,
+                self.size
+            ),
+        }
+    }
+
+    /// The decoder; call [`check`](Self::check) first.
     pub fn init(&self, device: &Device) -> ContextDecoder {
-        let c = self.width;
-        let base = self.size / 8;
+        let (start, c) = (self.start(), self.width);
+        let ups = (self.size / start).trailing_zeros() as usize;
+        // Channels along the way: c·2^(ups−1) at the start, halving, 3 at the end.
+        let widths: Vec<usize> = (0..ups).rev().map(|k| c << k).chain([3]).collect();
         let up = |i: usize, o: usize| {
             ConvTranspose2dConfig::new([i, o], [4, 4])
                 .with_stride([2, 2])
                 .with_padding([1, 1])
                 .init(device)
         };
+        let bn = |c: usize| BatchNormConfig::new(c).init(device);
+        let (map, g) = (self.channels * self.grid * self.grid, self.grid);
+        let square = widths[0] * start * start;
+        let start_layer = match self.bottleneck {
+            Bottleneck::Conv => Start::Conv(ConvBottleneck {
+                bottleneck: LinearConfig::new(map, self.bottleneck_dim).init(device),
+                bn: bn(self.bottleneck_dim),
+                fc: LinearConfig::new(self.bottleneck_dim, square).init(device),
+            }),
+            Bottleneck::ChannelWise => {
+                let bound = (1.0 / (g * g) as f64).sqrt();
+                Start::ChannelWise(ChannelWiseFc {
+                    weight: Param::from_tensor(Tensor::random(
+                        [self.channels, g * g, g * g],
+                        Distribution::Uniform(-bound, bound),
+                        device,
+                    )),
+                    bias: Param::from_tensor(Tensor::zeros([self.channels, 1, g * g], device)),
+                    mix: Conv2dConfig::new([self.channels, widths[0]], [1, 1]).init(device),
+                })
+            }
+            Bottleneck::Pooled => {
+                Start::Pooled(LinearConfig::new(self.channels, square).init(device))
+            }
+        };
         ContextDecoder {
-            fc: LinearConfig::new(self.input, 4 * c * base * base).init(device),
-            fc_bn: BatchNormConfig::new(4 * c).init(device),
-            up: vec![up(4 * c, 2 * c), up(2 * c, c), up(c, 3)],
-            bns: vec![
-                BatchNormConfig::new(2 * c).init(device),
-                BatchNormConfig::new(c).init(device),
-            ],
-            width: c,
-            base,
+            start_layer,
+            start_bn: bn(widths[0]),
+            up: widths.windows(2).map(|w| up(w[0], w[1])).collect(),
+            bns: widths[1..ups].iter().map(|&c| bn(c)).collect(),
+            start: [widths[0], start],
         }
     }
 }
 
+/// The layers from the feature map to the first up-convolution's input ([`Bottleneck`]).
+#[derive(Module, Debug)]
+enum Start {
+    Conv(ConvBottleneck),
+    ChannelWise(ChannelWiseFc),
+    Pooled(Linear),
+}
+
+#[derive(Module, Debug)]
+struct ConvBottleneck {
+    bottleneck: Linear,
+    bn: BatchNorm,
+    fc: Linear,
+}
+
+/// One fully connected layer per channel: channel c's flattened map times `weight[c]`
+/// (`[C, g², g²]`) plus `bias[c]` (`[C, 1, g²]`), then the 1×1 convolution `mix`.
+#[derive(Module, Debug)]
+struct ChannelWiseFc {
+    weight: Param<Tensor<3>>,
+    bias: Param<Tensor<3>>,
+    mix: Conv2d,
+}
+
 #[derive(Module, Debug)]
 pub struct ContextDecoder {
-    fc: Linear,
-    fc_bn: BatchNorm,
+    start_layer: Start,
+    start_bn: BatchNorm,
     up: Vec<ConvTranspose2d>,
     bns: Vec<BatchNorm>,
-    width: usize,
-    base: usize,
+    /// Channels and side of the square the up-convolutions start from.
+    start: [usize; 2],
 }
 
 impl ContextDecoder {
-    /// Features `[n, input]` to an image `[n, 3, size, size]` (in the normalised space).
-    pub fn forward(&self, features: Tensor<2>) -> Tensor<4> {
-        let [n, _] = features.dims();
-        let mut x = relu(batch_norm(
-            &self.fc_bn,
-            self.fc
-                .forward(features)
-                .reshape([n, 4 * self.width, self.base, self.base]),
-        ));
+    /// The encoder's feature map `[n, C, g, g]` to an image `[n, 3, size, size]` (in the
+    /// normalised space).
+    pub fn forward(&self, map: Tensor<4>) -> Tensor<4> {
+        let [n, c, g, _] = map.dims();
+        let [width, side] = self.start;
+        let x = match &self.start_layer {
+            Start::Conv(s) => {
+                let code = s.bottleneck.forward(map.reshape([n, c * g * g]));
+                let code = leaky_relu(batch_norm(&s.bn, code), 0.2);
+                s.fc.forward(code).reshape([n, width, side, side])
+            }
+            Start::ChannelWise(s) => {
+                // [C, n, g²] · [C, g², g²]: one fully connected layer per channel.
+                let per_channel = map.reshape([n, c, g * g]).swap_dims(0, 1);
+                let mapped = per_channel.matmul(s.weight.val()) + s.bias.val();
+                conv2d(&s.mix, mapped.swap_dims(0, 1).reshape([n, c, g, g]))
+            }
+            Start::Pooled(fc) => {
+                let pooled = map.mean_dims(&[2, 3]).reshape([n, c]);
+                fc.forward(pooled).reshape([n, width, side, side])
+            }
+        };
+        let mut x = relu(batch_norm(&self.start_bn, x));
         for (i, up) in self.up.iter().enumerate() {
             x = up.forward(x);
             if let Some(bn) = self.bns.get(i) {

@@ -10,7 +10,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use context::{ContextDecoder, ContextDecoderConfig, Discriminator, DiscriminatorConfig};
+pub use context::{
+    Bottleneck, ContextDecoder, ContextDecoderConfig, Discriminator, DiscriminatorConfig,
+};
 pub use ema::{ema_update, momentum_copy};
 pub use heads::{DinoHead, DinoHeadConfig, ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
@@ -81,6 +83,22 @@ impl BackboneConfig {
         }
     }
 
+    /// Side of the square map [`Backbone::feature_map`] gives for `size`-px images: a ResNet
+    /// halves the side (rounding up) at each stride-2 stage (3 with the CIFAR stem, 5 with the
+    /// ImageNet one), a ViT has one position per patch.
+    pub fn feature_grid(&self, size: usize) -> usize {
+        match self {
+            BackboneConfig::Resnet(c) => {
+                let halvings = match c.stem {
+                    Stem::Cifar => 3,
+                    Stem::Imagenet => 5,
+                };
+                (0..halvings).fold(size, |side, _| side.div_ceil(2))
+            }
+            BackboneConfig::Vit(c) => size / c.patch_size,
+        }
+    }
+
     pub fn init(&self, device: &Device) -> Backbone {
         match self {
             BackboneConfig::Resnet(c) => Backbone::ResNet(c.init(device)),
@@ -102,6 +120,16 @@ impl Backbone {
         match self {
             Backbone::ResNet(m) => m.forward(x),
             Backbone::Vit(m) => m.forward(x),
+        }
+    }
+
+    /// The spatial features before pooling, `[n, feature_dim, g, g]` (g from
+    /// [`BackboneConfig::feature_grid`]): a ResNet's last stage, a ViT's normalised patch tokens
+    /// on their grid.
+    pub fn feature_map(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Backbone::ResNet(m) => m.feature_map(x, 1),
+            Backbone::Vit(m) => m.feature_map(x),
         }
     }
 

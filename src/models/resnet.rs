@@ -222,6 +222,13 @@ impl ResNet {
     /// [`forward`](Self::forward) with training-mode batch statistics per group of images
     /// `i ≡ g (mod bn_splits)` (MoCo's `SplitBatchNorm`, [`split_batch_norm`]).
     pub fn forward_split_bn(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<2> {
+        let x = self.feature_map(x, bn_splits);
+        let [n, c, _, _] = x.dims();
+        x.mean_dims(&[2, 3]).reshape([n, c])
+    }
+
+    /// The last stage's output `[n, feature_dim, h, w]`, before the global pooling.
+    pub fn feature_map(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<4> {
         let mut x = relu(split_batch_norm(
             &self.bn1,
             conv2d(&self.conv1, x),
@@ -239,7 +246,6 @@ impl ResNet {
         {
             x = block.forward(x, bn_splits);
         }
-        let [n, c, _, _] = x.dims();
-        x.mean_dims(&[2, 3]).reshape([n, c])
+        x
     }
 }

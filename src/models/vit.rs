@@ -335,9 +335,7 @@ impl Vit {
         tokens: Tensor<3>,
         keep: Option<&[[Tensor<3>; 2]]>,
     ) -> (Tensor<3>, Tensor<4>) {
-        let [n, _, d] = tokens.dims();
-        let cls = (self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1)).expand([n, 1, d]);
-        let mut x = Tensor::cat(vec![cls, tokens], 1);
+        let mut x = self.with_cls(tokens);
         let mut last = None;
         for (i, block) in self.blocks.iter().enumerate() {
             let (y, attn) = block.forward_masked(x, keep.map(|k| &k[i]));
@@ -350,9 +348,46 @@ impl Vit {
         )
     }
 
+    /// The class token (with its position) prepended to `tokens`: `[n, 1 + l, dim]`.
+    fn with_cls(&self, tokens: Tensor<3>) -> Tensor<3> {
+        let [n, _, d] = tokens.dims();
+        let cls = (self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1)).expand([n, 1, d]);
+        Tensor::cat(vec![cls, tokens], 1)
+    }
+
+    /// DINO's linear-evaluation features (`eval_linear.py`, `get_intermediate_layers`): the
+    /// class token of each of the last `blocks` blocks, each through the final norm,
+    /// concatenated: `[n, blocks·dim]`. `blocks` = 1 is the class token `forward` pools.
+    pub fn last_blocks_cls(&self, x: Tensor<4>, blocks: usize) -> Tensor<2> {
+        let mut x = self.with_cls(self.patch_tokens(x));
+        let first = self.blocks.len().saturating_sub(blocks);
+        let mut classes = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x).0;
+            if i >= first {
+                let [n, _, d] = x.dims();
+                let normed = layer_norm(&self.norm, x.clone().narrow(1, 0, 1), LAYER_NORM_EPS);
+                classes.push(normed.reshape([n, d]));
+            }
+        }
+        Tensor::cat(classes, 1)
+    }
+
     /// Features `[n, dim]`: the class token, or the mean patch token (`pool`).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         self.pool(self.encode_tokens(self.patch_tokens(x)).0)
+    }
+
+    /// The normalised patch tokens on their grid, `[n, dim, h/p, w/p]`.
+    pub fn feature_map(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, h, w] = x.dims();
+        let p = self.patch_size();
+        let tokens = self.encode_tokens(self.patch_tokens(x)).0;
+        let [n, t, d] = tokens.dims();
+        tokens
+            .narrow(1, 1, t - 1)
+            .swap_dims(1, 2)
+            .reshape([n, d, h / p, w / p])
     }
 
     /// [`forward`](Self::forward) in training with stochastic depth at `rate` (see

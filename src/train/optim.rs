@@ -2,7 +2,8 @@
 //!
 //! burn ships SGD and AdamW; LARS is written here as a burn `Optimizer` (burn has none).
 //! Bias and normalisation parameters (the rank-1 tensors) are excluded from LARS's adaptation
-//! and from weight decay in LARS and AdamW, as SimCLR, MAE and DINO do.
+//! and from weight decay in LARS and AdamW, as SimCLR, MAE and DINO do; MAE's fine-tuning also
+//! exempts a ViT's class token and position embeddings (`exempt_embeddings`).
 
 use burn::grad_clipping::GradientClipping;
 use burn::optim::decay::WeightDecayConfig;
@@ -85,11 +86,14 @@ impl Optimizer for Lars {
     }
 }
 
-/// One optimiser for matrices and one without weight decay for rank-1 tensors.
+/// One optimiser for matrices and one without weight decay for rank-1 tensors (and, with
+/// `exempt_embeddings`, for rank-3 tensors of leading size 1: a ViT's class token and position
+/// embeddings).
 #[derive(Clone)]
 struct DecayMatricesOnly<O> {
     matrices: O,
     vectors: O,
+    exempt_embeddings: bool,
 }
 
 impl<O: Optimizer> Optimizer for DecayMatricesOnly<O> {
@@ -102,7 +106,8 @@ impl<O: Optimizer> Optimizer for DecayMatricesOnly<O> {
         g: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
-        if D > 1 {
+        let embedding = D == 3 && w.dims()[0] == 1;
+        if D > 1 && !(self.exempt_embeddings && embedding) {
             self.matrices.step(lr, w, g, state)
         } else {
             self.vectors.step(lr, w, g, state)
@@ -137,6 +142,11 @@ pub struct OptimConfig {
     /// matrices itself, as AdamW would with that step's wd.
     #[serde(default)]
     pub final_weight_decay: Option<f64>,
+    /// AdamW only: no weight decay on a ViT's class token and position embeddings either (the
+    /// `[1, …, dim]` rank-3 tensors: timm's `no_weight_decay()`, which MAE's fine-tuning skips;
+    /// DINO's pre-training decays them). Set by fine-tuning, not a recipe key.
+    #[serde(skip)]
+    pub exempt_embeddings: bool,
 }
 
 impl Default for OptimConfig {
@@ -150,6 +160,7 @@ impl Default for OptimConfig {
             eta: eta(),
             grad_clip: None,
             final_weight_decay: None,
+            exempt_embeddings: false,
         }
     }
 }
@@ -222,6 +233,7 @@ impl OptimConfig {
                 DecayMatricesOnly {
                     matrices: adam(wd),
                     vectors: adam(0.0),
+                    exempt_embeddings: self.exempt_embeddings,
                 }
                 .into()
             }

@@ -1,0 +1,328 @@
+//! Linear evaluation: a linear classifier trained on a frozen encoder's features.
+//!
+//! - [`linear_eval`], the papers' protocol: the classifier learns from random-resized crops and
+//!   flips of the labelled images, through the frozen encoder (batch norm in evaluation mode),
+//!   with SGD or LARS and a cosine schedule. Each method's published recipe sets the settings of
+//!   its official code (`[linear_eval]`): DINO `eval_linear.py` (SGD 0.001 × b/256, 100 epochs,
+//!   a ViT's class tokens of its last 4 blocks), MAE `main_linprobe.py` (LARS 0.1 × b/256, 90
+//!   epochs with 10 of warm-up, batch norm without affine parameters before the classifier),
+//!   MoCo `main_lincls.py` (SGD 30, 100 epochs, its `--cos` schedule), SimCLR (SGD 0.1 × b/256,
+//!   90 epochs). The classifier starts from N(0, 0.01) with a zero bias, as all of them.
+//! - [`linear_probe`], the quick check: AdamW on fixed, standardised centre-crop features,
+//!   extracted once; minutes instead of hours on a CPU, and not what the papers report.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use burn::module::Module;
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::{accuracy, Accuracy, EvalConfig, Features};
+use crate::augment::{sample_rng, Pipeline};
+use crate::data::{Loader, Split};
+use crate::kernels::batch_norm;
+use crate::losses::cross_entropy;
+use crate::models::{init_seeded, Backbone};
+use crate::train::optim::{warmup_cosine, OptimConfig, OptimizerKind};
+
+/// `[linear_eval]` of a recipe: the papers' linear evaluation ([`linear_eval`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearEvalConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// `sgd` (momentum 0.9) or `lars`.
+    pub optimizer: OptimizerKind,
+    /// Peak lr = base_lr × batch / 256, then a cosine to 0.
+    pub base_lr: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    /// A ViT's features: the class tokens of its last `last_blocks` blocks, each through the
+    /// final norm, concatenated (DINO's ViT-S/16: 4; MAE: 1, the class token). A ResNet's are
+    /// its pooled features.
+    pub last_blocks: usize,
+    /// Batch norm without affine parameters before the classifier (MAE's linear probe).
+    pub batch_norm: bool,
+    /// Labelled training images used (0: all).
+    pub train_limit: usize,
+}
+
+impl Default for LinearEvalConfig {
+    /// SimCLR's: SGD 0.1 × b/256, no weight decay, 90 epochs, pooled features.
+    fn default() -> Self {
+        LinearEvalConfig {
+            epochs: 90,
+            batch_size: 256,
+            optimizer: OptimizerKind::Sgd,
+            base_lr: 0.1,
+            weight_decay: 0.0,
+            warmup_epochs: 0.0,
+            last_blocks: 1,
+            batch_norm: false,
+            train_limit: 0,
+        }
+    }
+}
+
+impl LinearEvalConfig {
+    pub fn check(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 || self.last_blocks == 0 {
+            bail!("linear_eval.epochs, batch_size and last_blocks must be at least 1");
+        }
+        if self.optimizer == OptimizerKind::Adamw {
+            bail!("linear_eval.optimizer = \"adamw\": the papers' protocol is sgd or lars (AdamW on fixed features is `selfsup eval linear --quick`)");
+        }
+        if !(self.base_lr > 0.0) || self.weight_decay < 0.0 || self.warmup_epochs < 0.0 {
+            bail!(
+                "linear_eval.base_lr must be positive, weight_decay and warmup_epochs not negative"
+            );
+        }
+        Ok(())
+    }
+
+    /// The protocol in words, printed beside its result.
+    pub fn describe(&self, backbone: &Backbone) -> String {
+        let optimizer = match self.optimizer {
+            OptimizerKind::Lars => "LARS",
+            _ => "SGD",
+        };
+        let features = match backbone {
+            Backbone::Vit(_) if self.last_blocks > 1 => {
+                format!("class tokens of the last {} blocks", self.last_blocks)
+            }
+            Backbone::Vit(_) => "the class token".into(),
+            Backbone::ResNet(_) => "pooled features".into(),
+        };
+        let warmup = match self.warmup_epochs > 0.0 {
+            true => format!(", {} of warm-up", self.warmup_epochs),
+            false => String::new(),
+        };
+        let norm = if self.batch_norm {
+            " through batch norm without affine"
+        } else {
+            ""
+        };
+        format!(
+            "linear eval ({optimizer} lr {} x batch {}/256, wd {}, {} epochs{warmup} on random-resized crops and flips; {features}{norm})",
+            self.base_lr, self.batch_size, self.weight_decay, self.epochs
+        )
+    }
+}
+
+/// The classifier of [`linear_eval`]: optional batch norm without affine parameters, then one
+/// linear layer.
+#[derive(Module, Debug)]
+struct ProbeHead {
+    norm: Option<BatchNorm>,
+    linear: Linear,
+}
+
+impl ProbeHead {
+    fn new(dim: usize, classes: usize, batch_norm: bool, device: &Device) -> ProbeHead {
+        // DINO, MAE, MoCo: weight N(0, 0.01), bias 0.
+        let linear = init_seeded(device, 0, || {
+            LinearConfig::new(dim, classes)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.01,
+                })
+                .init(device)
+        });
+        let linear = Linear {
+            bias: linear.bias.map(|b| b.map(|t| t.zeros_like())),
+            ..linear
+        };
+        // PyTorch's BatchNorm1d(affine=False, eps=1e-6): γ = 1 and β = 0, never trained.
+        let norm = batch_norm.then(|| {
+            let bn = BatchNormConfig::new(dim).with_epsilon(1e-6).init(device);
+            BatchNorm {
+                gamma: bn.gamma.clone().set_require_grad(false),
+                beta: bn.beta.clone().set_require_grad(false),
+                ..bn
+            }
+        });
+        ProbeHead { norm, linear }
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let x = match &self.norm {
+            Some(bn) => batch_norm(bn, x),
+            None => x,
+        };
+        self.linear.forward(x)
+    }
+}
+
+/// The features [`linear_eval`] classifies, `[n, d]`: see [`LinearEvalConfig::last_blocks`].
+pub fn probe_features(backbone: &Backbone, x: Tensor<4>, last_blocks: usize) -> Tensor<2> {
+    match backbone {
+        Backbone::Vit(v) => v.last_blocks_cls(x, last_blocks),
+        Backbone::ResNet(r) => r.forward(x),
+    }
+}
+
+/// Trains a linear classifier on `backbone`'s frozen features of `train` (views from `augment`:
+/// random-resized crops and flips) with `config`, and measures it on `test` (views from `eval`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_eval(
+    backbone: &Backbone,
+    train: &Split,
+    test: &Split,
+    classes: usize,
+    augment: &Pipeline,
+    eval: &Pipeline,
+    config: &LinearEvalConfig,
+    device: &Device,
+) -> Result<Accuracy> {
+    config.check()?;
+    let frozen = backbone.valid().to_device(device);
+    let train = train.limit(config.train_limit);
+    let loader = Loader::new(
+        train.clone(),
+        Arc::new(augment.clone()),
+        config.batch_size,
+        0,
+    )?;
+    loader.check("linear_eval.batch_size")?;
+    let ad = device.clone().autodiff();
+    let mut head: Option<ProbeHead> = None;
+    let mut optim = OptimConfig {
+        optimizer: config.optimizer,
+        weight_decay: config.weight_decay,
+        momentum: 0.9,
+        ..OptimConfig::default()
+    }
+    .init();
+    let steps_per_epoch = loader.batches_per_epoch();
+    let total = steps_per_epoch * config.epochs;
+    let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
+    let peak = config.base_lr * config.batch_size as f64 / 256.0;
+    let bar = crate::data::progress_bar(total as u64, "linear eval");
+    let mut step = 0;
+    for epoch in 0..config.epochs {
+        for batch in loader.epoch(epoch as u64, 0) {
+            let Some(labels) = batch.labels.as_ref() else {
+                bail!(
+                    "split '{}' has no labels to train a classifier on",
+                    train.name
+                );
+            };
+            let labels: Vec<usize> = labels.iter().map(|&c| c as usize).collect();
+            let x = batch.views[0].to_tensor(device);
+            let features = probe_features(&frozen, x, config.last_blocks);
+            let [n, dim] = features.dims();
+            let features = Tensor::<2>::from_data(features.into_data(), &ad);
+            let model = head
+                .take()
+                .unwrap_or_else(|| ProbeHead::new(dim, classes, config.batch_norm, &ad));
+            let loss = cross_entropy(model.forward(features), &labels);
+            let value: f32 = loss.clone().into_scalar();
+            if !value.is_finite() {
+                bail!("linear-eval loss became {value} at step {step} (batch of {n}; lower linear_eval.base_lr)");
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = warmup_cosine(step, warmup, total, peak, 0.0);
+            head = Some(optim.step(lr, model, grads));
+            step += 1;
+            bar.set_message(format!(
+                "epoch {}/{} loss {value:.3}",
+                epoch + 1,
+                config.epochs
+            ));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let head = head
+        .expect("at least one step: the loader checked the batch size")
+        .valid();
+    let (data, dim) =
+        super::features_of(&frozen, test, eval, config.batch_size, device, |b, x| {
+            probe_features(b, x, config.last_blocks)
+        })?;
+    let Some(labels) = test.labels.as_ref() else {
+        bail!("split '{}' has no labels to evaluate against", test.name)
+    };
+    let n = labels.len();
+    let scores: Vec<f32> = head
+        .forward(Tensor::from_data(TensorData::new(data, [n, dim]), device))
+        .into_data()
+        .try_to_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let scores: Vec<Vec<f32>> = scores.chunks(classes).map(<[f32]>::to_vec).collect();
+    Ok(accuracy(&scores, labels))
+}
+
+/// A linear classifier on frozen features (standardised with the training statistics), trained
+/// with AdamW and cross-entropy for `epochs` passes over shuffled mini-batches: the quick check.
+pub fn linear_probe(
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    config: &EvalConfig,
+    device: &Device,
+) -> Accuracy {
+    let d = train.dim;
+    let mean: Vec<f32> = (0..d)
+        .map(|j| train.data.iter().skip(j).step_by(d).sum::<f32>() / train.len() as f32)
+        .collect();
+    let std: Vec<f32> = (0..d)
+        .map(|j| {
+            (train
+                .data
+                .iter()
+                .skip(j)
+                .step_by(d)
+                .map(|v| (v - mean[j]).powi(2))
+                .sum::<f32>()
+                / train.len() as f32)
+                .sqrt()
+                .max(1e-6)
+        })
+        .collect();
+    let standardise = |f: &Features| -> Vec<f32> {
+        f.data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v - mean[i % d]) / std[i % d])
+            .collect()
+    };
+    let (xtr, xte) = (standardise(train), standardise(test));
+    let ad = device.clone().autodiff();
+    let mut model = init_seeded(&ad, 0, || LinearConfig::new(d, classes).init(&ad));
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let bar = crate::data::progress_bar(config.linear_epochs as u64, "linear probe");
+    for epoch in 0..config.linear_epochs {
+        order.shuffle(&mut sample_rng(0, epoch as u64, u64::MAX));
+        let lr = warmup_cosine(epoch, 0, config.linear_epochs, config.linear_lr, 0.0);
+        for chunk in order.chunks(config.batch_size) {
+            let x: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| xtr[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            let targets: Vec<usize> = chunk.iter().map(|&i| train.labels[i] as usize).collect();
+            let logits = model.forward(Tensor::<2>::from_data(
+                TensorData::new(x, [chunk.len(), d]),
+                &ad,
+            ));
+            let grads =
+                GradientsParams::from_grads(cross_entropy(logits, &targets).backward(), &model);
+            model = optim.step(lr, model, grads);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let model = model.valid();
+    let logits = model.forward(Tensor::<2>::from_data(
+        TensorData::new(xte, [test.len(), d]),
+        device,
+    ));
+    let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().expect("f32 logits");
+    let scores: Vec<Vec<f32>> = logits.chunks(classes).map(<[f32]>::to_vec).collect();
+    accuracy(&scores, &test.labels)
+}
