@@ -510,6 +510,10 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("finetune.train_limit", "labelled images used (0: all)", None),
     ("finetune.drop_path", "stochastic depth rate of a ViT's blocks (MAE: 0.1)", None),
     ("finetune.label_smoothing", "label smoothing of the cross-entropy (MAE: 0.1)", None),
+    ("finetune.mixup", "mixup's Beta(α, α) over the batch (MAE: 0.8; 0: off)", None),
+    ("finetune.cutmix", "CutMix's Beta(α, α) (MAE: 1.0; 0: off)", None),
+    ("finetune.mixup_switch_prob", "with both on, the chance a batch takes CutMix (0.5)", None),
+    ("finetune.random_erasing", "chance of erasing a random rectangle of each image (MAE: 0.25)", None),
 ];
 
 /// The complete recipe of `method` ([`Recipe::defaults`]) as TOML with a comment on every key;

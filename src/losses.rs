@@ -39,6 +39,16 @@ pub fn cross_entropy_smoothed(logits: Tensor<2>, targets: &[usize], epsilon: f64
     cross_entropy(logits, targets).mul_scalar(1.0 - epsilon) + uniform.mul_scalar(epsilon)
 }
 
+/// Cross-entropy against soft targets `[n, classes]` (rows summing to 1): mean over the batch
+/// of −Σ_c t_c·log p_c, timm's `SoftTargetCrossEntropy` for mixup and CutMix.
+pub fn soft_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    (log_softmax(logits, 1) * targets)
+        .sum()
+        .div_scalar(n as f64)
+        .neg()
+}
+
 /// InfoNCE (van den Oord et al. 2018), over logits s(q, k)/τ:
 ///
 ///   L = −log( exp(s(q,k+)/τ) / (exp(s(q,k+)/τ) + Σ_j exp(s(q,k_j−)/τ)) )

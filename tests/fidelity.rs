@@ -489,3 +489,143 @@ fn fine_tuning_exempts_the_class_token_and_positions_from_weight_decay() {
         }
     }
 }
+
+#[test]
+fn mixup_and_cutmix_mix_images_and_labels_as_timm() {
+    use selfsup::augment::mix::{cutmix_box, mixup_targets, Mix};
+    let dev = Device::flex();
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    // mixup_target([0, 2], 3 classes, λ 0.7, ε 0.1): off 0.1/3, on 1 − 0.1 + 0.1/3; image 0's
+    // partner is image 1 (the batch reversed).
+    let t = values(mixup_targets(&[0, 2], 3, 0.7, 0.1, &dev));
+    let (off, on) = (0.1 / 3.0, 0.9 + 0.1 / 3.0);
+    let want = [
+        off + (on - off) * 0.7,
+        off,
+        off + (on - off) * 0.3,
+        off + (on - off) * 0.3,
+        off,
+        off + (on - off) * 0.7,
+    ];
+    for (g, w) in t.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-6, "{t:?}");
+    }
+    // With λ = 1 the soft loss is the label-smoothed one.
+    let logits = images(4, 1, 3, &dev).reshape([4, 3]);
+    let labels = [2, 0, 1, 1];
+    let soft: f32 = selfsup::losses::soft_cross_entropy(
+        logits.clone(),
+        mixup_targets(&labels, 3, 1.0, 0.1, &dev),
+    )
+    .into_scalar();
+    let smoothed: f32 = selfsup::losses::cross_entropy_smoothed(logits, &labels, 0.1).into_scalar();
+    assert!((soft - smoothed).abs() < 1e-6, "{soft} vs {smoothed}");
+
+    // rand_bbox: λ 0.75 → sides 16 of 32, around (5, 20), clipped at the top.
+    assert_eq!(cutmix_box([32, 32], 0.75, [5, 20]), (0..13, 12..28));
+    let x = images(2, 4, 5, &dev);
+    let cut = Mix::Cutmix {
+        lam: 0.75,
+        rows: 1..3,
+        cols: 0..2,
+    };
+    let mixed = cut
+        .apply(x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let x0 = x.clone().into_data().try_to_vec::<f32>().unwrap();
+    let at = |n: usize, c: usize, y: usize, x: usize| ((n * 3 + c) * 4 + y) * 4 + x;
+    for (c, y, col) in [(0, 1, 0), (2, 2, 1), (1, 0, 0), (0, 3, 3)] {
+        let boxed = (1..3).contains(&y) && col < 2;
+        let from = if boxed { 1 } else { 0 };
+        assert_eq!(
+            mixed[at(0, c, y, col)],
+            x0[at(from, c, y, col)],
+            "({c}, {y}, {col})"
+        );
+    }
+    let mixup = Mix::Mixup { lam: 0.6 }
+        .apply(x)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let i = at(1, 2, 3, 1);
+    assert!((mixup[i] - (0.6 * x0[i] + 0.4 * x0[at(0, 2, 3, 1)])).abs() < 1e-6);
+    // Drawn: λ of a CutMix is the area its box leaves.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut kinds = [0, 0];
+    for _ in 0..200 {
+        match Mix::draw(0.8, 1.0, 0.5, [32, 32], &mut rng).unwrap() {
+            Mix::Mixup { lam } => {
+                assert!((0.0..=1.0).contains(&lam));
+                kinds[0] += 1;
+            }
+            Mix::Cutmix { lam, rows, cols } => {
+                assert!((lam - (1.0 - (rows.len() * cols.len()) as f64 / 1024.0)).abs() < 1e-12);
+                kinds[1] += 1;
+            }
+        }
+    }
+    assert!(kinds[0] > 70 && kinds[1] > 70, "{kinds:?}");
+    assert!(Mix::draw(0.0, 0.0, 0.5, [32, 32], &mut rng).is_none());
+}
+
+#[test]
+fn random_erasing_fills_one_rectangle_with_noise() {
+    use selfsup::augment::mix::random_erase;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (c, h, w) = (3, 32, 32);
+    let mut erased = 0;
+    for _ in 0..100 {
+        let mut image = vec![5.0f32; c * h * w];
+        let did = random_erase(&mut image, [c, h, w], 0.25, &mut rng);
+        let changed: Vec<usize> = (0..h * w).filter(|&i| image[i] != 5.0).collect();
+        assert_eq!(did, !changed.is_empty());
+        if !did {
+            continue;
+        }
+        erased += 1;
+        // One rectangle, the same on every channel, of 2%–⅓ of the image (rounding aside).
+        let (ys, xs): (Vec<usize>, Vec<usize>) = changed.iter().map(|i| (i / w, i % w)).unzip();
+        let rows = ys.iter().max().unwrap() - ys.iter().min().unwrap() + 1;
+        let cols = xs.iter().max().unwrap() - xs.iter().min().unwrap() + 1;
+        assert_eq!(rows * cols, changed.len());
+        let frac = changed.len() as f64 / (h * w) as f64;
+        assert!((0.01..0.4).contains(&frac), "{frac}");
+        for ch in 1..c {
+            assert!(changed.iter().all(|&i| image[ch * h * w + i] != 5.0));
+        }
+    }
+    assert!(
+        (10..45).contains(&erased),
+        "{erased} of 100 erased at p 0.25"
+    );
+}
+
+#[test]
+fn fine_tuning_a_mean_pooling_vit_normalises_its_mean_token_afresh() {
+    // MAE's models_vit.py (global_pool): fc_norm(mean(patch tokens)), the blocks' output
+    // without the final norm, through a fresh LayerNorm. Features of a random ViT: the mean
+    // token differs from the mean of normalised tokens (Pool::Mean, timm's avg pool).
+    let dev = Device::flex();
+    let BackboneConfig::Vit(mut config) = common::tiny_vit() else {
+        panic!()
+    };
+    config.pool = selfsup::models::Pool::Mean;
+    let vit = init_seeded(&dev, 0, || config.init(&dev));
+    let x = images(3, config.image_size, 2, &dev);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let raw = vit.mean_patch_token(x.clone(), 0.0, &mut rng);
+    let pooled = vit.forward(x);
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    let (raw, pooled) = (values(raw), values(pooled));
+    assert_ne!(raw, pooled);
+    // Pool::Mean rows are means of normalised tokens (γ 1, β 0 at init): their spread is below
+    // 1, where the raw mean keeps the blocks' scale.
+    for row in pooled.chunks(config.dim) {
+        let mean = row.iter().sum::<f32>() / row.len() as f32;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / row.len() as f32;
+        assert!(var < 1.0, "{var}");
+    }
+}

@@ -4,6 +4,7 @@
 //! Every sample draws from its own RNG, seeded by (seed, epoch, index), so views do not depend on
 //! the number of threads or on the order in which samples are processed.
 
+pub mod mix;
 pub mod ops;
 mod pipeline;
 pub mod pretext;

@@ -3,24 +3,28 @@
 //! depth-d ViT learns at lr·decay^(d − i), the embeddings at lr·decay^(d + 1), the head at lr.
 //! As MAE's `main_finetune.py`: stochastic depth in the ViT (`drop_path`, 0.1), label smoothing
 //! (0.1), the head's weights from N(0, (2e-5)²) with a zero bias, no weight decay on biases,
-//! norms, the class token and position embeddings. Not (yet) here: mixup/cutmix, RandAugment
-//! and random erasing. The same call on a randomly initialised encoder is the from-scratch baseline.
+//! norms, the class token and position embeddings, a mean-pooling ViT's features as
+//! fc_norm(mean(tokens)) with a fresh fc_norm ([`crate::models::Vit::mean_patch_token`]), mixup 0.8 / CutMix 1.0 and random erasing
+//! 0.25 ([`crate::augment::mix`]). Not here: RandAugment (`rand-m9-mstd0.5-inc1`), whose
+//! fourteen PIL operations the fine-tuning views lack. The same call on a randomly initialised encoder is the from-scratch baseline.
 
 use anyhow::{bail, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::module::Module;
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use super::Accuracy;
+use crate::augment::mix::{mixup_targets, random_erase, Mix};
 use crate::augment::Pipeline;
 use crate::data::{Loader, Split};
-use crate::losses::cross_entropy_smoothed;
-use crate::models::{init_seeded, Backbone};
+use crate::kernels::layer_norm;
+use crate::losses::{cross_entropy_smoothed, soft_cross_entropy};
+use crate::models::{init_seeded, Backbone, Pool, LAYER_NORM_EPS};
 use crate::train::optim::{warmup_cosine, OptimConfig, OptimizerKind};
 
 /// `[finetune]` of a recipe (MAE's fine-tuning recipe, scaled down by default).
@@ -40,6 +44,14 @@ pub struct FinetuneConfig {
     pub drop_path: f64,
     /// Label smoothing ε of the cross-entropy (MAE: 0.1).
     pub label_smoothing: f64,
+    /// Mixup's Beta(α, α) (MAE: 0.8; 0: off).
+    pub mixup: f64,
+    /// CutMix's Beta(α, α) (MAE: 1.0; 0: off).
+    pub cutmix: f64,
+    /// With both on, the probability that a batch takes CutMix rather than mixup (0.5).
+    pub mixup_switch_prob: f64,
+    /// Probability of random erasing per image (MAE: 0.25).
+    pub random_erasing: f64,
 }
 
 impl Default for FinetuneConfig {
@@ -54,6 +66,10 @@ impl Default for FinetuneConfig {
             train_limit: 0,
             drop_path: 0.1,
             label_smoothing: 0.1,
+            mixup: 0.8,
+            cutmix: 1.0,
+            mixup_switch_prob: 0.5,
+            random_erasing: 0.25,
         }
     }
 }
@@ -61,7 +77,23 @@ impl Default for FinetuneConfig {
 #[derive(Module, Debug)]
 struct Classifier {
     backbone: Backbone,
+    /// A mean-pooling ViT's fresh norm of the mean patch token (MAE's `fc_norm`).
+    fc_norm: Option<LayerNorm>,
     head: Linear,
+}
+
+impl Classifier {
+    /// The features the head classifies, with stochastic depth at `drop_path`.
+    fn features(&self, x: Tensor<4>, drop_path: f64, rng: &mut impl rand::Rng) -> Tensor<2> {
+        match (&self.backbone, &self.fc_norm) {
+            (Backbone::Vit(v), Some(fc_norm)) => layer_norm(
+                fc_norm,
+                v.mean_patch_token(x, drop_path, rng),
+                LAYER_NORM_EPS,
+            ),
+            (backbone, _) => backbone.forward_drop_path(x, drop_path, rng),
+        }
+    }
 }
 
 /// What [`finetune`] returns.
@@ -94,6 +126,13 @@ pub fn finetune(
     if !(0.0..1.0).contains(&config.drop_path) || !(0.0..1.0).contains(&config.label_smoothing) {
         bail!("finetune.drop_path and finetune.label_smoothing must lie in [0, 1)");
     }
+    let probabilities = [config.mixup_switch_prob, config.random_erasing];
+    if config.mixup < 0.0
+        || config.cutmix < 0.0
+        || probabilities.iter().any(|p| !(0.0..=1.0).contains(p))
+    {
+        bail!("finetune.mixup and cutmix cannot be negative; mixup_switch_prob and random_erasing lie in [0, 1]");
+    }
     let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     // MAE: trunc_normal_(head.weight, std=2e-5), a zero bias.
@@ -109,8 +148,18 @@ pub fn finetune(
         bias: head.bias.map(|b| b.map(|t| t.zeros_like())),
         ..head
     };
+    // MAE fine-tunes a mean-pooling ViT through a fresh fc_norm in place of the final norm.
+    let fc_norm = match &backbone {
+        Backbone::Vit(v) if v.pool_kind() == Pool::Mean => Some(
+            LayerNormConfig::new(feature_dim)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(&ad),
+        ),
+        _ => None,
+    };
     let mut model = Classifier {
         backbone: crate::models::to_device(backbone, &ad),
+        fc_norm,
         head,
     };
     // Layer-wise scales, shallow groups smallest; the head and anything unnamed take lr itself.
@@ -163,12 +212,34 @@ pub fn finetune(
             if labels.is_empty() {
                 bail!("split '{}' has no labels to fine-tune on", train.name);
             }
-            let x = batch.views[0].to_tensor(&ad);
-            let features = model
-                .backbone
-                .forward_drop_path(x, config.drop_path, &mut rng);
-            let logits = model.head.forward(features);
-            let loss = cross_entropy_smoothed(logits, &labels, config.label_smoothing);
+            let mut images = batch.views[0].clone();
+            let [_, c, h, w] = images.shape;
+            for image in images.data.chunks_mut(c * h * w) {
+                random_erase(image, [c, h, w], config.random_erasing, &mut rng);
+            }
+            let mix = Mix::draw(
+                config.mixup,
+                config.cutmix,
+                config.mixup_switch_prob,
+                [h, w],
+                &mut rng,
+            );
+            let x = images.to_tensor(&ad);
+            let x = match &mix {
+                Some(mix) => mix.apply(x),
+                None => x,
+            };
+            let logits = model
+                .head
+                .forward(model.features(x, config.drop_path, &mut rng));
+            let loss = match &mix {
+                Some(mix) => {
+                    let targets =
+                        mixup_targets(&labels, classes, mix.lam(), config.label_smoothing, &ad);
+                    soft_cross_entropy(logits, targets)
+                }
+                None => cross_entropy_smoothed(logits, &labels, config.label_smoothing),
+            };
             let value: f32 = loss.clone().into_scalar();
             if !value.is_finite() {
                 bail!("fine-tuning loss became {value} at step {step}");
@@ -186,24 +257,25 @@ pub fn finetune(
         }
     }
     bar.finish_and_clear();
-    let model = model.valid();
-    let features = super::extract(&model.backbone, test, eval, config.batch_size, device)?;
-    let n = features.len();
-    let x = Tensor::<2>::from_data(
-        TensorData::new(features.data.clone(), [n, features.dim]),
+    let model = model.valid().to_device(device);
+    let Some(labels) = test.labels.as_ref() else {
+        bail!("split '{}' has no labels to evaluate against", test.name)
+    };
+    let (scores, _) = super::features_of(
+        &model.backbone,
+        test,
+        eval,
+        config.batch_size,
         device,
-    );
-    let scores: Vec<f32> = model
-        .head
-        .to_device(device)
-        .forward(x)
-        .into_data()
-        .try_to_vec()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        |_, x| {
+            let mut unused = rand_chacha::ChaCha8Rng::seed_from_u64(0); // no drop path here
+            model.head.forward(model.features(x, 0.0, &mut unused))
+        },
+    )?;
     let scores: Vec<Vec<f32>> = scores.chunks(classes).map(|c| c.to_vec()).collect();
     Ok(FineTuned {
-        accuracy: super::accuracy(&scores, &features.labels),
+        accuracy: super::accuracy(&scores, labels),
         labelled: train.len(),
-        backbone: model.backbone.to_device(device),
+        backbone: model.backbone,
     })
 }

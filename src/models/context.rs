@@ -1,5 +1,6 @@
 //! The context encoder's other parts: a DCGAN-style decoder that paints an image from the
-//! encoder's feature map through a bottleneck, and a DCGAN-style discriminator (Pathak et al. 2016; Radford et al. 2016).
+//! encoder's feature map through a bottleneck, and a DCGAN-style discriminator (Pathak et al.
+//! 2016; Radford et al. 2016).
 
 use crate::kernels::{batch_norm, conv2d};
 use burn::module::{Module, Param};

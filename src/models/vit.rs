@@ -35,11 +35,15 @@ pub struct VitConfig {
     pub init: Option<std::path::PathBuf>,
 }
 
+/// The features a ViT returns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pool {
+    /// The class token after the final norm (DINO, MAE's linear probe).
     #[default]
     Cls,
+    /// The mean of the normalised patch tokens (timm's `global_pool='avg'`; MAE's fine-tuning
+    /// normalises the mean with a fresh `fc_norm` instead, see [`Vit::mean_patch_token`]).
     Mean,
 }
 
@@ -325,12 +329,14 @@ impl Vit {
     /// Prepends the class token and runs the blocks and final norm: `[n, 1 + l, dim]`, and the
     /// last block's attention weights `[n, heads, 1 + l, 1 + l]`.
     pub fn encode_tokens(&self, tokens: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        self.encode_masked(tokens, None)
+        let (x, attn) = self.run_blocks(tokens, None);
+        (layer_norm(&self.norm, x, LAYER_NORM_EPS), attn)
     }
 
-    /// [`encode_tokens`](Self::encode_tokens) with stochastic depth: one pair of
-    /// [`drop_path_masks`] per block.
-    fn encode_masked(
+    /// Prepends the class token and runs the blocks, with stochastic depth when `keep` holds a
+    /// pair of [`drop_path_masks`] per block: the tokens before the final norm, and the last
+    /// block's attention weights.
+    fn run_blocks(
         &self,
         tokens: Tensor<3>,
         keep: Option<&[[Tensor<3>; 2]]>,
@@ -342,10 +348,7 @@ impl Vit {
             x = y;
             last = Some(attn);
         }
-        (
-            layer_norm(&self.norm, x, LAYER_NORM_EPS),
-            last.expect("a ViT has at least one block"),
-        )
+        (x, last.expect("a ViT has at least one block"))
     }
 
     /// The class token (with its position) prepended to `tokens`: `[n, 1 + l, dim]`.
@@ -373,9 +376,9 @@ impl Vit {
         Tensor::cat(classes, 1)
     }
 
-    /// Features `[n, dim]`: the class token, or the mean patch token (`pool`).
+    /// Features `[n, dim]` (`pool`): the class token, or the mean patch token (see [`Pool`]).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.pool(self.encode_tokens(self.patch_tokens(x)).0)
+        self.pool(self.run_blocks(self.patch_tokens(x), None).0)
     }
 
     /// The normalised patch tokens on their grid, `[n, dim, h/p, w/p]`.
@@ -403,15 +406,35 @@ impl Vit {
         }
         let n = x.dims()[0];
         let keep = drop_path_masks(n, self.blocks.len(), rate, rng, &x.device());
-        self.pool(self.encode_masked(self.patch_tokens(x), Some(&keep)).0)
+        self.pool(self.run_blocks(self.patch_tokens(x), Some(&keep)).0)
     }
 
+    /// The features of the blocks' output `tokens` (before the final norm): the normalised
+    /// class token, or the mean of the normalised patch tokens (timm's `global_pool='avg'`
+    /// without `fc_norm`).
     fn pool(&self, tokens: Tensor<3>) -> Tensor<2> {
         let [n, t, d] = tokens.dims();
+        let tokens = layer_norm(&self.norm, tokens, LAYER_NORM_EPS);
         match self.pool {
             Pool::Cls => tokens.narrow(1, 0, 1).reshape([n, d]),
             Pool::Mean => tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d]),
         }
+    }
+
+    /// MAE's fine-tuning input to its fresh `fc_norm` (`models_vit.py`, `global_pool=True`):
+    /// the mean of the patch tokens the blocks return, without the final norm, `[n, dim]`;
+    /// with stochastic depth at `rate`.
+    pub fn mean_patch_token(&self, x: Tensor<4>, rate: f64, rng: &mut impl rand::Rng) -> Tensor<2> {
+        let n = x.dims()[0];
+        let keep =
+            (rate > 0.0).then(|| drop_path_masks(n, self.blocks.len(), rate, rng, &x.device()));
+        let (tokens, _) = self.run_blocks(self.patch_tokens(x), keep.as_deref());
+        let [_, t, d] = tokens.dims();
+        tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d])
+    }
+
+    pub fn pool_kind(&self) -> Pool {
+        self.pool
     }
 
     /// The encoder as official MAE initialises it: positional embeddings fixed to the 2-D
