@@ -292,6 +292,12 @@ fn overlap_band_weighs_the_visible_ring_around_the_hole() {
         values(overlap_weights(mask.clone(), 0, 10.0)),
         values(mask.clone())
     );
+    // An overlap of the image side reaches every visible pixel (train_random.lua's weights).
+    let whole = values(overlap_weights(mask.clone(), 6, 10.0));
+    let m = values(mask.clone());
+    for (w, m) in whole.iter().zip(&m) {
+        assert_eq!(*w, if *m == 1.0 { 1.0 } else { 10.0 });
+    }
     // L_rec = Σ W (x − y)² / #{W > 0}: an error of 1 on every pixel gives (4 + 12·10) / 16.
     let zeros = Tensor::<4>::zeros([1, 1, 6, 6], &dev);
     let rec: f32 = masked_mse(
@@ -388,11 +394,18 @@ fn channel_wise_bottleneck_needs_a_power_of_two_upscale() {
 #[test]
 fn discriminator_judges_the_raw_output_by_default_at_a_tenth_of_the_rate() {
     let dev = Device::flex().autodiff();
-    for adversary in [Adversary::Output, Adversary::Completed] {
+    // (adversary, overlap): the raw painting where L_rec reaches (the whole image with an
+    // overlap of the image side; hole and 4-px band by default), or the completion.
+    for (adversary, overlap) in [
+        (Adversary::Output, 32),
+        (Adversary::Output, 4),
+        (Adversary::Completed, 4),
+    ] {
         let config = InpaintingConfig {
             width: 8,
             bottleneck_dim: 32,
             adversary,
+            overlap,
             ..InpaintingConfig::default()
         };
         let m = init_seeded(&dev, 0, || config.init(&model(), 32, &dev));
@@ -404,15 +417,24 @@ fn discriminator_judges_the_raw_output_by_default_at_a_tenth_of_the_rate() {
         let judged = kept
             .narrow(1, 3 * 32 * 32, 3 * 32 * 32)
             .reshape([2, 3, 32, 32]);
-        let want = match adversary {
-            Adversary::Output => m.paint(x, mask),
-            Adversary::Completed => m.complete(x, mask),
+        let painted = m.paint(x.clone(), mask.clone());
+        let region = match adversary {
+            Adversary::Output => overlap_weights(mask, overlap, 10.0)
+                .greater_elem(0.0)
+                .float(),
+            Adversary::Completed => mask,
         };
+        let want = painted * region.clone() + x * region.clone().neg().add_scalar(1.0);
         let gap: f32 = (judged - want).abs().max().into_scalar();
         assert!(
             gap < 1e-5,
-            "{adversary:?}: D is shown something else ({gap})"
+            "{adversary:?}, overlap {overlap}: D is shown something else ({gap})"
         );
+        let share: f32 = region.mean().into_scalar();
+        match (adversary, overlap) {
+            (Adversary::Output, 32) => assert_eq!(share, 1.0),
+            _ => assert!(share > 0.2 && share < 0.6, "{share}"),
+        }
     }
     // Plain SGD: D's step scales with discriminator_lr.
     let step = |share: f64| {

@@ -2,19 +2,22 @@
 //! F = decoder ∘ encoder paint it back from the rest; the encoder is the backbone learned.
 //!
 //!   L_rec = Σ W ⊙ (x − F((1−M) ⊙ x))² / #{W > 0},
-//!   L_adv = −log D(F((1−M) ⊙ x)),
+//!   L_adv = −log D(x̃),   x̃ = R ⊙ F((1−M) ⊙ x) + (1−R) ⊙ x,   R = [W > 0],
 //!   L_G   = λ_rec·L_rec + λ_adv·L_adv      (0.999 and 0.001),
 //!
 //! and the discriminator D, updated in alternation with its own optimiser, minimises
-//! −log D(x) − log(1 − D(F((1−M) ⊙ x))). The adversarial term sharpens what L2 alone paints as
+//! −log D(x) − log(1 − D(x̃)). The adversarial term sharpens what L2 alone paints as
 //! a blur (the paper's feature-learning runs used L_rec alone: `lambda_adv = 0`).
 //!
-//! The released code (`pathak22/context-encoder`, `train.lua`) sets the defaults: W is 1 on the
-//! hidden pixels and `overlap_weight` (10) on an `overlap`-px band (4) of visible pixels around
-//! them, which F paints too; D judges F's raw output (`adversary = "output"`, the paper's
-//! equation; `"completed"` shows it x̂ = M ⊙ F + (1−M) ⊙ x instead); D learns at a tenth of G's
-//! rate (`discriminator_lr`); and the decoder starts from a 4000-d bottleneck over the encoder's
-//! whole feature map (`bottleneck_layer`, [`Bottleneck`]).
+//! The released code (`pathak22/context-encoder`) sets the defaults, from `train.lua` (the
+//! central square): W is 1 on the hidden pixels and `overlap_weight` (10) on an `overlap`-px band
+//! (4) of visible pixels around them, which F paints too; D judges F's raw output where W > 0
+//! (`adversary = "output"`, the paper's Eq. 3; real pixels beyond the band, which `train.lua`
+//! crops away; `"completed"` shows D x̂ = M ⊙ F + (1−M) ⊙ x instead); D learns at a tenth of G's
+//! rate (`discriminator_lr`); the decoder starts from a 4000-d bottleneck over the encoder's
+//! whole feature map (`bottleneck_layer`, [`Bottleneck`]). `train_random.lua` (random regions)
+//! takes L_rec over the whole image (`overlap` ≥ the image side, `overlap_weight` 1), so D judges
+//! F's whole raw output there.
 
 use std::sync::Arc;
 
@@ -60,8 +63,8 @@ pub struct InpaintingConfig {
     pub bottleneck_layer: Bottleneck,
     /// Width of the `conv` bottleneck (the released code's `nBottleneck`: 4000).
     pub bottleneck_dim: usize,
-    /// Band of visible pixels around the hidden region that F paints too, in px (the released
-    /// code: 4, at 128 px).
+    /// Band of visible pixels around the hidden region that F paints too, in px (`train.lua`: 4,
+    /// at 128 px; the image side or more: the whole image, as `train_random.lua`).
     pub overlap: usize,
     /// Weight of the band's pixels in L_rec, the hidden ones weighing 1 (the released code: 10).
     pub overlap_weight: f64,
@@ -209,22 +212,36 @@ pub fn masked_mse(x: Tensor<4>, y: Tensor<4>, weight: Tensor<4>) -> Tensor<1> {
 
 /// L_rec's weights W for a mask M (`[n, c, h, w]`, 1 where hidden): 1 on the hidden pixels,
 /// `band_weight` on the visible ones within `overlap` px of them (Chebyshev distance: a square
-/// band around a square hole, as the released code's), 0 elsewhere.
+/// band around a square hole, as `train.lua`'s), 0 elsewhere. An `overlap` of the image side or
+/// more reaches every visible pixel of an image with a hole (`train_random.lua`).
 pub fn overlap_weights(mask: Tensor<4>, overlap: usize, band_weight: f64) -> Tensor<4> {
+    let [_, _, h, w] = mask.dims();
     if overlap == 0 {
         return mask;
     }
-    let k = 2 * overlap + 1;
-    let grown = max_pool2d(
-        mask.clone(),
-        MaxPoolOptions {
-            kernel_size: [k, k],
-            stride: [1, 1],
-            padding: [(overlap, overlap); 2],
-            dilation: [1, 1],
-            ceil_mode: false,
-        },
-    );
+    let grown = if overlap >= h.max(w) {
+        // Every pixel lies within the image side of any hidden one.
+        let [n, c, _, _] = mask.dims();
+        let any = mask.clone().reshape([n, c * h * w]).max_dim(1);
+        any.reshape([n, 1, 1, 1]).expand([n, c, h, w])
+    } else {
+        // A square dilation: a row max-pool, then a column one.
+        let k = 2 * overlap + 1;
+        let pool = |x: Tensor<4>, kernel: [usize; 2], padding: [(usize, usize); 2]| {
+            max_pool2d(
+                x,
+                MaxPoolOptions {
+                    kernel_size: kernel,
+                    stride: [1, 1],
+                    padding,
+                    dilation: [1, 1],
+                    ceil_mode: false,
+                },
+            )
+        };
+        let rows = pool(mask.clone(), [1, k], [(0, 0), (overlap, overlap)]);
+        pool(rows, [k, 1], [(overlap, overlap), (0, 0)])
+    };
     let band = grown - mask.clone();
     mask + band.mul_scalar(band_weight)
 }
@@ -235,11 +252,16 @@ impl Method for Inpainting {
         let (x, mask) = (views[0].clone(), views[1].clone());
         let painted = self.paint(x.clone(), mask.clone());
         let weights = overlap_weights(mask.clone(), self.overlap, self.overlap_weight);
+        let weights_region = weights.clone().greater_elem(0.0).float();
         let rec = masked_mse(x.clone(), painted.clone(), weights);
-        let judged = match self.judge_output {
-            true => painted,
-            false => painted * mask.clone() + x.clone() * mask.neg().add_scalar(1.0),
+        // D sees what G was asked to paint (W > 0) and the real image elsewhere: with L_rec
+        // over the whole image, G's raw output; or the completion x̂ (real pixels around M).
+        let painted_region = match self.judge_output {
+            true => weights_region,
+            false => mask,
         };
+        let judged =
+            painted * painted_region.clone() + x.clone() * painted_region.neg().add_scalar(1.0);
         // −log σ(D(·)) = softplus(−D(·)), with D's weights held: G's gradient only.
         let adv = softplus(self.discriminator.forward_frozen(judged.clone()).neg(), 1.0).mean();
         let loss =
