@@ -276,13 +276,26 @@ struct Encoder {
     dataset: Dataset,
 }
 
+/// How messages name a run's encoder: MoCo's query or key encoder, DINO's student or teacher,
+/// the one encoder of other methods, an imported one.
+fn encoder_name(method: &MethodConfig, which: Which) -> &'static str {
+    match (method, which) {
+        (_, Which::Imported) => which.name(),
+        (MethodConfig::Moco(_), Which::Teacher) => "key encoder",
+        (MethodConfig::Moco(_), _) => "query encoder",
+        _ if method.has_teacher() => which.name(),
+        _ => "encoder",
+    }
+}
+
 impl EncoderArgs {
     fn load(self) -> Result<Encoder> {
         let device = pretrain::device(&self.device)?;
         let (recipe, backbone, what) = match (self.checkpoint, self.recipe) {
             (Some(run), _) => {
                 let (r, b, which) = run::encoder(&run, self.which, &device)?;
-                (r, b, format!("{} of {}", which.name(), run.display()))
+                let name = encoder_name(&r.method, which);
+                (r, b, format!("{name} of {}", run.display()))
             }
             (None, Some(path)) => {
                 let r = Recipe::load(&path)?;
@@ -405,12 +418,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("run folder: {}", out.display());
             // Which of two encoders, for the methods that have two.
-            let which = match (summary.released, &recipe.method) {
-                (Which::Teacher, MethodConfig::Moco(_)) => "the key encoder, ",
-                (Which::Teacher, _) => "the teacher, ",
-                (_, MethodConfig::Moco(_)) => "the query encoder, ",
-                _ if recipe.method.has_teacher() => "the student, ",
-                _ => "",
+            let which = match recipe.method.has_teacher() {
+                true => format!("the {}, ", encoder_name(&recipe.method, summary.released)),
+                false => String::new(),
             };
             println!(
                 "backbone ({which}torchvision/timm names): {}",
@@ -591,13 +601,13 @@ fn run(cli: Cli) -> Result<()> {
             which,
             out,
         } => {
-            let (_, backbone, which) =
+            let (recipe, backbone, which) =
                 run::encoder(&checkpoint, which, &burn::tensor::Device::flex())?;
             selfsup::weights::export(&backbone, &out)?;
             println!(
                 "wrote {} (the {} of {}, torchvision/timm names)",
                 out.display(),
-                which.name(),
+                encoder_name(&recipe.method, which),
                 checkpoint.display()
             );
         }

@@ -258,23 +258,19 @@ pub fn finetune(
     }
     bar.finish_and_clear();
     let model = model.valid().to_device(device);
-    let Some(labels) = test.labels.as_ref() else {
-        bail!("split '{}' has no labels to evaluate against", test.name)
-    };
-    let (scores, _) = super::features_of(
-        &model.backbone,
+    let accuracy = super::classify(
         test,
         eval,
         config.batch_size,
         device,
+        &model.backbone,
         |_, x| {
             let mut unused = rand_chacha::ChaCha8Rng::seed_from_u64(0); // no drop path here
             model.head.forward(model.features(x, 0.0, &mut unused))
         },
     )?;
-    let scores: Vec<Vec<f32>> = scores.chunks(classes).map(|c| c.to_vec()).collect();
     Ok(FineTuned {
-        accuracy: super::accuracy(&scores, labels),
+        accuracy,
         labelled: train.len(),
         backbone: model.backbone,
     })

@@ -240,21 +240,9 @@ pub fn linear_eval(
     let head = head
         .expect("at least one step: the loader checked the batch size")
         .valid();
-    let (data, dim) =
-        super::features_of(&frozen, test, eval, config.batch_size, device, |b, x| {
-            probe_features(b, x, config.last_blocks)
-        })?;
-    let Some(labels) = test.labels.as_ref() else {
-        bail!("split '{}' has no labels to evaluate against", test.name)
-    };
-    let n = labels.len();
-    let scores: Vec<f32> = head
-        .forward(Tensor::from_data(TensorData::new(data, [n, dim]), device))
-        .into_data()
-        .try_to_vec()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let scores: Vec<Vec<f32>> = scores.chunks(classes).map(<[f32]>::to_vec).collect();
-    Ok(accuracy(&scores, labels))
+    super::classify(test, eval, config.batch_size, device, &frozen, |b, x| {
+        head.forward(probe_features(b, x, config.last_blocks))
+    })
 }
 
 /// A linear classifier on frozen features (standardised with the training statistics), trained

@@ -109,6 +109,24 @@ pub fn features(
     })
 }
 
+/// Top-1/top-5 of the classifier `logits(images)` on every image of the labelled `split`
+/// (views from `pipeline`, in batches of `batch_size`).
+pub(crate) fn classify(
+    split: &Split,
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: &Device,
+    backbone: &Backbone,
+    logits: impl Fn(&Backbone, Tensor<4>) -> Tensor<2>,
+) -> Result<Accuracy> {
+    let Some(labels) = split.labels.as_ref() else {
+        bail!("split '{}' has no labels to evaluate against", split.name)
+    };
+    let (scores, classes) = features_of(backbone, split, pipeline, batch_size, device, logits)?;
+    let scores: Vec<Vec<f32>> = scores.chunks(classes).map(<[f32]>::to_vec).collect();
+    Ok(accuracy(&scores, labels))
+}
+
 /// [`features`] with `f(backbone, images)` as the features, `backbone` already on `device` in
 /// evaluation mode.
 pub(crate) fn features_of(
