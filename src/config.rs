@@ -454,7 +454,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("method.width", "inpainting: channels of the decoder's last and the discriminator's first layer (doubling inwards)", None),
     ("method.bottleneck_layer", "inpainting: decoder start from the encoder's map: conv (the released code: a 4000-d code over the whole map), channel_wise (the paper's channel-wise fully connected layer) or pooled (its global mean)", None),
     ("method.bottleneck_dim", "inpainting: width of the conv bottleneck", None),
-    ("method.overlap", "inpainting: band of visible pixels around the hole painted too, in px (the released code: 4 at 128 px)", None),
+    ("method.overlap", "inpainting: band of visible pixels around the hole that L_rec weighs too, in px (train.lua: 4 at 128 px; the image side or more: the whole image, as train_random.lua)", None),
     ("method.overlap_weight", "inpainting: weight of that band in L_rec (hidden pixels weigh 1)", None),
     ("method.adversary", "inpainting: what D judges: output (the generator's raw painting, the paper and released code) or completed (real pixels outside the hole)", None),
     ("method.discriminator_lr", "inpainting: D's learning rate as a fraction of G's (the released code: 0.1)", None),
