@@ -514,6 +514,12 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("finetune.cutmix", "CutMix's Beta(α, α) (MAE: 1.0; 0: off)", None),
     ("finetune.mixup_switch_prob", "with both on, the chance a batch takes CutMix (0.5)", None),
     ("finetune.random_erasing", "chance of erasing a random rectangle of each image (MAE: 0.25)", None),
+    ("finetune.rand_augment.n", "RandAugment operations per fine-tuning view (MAE: 2; 0: off)", None),
+    ("finetune.rand_augment.m", "their magnitude, of 10 (MAE: 9)", None),
+    ("finetune.rand_augment.mstd", "the spread of that magnitude (MAE: 0.5)", None),
+    ("augment.views.rand_augment.n", "RandAugment operations after the flip (0: off)", None),
+    ("augment.views.rand_augment.m", "their magnitude, of 10", None),
+    ("augment.views.rand_augment.mstd", "the spread of that magnitude", None),
 ];
 
 /// The complete recipe of `method` ([`Recipe::defaults`]) as TOML with a comment on every key;

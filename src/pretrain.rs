@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
+use crate::augment::randaugment::RandAugment;
 use crate::augment::{Pipeline, ViewSpec};
 use crate::config::Recipe;
 use crate::data::{Dataset, Loader, Split};
@@ -397,15 +398,7 @@ pub fn linear_eval_accuracy(
     classes: usize,
     device: &Device,
 ) -> Result<Accuracy> {
-    let built = recipe.augment.build()?;
-    let augment = Pipeline {
-        views: vec![ViewSpec {
-            size: recipe.augment.size,
-            interpolation: built.views[0].interpolation,
-            ..ViewSpec::default()
-        }],
-        ..built
-    };
+    let augment = crop_flip_views(recipe, RandAugment::default())?;
     eval::linear_eval(
         backbone,
         train,
@@ -418,9 +411,32 @@ pub fn linear_eval_accuracy(
     )
 }
 
+/// The labelled views of linear evaluation and fine-tuning: random-resized crops (8-100% of the
+/// image, the recipe's first view's filter) at `augment.size`, flips, and `rand_augment` (its
+/// fill the normalisation mean, as timm's `img_mean`).
+fn crop_flip_views(recipe: &Recipe, rand_augment: RandAugment) -> Result<Pipeline> {
+    let built = recipe.augment.build()?;
+    let fill = built
+        .mean
+        .map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8);
+    Ok(Pipeline {
+        views: vec![ViewSpec {
+            size: recipe.augment.size,
+            interpolation: built.views[0].interpolation,
+            rand_augment: RandAugment {
+                fill,
+                ..rand_augment
+            },
+            ..ViewSpec::default()
+        }],
+        ..built
+    })
+}
+
 /// Fine-tunes `backbone` (pre-trained, or random for the from-scratch baseline) with the
-/// recipe's `[finetune]` settings on the labelled train split, views from the recipe's first
-/// view; reports accuracy on the test split and how many labelled images were used.
+/// recipe's `[finetune]` settings on the labelled train split (crops, flips and RandAugment,
+/// [`crop_flip_views`]); reports accuracy on the test split and how many labelled images were
+/// used.
 pub fn finetune_accuracy(
     recipe: &Recipe,
     backbone: Backbone,
@@ -429,9 +445,7 @@ pub fn finetune_accuracy(
 ) -> Result<(Accuracy, usize)> {
     let train = dataset.split(&recipe.data.train_split)?;
     let test = dataset.split(&recipe.data.test_split)?;
-    let mut augment = recipe.augment.build()?;
-    augment.views.truncate(1);
-    augment.views[0].count = 1;
+    let augment = crop_flip_views(recipe, recipe.finetune.rand_augment)?;
     let tuned = eval::finetune::finetune(
         backbone,
         recipe.model.feature_dim(),

@@ -361,3 +361,106 @@ fn dino_and_mae_crops_resize_bicubic_simclr_bilinear() {
     let (low, high) = range(ops::Interpolation::Bicubic);
     assert!(low < 50 && high > 200, "{low}..{high}");
 }
+
+/// A 1-row image of the given grey levels (the same on the three channels).
+fn grey_row(values: &[u8]) -> RgbImage {
+    RgbImage::from_fn(values.len() as u32, 1, |x, _| Rgb([values[x as usize]; 3]))
+}
+
+fn reds(img: &RgbImage) -> Vec<u8> {
+    img.pixels().map(|p| p.0[0]).collect()
+}
+
+#[test]
+fn rand_augment_colour_operations_match_pil() {
+    use selfsup::augment::randaugment::{
+        apply_op, auto_contrast, equalize, posterize, solarize, Op,
+    };
+    // ImageOps.posterize(img, 1) keeps the top bit; solarize(img, 128) inverts from 128 up;
+    // invert is 255 − v; SolarizeAdd at level 1 adds 110 below 128.
+    let mut img = grey_row(&[0, 100, 127, 128, 200, 255]);
+    posterize(&mut img, 1);
+    assert_eq!(reds(&img), [0, 0, 0, 128, 128, 128]);
+    let mut img = grey_row(&[0, 100, 127, 128, 200, 255]);
+    solarize(&mut img, 128);
+    assert_eq!(reds(&img), [0, 100, 127, 127, 55, 0]);
+    let mut img = grey_row(&[0, 100, 200]);
+    apply_op(&mut img, Op::Invert, 0.9, 1.0, [0; 3]);
+    assert_eq!(reds(&img), [255, 155, 55]);
+    let mut img = grey_row(&[0, 100, 127, 128, 200]);
+    apply_op(&mut img, Op::SolarizeAdd, 1.0, 1.0, [0; 3]);
+    assert_eq!(reds(&img), [110, 210, 237, 128, 200]);
+    // Magnitude 9 (level 0.9): posterize keeps 4 − int(3.6) = 1 bit, solarize inverts from
+    // 256 − int(230.4) = 26 up.
+    let mut img = grey_row(&[25, 26, 200]);
+    apply_op(&mut img, Op::Solarize, 0.9, 1.0, [0; 3]);
+    assert_eq!(reds(&img), [25, 229, 55]);
+    // autocontrast stretches 50..150 to 0..255: int((v − 50) · 2.55).
+    let mut img = grey_row(&[50, 100, 150]);
+    auto_contrast(&mut img);
+    assert_eq!(reds(&img), [0, 127, 255]);
+    // equalize: 4 values of counts 1, 1, 1, 1 → step (4 − 1) / 255 = 0: unchanged (PIL's rule);
+    // 512 pixels half 10 and half 20 → step 1, lut[10] = 0, lut[20] = (0 + 256) / 1 capped.
+    let mut img = grey_row(&[1, 2, 3, 4]);
+    equalize(&mut img);
+    assert_eq!(reds(&img), [1, 2, 3, 4]);
+    let mut values = vec![10u8; 256];
+    values.extend(vec![20u8; 256]);
+    let mut img = grey_row(&values);
+    equalize(&mut img);
+    let r = reds(&img);
+    assert_eq!((r[0], r[300]), (0, 255));
+    // Brightness at level 0.9, sign −1: factor max(0.1, 1 − 0.81) = 0.19, a blend with black.
+    let mut img = grey_row(&[100, 200]);
+    apply_op(&mut img, Op::Brightness, 0.9, -1.0, [0; 3]);
+    assert_eq!(reds(&img), [19, 38]);
+}
+
+#[test]
+fn rand_augment_geometry_matches_pil_affine() {
+    use selfsup::augment::randaugment::{affine, apply_op, Op, RandAugment};
+    let img = random_image(20, 12, 3);
+    // The identity transform and a whole-pixel shift resample exactly (bicubic at integer
+    // offsets); what leaves the image is the fill colour.
+    assert_eq!(affine(&img, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1, 2, 3]), img);
+    let shifted = affine(&img, [1.0, 0.0, 3.0, 0.0, 1.0, 0.0], [1, 2, 3]);
+    for y in 0..12 {
+        for x in 0..20 {
+            let want = if x + 3 < 20 {
+                *img.get_pixel(x + 3, y)
+            } else {
+                Rgb([1, 2, 3])
+            };
+            assert_eq!(*shifted.get_pixel(x, y), want, "({x}, {y})");
+        }
+    }
+    // TranslateXRel at level 1: 0.45 of the width (9 of 20 px), in either direction.
+    let mut moved = img.clone();
+    apply_op(&mut moved, Op::TranslateX, 1.0, 1.0, [0; 3]);
+    assert_eq!(*moved.get_pixel(0, 5), *img.get_pixel(9, 5));
+    assert_eq!(*moved.get_pixel(11, 5), Rgb([0; 3]));
+    // PIL's rotate(90) of a square turns it counter-clockwise: the top-right corner goes to
+    // the top-left.
+    let square = random_image(9, 9, 4);
+    let mut turned = square.clone();
+    apply_op(&mut turned, Op::Rotate, 3.0, 1.0, [0; 3]);
+    assert_eq!(*turned.get_pixel(0, 0), *square.get_pixel(8, 0));
+    assert_eq!(*turned.get_pixel(4, 4), *square.get_pixel(4, 4));
+    // Two operations at probability ½ each: about a quarter of the images come out unchanged.
+    let ra = RandAugment {
+        n: 2,
+        ..RandAugment::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let unchanged = (0..400)
+        .filter(|_| {
+            let mut v = img.clone();
+            ra.apply(&mut v, &mut rng);
+            v == img
+        })
+        .count();
+    assert!(
+        (70..150).contains(&unchanged),
+        "{unchanged} of 400 unchanged"
+    );
+}

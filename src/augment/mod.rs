@@ -8,6 +8,7 @@ pub mod mix;
 pub mod ops;
 mod pipeline;
 pub mod pretext;
+pub mod randaugment;
 
 use anyhow::{bail, Result};
 use burn::tensor::{Device, Tensor, TensorData};

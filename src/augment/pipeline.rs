@@ -7,6 +7,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::ops::{self, Interpolation};
+use super::randaugment::RandAugment;
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -107,6 +108,9 @@ pub struct ViewSpec {
     pub solarize: f32,
     /// The filter that resizes the crop: bilinear (SimCLR, MoCo) or bicubic (DINO, MAE).
     pub interpolation: Interpolation,
+    /// RandAugment after the flip (MAE's fine-tuning views; off unless `n` > 0).
+    #[serde(skip_serializing_if = "RandAugment::is_off")]
+    pub rand_augment: RandAugment,
 }
 
 impl Default for ViewSpec {
@@ -122,6 +126,7 @@ impl Default for ViewSpec {
             blur: Blur::default(),
             solarize: 0.0,
             interpolation: Interpolation::Bilinear,
+            rand_augment: RandAugment::default(),
         }
     }
 }
@@ -137,6 +142,9 @@ impl ViewSpec {
         let mut v = ops::crop_resize_with(img, crop, self.size, self.size, self.interpolation);
         if rng.random::<f32>() < self.flip {
             ops::flip_horizontal(&mut v);
+        }
+        if self.rand_augment.n > 0 {
+            self.rand_augment.apply(&mut v, rng);
         }
         if rng.random::<f32>() < self.jitter.p {
             self.jitter.apply(&mut v, rng);
@@ -206,7 +214,8 @@ impl ViewSpec {
         prob("jitter.p", self.jitter.p)?;
         prob("grayscale", self.grayscale)?;
         prob("blur.p", self.blur.p)?;
-        prob("solarize", self.solarize)
+        prob("solarize", self.solarize)?;
+        self.rand_augment.check(&field("rand_augment"))
     }
 }
 

@@ -1,12 +1,13 @@
 //! Fine-tuning: the whole encoder and a linear classifier trained on labels (AdamW, warm-up +
 //! cosine), with layer-wise learning-rate decay for ViTs as in MAE and BEiT: block i of a
 //! depth-d ViT learns at lr·decay^(d − i), the embeddings at lr·decay^(d + 1), the head at lr.
-//! As MAE's `main_finetune.py`: stochastic depth in the ViT (`drop_path`, 0.1), label smoothing
-//! (0.1), the head's weights from N(0, (2e-5)²) with a zero bias, no weight decay on biases,
-//! norms, the class token and position embeddings, a mean-pooling ViT's features as
-//! fc_norm(mean(tokens)) with a fresh fc_norm ([`crate::models::Vit::mean_patch_token`]), mixup 0.8 / CutMix 1.0 and random erasing
-//! 0.25 ([`crate::augment::mix`]). Not here: RandAugment (`rand-m9-mstd0.5-inc1`), whose
-//! fourteen PIL operations the fine-tuning views lack. The same call on a randomly initialised encoder is the from-scratch baseline.
+//! As MAE's `main_finetune.py`: views of random-resized crops, flips and RandAugment
+//! `rand-m9-mstd0.5-inc1` ([`crate::augment::randaugment`]), random erasing 0.25, mixup 0.8 /
+//! CutMix 1.0 ([`crate::augment::mix`]), stochastic depth in the ViT (`drop_path`, 0.1), label
+//! smoothing (0.1), the head's weights from N(0, (2e-5)²) with a zero bias, no weight decay on
+//! biases, norms, the class token and position embeddings, and a mean-pooling ViT classified
+//! through a fresh fc_norm of its mean token ([`crate::models::Vit::mean_patch_token`]). The
+//! same call on a randomly initialised encoder is the from-scratch baseline.
 
 use anyhow::{bail, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use super::Accuracy;
 use crate::augment::mix::{mixup_targets, random_erase, Mix};
+use crate::augment::randaugment::RandAugment;
 use crate::augment::Pipeline;
 use crate::data::{Loader, Split};
 use crate::kernels::layer_norm;
@@ -52,6 +54,8 @@ pub struct FinetuneConfig {
     pub mixup_switch_prob: f64,
     /// Probability of random erasing per image (MAE: 0.25).
     pub random_erasing: f64,
+    /// RandAugment of the fine-tuning views (MAE: `rand-m9-mstd0.5-inc1`, n 2).
+    pub rand_augment: RandAugment,
 }
 
 impl Default for FinetuneConfig {
@@ -70,6 +74,10 @@ impl Default for FinetuneConfig {
             cutmix: 1.0,
             mixup_switch_prob: 0.5,
             random_erasing: 0.25,
+            rand_augment: RandAugment {
+                n: 2,
+                ..RandAugment::default()
+            },
         }
     }
 }
