@@ -499,6 +499,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("linear_eval.weight_decay", "weight decay of the classifier", None),
     ("linear_eval.warmup_epochs", "linear warm-up (MAE: 10)", None),
     ("linear_eval.last_blocks", "vit: class tokens of the last N blocks, concatenated (DINO ViT-S: 4; 1: the encoder's features)", None),
+    ("linear_eval.stage", "resnet: the stage (1-4) whose pooled output is classified (4: the encoder's features; RotNet prefers an intermediate one)", None),
     ("linear_eval.batch_norm", "batch norm without affine parameters before the classifier (MAE)", None),
     ("linear_eval.train_limit", "labelled images used (0: all)", None),
     ("finetune.epochs", "fine-tuning epochs", None),

@@ -629,3 +629,32 @@ fn fine_tuning_a_mean_pooling_vit_normalises_its_mean_token_afresh() {
         assert!(var < 1.0, "{var}");
     }
 }
+
+#[test]
+fn a_resnets_intermediate_stage_can_be_evaluated() {
+    // RotNet evaluates earlier blocks: linear_eval.stage picks a ResNet stage's pooled output.
+    let dev = Device::flex();
+    let BackboneConfig::Resnet(config) = resnet() else {
+        panic!()
+    };
+    let net = init_seeded(&dev, 0, || config.init(&dev));
+    let x = images(2, 32, 6, &dev);
+    let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(
+        values(net.stage_features(x.clone(), 4)),
+        values(net.forward(x.clone()))
+    );
+    // Width 0.125: stages of 8, 16, 32 and 64 channels.
+    for (stage, c) in [(1, 8), (2, 16), (3, 32)] {
+        assert_eq!(net.stage_features(x.clone(), stage).dims(), [2, c]);
+    }
+    let bad = selfsup::eval::LinearEvalConfig {
+        stage: 5,
+        ..Default::default()
+    };
+    assert!(bad
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("linear_eval.stage = 5"));
+}

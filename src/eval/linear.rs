@@ -45,6 +45,9 @@ pub struct LinearEvalConfig {
     /// final norm, concatenated (DINO's ViT-S/16: 4; MAE: 1, the class token). A ResNet's are
     /// its pooled features.
     pub last_blocks: usize,
+    /// A ResNet's features: the pooled output of this stage (1-4; 4 the encoder's own).
+    /// RotNet finds an intermediate block's features best for its rotation pretext.
+    pub stage: usize,
     /// Batch norm without affine parameters before the classifier (MAE's linear probe).
     pub batch_norm: bool,
     /// Labelled training images used (0: all).
@@ -62,6 +65,7 @@ impl Default for LinearEvalConfig {
             weight_decay: 0.0,
             warmup_epochs: 0.0,
             last_blocks: 1,
+            stage: 4,
             batch_norm: false,
             train_limit: 0,
         }
@@ -72,6 +76,12 @@ impl LinearEvalConfig {
     pub fn check(&self) -> Result<()> {
         if self.epochs == 0 || self.batch_size == 0 || self.last_blocks == 0 {
             bail!("linear_eval.epochs, batch_size and last_blocks must be at least 1");
+        }
+        if !(1..=4).contains(&self.stage) {
+            bail!(
+                "linear_eval.stage = {}: a ResNet has stages 1 to 4",
+                self.stage
+            );
         }
         if self.optimizer == OptimizerKind::Adamw {
             bail!("linear_eval.optimizer = \"adamw\": the papers' protocol is sgd or lars (AdamW on fixed features is `selfsup eval linear --quick`)");
@@ -95,6 +105,9 @@ impl LinearEvalConfig {
                 format!("class tokens of the last {} blocks", self.last_blocks)
             }
             Backbone::Vit(_) => "the class token".into(),
+            Backbone::ResNet(_) if self.stage < 4 => {
+                format!("pooled stage-{} features", self.stage)
+            }
             Backbone::ResNet(_) => "pooled features".into(),
         };
         let warmup = match self.warmup_epochs > 0.0 {
@@ -157,11 +170,12 @@ impl ProbeHead {
     }
 }
 
-/// The features [`linear_eval`] classifies, `[n, d]`: see [`LinearEvalConfig::last_blocks`].
-pub fn probe_features(backbone: &Backbone, x: Tensor<4>, last_blocks: usize) -> Tensor<2> {
+/// The features [`linear_eval`] classifies, `[n, d]`: see [`LinearEvalConfig::last_blocks`]
+/// and [`LinearEvalConfig::stage`].
+pub fn probe_features(backbone: &Backbone, x: Tensor<4>, config: &LinearEvalConfig) -> Tensor<2> {
     match backbone {
-        Backbone::Vit(v) => v.last_blocks_cls(x, last_blocks),
-        Backbone::ResNet(r) => r.forward(x),
+        Backbone::Vit(v) => v.last_blocks_cls(x, config.last_blocks),
+        Backbone::ResNet(r) => r.stage_features(x, config.stage),
     }
 }
 
@@ -213,7 +227,7 @@ pub fn linear_eval(
             };
             let labels: Vec<usize> = labels.iter().map(|&c| c as usize).collect();
             let x = batch.views[0].to_tensor(device);
-            let features = probe_features(&frozen, x, config.last_blocks);
+            let features = probe_features(&frozen, x, config);
             let [n, dim] = features.dims();
             let features = Tensor::<2>::from_data(features.into_data(), &ad);
             let model = head
@@ -241,7 +255,7 @@ pub fn linear_eval(
         .expect("at least one step: the loader checked the batch size")
         .valid();
     super::classify(test, eval, config.batch_size, device, &frozen, |b, x| {
-        head.forward(probe_features(b, x, config.last_blocks))
+        head.forward(probe_features(b, x, config))
     })
 }
 

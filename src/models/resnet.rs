@@ -229,6 +229,11 @@ impl ResNet {
 
     /// The last stage's output `[n, feature_dim, h, w]`, before the global pooling.
     pub fn feature_map(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<4> {
+        self.stage_output(x, 4, bn_splits)
+    }
+
+    /// The output of stage `stage` (1-4; `layer{stage}`), before pooling.
+    fn stage_output(&self, x: Tensor<4>, stage: usize, bn_splits: usize) -> Tensor<4> {
         let mut x = relu(split_batch_norm(
             &self.bn1,
             conv2d(&self.conv1, x),
@@ -237,15 +242,18 @@ impl ResNet {
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
-        for block in self
-            .layer1
-            .iter()
-            .chain(&self.layer2)
-            .chain(&self.layer3)
-            .chain(&self.layer4)
-        {
+        let stages = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
+        for block in stages.iter().take(stage.clamp(1, 4)).flat_map(|s| s.iter()) {
             x = block.forward(x, bn_splits);
         }
         x
+    }
+
+    /// The globally pooled output of stage `stage` (1-4): an intermediate stage's features, as
+    /// RotNet evaluates its earlier blocks (`[n, channels of that stage]`).
+    pub fn stage_features(&self, x: Tensor<4>, stage: usize) -> Tensor<2> {
+        let x = self.stage_output(x, stage, 1);
+        let [n, c, _, _] = x.dims();
+        x.mean_dims(&[2, 3]).reshape([n, c])
     }
 }
