@@ -222,9 +222,7 @@ impl ResNet {
     /// [`forward`](Self::forward) with training-mode batch statistics per group of images
     /// `i ≡ g (mod bn_splits)` (MoCo's `SplitBatchNorm`, [`split_batch_norm`]).
     pub fn forward_split_bn(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<2> {
-        let x = self.feature_map(x, bn_splits);
-        let [n, c, _, _] = x.dims();
-        x.mean_dims(&[2, 3]).reshape([n, c])
+        global_pool(self.feature_map(x, bn_splits))
     }
 
     /// The last stage's output `[n, feature_dim, h, w]`, before the global pooling.
@@ -252,8 +250,12 @@ impl ResNet {
     /// The globally pooled output of stage `stage` (1-4): an intermediate stage's features, as
     /// RotNet evaluates its earlier blocks (`[n, channels of that stage]`).
     pub fn stage_features(&self, x: Tensor<4>, stage: usize) -> Tensor<2> {
-        let x = self.stage_output(x, stage, 1);
-        let [n, c, _, _] = x.dims();
-        x.mean_dims(&[2, 3]).reshape([n, c])
+        global_pool(self.stage_output(x, stage, 1))
     }
+}
+
+/// The spatial mean of `[n, c, h, w]`: `[n, c]`.
+fn global_pool(x: Tensor<4>) -> Tensor<2> {
+    let [n, c, _, _] = x.dims();
+    x.mean_dims(&[2, 3]).reshape([n, c])
 }

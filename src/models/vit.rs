@@ -401,12 +401,21 @@ impl Vit {
         rate: f64,
         rng: &mut impl rand::Rng,
     ) -> Tensor<2> {
-        if rate <= 0.0 {
-            return self.forward(x);
-        }
+        self.pool(self.blocks_dropping_paths(x, rate, rng))
+    }
+
+    /// The blocks' output tokens (before the final norm) for images `x`, with stochastic depth
+    /// at `rate` (none at 0).
+    fn blocks_dropping_paths(
+        &self,
+        x: Tensor<4>,
+        rate: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Tensor<3> {
         let n = x.dims()[0];
-        let keep = drop_path_masks(n, self.blocks.len(), rate, rng, &x.device());
-        self.pool(self.run_blocks(self.patch_tokens(x), Some(&keep)).0)
+        let keep =
+            (rate > 0.0).then(|| drop_path_masks(n, self.blocks.len(), rate, rng, &x.device()));
+        self.run_blocks(self.patch_tokens(x), keep.as_deref()).0
     }
 
     /// The features of the blocks' output `tokens` (before the final norm): the normalised
@@ -425,11 +434,8 @@ impl Vit {
     /// the mean of the patch tokens the blocks return, without the final norm, `[n, dim]`;
     /// with stochastic depth at `rate`.
     pub fn mean_patch_token(&self, x: Tensor<4>, rate: f64, rng: &mut impl rand::Rng) -> Tensor<2> {
-        let n = x.dims()[0];
-        let keep =
-            (rate > 0.0).then(|| drop_path_masks(n, self.blocks.len(), rate, rng, &x.device()));
-        let (tokens, _) = self.run_blocks(self.patch_tokens(x), keep.as_deref());
-        let [_, t, d] = tokens.dims();
+        let tokens = self.blocks_dropping_paths(x, rate, rng);
+        let [n, t, d] = tokens.dims();
         tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d])
     }
 
