@@ -419,10 +419,11 @@ fn linear_eval_learns_a_classifier_on_frozen_augmented_features() {
     };
     let (train, test) = (dark_or_bright(64, 1), dark_or_bright(20, 2));
     // MoCo's SGD and MAE's LARS behind batch norm without affine parameters.
-    // (LARS scales each weight step to 0.001 of the weight norm: a large lr for 16 steps.)
-    for (base_lr, lars) in [(30.0, false), (1600.0, true)] {
+    // LARS scales each weight step to 0.001 of the weight norm (its bias steps are plain SGD's),
+    // so it takes more steps: 64 at peak lr 6.4 = MAE's 0.1 × 16384 / 256.
+    for (epochs, base_lr, lars) in [(4, 30.0, false), (16, 102.4, true)] {
         let config = LinearEvalConfig {
-            epochs: 4,
+            epochs,
             batch_size: 16,
             optimizer: if lars {
                 selfsup::train::OptimizerKind::Lars
@@ -443,6 +444,33 @@ fn linear_eval_learns_a_classifier_on_frozen_augmented_features() {
     };
     let err = linear_eval(&backbone, &train, &test, 2, &augment, &eval, &adamw, &dev).unwrap_err();
     assert!(err.to_string().contains("linear_eval.optimizer"), "{err}");
+}
+
+#[test]
+fn the_class_head_of_linear_evaluation_and_fine_tuning_trains_its_bias() {
+    // Official heads: weight N(0, std), bias zeroed *and trained* (a bias replaced by a fresh
+    // zero tensor through `Param::map` is silently frozen in burn).
+    let dev = Device::flex().autodiff();
+    for std in [0.01, 2e-5] {
+        let head = selfsup::eval::classifier_head(384, 10, std, &dev);
+        let x = Tensor::<2>::random([8, 384], burn::tensor::Distribution::Default, &dev);
+        let loss = head.forward(x).powi_scalar(2).sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &head);
+        let params = common::params_by_path(&head, Some(&grads));
+        for (path, values, has_grad) in &params {
+            assert!(has_grad, "std {std}: {path} gets no gradient");
+            if path.ends_with("bias") {
+                assert!(values.iter().all(|&v| v == 0.0), "{path} starts at 0");
+            } else {
+                let sd = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
+                assert!(
+                    (sd / std as f32 - 1.0).abs() < 0.05,
+                    "weight std {sd}, want {std}"
+                );
+            }
+        }
+        assert_eq!(params.len(), 2);
+    }
 }
 
 #[test]

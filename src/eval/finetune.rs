@@ -12,21 +12,21 @@
 use anyhow::{bail, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::module::Module;
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-use super::Accuracy;
+use super::{classifier_head, Accuracy};
 use crate::augment::mix::{mixup_targets, random_erase, Mix};
 use crate::augment::randaugment::RandAugment;
 use crate::augment::Pipeline;
 use crate::data::{Loader, Split};
 use crate::kernels::layer_norm;
 use crate::losses::{cross_entropy_smoothed, soft_cross_entropy};
-use crate::models::{init_seeded, Backbone, Pool, LAYER_NORM_EPS};
+use crate::models::{Backbone, Pool, LAYER_NORM_EPS};
 use crate::train::optim::{warmup_cosine, OptimConfig, OptimizerKind};
 
 /// `[finetune]` of a recipe (MAE's fine-tuning recipe, scaled down by default).
@@ -144,18 +144,7 @@ pub fn finetune(
     let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     // MAE: trunc_normal_(head.weight, std=2e-5), a zero bias.
-    let head = init_seeded(&ad, 0, || {
-        LinearConfig::new(feature_dim, classes)
-            .with_initializer(Initializer::Normal {
-                mean: 0.0,
-                std: 2e-5,
-            })
-            .init(&ad)
-    });
-    let head = Linear {
-        bias: head.bias.map(|b| b.map(|t| t.zeros_like())),
-        ..head
-    };
+    let head = classifier_head(feature_dim, classes, 2e-5, &ad);
     // MAE fine-tunes a mean-pooling ViT through a fresh fc_norm in place of the final norm.
     let fc_norm = match &backbone {
         Backbone::Vit(v) if v.pool_kind() == Pool::Mean => Some(

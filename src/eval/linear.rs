@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use burn::module::Module;
-use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::{accuracy, Accuracy, EvalConfig, Features};
+use super::{accuracy, classifier_head, Accuracy, EvalConfig, Features};
 use crate::augment::{sample_rng, Pipeline};
 use crate::data::{Loader, Split};
 use crate::kernels::batch_norm;
@@ -137,18 +137,7 @@ struct ProbeHead {
 impl ProbeHead {
     fn new(dim: usize, classes: usize, batch_norm: bool, device: &Device) -> ProbeHead {
         // DINO, MAE, MoCo: weight N(0, 0.01), bias 0.
-        let linear = init_seeded(device, 0, || {
-            LinearConfig::new(dim, classes)
-                .with_initializer(Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.01,
-                })
-                .init(device)
-        });
-        let linear = Linear {
-            bias: linear.bias.map(|b| b.map(|t| t.zeros_like())),
-            ..linear
-        };
+        let linear = classifier_head(dim, classes, 0.01, device);
         // PyTorch's BatchNorm1d(affine=False, eps=1e-6): γ = 1 and β = 0, never trained.
         let norm = batch_norm.then(|| {
             let bn = BatchNormConfig::new(dim).with_epsilon(1e-6).init(device);

@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use burn::module::Module;
+use burn::nn::{Initializer, Linear};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Pipeline;
 use crate::data::{Loader, Split};
 use crate::losses::l2_normalize;
-use crate::models::Backbone;
+use crate::models::{init_seeded, zero_bias_linear, Backbone};
 
 /// `[eval]` of a recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,4 +220,13 @@ pub fn knn(
         }
     }
     accuracy(&scores, &test.labels)
+}
+
+/// The class head of linear evaluation and fine-tuning: `dim → classes`, weights N(0, `std`)
+/// drawn from seed 0 (the papers' `trunc_normal_`/`normal_` cut nothing at these widths), a zero
+/// bias; both train.
+pub fn classifier_head(dim: usize, classes: usize, std: f64, device: &Device) -> Linear {
+    init_seeded(device, 0, || {
+        zero_bias_linear(dim, classes, Initializer::Normal { mean: 0.0, std }, device)
+    })
 }

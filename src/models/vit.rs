@@ -142,7 +142,13 @@ pub(crate) fn xavier_linear(input: usize, output: usize, device: &Device) -> Lin
     )
 }
 
-fn zero_bias_linear(input: usize, output: usize, weights: Initializer, device: &Device) -> Linear {
+/// A linear layer with `weights` drawn by the initializer and a zero, trainable bias.
+pub(crate) fn zero_bias_linear(
+    input: usize,
+    output: usize,
+    weights: Initializer,
+    device: &Device,
+) -> Linear {
     let mut layer = LinearConfig::new(input, output)
         .with_initializer(weights)
         .init(device);
