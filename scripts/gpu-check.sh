@@ -8,12 +8,16 @@
 # BINARY defaults to target/gpu/selfsup-cuda (or its .xz); OUTDIR to $OUT, else gpu-check/.
 # Environment: DEVICE (default cuda; cuda:N, vulkan, or cpu to try the script itself),
 # STEPS_SIMCLR (default 20) and STEPS_DINO (default 8) batches in each timed epoch, CASES
-# (default "parity simclr dino") the cases to run.
+# (default "parity simclr dino") the cases to run, CASE_TIMEOUT (seconds; default none) a limit on
+# each run, so that a lease's last minutes still give the cases before.
 # It writes there, and prints:
 #   parity.jsonl      `check-device --case parity`: SimCLR (ResNet-18) and DINO (ViT) losses of
 #                     3 steps on the GPU against the CPU's, same weights and batches (≤ 1e-3)
 #   simclr.jsonl      SimCLR ResNet-18 (full width, CIFAR stem), batch 256, 32 px: img/s
 #   dino.jsonl        DINO ViT-S/16, 2 × 224 px + 8 × 96 px crops, batch 64: img/s
+#   <case>-torch.jsonl  the same recipe in PyTorch (benches/reference/gpu_check_torch.py), on
+#                     the same device in the same run, where python3 has torch, timm and
+#                     torchvision (TORCH=0 skips it)
 #   memory.txt        the GPU memory in use at its peak during each case (nvidia-smi every
 #                     100 ms, minus what was in use before; burn's memory pool included)
 #   summary.md        all of it as a table, with the GPU and driver
@@ -47,26 +51,39 @@ used() {
   case "$v" in ''|*[!0-9]*) ;; *) echo "$v" ;; esac
 }
 
-# run CASE STEPS: one check-device case with the GPU memory sampled beside it.
+# measure NAME COMMAND...: runs COMMAND with its stdout in NAME.jsonl, its stderr in NAME.log, and
+# the GPU memory sampled beside it.
 status=0
-run() {
-  local case="$1" steps="$2" base sampler start
+measure() {
+  local name="$1" base sampler start peak
+  shift
   base="$(used)"; base="${base:-0}"
-  ( while sleep 0.1; do used; done ) > "$out/$case.mem" 2>/dev/null &
+  ( while sleep 0.1; do used; done ) > "$out/$name.mem" 2>/dev/null &
   sampler=$!
   start=$(date +%s)
-  if ! "$bin" check-device --device "$device" --case "$case" --steps "$steps" \
-      > "$out/$case.jsonl" 2> "$out/$case.log"; then
+  if ! timeout -k 10 "${CASE_TIMEOUT:-0}" "$@" > "$out/$name.jsonl" 2> "$out/$name.log"; then
     status=1
-    echo "$case FAILED: $(tail -3 "$out/$case.log")"
+    echo "$name FAILED: $(tail -3 "$out/$name.log")"
   fi
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
-  [ -s "$out/$case.jsonl" ] || echo "{\"case\":\"$case\",\"ok\":false,\"error\":\"see $case.log\"}" > "$out/$case.jsonl"
-  local peak
-  peak="$(sort -n "$out/$case.mem" | tail -1)"
-  echo "$case: peak GPU memory $(( ${peak:-0} - base )) MiB above the $base MiB in use before; $(( $(date +%s) - start )) s" \
+  [ -s "$out/$name.jsonl" ] || echo "{\"case\":\"$name\",\"ok\":false,\"error\":\"see $name.log\"}" > "$out/$name.jsonl"
+  peak="$(sort -n "$out/$name.mem" | tail -1)"
+  echo "$name: peak GPU memory $(( ${peak:-0} - base )) MiB above the $base MiB in use before; $(( $(date +%s) - start )) s" \
     | tee -a "$out/memory.txt"
-  cat "$out/$case.jsonl"
+  cat "$out/$name.jsonl"
+}
+
+# run CASE STEPS: one check-device case, then (for a throughput case, where python3 has torch)
+# the PyTorch reference of benches/reference/gpu_check_torch.py as CASE-torch.
+torch_ok="$(python3 -c 'import torch, timm, torchvision' 2>/dev/null && echo yes)"
+run() {
+  local case="$1" steps="$2"
+  measure "$case" "$bin" check-device --device "$device" --case "$case" --steps "$steps"
+  case "$device" in cuda*|cpu) ;; *) return ;; esac  # PyTorch has no Vulkan device
+  if [ "$case" != parity ] && [ -n "$torch_ok" ] && [ "${TORCH:-1}" = 1 ]; then
+    measure "$case-torch" env DEVICE="$device" PYTHONUNBUFFERED=1 \
+      python3 "$root/benches/reference/gpu_check_torch.py" "$case" "$steps"
+  fi
 }
 
 cases="${CASES:-parity simclr dino}"
@@ -84,11 +101,13 @@ done
   echo "| case | result | peak GPU memory |"
   echo "|---|---|---|"
   for case in $cases; do
-    [ -e "$out/$case.jsonl" ] || continue
-    mem="$(grep "^$case:" "$out/memory.txt" | tail -1 | sed 's/.*peak GPU memory \([0-9-]*\) MiB.*/\1 MiB/')"
-    while read -r line; do
-      [ -n "$line" ] && echo "| $case | \`$line\` | $mem |"
-    done < "$out/$case.jsonl"
+    for name in "$case" "$case-torch"; do
+      [ -e "$out/$name.jsonl" ] || continue
+      mem="$(grep "^$name:" "$out/memory.txt" | tail -1 | sed 's/.*peak GPU memory \([0-9-]*\) MiB.*/\1 MiB/')"
+      while read -r line; do
+        [ -n "$line" ] && echo "| $name | \`$line\` | $mem |"
+      done < "$out/$name.jsonl"
+    done
   done
 } | tee -a "$out/summary.md"
 exit $status
