@@ -22,3 +22,8 @@ pub mod run;
 pub mod train;
 pub mod viz;
 pub mod weights;
+
+/// The log filter of the `selfsup` binary when `RUST_LOG` is unset: selfsup's own progress at
+/// `info`, every other crate at `warn`. (At `info`, the CUDA backend's compiler, `pliron`, logs
+/// each kernel's IR after every pass: gigabytes of stderr in a GPU run's first minutes.)
+pub const DEFAULT_LOG_FILTER: &str = "warn,selfsup=info";

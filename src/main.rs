@@ -705,7 +705,8 @@ fn main() -> ExitCode {
     selfsup::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| selfsup::DEFAULT_LOG_FILTER.into()),
         )
         .with_writer(std::io::stderr)
         // Colour codes only on a terminal: a log redirected to a file stays plain text.
