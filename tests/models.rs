@@ -134,3 +134,57 @@ fn same_seed_same_weights() {
     let b = init_seeded(&dev, 5, || c.init(&dev)).forward(x).into_data();
     assert_eq!(a, b);
 }
+
+/// pos[a, b, c] = sin(0.3c + 0.7a + 1.3b) on a 4 × 4 grid of 2-d embeddings, `[16, 2]`.
+fn sine_positions(device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..4)
+        .flat_map(|a| (0..4).flat_map(move |b| (0..2).map(move |c| (a, b, c))))
+        .map(|(a, b, c)| (0.3 * c as f64 + 0.7 * a as f64 + 1.3 * b as f64).sin() as f32)
+        .collect();
+    Tensor::from_data(burn::tensor::TensorData::new(values, [16, 2]), device)
+}
+
+#[test]
+fn position_embeddings_resize_bicubically_as_pytorch() {
+    // F.interpolate(pos.permute(2, 0, 1)[None], size=(2, 3), mode="bicubic",
+    // align_corners=False), PyTorch 2.15, back in [gh·gw, d] order.
+    let torch = [
+        0.402321, 0.625348, 0.775423, 0.55582, -0.712258, -0.84751, 0.841849, 0.702653, -0.569648,
+        -0.785837, -0.61416, -0.388553,
+    ];
+    let dev = Device::flex();
+    let out = selfsup::models::resize_positions(sine_positions(&dev), 4, [2, 3]);
+    assert_eq!(out.dims(), [6, 2]);
+    let out = out.into_data().try_to_vec::<f32>().unwrap();
+    for (a, b) in out.iter().zip(torch) {
+        assert!((a - b).abs() < 1e-5, "{out:?}");
+    }
+    // Values and gradients against burn's own bicubic interpolate, shrinking and growing.
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    let ad = dev.autodiff();
+    for size in [[2, 3], [6, 5], [1, 1], [3, 3], [8, 8]] {
+        let n = size[0] * size[1];
+        let weights = Tensor::<2>::random([n, 2], burn::tensor::Distribution::Default, &ad);
+        let ours = sine_positions(&ad).require_grad();
+        let theirs = sine_positions(&ad).require_grad();
+        let a = selfsup::models::resize_positions(ours.clone(), 4, size);
+        let options = InterpolateOptions::new(InterpolateMode::Bicubic)
+            .with_align_corners(false)
+            .with_output_size(size);
+        let b = interpolate(
+            theirs.clone().reshape([1, 4, 4, 2]).permute([0, 3, 1, 2]),
+            options,
+        )
+        .permute([0, 2, 3, 1])
+        .reshape([n, 2]);
+        let close = |x: Tensor<2>, y: Tensor<2>| {
+            let diff: f32 = (x - y).abs().max().into_scalar();
+            assert!(diff < 1e-5, "size {size:?}: {diff}");
+        };
+        close(a.clone().detach(), b.clone().detach());
+        let ga = (a * weights.clone()).sum().backward();
+        let gb = (b * weights).sum().backward();
+        close(ours.grad(&ga).unwrap(), theirs.grad(&gb).unwrap());
+    }
+}

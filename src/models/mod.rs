@@ -18,7 +18,7 @@ pub use heads::{DinoHead, DinoHeadConfig, ProjectionHead, ProjectionHeadConfig};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub(crate) use vit::zero_bias_linear;
 pub(crate) use vit::{block as vit_block, linear as vit_linear, xavier_linear};
-pub use vit::{drop_path_masks, Pool, Vit, VitBlock, VitConfig, LAYER_NORM_EPS};
+pub use vit::{drop_path_masks, resize_positions, Pool, Vit, VitBlock, VitConfig, LAYER_NORM_EPS};
 
 /// `[model]` of a recipe: which encoder to learn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,9 +8,7 @@ use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// ε of every layer norm in the ViT and MAE's decoder (timm's and the official MAE/DINO's).
@@ -295,6 +293,52 @@ pub fn drop_path_masks(
         .collect()
 }
 
+/// Resizes a `side × side` grid of position embeddings, `[side², d]` in row-major order, to
+/// `[gh·gw, d]` as PyTorch's `F.interpolate(..., size=(gh, gw), mode="bicubic",
+/// align_corners=False)` (DINO's and timm's `interpolate_pos_encoding`): one matrix product by
+/// the Kronecker product of the two axes' bicubic weights, so its gradient is a matrix product
+/// too on every backend (burn's CUDA backend has no bicubic `interpolate` backward).
+pub fn resize_positions(pos: Tensor<2>, side: usize, [gh, gw]: [usize; 2]) -> Tensor<2> {
+    let (rows, cols) = (bicubic_weights(side, gh), bicubic_weights(side, gw));
+    let mut kron = vec![0.0f32; gh * gw * side * side];
+    for i in 0..gh {
+        for j in 0..gw {
+            let row = &mut kron[(i * gw + j) * side * side..][..side * side];
+            for a in 0..side {
+                for b in 0..side {
+                    row[a * side + b] = rows[i * side + a] * cols[j * side + b];
+                }
+            }
+        }
+    }
+    let kron = Tensor::<2>::from_data(TensorData::new(kron, [gh * gw, side * side]), &pos.device());
+    kron.matmul(pos)
+}
+
+/// PyTorch's bicubic resampling weights `[output, input]` along one axis: Keys' cubic
+/// convolution with a = −0.75 on the four samples around (i + 0.5)·input/output − 0.5, indices
+/// clamped to the edges (`upsample_bicubic2d`, align_corners = false).
+fn bicubic_weights(input: usize, output: usize) -> Vec<f32> {
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0; // |x| ≤ 1
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A; // 1 < |x| < 2
+    let scale = input as f32 / output as f32;
+    let mut weights = vec![0.0; output * input];
+    for i in 0..output {
+        let source = (i as f32 + 0.5) * scale - 0.5;
+        let x0 = source.floor();
+        let t = source - x0;
+        for (k, w) in [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+            .into_iter()
+            .enumerate()
+        {
+            let j = (x0 as i64 - 1 + k as i64).clamp(0, input as i64 - 1) as usize;
+            weights[i * input + j] += w;
+        }
+    }
+    weights
+}
+
 #[derive(Module, Debug)]
 pub struct Vit {
     patch_embed: PatchEmbed,
@@ -321,13 +365,7 @@ impl Vit {
         let pos = if (gh, gw) == (side, side) {
             pos
         } else {
-            let square = pos.reshape([1, side, side, d]).permute([0, 3, 1, 2]);
-            let options = InterpolateOptions::new(InterpolateMode::Bicubic)
-                .with_align_corners(false)
-                .with_output_size([gh, gw]);
-            interpolate(square, options)
-                .permute([0, 2, 3, 1])
-                .reshape([1, gh * gw, d])
+            resize_positions(pos.reshape([n, d]), side, [gh, gw]).reshape([1, gh * gw, d])
         };
         tokens + pos
     }
