@@ -74,8 +74,9 @@ pub fn nt_xent(z1: Tensor<2>, z2: Tensor<2>, tau: f64) -> Tensor<1> {
 }
 
 /// Mean over dimensions of the standard deviation of l2-normalised embeddings: about 1/√d for
-/// spread-out embeddings, 0 when they collapse to one point (SimSiam's collapse monitor).
-pub fn embedding_std(z: Tensor<2>) -> f32 {
+/// spread-out embeddings, 0 when they collapse to one point (SimSiam's collapse monitor); `[1]`,
+/// on z's device, no gradient.
+pub fn embedding_std(z: Tensor<2>) -> Tensor<1> {
     let z = l2_normalize(z.detach());
     let [n, _] = z.dims();
     let mean = z.clone().mean_dim(0);
@@ -83,23 +84,16 @@ pub fn embedding_std(z: Tensor<2>) -> f32 {
         .square()
         .sum_dim(0)
         .div_scalar((n.max(2) - 1) as f64);
-    var.sqrt().mean().into_scalar()
+    var.sqrt().mean()
 }
 
-/// Fraction of rows whose largest logit is at the target class (a pretext task's accuracy).
-pub fn accuracy(logits: Tensor<2>, targets: &[usize]) -> f32 {
-    let predicted: Vec<i64> = logits
-        .detach()
-        .argmax(1)
-        .into_data()
-        .try_to_vec_as::<i64>()
-        .unwrap_or_default();
-    let right = predicted
-        .iter()
-        .zip(targets)
-        .filter(|(p, t)| **p == **t as i64)
-        .count();
-    right as f32 / targets.len().max(1) as f32
+/// Fraction of rows whose largest logit is at the target class (a pretext task's accuracy): `[1]`,
+/// on the logits' device, no gradient.
+pub fn accuracy(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &logits.device());
+    logits.detach().argmax(1).equal(targets).float().mean()
 }
 
 /// DINO's cross-entropy between the teacher's distributions over the global crops and the
@@ -126,12 +120,11 @@ pub fn dino_loss(teacher: &[Tensor<2>], student: &[Tensor<2>], student_temp: f64
     Tensor::cat(pairs, 0).mean()
 }
 
-/// Mean over rows of the entropy −Σ p log p of each row's distribution.
-pub fn mean_entropy(p: Tensor<2>) -> f32 {
+/// Mean over rows of the entropy −Σ p log p of each row's distribution: `[1]`, no gradient.
+pub fn mean_entropy(p: Tensor<2>) -> Tensor<1> {
     let p = p.detach();
     (p.clone() * p.clamp_min(1e-12).log())
         .sum_dim(1)
         .mean()
         .neg()
-        .into_scalar()
 }

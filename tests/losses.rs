@@ -150,3 +150,20 @@ fn knn_votes_with_weights_exp_s_over_t() {
     assert_eq!(flat.top1, 0.0);
     assert_eq!(flat.top5, 1.0, "the true class is among the top 5 of 3");
 }
+
+#[test]
+fn monitors_are_computed_on_the_device_by_hand() {
+    // Pretext accuracy: rows 0 and 2 pick class 1, row 1 class 0; all targets 1 -> 2/3.
+    let logits = t2(&[[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]);
+    let acc = selfsup::losses::accuracy(logits, &[1, 1, 1]);
+    assert!((scalar(acc) - 2.0 / 3.0).abs() < 1e-6);
+    // Entropy of (1/2, 1/2) is ln 2, of (1, 0) is 0: mean ln(2)/2.
+    let p = t2(&[[0.5, 0.5], [1.0, 0.0]]);
+    let h = selfsup::losses::mean_entropy(p);
+    assert!((scalar(h) - std::f64::consts::LN_2 / 2.0).abs() < 1e-6);
+    // Two opposite unit vectors: each coordinate's std over the 2 rows (n − 1) is √2·|x|.
+    let z = t2(&[[0.6, 0.8], [-0.6, -0.8]]);
+    let sd = scalar(selfsup::losses::embedding_std(z));
+    let want = (0.6f64 * 2f64.sqrt() + 0.8 * 2f64.sqrt()) / 2.0;
+    assert!((sd - want).abs() < 1e-5, "{sd}");
+}

@@ -9,7 +9,7 @@
 //! through a fresh fc_norm of its mean token ([`crate::models::Vit::mean_patch_token`]). The
 //! same call on a randomly initialised encoder is the from-scratch baseline.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
@@ -237,7 +237,10 @@ pub fn finetune(
                 }
                 None => cross_entropy_smoothed(logits, &labels, config.label_smoothing),
             };
-            let value: f32 = loss.clone().into_scalar();
+            let value: f32 = loss
+                .clone()
+                .try_into_scalar()
+                .with_context(|| format!("fine-tuning step {step}: the device failed"))?;
             if !value.is_finite() {
                 bail!("fine-tuning loss became {value} at step {step}");
             }

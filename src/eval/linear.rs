@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams};
@@ -223,7 +223,10 @@ pub fn linear_eval(
                 .take()
                 .unwrap_or_else(|| ProbeHead::new(dim, classes, config.batch_norm, &ad));
             let loss = cross_entropy(model.forward(features), &labels);
-            let value: f32 = loss.clone().into_scalar();
+            let value: f32 = loss
+                .clone()
+                .try_into_scalar()
+                .with_context(|| format!("linear-eval step {step}: the device failed"))?;
             if !value.is_finite() {
                 bail!("linear-eval loss became {value} at step {step} (batch of {n}; lower linear_eval.base_lr)");
             }

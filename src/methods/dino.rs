@@ -22,7 +22,7 @@ use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, DinoHead, DinoHeadConfig,
 };
 use crate::train::optim::cosine_ramp;
-use crate::train::{Method, Progress, StepOutput, Which};
+use crate::train::{Method, Progress, Scalars, StepOutput, Which};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -232,8 +232,28 @@ impl Method for Dino {
         let loss = dino_loss(&teacher, &student, self.student_temp);
         // Diagnostics: H(P_t) in (0, log K); KL(teacher ‖ student) = cross-entropy − H(P_t).
         let entropy = mean_entropy(p_t);
-        let ce: f32 = loss.clone().detach().into_scalar();
-        let center_norm: f32 = self.center.val().square().sum().sqrt().into_scalar();
+        let center_norm = self.center.val().square().sum().sqrt();
+        let kl = loss.clone().detach() - entropy.clone();
+        let tau_t = Tensor::<1>::from_floats([tau_t as f32], &loss.device());
+        StepOutput {
+            loss,
+            scalars: vec![
+                ("teacher_entropy", entropy),
+                ("kl_teacher_student", kl),
+                ("center_norm", center_norm),
+                ("teacher_temp", tau_t),
+            ],
+            keep: Some(t),
+        }
+    }
+
+    /// Warns, at the end of an epoch, of a teacher whose entropy nears 0 (one-hot outputs) or
+    /// log K (uniform ones): the two collapses centring and sharpening balance.
+    fn watch(&self, scalars: &Scalars, progress: &Progress) {
+        let Some(&(_, entropy)) = scalars.iter().find(|(name, _)| *name == "teacher_entropy")
+        else {
+            return;
+        };
         let log_k = (self.center.dims()[1] as f32).ln();
         let collapse = if entropy < 0.05 * log_k {
             Some("one-hot")
@@ -249,16 +269,6 @@ impl Method for Dino {
                 "DINO teacher collapsing at epoch {}: entropy {entropy:.3} of log K = {log_k:.3} ({kind})",
                 progress.epoch + 1,
             );
-        }
-        StepOutput {
-            loss,
-            scalars: vec![
-                ("teacher_entropy", entropy),
-                ("kl_teacher_student", ce - entropy),
-                ("center_norm", center_norm),
-                ("teacher_temp", tau_t as f32),
-            ],
-            keep: Some(t),
         }
     }
 

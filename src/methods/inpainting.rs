@@ -276,10 +276,7 @@ impl Method for Inpainting {
         );
         StepOutput {
             loss,
-            scalars: vec![
-                ("rec_loss", rec.into_scalar()),
-                ("adv_loss", adv.into_scalar()),
-            ],
+            scalars: vec![("rec_loss", rec.detach()), ("adv_loss", adv.detach())],
             keep: Some(keep),
         }
     }

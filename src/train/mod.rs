@@ -29,6 +29,10 @@ pub use optim::{LrScaling, OptimConfig, OptimizerKind};
 /// Named scalars worth logging (pretext accuracy, teacher entropy, embedding std, ...).
 pub type Scalars = Vec<(&'static str, f32)>;
 
+/// Scalars a method computes on the device, each `[1]` without gradient: the trainer reads them
+/// with the loss in one transfer, where a failed device operation becomes an error.
+pub type DeviceScalars = Vec<(&'static str, Tensor<1>)>;
+
 /// Where training stands when a method is called.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -50,14 +54,14 @@ impl Progress {
 pub struct StepOutput {
     pub loss: Tensor<1>,
     /// Scalars worth logging (averaged over the epoch too).
-    pub scalars: Scalars,
+    pub scalars: DeviceScalars,
     /// Detached rows that [`Method::after_step`] needs (MoCo's keys, DINO's teacher outputs);
     /// under gradient accumulation, those of every pass of the step, concatenated.
     pub keep: Option<Tensor<2>>,
 }
 
 impl StepOutput {
-    pub fn new(loss: Tensor<1>, scalars: Scalars) -> Self {
+    pub fn new(loss: Tensor<1>, scalars: DeviceScalars) -> Self {
         StepOutput {
             loss,
             scalars,
@@ -87,6 +91,9 @@ pub trait Method: Module + Sized {
     ) -> Self {
         self
     }
+
+    /// Looks at a step's scalars once read (DINO warns of a collapsing teacher).
+    fn watch(&self, _scalars: &Scalars, _progress: &Progress) {}
 
     /// The encoder learned by gradient: DINO's student, MoCo's query encoder, the only one of
     /// every other method.
@@ -364,7 +371,10 @@ impl<'a> Trainer<'a> {
                     keep,
                 } = method.loss(&views, &progress);
                 kept.extend(keep);
-                let value: f32 = loss.clone().into_scalar();
+                let (value, scalars) = read_step(loss.clone(), scalars).with_context(|| {
+                    format!("epoch {} step {}: the device failed", epoch + 1, state.step)
+                })?;
+                method.watch(&scalars, &progress);
                 if !value.is_finite() {
                     let kept = checkpoint::latest(&self.out)?
                         .map(|d| d.display().to_string())
@@ -475,4 +485,18 @@ impl Metrics {
         self.events
             .scalars(at.as_u64().unwrap_or(0) as usize, &scalars)
     }
+}
+
+/// The loss and the scalars of a step, read from the device in one transfer; a device operation
+/// that failed since the last read (in this step or the previous step's backward pass) is
+/// reported here as an error rather than a panic.
+fn read_step(loss: Tensor<1>, scalars: DeviceScalars) -> Result<(f32, Scalars)> {
+    let (names, tensors): (Vec<_>, Vec<_>) = scalars.into_iter().unzip();
+    let mut all = vec![loss.detach().reshape([1])];
+    all.extend(tensors.into_iter().map(|t| t.detach().reshape([1])));
+    let values = Tensor::cat(all, 0).try_into_vec_as::<f32>()?;
+    Ok((
+        values[0],
+        names.into_iter().zip(values[1..].to_vec()).collect(),
+    ))
 }
