@@ -366,9 +366,31 @@ fn linear_eval_follows_each_methods_official_code() {
         (mo.base_lr, mo.epochs, s.base_lr, s.epochs),
         (30.0, 100, 0.1, 90)
     );
-    for c in [d, m, mo, s] {
+    for c in [&d, &m, &mo, &s] {
         assert_eq!(c.weight_decay, 0.0);
     }
+    // Each code's own schedule, 10 steps an epoch. MoCo: x0.1 from epochs 60 and 80.
+    use selfsup::eval::LinearSchedule::{Cosine, EpochCosine, Step};
+    assert_eq!(
+        (mo.schedule, mo.milestones.as_slice()),
+        (Step, &[60, 80][..])
+    );
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12 * b.abs().max(1.0), "{a} vs {b}");
+    close(mo.lr(599, 59, 10), 30.0);
+    close(mo.lr(600, 60, 10), 3.0);
+    close(mo.lr(800, 80, 10), 0.3);
+    // DINO: CosineAnnealingLR(epochs) stepped per epoch: constant within one, half at the middle.
+    assert_eq!(d.schedule, EpochCosine);
+    close(d.lr(0, 0, 10), 0.001);
+    close(d.lr(9, 0, 10), 0.001);
+    close(d.lr(500, 50, 10), 0.0005);
+    // MAE: per-step linear warm-up over 10 epochs, then a per-step cosine over the other 80.
+    assert_eq!((m.schedule, s.schedule), (Cosine, Cosine));
+    let peak = 0.1 * m.batch_size as f64 / 256.0;
+    close(m.lr(0, 0, 10), peak / 100.0);
+    close(m.lr(99, 9, 10), peak);
+    close(m.lr(100, 10, 10), peak);
+    close(m.lr(500, 50, 10), peak / 2.0);
 }
 
 #[test]

@@ -2,12 +2,13 @@
 //!
 //! - [`linear_eval`], the papers' protocol: the classifier learns from random-resized crops and
 //!   flips of the labelled images, through the frozen encoder (batch norm in evaluation mode),
-//!   with SGD or LARS and a cosine schedule. Each method's published recipe sets the settings of
+//!   with SGD or LARS. Each method's published recipe sets the settings of
 //!   its official code (`[linear_eval]`): DINO `eval_linear.py` (SGD 0.001 × b/256, 100 epochs,
 //!   a ViT's class tokens of its last 4 blocks), MAE `main_linprobe.py` (LARS 0.1 × b/256, 90
 //!   epochs with 10 of warm-up, batch norm without affine parameters before the classifier),
-//!   MoCo `main_lincls.py` (SGD 30, 100 epochs, its `--cos` schedule), SimCLR (SGD 0.1 × b/256,
-//!   90 epochs). The classifier starts from N(0, 0.01) with a zero bias, as all of them.
+//!   MoCo `main_lincls.py` (SGD 30, 100 epochs, × 0.1 at epochs 60 and 80), SimCLR (SGD
+//!   0.1 × b/256, 90 epochs). The classifier starts from N(0, 0.01) with a zero bias, as all of
+//!   them. Each has its own lr schedule ([`LinearSchedule`]).
 //! - [`linear_probe`], the quick check: AdamW on fixed, standardised centre-crop features,
 //!   extracted once; minutes instead of hours on a CPU, and not what the papers report.
 
@@ -37,10 +38,15 @@ pub struct LinearEvalConfig {
     pub batch_size: usize,
     /// `sgd` (momentum 0.9) or `lars`.
     pub optimizer: OptimizerKind,
-    /// Peak lr = base_lr × batch / 256, then a cosine to 0.
+    /// Peak lr = base_lr × batch / 256, after `warmup_epochs` of linear warm-up.
     pub base_lr: f64,
     pub weight_decay: f64,
     pub warmup_epochs: f64,
+    /// How the lr falls from its peak (each official code's own).
+    pub schedule: LinearSchedule,
+    /// Epochs from which the `step` schedule multiplies the lr by 0.1 each (MoCo's
+    /// `--schedule 60 80`; absolute epochs, as there).
+    pub milestones: Vec<usize>,
     /// A ViT's features: the class tokens of its last `last_blocks` blocks, each through the
     /// final norm, concatenated (DINO's ViT-S/16: 4; MAE: 1, the class token). A ResNet's are
     /// its pooled features.
@@ -64,6 +70,8 @@ impl Default for LinearEvalConfig {
             base_lr: 0.1,
             weight_decay: 0.0,
             warmup_epochs: 0.0,
+            schedule: LinearSchedule::Cosine,
+            milestones: vec![60, 80],
             last_blocks: 1,
             stage: 4,
             batch_norm: false,
@@ -72,7 +80,42 @@ impl Default for LinearEvalConfig {
     }
 }
 
+/// The lr schedules of the official linear evaluations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearSchedule {
+    /// A cosine to 0 over the steps after the warm-up (SimCLR; MAE's `main_linprobe.py`).
+    Cosine,
+    /// A cosine to 0 stepped once an epoch (DINO's `eval_linear.py`: `CosineAnnealingLR`).
+    EpochCosine,
+    /// × 0.1 from each of `milestones` (MoCo's `main_lincls.py` without `--cos`).
+    Step,
+}
+
 impl LinearEvalConfig {
+    /// The lr of `step` (0-based, in `epoch`), with `steps_per_epoch` steps an epoch, for a
+    /// batch of `batch_size`.
+    pub fn lr(&self, step: usize, epoch: usize, steps_per_epoch: usize) -> f64 {
+        let peak = self.base_lr * self.batch_size as f64 / 256.0;
+        let warmup = (self.warmup_epochs * steps_per_epoch as f64).round() as usize;
+        if step < warmup {
+            return peak * (step + 1) as f64 / warmup as f64;
+        }
+        match self.schedule {
+            LinearSchedule::Cosine => {
+                warmup_cosine(step, warmup, steps_per_epoch * self.epochs, peak, 0.0)
+            }
+            LinearSchedule::EpochCosine => {
+                let t = epoch as f64 / self.epochs as f64;
+                peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            LinearSchedule::Step => {
+                let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
+                peak * 0.1f64.powi(passed as i32)
+            }
+        }
+    }
+
     pub fn check(&self) -> Result<()> {
         if self.epochs == 0 || self.batch_size == 0 || self.last_blocks == 0 {
             bail!("linear_eval.epochs, batch_size and last_blocks must be at least 1");
@@ -119,8 +162,13 @@ impl LinearEvalConfig {
         } else {
             ""
         };
+        let schedule = match self.schedule {
+            LinearSchedule::Cosine => "cosine".to_string(),
+            LinearSchedule::EpochCosine => "cosine by epoch".to_string(),
+            LinearSchedule::Step => format!("x0.1 at epochs {:?}", self.milestones),
+        };
         format!(
-            "linear eval ({optimizer} lr {} x batch {}/256, wd {}, {} epochs{warmup} on random-resized crops and flips; {features}{norm})",
+            "linear eval ({optimizer} lr {} x batch {}/256, {schedule}, wd {}, {} epochs{warmup} on random-resized crops and flips; {features}{norm})",
             self.base_lr, self.batch_size, self.weight_decay, self.epochs
         )
     }
@@ -202,8 +250,6 @@ pub fn linear_eval(
     .init();
     let steps_per_epoch = loader.batches_per_epoch();
     let total = steps_per_epoch * config.epochs;
-    let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
-    let peak = config.base_lr * config.batch_size as f64 / 256.0;
     let bar = crate::data::progress_bar(total as u64, "linear eval");
     let mut step = 0;
     for epoch in 0..config.epochs {
@@ -231,7 +277,7 @@ pub fn linear_eval(
                 bail!("linear-eval loss became {value} at step {step} (batch of {n}; lower linear_eval.base_lr)");
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = warmup_cosine(step, warmup, total, peak, 0.0);
+            let lr = config.lr(step, epoch, steps_per_epoch);
             head = Some(optim.step(lr, model, grads));
             step += 1;
             bar.set_message(format!(

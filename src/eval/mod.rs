@@ -5,7 +5,7 @@ pub mod embed;
 pub mod finetune;
 pub mod linear;
 
-pub use linear::{linear_eval, linear_probe, LinearEvalConfig};
+pub use linear::{linear_eval, linear_probe, LinearEvalConfig, LinearSchedule};
 
 use std::sync::Arc;
 
