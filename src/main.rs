@@ -648,8 +648,12 @@ fn run(cli: Cli) -> Result<()> {
             let device = pretrain::device(&device)?;
             let sheet = pretrain::reconstruct(&checkpoint, split, count, seed, &device)?;
             selfsup::viz::save_png(&sheet, &out)?;
+            let pasted = match recipe.method {
+                selfsup::methods::MethodConfig::Mae(_) => " | with the visible patches pasted back",
+                _ => "",
+            };
             println!(
-                "wrote {} (original | masked | reconstruction)",
+                "wrote {} (original | masked | reconstruction{pasted})",
                 out.display()
             );
         }
