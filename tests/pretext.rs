@@ -352,16 +352,16 @@ fn decoder_starts_from_the_spatial_map_through_each_bottleneck() {
             assert_eq!(m.paint(x, mask).dims(), [2, 3, 32, 32], "{bottleneck:?}");
             let first = sizes(&m, "decoder.start_layer");
             let expected: Vec<usize> = match bottleneck {
-                // The released code: the whole map to a 40-d code (weights, bias, its BN's γ
-                // and β), then to the 4·8-channel 4×4 start.
-                Bottleneck::Conv => vec![c * g * g * 40, 40, 40, 40, 40 * 32 * 16, 32 * 16],
+                // The released code: the whole map to a 40-d code (weights without bias, its
+                // BN's γ and β), then to the 4·8-channel 4×4 start (no bias).
+                Bottleneck::Conv => vec![c * g * g * 40, 40, 40, 40 * 32 * 16],
                 // The paper: one g²×g² layer per channel, then a 1×1 conv to the start width
                 // (8 << ups−1 channels: 32 from 4×4, 16 from 8×8).
                 Bottleneck::ChannelWise => {
                     let start = if g == 4 { 32 } else { 16 };
                     vec![c * g.pow(4), c * g * g, c * start, start]
                 }
-                Bottleneck::Pooled => vec![c * 32 * 16, 32 * 16],
+                Bottleneck::Pooled => vec![c * 32 * 16],
             };
             let got: Vec<usize> = first.iter().map(|(_, n)| *n).collect();
             assert_eq!(got, expected, "{bottleneck:?}: {first:?}");
@@ -573,4 +573,46 @@ fn rotation_is_learned_on_real_images() {
     assert!(losses[3] < losses[0], "losses {losses:?}");
     // Chance is 25%.
     assert!(acc[3] > 0.4, "pretext accuracy per epoch {acc:?}");
+}
+
+#[test]
+fn context_encoder_decoder_and_discriminator_start_as_dcgan() {
+    // train.lua's weights_init: convolution weights N(0, 0.02), BN γ ~ N(1, 0.02), β = 0, and
+    // every convolution's bias zeroed before each step (so: none).
+    use selfsup::models::{Bottleneck, ContextDecoderConfig, DiscriminatorConfig};
+    let dev = Device::flex();
+    let decoder = ContextDecoderConfig {
+        bottleneck: Bottleneck::Conv,
+        channels: 64,
+        grid: 4,
+        bottleneck_dim: 400,
+        width: 32,
+        size: 32,
+    }
+    .init(&dev);
+    let discriminator = DiscriminatorConfig { width: 32, size: 32 }.init(&dev);
+    let stats = |v: &[f32]| {
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;
+        (mean, var.sqrt())
+    };
+    let mut params = common::params_by_path(&decoder, None);
+    params.extend(common::params_by_path(&discriminator, None));
+    let (mut weights, mut gammas) = (0, 0);
+    for (path, values, _) in &params {
+        let (mean, sd) = stats(values);
+        if path.ends_with("gamma") {
+            gammas += 1;
+            assert!((mean - 1.0).abs() < 0.02 && (sd - 0.02).abs() < 0.01, "{path}: {mean} {sd}");
+        } else if path.ends_with("beta") {
+            assert!(values.iter().all(|&b| b == 0.0), "{path}");
+        } else if path.ends_with("weight") {
+            weights += 1;
+            assert!(mean.abs() < 0.01 && (sd - 0.02).abs() < 0.004, "{path}: {mean} {sd}");
+        } else {
+            assert!(!path.ends_with("bias"), "{path}: train.lua's convolutions have no bias");
+        }
+    }
+    // Decoder: bottleneck, fc, 3 up-convolutions; discriminator: 3 convolutions and the logit.
+    assert_eq!((weights, gammas), (9, 4), "{:?}", params.iter().map(|p| &p.0).collect::<Vec<_>>());
 }

@@ -5,11 +5,37 @@
 use crate::kernels::{batch_norm, conv2d};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{leaky_relu, relu};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+
+/// DCGAN's `weights_init` as the released `train.lua` applies it to G and D: convolution
+/// weights N(0, 0.02) and no bias (`train.lua` zeroes every convolution's bias before each step).
+const DCGAN: Initializer = Initializer::Normal {
+    mean: 0.0,
+    std: 0.02,
+};
+
+/// Batch norm as DCGAN's `weights_init` starts it: γ ~ N(1, 0.02), β = 0.
+fn dcgan_batch_norm(channels: usize, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels).init(device);
+    bn.gamma = Param::from_tensor(Tensor::random(
+        [channels],
+        Distribution::Normal(1.0, 0.02),
+        device,
+    ));
+    bn
+}
+
+/// A bias-free linear layer (a convolution over a whole map, as `train.lua`'s), DCGAN's init.
+fn dcgan_linear(input: usize, output: usize, device: &Device) -> Linear {
+    LinearConfig::new(input, output)
+        .with_bias(false)
+        .with_initializer(DCGAN)
+        .init(device)
+}
 
 /// How the decoder starts from the encoder's feature map `[n, C, g, g]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +56,9 @@ pub enum Bottleneck {
 }
 
 /// The context encoder's decoder: a start from the encoder's feature map ([`Bottleneck`]), then
-/// ×2 up-convolutions (4×4, stride 2; batch norm and ReLU between them) to a `size`-px image.
+/// ×2 up-convolutions (4×4, stride 2; batch norm and ReLU between them) to a `size`-px image;
+/// DCGAN's init and no convolution biases, as `train.lua`. No final Tanh (a departure kept on
+/// purpose): the painting lives in the recipe's normalised space, not in [−1, 1].
 #[derive(Debug, Clone)]
 pub struct ContextDecoderConfig {
     pub bottleneck: Bottleneck,
@@ -79,16 +107,18 @@ impl ContextDecoderConfig {
             ConvTranspose2dConfig::new([i, o], [4, 4])
                 .with_stride([2, 2])
                 .with_padding([1, 1])
+                .with_bias(false)
+                .with_initializer(DCGAN)
                 .init(device)
         };
-        let bn = |c: usize| BatchNormConfig::new(c).init(device);
+        let bn = |c: usize| dcgan_batch_norm(c, device);
         let (map, g) = (self.channels * self.grid * self.grid, self.grid);
         let square = widths[0] * start * start;
         let start_layer = match self.bottleneck {
             Bottleneck::Conv => Start::Conv(ConvBottleneck {
-                bottleneck: LinearConfig::new(map, self.bottleneck_dim).init(device),
+                bottleneck: dcgan_linear(map, self.bottleneck_dim, device),
                 bn: bn(self.bottleneck_dim),
-                fc: LinearConfig::new(self.bottleneck_dim, square).init(device),
+                fc: dcgan_linear(self.bottleneck_dim, square, device),
             }),
             Bottleneck::ChannelWise => {
                 let bound = (1.0 / (g * g) as f64).sqrt();
@@ -102,9 +132,7 @@ impl ContextDecoderConfig {
                     mix: Conv2dConfig::new([self.channels, widths[0]], [1, 1]).init(device),
                 })
             }
-            Bottleneck::Pooled => {
-                Start::Pooled(LinearConfig::new(self.channels, square).init(device))
-            }
+            Bottleneck::Pooled => Start::Pooled(dcgan_linear(self.channels, square, device)),
         };
         ContextDecoder {
             start_layer,
@@ -184,8 +212,9 @@ impl ContextDecoder {
     }
 }
 
-/// Three stride-2 convolutions with leaky ReLU, then one logit (real vs painted). Without batch
-/// norm, so that real and painted batches are judged independently.
+/// Three stride-2 convolutions with leaky ReLU, then one logit (real vs painted); DCGAN's init,
+/// no biases, as `train.lua`. Without its batch norm (a departure kept on purpose), so that each
+/// image is judged on its own rather than against its batch.
 #[derive(Debug, Clone)]
 pub struct DiscriminatorConfig {
     pub width: usize,
@@ -199,12 +228,14 @@ impl DiscriminatorConfig {
             Conv2dConfig::new([i, o], [4, 4])
                 .with_stride([2, 2])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .with_initializer(DCGAN)
                 .init(device)
         };
         let base = self.size / 8;
         Discriminator {
             convs: vec![down(3, c), down(c, 2 * c), down(2 * c, 4 * c)],
-            fc: LinearConfig::new(4 * c * base * base, 1).init(device),
+            fc: dcgan_linear(4 * c * base * base, 1, device),
         }
     }
 }
