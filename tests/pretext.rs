@@ -590,7 +590,11 @@ fn context_encoder_decoder_and_discriminator_start_as_dcgan() {
         size: 32,
     }
     .init(&dev);
-    let discriminator = DiscriminatorConfig { width: 32, size: 32 }.init(&dev);
+    let discriminator = DiscriminatorConfig {
+        width: 32,
+        size: 32,
+    }
+    .init(&dev);
     let stats = |v: &[f32]| {
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;
@@ -603,16 +607,30 @@ fn context_encoder_decoder_and_discriminator_start_as_dcgan() {
         let (mean, sd) = stats(values);
         if path.ends_with("gamma") {
             gammas += 1;
-            assert!((mean - 1.0).abs() < 0.02 && (sd - 0.02).abs() < 0.01, "{path}: {mean} {sd}");
+            assert!(
+                (mean - 1.0).abs() < 0.02 && (sd - 0.02).abs() < 0.01,
+                "{path}: {mean} {sd}"
+            );
         } else if path.ends_with("beta") {
             assert!(values.iter().all(|&b| b == 0.0), "{path}");
         } else if path.ends_with("weight") {
             weights += 1;
-            assert!(mean.abs() < 0.01 && (sd - 0.02).abs() < 0.004, "{path}: {mean} {sd}");
+            assert!(
+                mean.abs() < 0.01 && (sd - 0.02).abs() < 0.004,
+                "{path}: {mean} {sd}"
+            );
         } else {
-            assert!(!path.ends_with("bias"), "{path}: train.lua's convolutions have no bias");
+            assert!(
+                !path.ends_with("bias"),
+                "{path}: train.lua's convolutions have no bias"
+            );
         }
     }
     // Decoder: bottleneck, fc, 3 up-convolutions; discriminator: 3 convolutions and the logit.
-    assert_eq!((weights, gammas), (9, 4), "{:?}", params.iter().map(|p| &p.0).collect::<Vec<_>>());
+    assert_eq!(
+        (weights, gammas),
+        (9, 4),
+        "{:?}",
+        params.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
 }
