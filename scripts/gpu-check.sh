@@ -73,14 +73,20 @@ measure() {
   cat "$out/$name.jsonl"
 }
 
-# run CASE STEPS: one check-device case, then (for a throughput case, where python3 has torch)
-# the PyTorch reference of benches/reference/gpu_check_torch.py as CASE-torch.
-torch_ok="$(python3 -c 'import torch, timm, torchvision' 2>/dev/null && echo yes)"
+# The PyTorch reference runs where python3 has torch, timm and torchvision, on CUDA or the CPU
+# (PyTorch has no Vulkan device), unless TORCH=0.
+torch_ok=""
+case "$device" in
+  cuda*|cpu) [ "${TORCH:-1}" = 1 ] && python3 -c 'import torch, timm, torchvision' 2>/dev/null \
+    && torch_ok=yes ;;
+esac
+
+# run CASE STEPS: one check-device case, then (for a throughput case) the PyTorch reference of
+# benches/reference/gpu_check_torch.py as CASE-torch.
 run() {
   local case="$1" steps="$2"
   measure "$case" "$bin" check-device --device "$device" --case "$case" --steps "$steps"
-  case "$device" in cuda*|cpu) ;; *) return ;; esac  # PyTorch has no Vulkan device
-  if [ "$case" != parity ] && [ -n "$torch_ok" ] && [ "${TORCH:-1}" = 1 ]; then
+  if [ "$case" != parity ] && [ -n "$torch_ok" ]; then
     measure "$case-torch" env DEVICE="$device" PYTHONUNBUFFERED=1 \
       python3 "$root/benches/reference/gpu_check_torch.py" "$case" "$steps"
   fi

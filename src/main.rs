@@ -418,9 +418,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("run folder: {}", out.display());
             // Which of two encoders, for the methods that have two.
-            let which = match recipe.method.has_teacher() {
-                true => format!("the {}, ", encoder_name(&recipe.method, summary.released)),
-                false => String::new(),
+            let which = if recipe.method.has_teacher() {
+                format!("the {}, ", encoder_name(&recipe.method, summary.released))
+            } else {
+                String::new()
             };
             println!(
                 "backbone ({which}torchvision/timm names): {}",
@@ -649,7 +650,7 @@ fn run(cli: Cli) -> Result<()> {
             let sheet = pretrain::reconstruct(&checkpoint, split, count, seed, &device)?;
             selfsup::viz::save_png(&sheet, &out)?;
             let pasted = match recipe.method {
-                selfsup::methods::MethodConfig::Mae(_) => " | with the visible patches pasted back",
+                MethodConfig::Mae(_) => " | with the visible patches pasted back",
                 _ => "",
             };
             println!(

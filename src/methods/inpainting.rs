@@ -252,14 +252,13 @@ impl Method for Inpainting {
         let (x, mask) = (views[0].clone(), views[1].clone());
         let painted = self.paint(x.clone(), mask.clone());
         let weights = overlap_weights(mask.clone(), self.overlap, self.overlap_weight);
-        let weights_region = weights.clone().greater_elem(0.0).float();
-        let rec = masked_mse(x.clone(), painted.clone(), weights);
         // D sees what G was asked to paint (W > 0) and the real image elsewhere: with L_rec
         // over the whole image, G's raw output; or the completion x̂ (real pixels around M).
         let painted_region = match self.judge_output {
-            true => weights_region,
+            true => weights.clone().greater_elem(0.0).float(),
             false => mask,
         };
+        let rec = masked_mse(x.clone(), painted.clone(), weights);
         let judged =
             painted * painted_region.clone() + x.clone() * painted_region.neg().add_scalar(1.0);
         // −log σ(D(·)) = softplus(−D(·)), with D's weights held: G's gradient only.

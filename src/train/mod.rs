@@ -497,6 +497,6 @@ fn read_step(loss: Tensor<1>, scalars: DeviceScalars) -> Result<(f32, Scalars)> 
     let values = Tensor::cat(all, 0).try_into_vec_as::<f32>()?;
     Ok((
         values[0],
-        names.into_iter().zip(values[1..].to_vec()).collect(),
+        names.into_iter().zip(values[1..].iter().copied()).collect(),
     ))
 }
