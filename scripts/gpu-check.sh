@@ -12,7 +12,8 @@
 # each run, so that a lease's last minutes still give the cases before.
 # It writes there, and prints:
 #   parity.jsonl      `check-device --case parity`: SimCLR (ResNet-18) and DINO (ViT) losses of
-#                     3 steps on the GPU against the CPU's, same weights and batches (≤ 1e-3)
+#                     3 steps on the GPU against the CPU's, same weights and batches (within
+#                     1e-3, or 10× the CPU's own drift from TF32-rounded weights: src/device_check.rs)
 #   simclr.jsonl      SimCLR ResNet-18 (full width, CIFAR stem), batch 256, 32 px: img/s
 #   dino.jsonl        DINO ViT-S/16, 2 × 224 px + 8 × 96 px crops, batch 64: img/s
 #   <case>-torch.jsonl  the same recipe in PyTorch (benches/reference/gpu_check_torch.py), on
