@@ -15,6 +15,8 @@ Cases:
   momentum 0.9 (weight decay 1e-5), NT-Xent tau 0.2, BN projection head 512-128.
 - simclr_cpu: selfsup's recipes/simclr_cifar10_cpu.toml written in PyTorch: width 0.125, AdamW
   2e-3 (weight decay 1e-6), the same head and tau.
+- simclr_cpu_tvinit: the same with torchvision's ResNet init of the convolutions (Kaiming normal,
+  fan-out, for ReLU), which selfsup uses, instead of PyTorch's default.
 Both with solo-learn's CIFAR views (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at p 0.8,
 grayscale 0.2, no blur), as selfsup's CPU recipe.
 
@@ -81,8 +83,12 @@ def main(name, budget_minutes):
     if name == "simclr_w0.25_sgd":
         model = SimCLR(0.25)
         opt = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-5)
-    elif name == "simclr_cpu":
+    elif name in ("simclr_cpu", "simclr_cpu_tvinit"):
         model = SimCLR(0.125)
+        if name == "simclr_cpu_tvinit":
+            for m in model.backbone.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6)
     else:
         raise SystemExit(f"unknown case {name}")
