@@ -310,23 +310,3 @@ fn bad_training_values_are_named() {
             .unwrap_err();
     assert!(format!("{err:#}").contains("simclr3"), "{err:#}");
 }
-
-#[test]
-fn tf32_rounding_keeps_ten_mantissa_bits_half_to_even() {
-    use selfsup::device_check::{round_to_tf32, tolerance};
-    let ulp = 2f32.powi(-10); // TF32's spacing just above 1
-    assert_eq!(round_to_tf32(1.0), 1.0);
-    assert_eq!(round_to_tf32(1.0 + ulp), 1.0 + ulp);
-    assert_eq!(round_to_tf32(1.0 + ulp / 2.0), 1.0); // a tie goes to the even mantissa
-    assert_eq!(round_to_tf32(1.0 + 1.5 * ulp), 1.0 + 2.0 * ulp); // a tie, up to even
-    assert_eq!(round_to_tf32(1.0 + ulp / 2.0 + 2f32.powi(-20)), 1.0 + ulp);
-    assert_eq!(
-        round_to_tf32(-(3.0 + 3.4 * 2.0 * ulp)),
-        -(3.0 + 3.0 * 2.0 * ulp)
-    );
-    assert!(round_to_tf32(f32::NAN).is_nan());
-    assert_eq!(round_to_tf32(f32::INFINITY), f32::INFINITY);
-    // Rounding-level agreement is 1e-3, or 10x the CPU's own spread when it is larger.
-    assert_eq!(tolerance(1e-5), 1e-3);
-    assert!((tolerance(4e-4) - 4e-3).abs() < 1e-9);
-}
