@@ -94,7 +94,7 @@ fn run_case(name: &str, steps: usize, text: &str) {
         r.data.train_limit = steps * r.train.batch_size;
         let out = tmp.join(dir);
         let _ = std::fs::remove_dir_all(&out);
-        selfsup::pretrain::pretrain(&r, &dataset, &out, &device).expect("training");
+        selfsup::pretrain::pretrain(&r, &dataset, &out, &device, false).expect("training");
         // The img/s of the last step: images over the epoch's wall time so far.
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let last = metrics

@@ -243,13 +243,19 @@ impl Recipe {
         Self::parse(&text).with_context(|| format!("recipe {}", path.display()))
     }
 
-    /// Reads the `recipe.toml` that `pretrain` wrote whole into a run folder, as it is: a key
-    /// unset there (`grad_clip`) stays unset rather than taking its method's default, and a run
-    /// trained before a check was added still opens.
+    /// Reads the `recipe.toml` that `pretrain` wrote whole into a run folder, as it is (a key
+    /// unset there, `grad_clip`, stays unset rather than taking its method's default), and
+    /// checks it as [`parse`](Self::parse) does: a hand-edited value is named, never reaches a
+    /// constructor.
     pub fn load_saved(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read recipe {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("recipe {}", path.display()))
+        let recipe: Recipe =
+            toml::from_str(&text).with_context(|| format!("recipe {}", path.display()))?;
+        recipe
+            .check()
+            .with_context(|| format!("recipe {}", path.display()))?;
+        Ok(recipe)
     }
 
     /// Reads a recipe, taking every key it leaves out from its method's [`defaults`](Self::defaults),
@@ -315,6 +321,66 @@ impl Recipe {
             size: self.augment.size,
             batch: self.train.batch_size,
         })
+    }
+}
+
+/// The keys (or whole sections) that a resumed run may change: they decide where the images
+/// are read from (the images themselves are compared by count), how long the schedule runs, and
+/// how the run is checkpointed, watched and evaluated, not what any step it continues computes.
+const FREE_ON_RESUME: &[&str] = &[
+    "data.source",
+    "train.epochs",
+    "train.checkpoint_every",
+    "train.monitor_every",
+    "eval",
+    "linear_eval",
+    "finetune",
+];
+
+impl Recipe {
+    /// Every key whose value differs between `before` (a run folder's saved recipe) and this
+    /// recipe, as `key: before → now`, leaving out [`FREE_ON_RESUME`]; a key set in one recipe
+    /// only shows as `unset`.
+    pub fn changes_from(&self, before: &Recipe) -> Result<Vec<String>> {
+        let (mut old, mut new) = (vec![], vec![]);
+        flatten("", &toml::Value::try_from(before)?, &mut old);
+        flatten("", &toml::Value::try_from(self)?, &mut new);
+        let mut keys: Vec<&String> = old.iter().chain(&new).map(|(k, _)| k).collect();
+        keys.sort();
+        keys.dedup();
+        let value = |list: &[(String, String)], key: &str| {
+            list.iter()
+                .find(|(k, _)| k == key)
+                .map_or("unset".to_string(), |(_, v)| v.clone())
+        };
+        Ok(keys
+            .into_iter()
+            .filter(|key| {
+                !FREE_ON_RESUME
+                    .iter()
+                    .any(|free| *key == free || key.starts_with(&format!("{free}.")))
+            })
+            .filter_map(|key| {
+                let (a, b) = (value(&old, key), value(&new, key));
+                (a != b).then(|| format!("{key}: {a} → {b}"))
+            })
+            .collect())
+    }
+}
+
+/// `value`'s leaves as (dotted key, TOML text): tables are walked, arrays (views) kept whole.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, v) in table {
+                let key = match prefix {
+                    "" => key.clone(),
+                    p => format!("{p}.{key}"),
+                };
+                flatten(&key, v, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.to_string())),
     }
 }
 

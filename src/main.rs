@@ -59,17 +59,25 @@ enum Command {
     },
     /// Pre-train an encoder as a recipe says; resumes if --out holds a checkpoint of it.
     Pretrain {
+        /// A recipe file (TOML): recipes/*.toml, or `selfsup recipe METHOD > my.toml` to start
+        /// from; any key it leaves out takes its method's published value.
         #[arg(long)]
         recipe: PathBuf,
-        /// Overrides the recipe's data.source.
+        /// Overrides the recipe's data.source: cifar10, cifar100, fashion-mnist, or a path.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Run folder (default: runs/<recipe name>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Overrides the recipe's train.epochs.
+        /// Overrides the recipe's train.epochs (above a finished run's: trains it further).
         #[arg(long)]
         epochs: Option<usize>,
+        /// Resume a run folder whose recipe or data differ from these: its checkpoint's weights,
+        /// optimiser state and step carry on, and every schedule follows the new recipe from
+        /// that step (without it, the differences are named and the run refused).
+        #[arg(long)]
+        change_recipe: bool,
+        /// cpu, cuda[:N] (build with --features cuda) or vulkan[:N] (--features wgpu).
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -129,7 +137,8 @@ enum Command {
         /// stem's key.
         #[arg(long)]
         prefix: Option<String>,
-        /// A ViT's attention heads (not in the weights; default: dim / 64, as in timm).
+        /// A ViT's attention heads (not in the weights; default: those of the published ViT of
+        /// its width, timm's table: ViT-S 6, ViT-B 12, ViT-H 16, ...).
         #[arg(long)]
         heads: Option<usize>,
         /// Image side for evaluation (default: a ViT's training size, 224 px for an
@@ -394,8 +403,11 @@ fn run(cli: Cli) -> Result<()> {
             data,
             out,
             epochs,
+            change_recipe,
             device,
         } => {
+            // What needs no data is checked before the data is opened (or downloaded).
+            let device = pretrain::device(&device)?;
             let mut recipe = Recipe::load(&path)?;
             if let Some(e) = epochs {
                 recipe.train.epochs = e;
@@ -406,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| "run".into());
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
-            let summary = pretrain::pretrain(&recipe, &dataset, &out, &pretrain::device(&device)?)?;
+            let summary = pretrain::pretrain(&recipe, &dataset, &out, &device, change_recipe)?;
             if summary.trained == 0 {
                 println!(
                     "{} is complete: {}/{} epochs trained (pass --epochs N above {} to train further); its results:",
@@ -461,14 +473,14 @@ fn run(cli: Cli) -> Result<()> {
             // Each number is printed with the protocol that gave it.
             let (acc, protocol) = match (protocol.as_str(), quick) {
                 ("knn", _) => (
-                    pretrain::knn_accuracy(&recipe, &backbone, train, test, classes, &device)?,
+                    pretrain::knn_accuracy(&recipe, &backbone, train, test, classes, &device).with_context(|| format!("the {what}"))?,
                     format!(
                         "kNN (k={}, T={}, cosine, weighted votes, {} as the bank)",
                         recipe.eval.knn_k, recipe.eval.knn_t, recipe.data.train_split
                     ),
                 ),
                 (_, true) => (
-                    pretrain::linear_accuracy(&recipe, &backbone, train, test, classes, &device)?,
+                    pretrain::linear_accuracy(&recipe, &backbone, train, test, classes, &device).with_context(|| format!("the {what}"))?,
                     format!(
                         "quick linear probe (AdamW, {} epochs on fixed, standardised centre-crop features; \
                          not the papers' protocol)",
@@ -476,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
                     ),
                 ),
                 (_, false) => (
-                    pretrain::linear_eval_accuracy(&recipe, &backbone, train, test, classes, &device)?,
+                    pretrain::linear_eval_accuracy(&recipe, &backbone, train, test, classes, &device).with_context(|| format!("the {what}"))?,
                     recipe.linear_eval.describe(&backbone),
                 ),
             };
@@ -505,8 +517,8 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(n) = labels {
                 recipe.finetune.train_limit = n;
             }
-            let (acc, labelled) =
-                pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)?;
+            let (acc, labelled) = pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)
+                .with_context(|| format!("the {what}"))?;
             println!(
                 "fine-tuned {} epochs on {} labelled images, tested on {} ({what}): top-1 {:.2}%  top-5 {:.2}%",
                 recipe.finetune.epochs,
@@ -536,7 +548,8 @@ fn run(cli: Cli) -> Result<()> {
                 &pipeline,
                 recipe.eval.batch_size,
                 &device,
-            )?;
+            )
+            .with_context(|| format!("the {what}"))?;
             let files = split.file_names();
             let written = selfsup::eval::embed::Embedding {
                 features: &features,
@@ -643,10 +656,10 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
+            let device = pretrain::device(&device)?;
             let recipe = run::recipe(&checkpoint)?;
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let split = dataset.split(&split)?;
-            let device = pretrain::device(&device)?;
             let sheet = pretrain::reconstruct(&checkpoint, split, count, seed, &device)?;
             selfsup::viz::save_png(&sheet, &out)?;
             let pasted = match recipe.method {

@@ -189,13 +189,19 @@ pub struct Summary {
     pub backbone: PathBuf,
 }
 
-/// Pre-trains as the recipe says, writing into `out` (resuming if `out` holds a checkpoint of
-/// the same recipe), then reports kNN accuracy on the test split and exports the backbone.
+/// Pre-trains as the recipe says, writing into `out`, then reports kNN accuracy on the test
+/// split and exports the backbone. A run folder that holds a run already is resumed exactly
+/// where its checkpoint stopped, only under the same recipe ([`Recipe::changes_from`]: its
+/// evaluation and `train.epochs` aside) and on as many training images; else the error names
+/// every difference. `change_recipe` carries the run on under the new recipe instead: the
+/// checkpoint's weights, optimiser state and step go on, and every schedule (learning rate,
+/// momentum, temperatures) follows the new recipe from that step.
 pub fn pretrain(
     recipe: &Recipe,
     dataset: &Dataset,
     out: &Path,
     device: &Device,
+    change_recipe: bool,
 ) -> Result<Summary> {
     recipe.check()?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -205,21 +211,49 @@ pub fn pretrain(
         true => Some(Recipe::load_saved(&saved)?),
         false => None,
     };
+    let full_train = dataset.split(&recipe.data.train_split)?;
+    let train_split = full_train.limit(recipe.data.train_limit);
+    let latest = train::checkpoint::latest(out)?;
+    let state = latest
+        .as_deref()
+        .map(train::checkpoint::state)
+        .transpose()?;
     if let Some(before) = &before {
-        if before.method != recipe.method
-            || before.model != recipe.model
-            || before.seed != recipe.seed
-        {
-            bail!("{} holds a run of another recipe (method, model or seed differ): choose another --out", out.display());
+        let mut changes = recipe.changes_from(before)?;
+        if let Some(s) = state.as_ref().filter(|s| s.images != 0) {
+            if s.images != train_split.len() {
+                changes.push(format!(
+                    "the training images: {} → {}",
+                    s.images,
+                    train_split.len()
+                ));
+            }
+        }
+        if !changes.is_empty() && !change_recipe {
+            bail!(
+                "{} holds a run of another recipe or data; resuming would change it:\n  {}\n\
+                 choose another --out (to start from its weights: [model] init = \"{}\"), or pass \
+                 --change-recipe to carry the run on under the new recipe from its checkpoint",
+                out.display(),
+                changes.join("\n  "),
+                out.display()
+            );
+        }
+        for change in &changes {
+            tracing::warn!("--change-recipe: {change}");
+        }
+        if before.train.epochs != recipe.train.epochs && state.is_some() {
+            tracing::warn!(
+                "train.epochs: {} → {}: the learning-rate and momentum schedules now span {} epochs from the resumed step on",
+                before.train.epochs,
+                recipe.train.epochs,
+                recipe.train.epochs
+            );
         }
     }
     // A complete run of this very recipe (epochs aside) is not trained or measured again: its
     // summary stands.
-    let latest = train::checkpoint::latest(out)?;
-    let done = match &latest {
-        Some(dir) => train::checkpoint::state(dir)?.epoch,
-        None => 0,
-    };
+    let done = state.as_ref().map_or(0, |s| s.epoch);
     let unchanged = before.is_some_and(|mut b| {
         b.train.epochs = recipe.train.epochs;
         b == *recipe
@@ -234,8 +268,6 @@ pub fn pretrain(
     }
     std::fs::write(&saved, text)?;
 
-    let full_train = dataset.split(&recipe.data.train_split)?;
-    let train_split = full_train.limit(recipe.data.train_limit);
     let test_split = dataset
         .split(&recipe.data.test_split)
         .ok()
@@ -271,7 +303,8 @@ pub fn pretrain(
             &test.limit(e.monitor_test),
             classes,
             device,
-        )?;
+        )
+        .context("the online kNN monitor")?;
         Ok(vec![("knn_top1", acc.top1)])
     };
     let ad = device.clone().autodiff();
@@ -317,9 +350,10 @@ pub fn pretrain(
     }
     // The memory bank is the whole labelled train split, whatever part was trained on.
     let knn = match &test_split {
-        Some(test) => Some(knn_accuracy(
-            recipe, &backbone, full_train, test, classes, device,
-        )?),
+        Some(test) => Some(
+            knn_accuracy(recipe, &backbone, full_train, test, classes, device)
+                .with_context(|| format!("the final kNN of the {}", released.name()))?,
+        ),
         None => None,
     };
     let summary = Summary {
@@ -364,14 +398,14 @@ pub fn knn_accuracy(
     device: &Device,
 ) -> Result<Accuracy> {
     let (tr, te) = features(recipe, backbone, train, test, device)?;
-    Ok(eval::knn(
+    eval::knn(
         &tr,
         &te,
         classes,
         recipe.eval.knn_k,
         recipe.eval.knn_t,
         device,
-    ))
+    )
 }
 
 /// The quick linear probe's accuracy ([`eval::linear_probe`]): AdamW on fixed centre-crop
@@ -385,7 +419,7 @@ pub fn linear_accuracy(
     device: &Device,
 ) -> Result<Accuracy> {
     let (tr, te) = features(recipe, backbone, train, test, device)?;
-    Ok(eval::linear_probe(&tr, &te, classes, &recipe.eval, device))
+    eval::linear_probe(&tr, &te, classes, &recipe.eval, device)
 }
 
 /// The papers' linear evaluation of `backbone` (the recipe's `[linear_eval]`): a classifier

@@ -113,7 +113,8 @@ pub struct ImportOptions {
     pub key: Option<String>,
     /// The backbone's key prefix.
     pub prefix: Option<String>,
-    /// A ViT's attention heads (default: dim / 64).
+    /// A ViT's attention heads (default: those of the published ViT of its width,
+    /// [`crate::weights::VIT_HEADS`]).
     pub heads: Option<usize>,
     /// Evaluation image size (default: a ViT's `pos_embed` size, 224 px for an ImageNet-stem
     /// ResNet, 32 px for a CIFAR-stem one).
@@ -121,6 +122,7 @@ pub struct ImportOptions {
 }
 
 /// What `import` did.
+#[derive(Debug)]
 pub struct Imported {
     /// The recipe written into the run folder (the inferred architecture).
     pub recipe: Recipe,

@@ -198,8 +198,8 @@ impl StateDict {
     }
 
     /// The architecture the shapes describe. A ViT's head count is not in its weights: `heads`,
-    /// else timm's convention of 64 channels a head (ViT-S/16: 384 / 64 = 6). The image size is
-    /// the one `pos_embed` was trained at.
+    /// else that of the published ViT of the same width ([`VIT_HEADS`]); a width none has is
+    /// refused, asking for `--heads`. The image size is the one `pos_embed` was trained at.
     pub fn architecture(&self, heads: Option<usize>) -> Result<BackboneConfig> {
         let origin = &self.origin;
         if let Some(w) = self.shape("patch_embed.proj.weight") {
@@ -224,7 +224,11 @@ impl StateDict {
             let hidden = self
                 .shape("blocks.0.mlp.fc1.weight")
                 .map_or(4 * dim, |s| s[0]);
-            let heads = heads.unwrap_or((dim / 64).max(1));
+            let heads = match heads {
+                Some(h) => h,
+                None => published_heads(dim)
+                    .with_context(|| format!("{origin}: a ViT of width {dim}"))?,
+            };
             let config = VitConfig {
                 image_size: grid * patch,
                 patch_size: patch,
@@ -327,7 +331,39 @@ impl StateDict {
                     .join(", ")
             );
         }
-        Ok(crate::models::to_device(backbone.map(&mut ToF32), device))
+        let backbone = backbone.map(&mut ToF32);
+        crate::models::check_weights(&backbone, origin)?;
+        Ok(crate::models::to_device(backbone, device))
+    }
+}
+
+/// The published ViTs by token width: (name, width, attention heads), from timm's
+/// `vision_transformer.py` (tiny to gigantic; ViT-H/14 is MAE's largest release) and DINOv2's
+/// `vit_giant2`. Most have 64 channels a head, but not all (ViT-H: 80, DINOv2's giant: 64 of
+/// 1536 in 24), so a head count is looked up, never computed from the width.
+pub const VIT_HEADS: &[(&str, usize, usize)] = &[
+    ("ViT-Ti", 192, 3),
+    ("ViT-S", 384, 6),
+    ("ViT-M", 512, 8),
+    ("ViT-B", 768, 12),
+    ("ViT-L", 1024, 16),
+    ("ViT-H", 1280, 16),
+    ("ViT-g", 1408, 16),
+    ("DINOv2 ViT-g", 1536, 24),
+    ("ViT-G", 1664, 16),
+];
+
+/// The head count of the published ViT of width `dim` ([`VIT_HEADS`]).
+fn published_heads(dim: usize) -> Result<usize> {
+    match VIT_HEADS.iter().find(|(_, d, _)| *d == dim) {
+        Some((_, _, heads)) => Ok(*heads),
+        None => {
+            let known: Vec<String> = VIT_HEADS
+                .iter()
+                .map(|(name, d, h)| format!("{name} {d}/{h}"))
+                .collect();
+            bail!("no published ViT has this width, so its attention heads cannot be known (width/heads: {}): pass --heads N", known.join(", "))
+        }
     }
 }
 

@@ -144,9 +144,9 @@ fn knn_votes_with_weights_exp_s_over_t() {
         &[0, 1, 1, 2],
     );
     let test = features(&[[1.0, 0.05]], &[0]);
-    let sharp = knn(&train, &test, 3, 3, 0.1, &dev());
+    let sharp = knn(&train, &test, 3, 3, 0.1, &dev()).unwrap();
     assert_eq!(sharp.top1, 1.0);
-    let flat = knn(&train, &test, 3, 3, 10.0, &dev());
+    let flat = knn(&train, &test, 3, 3, 10.0, &dev()).unwrap();
     assert_eq!(flat.top1, 0.0);
     assert_eq!(flat.top5, 1.0, "the true class is among the top 5 of 3");
 }

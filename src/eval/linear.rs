@@ -305,7 +305,9 @@ pub fn linear_probe(
     classes: usize,
     config: &EvalConfig,
     device: &Device,
-) -> Accuracy {
+) -> Result<Accuracy> {
+    super::finite_rows(&train.data, train.dim, "the probe's training features")?;
+    super::finite_rows(&test.data, test.dim, "the probe's test features")?;
     let d = train.dim;
     let mean: Vec<f32> = (0..d)
         .map(|j| train.data.iter().skip(j).step_by(d).sum::<f32>() / train.len() as f32)
@@ -362,7 +364,10 @@ pub fn linear_probe(
         TensorData::new(xte, [test.len(), d]),
         device,
     ));
-    let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().expect("f32 logits");
+    let logits: Vec<f32> = logits
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let scores: Vec<Vec<f32>> = logits.chunks(classes).map(<[f32]>::to_vec).collect();
     accuracy(&scores, &test.labels)
 }

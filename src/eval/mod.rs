@@ -125,7 +125,7 @@ pub(crate) fn classify(
     };
     let (scores, classes) = features_of(backbone, split, pipeline, batch_size, device, logits)?;
     let scores: Vec<Vec<f32>> = scores.chunks(classes).map(<[f32]>::to_vec).collect();
-    Ok(accuracy(&scores, labels))
+    accuracy(&scores, labels)
 }
 
 /// [`features`] with `f(backbone, images)` as the features, `backbone` already on `device` in
@@ -154,7 +154,26 @@ pub(crate) fn features_of(
         bar.inc(batch.samples.len() as u64);
     }
     bar.finish_and_clear();
+    finite_rows(
+        &data,
+        dim,
+        &format!("the outputs for split '{}'", split.name),
+    )?;
     Ok((data, dim))
+}
+
+/// Refuses rows (of `dim` values) holding NaN or ±inf: a non-finite feature or logit has no
+/// rank, and ranked as anything it would turn into an accuracy. `what` names the rows.
+pub fn finite_rows(data: &[f32], dim: usize, what: &str) -> Result<()> {
+    let rows = data.len() / dim.max(1);
+    let bad = data
+        .chunks(dim.max(1))
+        .filter(|row| row.iter().any(|v| !v.is_finite()))
+        .count();
+    if bad > 0 {
+        bail!("{what}: {bad} of {rows} rows hold NaN or infinite values (the encoder computes no usable features)");
+    }
+    Ok(())
 }
 
 /// Top-1 and top-5 accuracy (fractions).
@@ -164,22 +183,38 @@ pub struct Accuracy {
     pub top5: f32,
 }
 
-fn accuracy(scores: &[Vec<f32>], labels: &[u32]) -> Accuracy {
+/// Top-1 and top-5 of per-class `scores` against `labels`. Ties are broken as `torch.argmax`
+/// and `torch.topk` break them: of equal scores the lower class index ranks first, so a row of
+/// equal scores predicts class 0 and a tie never counts for every class at once. Non-finite
+/// scores are refused ([`finite_rows`]).
+pub fn accuracy(scores: &[Vec<f32>], labels: &[u32]) -> Result<Accuracy> {
+    if labels.is_empty() {
+        bail!("no labelled images to measure an accuracy on");
+    }
+    let flat: Vec<f32> = scores.iter().flatten().copied().collect();
+    finite_rows(&flat, scores[0].len(), "the class scores")?;
     let (mut top1, mut top5) = (0usize, 0usize);
     for (s, &label) in scores.iter().zip(labels) {
-        let mine = s[label as usize];
-        let better = s.iter().filter(|&&v| v > mine).count();
-        top1 += (better == 0) as usize;
-        top5 += (better < 5) as usize;
+        let label = label as usize;
+        let mine = s[label];
+        // The classes ranked above the label.
+        let above = s
+            .iter()
+            .enumerate()
+            .filter(|&(c, &v)| v > mine || (v == mine && c < label))
+            .count();
+        top1 += (above == 0) as usize;
+        top5 += (above < 5) as usize;
     }
-    Accuracy {
+    Ok(Accuracy {
         top1: top1 as f32 / labels.len() as f32,
         top5: top5 as f32 / labels.len() as f32,
-    }
+    })
 }
 
 /// Weighted kNN (Wu et al. 2018): cosine similarity s between l2-normalised features, the k
-/// nearest training samples vote for their class with weight exp(s / T).
+/// nearest training samples vote for their class with weight exp(s / T); equal votes rank by
+/// class index ([`accuracy`]). Non-finite features are refused.
 pub fn knn(
     train: &Features,
     test: &Features,
@@ -187,7 +222,9 @@ pub fn knn(
     k: usize,
     t: f32,
     device: &Device,
-) -> Accuracy {
+) -> Result<Accuracy> {
+    finite_rows(&train.data, train.dim, "the memory bank's features")?;
+    finite_rows(&test.data, test.dim, "the test features")?;
     let bank = l2_normalize(train.tensor(device)).transpose();
     let k = k.min(train.len());
     let mut scores = Vec::with_capacity(test.len());
@@ -204,12 +241,12 @@ pub fn knn(
         let sims: Vec<f32> = sims
             .into_data()
             .try_to_vec::<f32>()
-            .expect("f32 similarities");
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let idx: Vec<i64> = idx
             .into_data()
             .convert::<i64>()
             .try_to_vec::<i64>()
-            .expect("indices");
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for row in 0..n {
             let mut votes = vec![0f32; classes];
             for j in 0..k {

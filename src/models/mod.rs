@@ -169,6 +169,54 @@ pub fn to_device<M: Module>(module: M, device: &Device) -> M {
     }
 }
 
+/// Refuses weights that no trainable model holds: a NaN or infinite value in any parameter or
+/// buffer, or a negative batch-norm running variance (it takes a square root in evaluation).
+/// The error names `origin` and the tensor by its module path (`ResNet.bn1.running_var`).
+pub fn check_weights<M: Module>(module: &M, origin: &str) -> anyhow::Result<()> {
+    #[derive(Default)]
+    struct Check {
+        path: Vec<String>,
+        fault: Option<String>,
+    }
+    impl ModuleVisitor for Check {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.fault.is_some() {
+                return;
+            }
+            let name = self.path.join(".");
+            let values = match param.val().try_into_vec_as::<f32>() {
+                Ok(v) => v,
+                Err(e) => return self.fault = Some(format!("{name} cannot be read ({e})")),
+            };
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            let negative = values.iter().filter(|&&v| v < 0.0).count();
+            if bad > 0 {
+                self.fault = Some(format!(
+                    "{name} holds {bad} NaN or infinite values of {}",
+                    values.len()
+                ));
+            } else if name.ends_with("running_var") && negative > 0 {
+                self.fault = Some(format!(
+                    "{name} holds {negative} negative variances of {}",
+                    values.len()
+                ));
+            }
+        }
+    }
+    let mut check = Check::default();
+    module.visit(&mut check);
+    match check.fault {
+        Some(fault) => anyhow::bail!("{origin}: {fault}: these weights cannot compute features"),
+        None => Ok(()),
+    }
+}
+
 /// Initialises a module from `seed`. burn's CPU generator is global and its parameters are
 /// drawn lazily, on first use: so seeding and drawing every parameter happen under one lock, and
 /// the same seed gives the same weights whatever runs beside it.

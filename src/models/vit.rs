@@ -78,6 +78,24 @@ impl VitConfig {
                 self.image_size
             );
         }
+        if self.image_size < self.patch_size {
+            anyhow::bail!(
+                "model.image_size = {}: smaller than one {}-px patch (model.patch_size)",
+                self.image_size,
+                self.patch_size
+            );
+        }
+        for (key, value) in [("depth", self.depth), ("dim", self.dim)] {
+            if value == 0 {
+                anyhow::bail!("model.{key} = 0: a ViT needs at least 1");
+            }
+        }
+        if !(self.mlp_ratio > 0.0 && self.mlp_ratio.is_finite()) {
+            anyhow::bail!(
+                "model.mlp_ratio = {}: must be a positive number",
+                self.mlp_ratio
+            );
+        }
         if self.heads == 0 || self.dim % self.heads != 0 {
             anyhow::bail!(
                 "model.heads = {}: must divide model.dim = {}",

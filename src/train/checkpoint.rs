@@ -24,6 +24,10 @@ pub struct TrainState {
     pub seed: u64,
     /// Mean loss of each finished epoch.
     pub epoch_losses: Vec<f32>,
+    /// Images of the split trained on: a resume on other data is noticed (0: not recorded, a
+    /// checkpoint written before it was).
+    #[serde(default)]
+    pub images: usize,
 }
 
 const MODEL: &str = "model.bpk";
@@ -115,11 +119,15 @@ pub fn state(dir: &Path) -> Result<TrainState> {
     serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
 }
 
-/// Loads the weights of the checkpoint `dir` into `method` (same architecture).
+/// Loads the weights of the checkpoint `dir` into `method` (same architecture), refusing
+/// non-finite ones ([`crate::models::check_weights`]).
 pub fn load_model<M: Module>(dir: &Path, method: M) -> Result<M> {
-    method
-        .try_load_file(dir.join(MODEL))
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e:?}", dir.join(MODEL).display()))
+    let path = dir.join(MODEL);
+    let method = method
+        .try_load_file(&path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e:?}", path.display()))?;
+    crate::models::check_weights(&method, &path.display().to_string())?;
+    Ok(method)
 }
 
 /// Loads the whole training state of the checkpoint `dir`.

@@ -310,6 +310,7 @@ impl<'a> Trainer<'a> {
                 },
             ),
         };
+        state.images = loader.split().len();
         if state.seed != loader.seed {
             bail!(
                 "{} was trained with seed {}, not {}",
@@ -350,6 +351,8 @@ impl<'a> Trainer<'a> {
             let mut kept: Vec<Tensor<2>> = vec![];
             let started = Instant::now();
             let mut images = 0usize;
+            // The first view of the epoch's last batch: what the end-of-epoch check feeds.
+            let mut probe: Option<Tensor<4>> = None;
             for batch in loader
                 .epoch(epoch as u64, 0)
                 .take(steps_per_epoch * c.accumulate)
@@ -365,6 +368,7 @@ impl<'a> Trainer<'a> {
                     .iter()
                     .map(|v| v.to_tensor(&self.device))
                     .collect();
+                probe = Some(views[0].clone().inner());
                 let StepOutput {
                     loss,
                     scalars,
@@ -431,6 +435,9 @@ impl<'a> Trainer<'a> {
             for (name, s) in &sums {
                 line[*name] = serde_json::json!(s / micro.max(1) as f64);
             }
+            if let Some(x) = probe {
+                finite_features(&method, x, &self.out, state.epoch)?;
+            }
             let last = state.epoch == c.epochs || state.epoch == until;
             if let Some(monitor) = self
                 .monitor
@@ -449,6 +456,22 @@ impl<'a> Trainer<'a> {
         report.state = state;
         Ok((method, report))
     }
+}
+
+/// Refuses to go on (and so to checkpoint) a method whose released encoder, in evaluation mode
+/// (batch norm's running statistics), computes non-finite features of `x`: its loss can stay
+/// finite while weights grown huge overflow outside training mode, and such a checkpoint is
+/// not a good one to resume or evaluate. The error names the last good checkpoint.
+fn finite_features<M: Method>(method: &M, x: Tensor<4>, out: &Path, epoch: usize) -> Result<()> {
+    let model = method.valid();
+    let features = released(&model).forward(x).try_into_vec_as::<f32>()?;
+    if features.iter().any(|v| !v.is_finite()) {
+        let good = checkpoint::latest(out)?
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "none yet".into());
+        bail!("after epoch {epoch} the {} computes NaN or infinite features in evaluation mode (its weights or batch-norm statistics have diverged): training stopped without a checkpoint; last good checkpoint: {good}", model.released().name());
+    }
+    Ok(())
 }
 
 /// Appends each metrics line to `metrics.jsonl` and its numbers to a TensorBoard event file:
