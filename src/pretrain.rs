@@ -219,37 +219,14 @@ pub fn pretrain(
         .map(train::checkpoint::state)
         .transpose()?;
     if let Some(before) = &before {
-        let mut changes = recipe.changes_from(before)?;
-        if let Some(s) = state.as_ref().filter(|s| s.images != 0) {
-            if s.images != train_split.len() {
-                changes.push(format!(
-                    "the training images: {} → {}",
-                    s.images,
-                    train_split.len()
-                ));
-            }
-        }
-        if !changes.is_empty() && !change_recipe {
-            bail!(
-                "{} holds a run of another recipe or data; resuming would change it:\n  {}\n\
-                 choose another --out (to start from its weights: [model] init = \"{}\"), or pass \
-                 --change-recipe to carry the run on under the new recipe from its checkpoint",
-                out.display(),
-                changes.join("\n  "),
-                out.display()
-            );
-        }
-        for change in &changes {
-            tracing::warn!("--change-recipe: {change}");
-        }
-        if before.train.epochs != recipe.train.epochs && state.is_some() {
-            tracing::warn!(
-                "train.epochs: {} → {}: the learning-rate and momentum schedules now span {} epochs from the resumed step on",
-                before.train.epochs,
-                recipe.train.epochs,
-                recipe.train.epochs
-            );
-        }
+        check_resume(
+            out,
+            before,
+            recipe,
+            state.as_ref(),
+            train_split.len(),
+            change_recipe,
+        )?;
     }
     // A complete run of this very recipe (epochs aside) is not trained or measured again: its
     // summary stands.
@@ -370,6 +347,45 @@ pub fn pretrain(
         serde_json::to_string_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// Whether `recipe` may resume the run in `out`, trained with `before` to `state` on `images`
+/// training images: refused, naming every key that differs and a changed image count, unless
+/// `change_recipe` (then each change is logged); a changed `train.epochs` is said.
+fn check_resume(
+    out: &Path,
+    before: &Recipe,
+    recipe: &Recipe,
+    state: Option<&train::TrainState>,
+    images: usize,
+    change_recipe: bool,
+) -> Result<()> {
+    let mut changes = recipe.changes_from(before)?;
+    if let Some(s) = state.filter(|s| s.images != 0 && s.images != images) {
+        changes.push(format!("the training images: {} → {images}", s.images));
+    }
+    if !changes.is_empty() && !change_recipe {
+        bail!(
+            "{} holds a run of another recipe or data; resuming would change it:\n  {}\n\
+             choose another --out (to start from its weights: [model] init = \"{}\"), or pass \
+             --change-recipe to carry the run on under the new recipe from its checkpoint",
+            out.display(),
+            changes.join("\n  "),
+            out.display()
+        );
+    }
+    for change in &changes {
+        tracing::warn!("--change-recipe: {change}");
+    }
+    if before.train.epochs != recipe.train.epochs && state.is_some() {
+        tracing::warn!(
+            "train.epochs: {} → {}: the learning-rate and momentum schedules now span {} epochs from the resumed step on",
+            before.train.epochs,
+            recipe.train.epochs,
+            recipe.train.epochs
+        );
+    }
+    Ok(())
 }
 
 /// Features of `train` and `test` through the recipe's deterministic eval view.
