@@ -73,12 +73,7 @@ impl Default for MocoConfig {
 
 impl MocoConfig {
     pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
-        if !(self.temperature > 0.0) {
-            anyhow::bail!(
-                "method.temperature = {}: must be positive",
-                self.temperature
-            );
-        }
+        crate::config::positive("method.temperature", self.temperature)?;
         for (name, m) in [
             ("momentum", Some(self.momentum)),
             ("final_momentum", self.final_momentum),

@@ -48,12 +48,7 @@ impl Default for SimclrConfig {
 
 impl SimclrConfig {
     pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
-        if !(self.temperature > 0.0) {
-            anyhow::bail!(
-                "method.temperature = {}: must be positive",
-                self.temperature
-            );
-        }
+        crate::config::positive("method.temperature", self.temperature)?;
         if self.proj_layers == 0 || self.proj_dim == 0 || self.proj_hidden == Some(0) {
             anyhow::bail!("method.proj_layers, proj_dim and proj_hidden must be at least 1");
         }
