@@ -235,6 +235,9 @@ fn every_value_that_reaches_a_constructor_is_checked() {
         (format!("{inpainting}overlap_weight = nan\n"), "method.overlap_weight = NaN"),
         (format!("{inpainting}discriminator_lr = inf\n"), "method.discriminator_lr = inf"),
         (format!("{inpainting}lambda_rec = 0.0\nlambda_adv = 0.0\n"), "method.lambda_rec = 0"),
+        (format!("{inpainting}width = 0\n"), "method.width = 0"),
+        ("[method]\nproj_dim = 0\n".into(), "method.proj_dim = 0"),
+        ("[method]\nname = \"moco\"\nqueue_size = 0\n".into(), "method.queue_size = 0"),
         // Training.
         (format!("{mae}[train]\nbetas = [0.9, 1.0]\n"), "train.betas = [0.9, 1.0]"),
         (format!("{mae}[train]\nbetas = [nan, 0.95]\n"), "train.betas = [NaN, 0.95]"),
@@ -255,6 +258,7 @@ fn every_value_that_reaches_a_constructor_is_checked() {
         ("[eval]\nlinear_lr = nan\n".into(), "eval.linear_lr = NaN"),
         ("[linear_eval]\nweight_decay = nan\n".into(), "linear_eval.weight_decay = NaN"),
         ("[linear_eval]\nbase_lr = inf\n".into(), "linear_eval.base_lr = inf"),
+        ("[linear_eval]\nlast_blocks = 0\n".into(), "linear_eval.last_blocks = 0"),
         ("[finetune]\nepochs = 0\n".into(), "finetune.epochs = 0"),
         ("[finetune]\nbase_lr = 0.0\n".into(), "finetune.base_lr = 0"),
         ("[finetune]\nlayer_decay = nan\n".into(), "finetune.layer_decay = NaN"),

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::ops::MaskKind;
 use crate::augment::pretext::MaskedViews;
 use crate::augment::{Augment, Pipeline};
-use crate::config::{not_negative, positive};
+use crate::config::{at_least_one, not_negative, positive};
 use crate::methods::Feed;
 use crate::models::{
     Backbone, BackboneConfig, Bottleneck, ContextDecoder, ContextDecoderConfig, Discriminator,
@@ -109,9 +109,8 @@ impl InpaintingConfig {
             anyhow::bail!("method.lambda_rec = 0 and method.lambda_adv = 0: the loss would be 0");
         }
         positive("method.discriminator_lr", self.discriminator_lr)?;
-        if self.width == 0 || self.bottleneck_dim == 0 {
-            anyhow::bail!("method.width and bottleneck_dim must be at least 1");
-        }
+        at_least_one("method.width", self.width)?;
+        at_least_one("method.bottleneck_dim", self.bottleneck_dim)?;
         feed.views(
             "inpainting",
             1,
