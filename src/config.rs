@@ -1,9 +1,10 @@
 //! Recipes: TOML files that say what to train on and how. Every value is checked before work
 //! starts, and an error names the file and the field at fault.
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::{Pipeline, Sizes, ViewSpec};
@@ -43,6 +44,14 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// Refuses a `load_size` that would shrink every image to nothing.
+    pub fn check(&self) -> Result<()> {
+        if self.load_size == Some(0) {
+            bail!("data.load_size = 0: must be at least 1 px (unset: images as they are)");
+        }
+        Ok(())
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             load_size: self.load_size,
@@ -97,6 +106,9 @@ impl AugmentConfig {
     }
 
     pub fn build(&self) -> Result<Pipeline> {
+        if self.size == 0 {
+            bail!("augment.size = 0: a view needs at least one pixel");
+        }
         let small = Sizes::small(self.size);
         let sizes = Sizes {
             size: self.size,
@@ -300,10 +312,13 @@ impl Recipe {
     /// Checks every section, and that the method gets the views and batches it needs and the
     /// model every image size it will see; the error names the field at fault.
     pub fn check(&self) -> Result<()> {
+        self.data.check()?;
         let pipeline = self.augment.build()?;
         self.model.check()?;
         self.train.check()?;
+        self.eval.check()?;
         self.linear_eval.check()?;
+        self.finetune.check()?;
         // Every size that reaches the model: the training views, and `augment.size` for
         // evaluation, fine-tuning and reconstructions.
         for (i, view) in pipeline.views.iter().enumerate() {
@@ -322,6 +337,48 @@ impl Recipe {
             batch: self.train.batch_size,
         })
     }
+}
+
+/// Refuses `key = value` unless the value is a finite number above 0.
+pub fn positive<T: Into<f64> + Display + Copy>(key: &str, value: T) -> Result<()> {
+    let v: f64 = value.into();
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("{key} = {value}: must be a positive number");
+    }
+    Ok(())
+}
+
+/// Refuses `key = value` unless the value is a finite number, 0 or above.
+pub fn not_negative<T: Into<f64> + Display + Copy>(key: &str, value: T) -> Result<()> {
+    let v: f64 = value.into();
+    if !(v >= 0.0 && v.is_finite()) {
+        bail!("{key} = {value}: must be a number, 0 or above");
+    }
+    Ok(())
+}
+
+/// Refuses `key = value` unless the value lies in [0, 1) (a rate, a momentum, a β).
+pub fn fraction<T: Into<f64> + Display + Copy>(key: &str, value: T) -> Result<()> {
+    if !(0.0..1.0).contains(&value.into()) {
+        bail!("{key} = {value}: must lie in [0, 1)");
+    }
+    Ok(())
+}
+
+/// Refuses `key = value` unless the value lies in [0, 1].
+pub fn probability<T: Into<f64> + Display + Copy>(key: &str, value: T) -> Result<()> {
+    if !(0.0..=1.0).contains(&value.into()) {
+        bail!("{key} = {value}: a probability must lie in [0, 1]");
+    }
+    Ok(())
+}
+
+/// Refuses `key = 0`: a count that must be at least 1.
+pub fn at_least_one(key: &str, value: usize) -> Result<()> {
+    if value == 0 {
+        bail!("{key} = 0: must be at least 1");
+    }
+    Ok(())
 }
 
 /// The keys (or whole sections) that a resumed run may change: they decide where the images

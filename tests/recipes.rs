@@ -179,3 +179,112 @@ fn every_size_that_reaches_a_vit_is_whole_patches() {
     );
     assert!(err.contains("model.patch_size = 16"), "{err}");
 }
+
+#[test]
+fn every_value_that_reaches_a_constructor_is_checked() {
+    // Issue 28: each of these passed the checks and then panicked, hung or trained on garbage.
+    // (recipe, what the refusal must say)
+    let mae = "[method]\nname = \"mae\"\n";
+    let dino = "[method]\nname = \"dino\"\n";
+    let inpainting = "[method]\nname = \"inpainting\"\n";
+    let view = |spec: &str| format!("[augment]\nviews = [{{ count = 2, {spec} }}]\n");
+    let rows: Vec<(String, &str)> = vec![
+        // Views: rand's ranges panic on a non-finite end; a huge kernel allocates gigabytes.
+        (view("jitter = { brightness = nan }"), "augment.views[0].jitter.brightness = NaN"),
+        (view("jitter = { contrast = inf }"), "augment.views[0].jitter.contrast = inf"),
+        (view("jitter = { saturation = inf }"), "augment.views[0].jitter.saturation = inf"),
+        (view("blur = { sigma = [0.1, inf] }"), "augment.views[0].blur.sigma = [0.1, inf]"),
+        (view("blur = { sigma = [1e-30, 1.0] }"), "augment.views[0].blur.sigma = [1e-30, 1.0]"),
+        (view("ratio = [0.75, inf]"), "augment.views[0].ratio = [0.75, inf]"),
+        (view("blur = { kernel_frac = 1e9 }"), "augment.views[0].blur.kernel_frac = 1000000000"),
+        (view("blur = { kernel_frac = 0.0 }"), "augment.views[0].blur.kernel_frac = 0"),
+        ("[augment]\nmean = [nan, 0.5, 0.5]\n".into(), "augment.mean = [NaN, 0.5, 0.5]"),
+        ("[augment]\nstd = [inf, 0.5, 0.5]\n".into(), "augment.std = [inf, 0.5, 0.5]"),
+        ("[augment]\nstd = [nan, 0.5, 0.5]\n".into(), "augment.std = [NaN, 0.5, 0.5]"),
+        // A pretext task takes the first view, made or not.
+        (
+            format!("{inpainting}[augment]\nviews = [{{ count = 0, size = 64 }}, {{ count = 1, size = 32 }}]\n"),
+            "augment.views[0].count = 0",
+        ),
+        // The size of evaluation and fine-tuning, which no spelled-out view shows.
+        ("[augment]\nsize = 0\nviews = [{ count = 2, size = 32 }]\n".into(), "augment.size = 0"),
+        ("[data]\nload_size = 0\n".into(), "data.load_size = 0"),
+        // Models and methods.
+        (format!("{mae}[model]\nmlp_ratio = 0.001\n"), "model.mlp_ratio = 0.001"),
+        (format!("{mae}mask_ratio = 0.999\n"), "method.mask_ratio = 0.999"),
+        (format!("{mae}mask_ratio = 0.0\n"), "method.mask_ratio = 0"),
+        (
+            format!("{mae}[augment]\nviews = [{{ count = 1, size = 64 }}]\n"),
+            "model.image_size = 32",
+        ),
+        (format!("{mae}[model]\nimage_size = 64\n"), "model.image_size = 64"),
+        (format!("{mae}decoder_dim = 0\n"), "method.decoder_dim = 0"),
+        (format!("{mae}decoder_dim = 18\ndecoder_heads = 2\n"), "method.decoder_dim = 18"),
+        ("[method]\nname = \"jigsaw\"\nhidden = 0\n".into(), "method.hidden = 0"),
+        (format!("{dino}hidden = 0\n"), "method.hidden = 0"),
+        (format!("{dino}out_dim = 0\n"), "method.out_dim = 0"),
+        (format!("{dino}bottleneck = 0\n"), "method.bottleneck = 0"),
+        (format!("{dino}warmup_teacher_temp_epochs = nan\n"), "method.warmup_teacher_temp_epochs = NaN"),
+        (format!("{dino}student_temp = inf\n"), "method.student_temp = inf"),
+        (format!("{dino}teacher_temp = inf\n"), "method.teacher_temp = inf"),
+        (format!("{dino}warmup_teacher_temp = inf\n"), "method.warmup_teacher_temp = inf"),
+        ("[method]\ntemperature = inf\n".into(), "method.temperature = inf"),
+        ("[method]\nname = \"moco\"\ntemperature = inf\n".into(), "method.temperature = inf"),
+        (format!("{inpainting}lambda_rec = nan\n"), "method.lambda_rec = NaN"),
+        (format!("{inpainting}lambda_adv = inf\n"), "method.lambda_adv = inf"),
+        (format!("{inpainting}overlap_weight = nan\n"), "method.overlap_weight = NaN"),
+        (format!("{inpainting}discriminator_lr = inf\n"), "method.discriminator_lr = inf"),
+        (format!("{inpainting}lambda_rec = 0.0\nlambda_adv = 0.0\n"), "method.lambda_rec = 0"),
+        (format!("{inpainting}width = 0\n"), "method.width = 0"),
+        ("[method]\nproj_dim = 0\n".into(), "method.proj_dim = 0"),
+        ("[method]\nname = \"moco\"\nqueue_size = 0\n".into(), "method.queue_size = 0"),
+        // Training.
+        (format!("{mae}[train]\nbetas = [0.9, 1.0]\n"), "train.betas = [0.9, 1.0]"),
+        (format!("{mae}[train]\nbetas = [nan, 0.95]\n"), "train.betas = [NaN, 0.95]"),
+        ("[train]\nmomentum = 1.0\n".into(), "train.momentum = 1"),
+        ("[train]\neta = 0.0\n".into(), "train.eta = 0"),
+        ("[train]\neta = nan\n".into(), "train.eta = NaN"),
+        ("[train]\nfinal_lr = nan\n".into(), "train.final_lr = NaN"),
+        ("[train]\nweight_decay = nan\n".into(), "train.weight_decay = NaN"),
+        ("[train]\nwarmup_epochs = nan\n".into(), "train.warmup_epochs = NaN"),
+        (format!("{mae}[train]\nfinal_weight_decay = nan\n"), "train.final_weight_decay = NaN"),
+        // Evaluation and fine-tuning.
+        ("[eval]\nknn_k = 0\n".into(), "eval.knn_k = 0"),
+        ("[eval]\nknn_t = 0.0\n".into(), "eval.knn_t = 0"),
+        ("[eval]\nknn_t = nan\n".into(), "eval.knn_t = NaN"),
+        ("[eval]\nbatch_size = 0\n".into(), "eval.batch_size = 0"),
+        ("[eval]\nlinear_epochs = 0\n".into(), "eval.linear_epochs = 0"),
+        ("[eval]\nlinear_lr = 0.0\n".into(), "eval.linear_lr = 0"),
+        ("[eval]\nlinear_lr = nan\n".into(), "eval.linear_lr = NaN"),
+        ("[linear_eval]\nweight_decay = nan\n".into(), "linear_eval.weight_decay = NaN"),
+        ("[linear_eval]\nbase_lr = inf\n".into(), "linear_eval.base_lr = inf"),
+        ("[linear_eval]\nlast_blocks = 0\n".into(), "linear_eval.last_blocks = 0"),
+        ("[finetune]\nepochs = 0\n".into(), "finetune.epochs = 0"),
+        ("[finetune]\nbase_lr = 0.0\n".into(), "finetune.base_lr = 0"),
+        ("[finetune]\nlayer_decay = nan\n".into(), "finetune.layer_decay = NaN"),
+        ("[finetune]\nweight_decay = nan\n".into(), "finetune.weight_decay = NaN"),
+        ("[finetune]\nwarmup_epochs = nan\n".into(), "finetune.warmup_epochs = NaN"),
+        ("[finetune]\nmixup = nan\n".into(), "finetune.mixup = NaN"),
+        ("[finetune]\nrandom_erasing = 2.0\n".into(), "finetune.random_erasing = 2"),
+        ("[finetune]\nrand_augment = { m = nan }\n".into(), "finetune.rand_augment"),
+    ];
+    let mut wrong = vec![];
+    for (text, expected) in &rows {
+        match Recipe::parse(text) {
+            Ok(_) => wrong.push(format!("accepted:\n{text}")),
+            Err(e) if !format!("{e:#}").contains(expected) => {
+                wrong.push(format!("{text}refused with `{e:#}`, not `{expected}`"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} rows:\n{}",
+        wrong.len(),
+        rows.len(),
+        wrong.join("\n\n")
+    );
+    // A view of a kind that makes none is left out of a preset: DINO without local crops.
+    assert!(Recipe::parse(&format!("{dino}[augment]\nlocal_crops = 0\n")).is_ok());
+}

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ops::{self, Interpolation};
 use super::randaugment::RandAugment;
+use crate::config::{not_negative, probability};
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -70,6 +71,10 @@ impl Jitter {
         }
     }
 }
+
+/// The smallest blur σ, in pixels: below it the kernel's weights underflow (a σ of 0.001 px
+/// already leaves a pixel as it is).
+const MIN_SIGMA: f32 = 1e-3;
 
 /// Gaussian blur with σ uniform in `sigma`, kernel `kernel_frac` of the side (SimCLR: 10%).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,12 +173,13 @@ impl ViewSpec {
 
     fn check(&self, i: usize) -> Result<()> {
         let field = |name: &str| format!("augment.views[{i}].{name}");
-        let prob = |name: &str, p: f32| -> Result<()> {
-            if !(0.0..=1.0).contains(&p) {
-                bail!("{} = {p}: a probability must lie in [0, 1]", field(name));
-            }
-            Ok(())
-        };
+        if self.count == 0 {
+            // A pretext task takes the first view, made or not.
+            bail!(
+                "{} = 0: a kind of view makes at least one (leave it out instead)",
+                field("count")
+            );
+        }
         if self.size == 0 {
             bail!("{} = 0: a view needs at least one pixel", field("size"));
         }
@@ -184,8 +190,12 @@ impl ViewSpec {
                 self.scale
             );
         }
-        if !(self.ratio[0] > 0.0 && self.ratio[0] <= self.ratio[1]) {
-            bail!("{} = {:?}: need 0 < min <= max", field("ratio"), self.ratio);
+        if !(self.ratio[0] > 0.0 && self.ratio[0] <= self.ratio[1] && self.ratio[1].is_finite()) {
+            bail!(
+                "{} = {:?}: need 0 < min <= max, finite",
+                field("ratio"),
+                self.ratio
+            );
         }
         if !(0.0..=0.5).contains(&self.jitter.hue) {
             bail!(
@@ -199,22 +209,28 @@ impl ViewSpec {
             ("jitter.contrast", self.jitter.contrast),
             ("jitter.saturation", self.jitter.saturation),
         ] {
-            if s < 0.0 {
-                bail!("{} = {s}: a strength cannot be negative", field(name));
-            }
+            not_negative(&field(name), s)?;
         }
-        if !(self.blur.sigma[0] > 0.0 && self.blur.sigma[0] <= self.blur.sigma[1]) {
+        let [lo, hi] = self.blur.sigma;
+        if !(lo >= MIN_SIGMA && lo <= hi && hi.is_finite()) {
             bail!(
-                "{} = {:?}: need 0 < min <= max",
+                "{} = {:?}: need {MIN_SIGMA} <= min <= max, finite (in pixels; a smaller σ blurs nothing)",
                 field("blur.sigma"),
                 self.blur.sigma
             );
         }
-        prob("flip", self.flip)?;
-        prob("jitter.p", self.jitter.p)?;
-        prob("grayscale", self.grayscale)?;
-        prob("blur.p", self.blur.p)?;
-        prob("solarize", self.solarize)?;
+        if !(self.blur.kernel_frac > 0.0 && self.blur.kernel_frac <= 1.0) {
+            bail!(
+                "{} = {}: the kernel's side, a fraction of the view's, must lie in (0, 1]",
+                field("blur.kernel_frac"),
+                self.blur.kernel_frac
+            );
+        }
+        probability(&field("flip"), self.flip)?;
+        probability(&field("jitter.p"), self.jitter.p)?;
+        probability(&field("grayscale"), self.grayscale)?;
+        probability(&field("blur.p"), self.blur.p)?;
+        probability(&field("solarize"), self.solarize)?;
         self.rand_augment.check(&field("rand_augment"))
     }
 }
@@ -290,7 +306,7 @@ impl Pipeline {
             size,
             ..ViewSpec::default()
         };
-        let views = match name {
+        let mut views = match name {
             // SimCLR: crop 0.08-1, flip, jitter (0.8s,0.8s,0.8s,0.2s) p 0.8 with s=1, gray 0.2,
             // blur p 0.5 (10% kernel), two identical views.
             "simclr" => vec![ViewSpec {
@@ -368,6 +384,8 @@ impl Pipeline {
             }],
             other => bail!("unknown pipeline '{other}' (known: {})", PRESETS.join(", ")),
         };
+        // A kind that makes no view (DINO without local crops) is left out.
+        views.retain(|v| v.count > 0);
         Ok(Pipeline {
             views,
             mean: IMAGENET_MEAN,
@@ -383,7 +401,10 @@ impl Pipeline {
         for (i, v) in self.views.iter().enumerate() {
             v.check(i)?;
         }
-        if let Some(s) = self.std.iter().find(|s| **s <= 0.0) {
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            bail!("augment.mean = {:?}: must be finite numbers", self.mean);
+        }
+        if let Some(s) = self.std.iter().find(|s| !(**s > 0.0 && s.is_finite())) {
             bail!(
                 "augment.std = {:?}: {s} is not a positive standard deviation",
                 self.std

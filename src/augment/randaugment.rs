@@ -80,16 +80,11 @@ impl RandAugment {
         self.n == 0
     }
 
-    /// Refuses a negative magnitude or spread (`key` names the recipe key).
+    /// Refuses a magnitude or spread that is negative or not finite (`key` names the recipe
+    /// key).
     pub fn check(&self, key: &str) -> anyhow::Result<()> {
-        if !(self.m >= 0.0 && self.mstd >= 0.0) {
-            anyhow::bail!(
-                "{key}: m = {} and mstd = {} cannot be negative",
-                self.m,
-                self.mstd
-            );
-        }
-        Ok(())
+        crate::config::not_negative(&format!("{key}.m"), self.m)?;
+        crate::config::not_negative(&format!("{key}.mstd"), self.mstd)
     }
 
     /// `img` through `n` random operations.

@@ -23,6 +23,7 @@ use super::{classifier_head, Accuracy};
 use crate::augment::mix::{mixup_targets, random_erase, Mix};
 use crate::augment::randaugment::RandAugment;
 use crate::augment::Pipeline;
+use crate::config::{at_least_one, fraction, not_negative, positive, probability};
 use crate::data::{Loader, Split};
 use crate::kernels::layer_norm;
 use crate::losses::{cross_entropy_smoothed, soft_cross_entropy};
@@ -82,6 +83,25 @@ impl Default for FinetuneConfig {
     }
 }
 
+impl FinetuneConfig {
+    /// Checks every value of `[finetune]`; the error names the key.
+    pub fn check(&self) -> Result<()> {
+        at_least_one("finetune.epochs", self.epochs)?;
+        at_least_one("finetune.batch_size", self.batch_size)?;
+        positive("finetune.base_lr", self.base_lr)?;
+        positive("finetune.layer_decay", self.layer_decay)?;
+        not_negative("finetune.weight_decay", self.weight_decay)?;
+        not_negative("finetune.warmup_epochs", self.warmup_epochs)?;
+        fraction("finetune.drop_path", self.drop_path)?;
+        fraction("finetune.label_smoothing", self.label_smoothing)?;
+        not_negative("finetune.mixup", self.mixup)?;
+        not_negative("finetune.cutmix", self.cutmix)?;
+        probability("finetune.mixup_switch_prob", self.mixup_switch_prob)?;
+        probability("finetune.random_erasing", self.random_erasing)?;
+        self.rand_augment.check("finetune.rand_augment")
+    }
+}
+
 #[derive(Module, Debug)]
 struct Classifier {
     backbone: Backbone,
@@ -128,19 +148,7 @@ pub fn finetune(
     config: &FinetuneConfig,
     device: &Device,
 ) -> Result<FineTuned> {
-    if config.epochs == 0 || config.batch_size == 0 {
-        bail!("finetune.epochs and finetune.batch_size must be at least 1");
-    }
-    if !(0.0..1.0).contains(&config.drop_path) || !(0.0..1.0).contains(&config.label_smoothing) {
-        bail!("finetune.drop_path and finetune.label_smoothing must lie in [0, 1)");
-    }
-    let probabilities = [config.mixup_switch_prob, config.random_erasing];
-    if config.mixup < 0.0
-        || config.cutmix < 0.0
-        || probabilities.iter().any(|p| !(0.0..=1.0).contains(p))
-    {
-        bail!("finetune.mixup and cutmix cannot be negative; mixup_switch_prob and random_erasing lie in [0, 1]");
-    }
+    config.check()?;
     let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     // MAE: trunc_normal_(head.weight, std=2e-5), a zero bias.

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{accuracy, classifier_head, Accuracy, EvalConfig, Features};
 use crate::augment::{sample_rng, Pipeline};
+use crate::config::{at_least_one, not_negative, positive};
 use crate::data::{Loader, Split};
 use crate::kernels::batch_norm;
 use crate::losses::cross_entropy;
@@ -116,10 +117,11 @@ impl LinearEvalConfig {
         }
     }
 
+    /// Checks every value of `[linear_eval]`; the error names the key.
     pub fn check(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch_size == 0 || self.last_blocks == 0 {
-            bail!("linear_eval.epochs, batch_size and last_blocks must be at least 1");
-        }
+        at_least_one("linear_eval.epochs", self.epochs)?;
+        at_least_one("linear_eval.batch_size", self.batch_size)?;
+        at_least_one("linear_eval.last_blocks", self.last_blocks)?;
         if !(1..=4).contains(&self.stage) {
             bail!(
                 "linear_eval.stage = {}: a ResNet has stages 1 to 4",
@@ -129,12 +131,9 @@ impl LinearEvalConfig {
         if self.optimizer == OptimizerKind::Adamw {
             bail!("linear_eval.optimizer = \"adamw\": the papers' protocol is sgd or lars (AdamW on fixed features is `selfsup eval linear --quick`)");
         }
-        if !(self.base_lr > 0.0) || self.weight_decay < 0.0 || self.warmup_epochs < 0.0 {
-            bail!(
-                "linear_eval.base_lr must be positive, weight_decay and warmup_epochs not negative"
-            );
-        }
-        Ok(())
+        positive("linear_eval.base_lr", self.base_lr)?;
+        not_negative("linear_eval.weight_decay", self.weight_decay)?;
+        not_negative("linear_eval.warmup_epochs", self.warmup_epochs)
     }
 
     /// The protocol in words, printed beside its result.

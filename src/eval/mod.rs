@@ -16,6 +16,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Pipeline;
+use crate::config::{at_least_one, positive};
 use crate::data::{Loader, Split};
 use crate::losses::l2_normalize;
 use crate::models::{init_seeded, zero_bias_linear, Backbone};
@@ -47,6 +48,17 @@ impl Default for EvalConfig {
             linear_lr: 1e-3,
             batch_size: 256,
         }
+    }
+}
+
+impl EvalConfig {
+    /// Checks every value of `[eval]`; the error names the key.
+    pub fn check(&self) -> Result<()> {
+        at_least_one("eval.knn_k", self.knn_k)?;
+        positive("eval.knn_t", self.knn_t)?;
+        at_least_one("eval.linear_epochs", self.linear_epochs)?;
+        positive("eval.linear_lr", self.linear_lr)?;
+        at_least_one("eval.batch_size", self.batch_size)
     }
 }
 

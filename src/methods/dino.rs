@@ -16,6 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{at_least_one, not_negative, positive};
 use crate::losses::{dino_loss, mean_entropy};
 use crate::methods::Feed;
 use crate::models::{
@@ -92,9 +93,18 @@ impl DinoConfig {
             ("teacher_temp", self.teacher_temp),
             ("warmup_teacher_temp", self.warmup_teacher_temp),
         ] {
-            if !(t > 0.0) {
-                anyhow::bail!("method.{name} = {t}: must be positive");
-            }
+            positive(&format!("method.{name}"), t)?;
+        }
+        not_negative(
+            "method.warmup_teacher_temp_epochs",
+            self.warmup_teacher_temp_epochs,
+        )?;
+        for (name, width) in [
+            ("out_dim", self.out_dim),
+            ("hidden", self.hidden),
+            ("bottleneck", self.bottleneck),
+        ] {
+            at_least_one(&format!("method.{name}"), width)?;
         }
         for (name, m) in [
             ("momentum", self.momentum),

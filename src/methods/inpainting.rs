@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::ops::MaskKind;
 use crate::augment::pretext::MaskedViews;
 use crate::augment::{Augment, Pipeline};
+use crate::config::{at_least_one, not_negative, positive};
 use crate::methods::Feed;
 use crate::models::{
     Backbone, BackboneConfig, Bottleneck, ContextDecoder, ContextDecoderConfig, Discriminator,
@@ -97,18 +98,19 @@ impl InpaintingConfig {
         if !(self.area > 0.0 && self.area < 1.0) {
             anyhow::bail!("method.area = {}: must lie in (0, 1)", self.area);
         }
-        if self.lambda_rec < 0.0 || self.lambda_adv < 0.0 || self.overlap_weight < 0.0 {
-            anyhow::bail!("method.lambda_rec, lambda_adv and overlap_weight cannot be negative");
+        for (name, value) in [
+            ("lambda_rec", self.lambda_rec),
+            ("lambda_adv", self.lambda_adv),
+            ("overlap_weight", self.overlap_weight),
+        ] {
+            not_negative(&format!("method.{name}"), value)?;
         }
-        if !(self.discriminator_lr > 0.0) {
-            anyhow::bail!(
-                "method.discriminator_lr = {}: D's share of the learning rate must be positive",
-                self.discriminator_lr
-            );
+        if self.lambda_rec == 0.0 && self.lambda_adv == 0.0 {
+            anyhow::bail!("method.lambda_rec = 0 and method.lambda_adv = 0: the loss would be 0");
         }
-        if self.width == 0 || self.bottleneck_dim == 0 {
-            anyhow::bail!("method.width and bottleneck_dim must be at least 1");
-        }
+        positive("method.discriminator_lr", self.discriminator_lr)?;
+        at_least_one("method.width", self.width)?;
+        at_least_one("method.bottleneck_dim", self.bottleneck_dim)?;
         feed.views(
             "inpainting",
             1,

@@ -81,6 +81,7 @@ impl JigsawConfig {
                 self.permutations
             );
         }
+        crate::config::at_least_one("method.hidden", self.hidden)?;
         if self.tile == 0 || self.tile > view_size / 3 {
             anyhow::bail!(
                 "method.tile = {}: a tile must fit in a third of the {view_size} px view",

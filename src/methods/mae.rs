@@ -44,10 +44,11 @@ impl Default for MaeConfig {
 
 impl MaeConfig {
     pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
-        if !(0.0..1.0).contains(&self.mask_ratio) {
+        crate::config::fraction("method.mask_ratio", self.mask_ratio)?;
+        if self.decoder_dim == 0 || self.decoder_dim % 4 != 0 {
             anyhow::bail!(
-                "method.mask_ratio = {}: must lie in [0, 1)",
-                self.mask_ratio
+                "method.decoder_dim = {}: must be a positive multiple of 4 (its sin-cos positions give a quarter to the sine and the cosine of the row and of the column)",
+                self.decoder_dim
             );
         }
         if self.decoder_heads == 0 || self.decoder_dim % self.decoder_heads != 0 {
@@ -57,10 +58,33 @@ impl MaeConfig {
                 self.decoder_dim
             );
         }
-        if !matches!(feed.model, BackboneConfig::Vit(_)) {
+        let BackboneConfig::Vit(vit) = feed.model else {
             anyhow::bail!("method mae needs model.arch = \"vit\"");
+        };
+        feed.views("mae", 1, "it masks one view of each image")?;
+        // The decoder's positions are fixed for the model's image size; the training view and
+        // the reconstructions (at augment.size) go through it.
+        for (key, size) in [
+            ("augment.size", feed.size),
+            ("augment.views[0].size", feed.view_sizes[0]),
+        ] {
+            if size as usize != vit.image_size {
+                anyhow::bail!(
+                    "model.image_size = {}: method mae's decoder has positions for {}-px images only, and {key} is {size} px",
+                    vit.image_size,
+                    vit.image_size
+                );
+            }
         }
-        feed.views("mae", 1, "it masks one view of each image")
+        let patches = vit.num_patches();
+        let visible = kept(self.mask_ratio, patches);
+        if visible == 0 || visible == patches {
+            anyhow::bail!(
+                "method.mask_ratio = {}: leaves {visible} of the {patches} patches visible; MAE needs some visible and some to predict",
+                self.mask_ratio
+            );
+        }
+        Ok(())
     }
 
     pub fn init(&self, model: &BackboneConfig, device: &Device) -> Mae {
@@ -128,10 +152,15 @@ pub struct Masking {
     pub mask: Vec<Vec<f32>>,
 }
 
+/// How many of `l` patches stay visible under a mask `ratio`: round((1 − ratio)·l).
+pub fn kept(ratio: f64, l: usize) -> usize {
+    ((1.0 - ratio) * l as f64).round() as usize
+}
+
 /// Per sample, argsort of uniform noise shuffles the `l` patches; the first
 /// round((1 − ratio)·l) are kept.
 pub fn random_masking(n: usize, l: usize, ratio: f64, rng: &mut impl Rng) -> Masking {
-    let kept = ((1.0 - ratio) * l as f64).round() as usize;
+    let kept = kept(ratio, l);
     let (mut keep, mut restore, mut mask) = (vec![], vec![], vec![]);
     for _ in 0..n {
         let noise: Vec<f32> = (0..l).map(|_| rng.random()).collect();

@@ -26,6 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{at_least_one, positive};
 use crate::losses::{embedding_std, info_nce, l2_normalize};
 use crate::methods::Feed;
 use crate::models::{
@@ -73,12 +74,7 @@ impl Default for MocoConfig {
 
 impl MocoConfig {
     pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
-        if !(self.temperature > 0.0) {
-            anyhow::bail!(
-                "method.temperature = {}: must be positive",
-                self.temperature
-            );
-        }
+        positive("method.temperature", self.temperature)?;
         for (name, m) in [
             ("momentum", Some(self.momentum)),
             ("final_momentum", self.final_momentum),
@@ -87,9 +83,9 @@ impl MocoConfig {
                 anyhow::bail!("method.{name} = {m}: must lie in [0, 1]");
             }
         }
-        if self.queue_size == 0 || self.proj_dim == 0 || self.bn_splits == 0 {
-            anyhow::bail!("method.queue_size, proj_dim and bn_splits must be at least 1");
-        }
+        at_least_one("method.queue_size", self.queue_size)?;
+        at_least_one("method.proj_dim", self.proj_dim)?;
+        at_least_one("method.bn_splits", self.bn_splits)?;
         feed.views("moco", 2, "a query and a key")?;
         if feed.batch < 2 * self.bn_splits || feed.batch % self.bn_splits != 0 {
             anyhow::bail!(

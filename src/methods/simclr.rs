@@ -14,6 +14,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{at_least_one, positive};
 use crate::losses::{embedding_std, nt_xent};
 use crate::methods::Feed;
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
@@ -48,14 +49,11 @@ impl Default for SimclrConfig {
 
 impl SimclrConfig {
     pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
-        if !(self.temperature > 0.0) {
-            anyhow::bail!(
-                "method.temperature = {}: must be positive",
-                self.temperature
-            );
-        }
-        if self.proj_layers == 0 || self.proj_dim == 0 || self.proj_hidden == Some(0) {
-            anyhow::bail!("method.proj_layers, proj_dim and proj_hidden must be at least 1");
+        positive("method.temperature", self.temperature)?;
+        at_least_one("method.proj_layers", self.proj_layers)?;
+        at_least_one("method.proj_dim", self.proj_dim)?;
+        if let Some(hidden) = self.proj_hidden {
+            at_least_one("method.proj_hidden", hidden)?;
         }
         feed.views("simclr", 2, "the positive pair")?;
         feed.same_size("simclr", 0..2)?;

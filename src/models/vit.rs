@@ -90,10 +90,12 @@ impl VitConfig {
                 anyhow::bail!("model.{key} = 0: a ViT needs at least 1");
             }
         }
-        if !(self.mlp_ratio > 0.0 && self.mlp_ratio.is_finite()) {
+        crate::config::positive("model.mlp_ratio", self.mlp_ratio)?;
+        if self.dim as f32 * self.mlp_ratio < 1.0 {
             anyhow::bail!(
-                "model.mlp_ratio = {}: must be a positive number",
-                self.mlp_ratio
+                "model.mlp_ratio = {}: leaves the blocks' MLP of model.dim = {} no unit",
+                self.mlp_ratio,
+                self.dim
             );
         }
         if self.heads == 0 || self.dim % self.heads != 0 {

@@ -21,6 +21,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{at_least_one, not_negative, positive};
 use crate::data::Loader;
 use crate::models::Backbone;
 pub use checkpoint::TrainState;
@@ -198,38 +199,22 @@ fn linear() -> LrScaling {
 }
 
 impl TrainConfig {
+    /// Checks every value of `[train]`; the error names the key.
     pub fn check(&self) -> Result<()> {
-        let positive = |name: &str, v: usize| -> Result<()> {
-            if v == 0 {
-                bail!("train.{name} = 0: must be at least 1");
-            }
-            Ok(())
-        };
-        positive("epochs", self.epochs)?;
-        positive("batch_size", self.batch_size)?;
-        positive("accumulate", self.accumulate)?;
-        positive("checkpoint_every", self.checkpoint_every)?;
-        if !(self.base_lr > 0.0 && self.base_lr.is_finite()) {
-            bail!(
-                "train.base_lr = {}: must be a positive number",
-                self.base_lr
-            );
-        }
-        if self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs as f64 {
+        at_least_one("train.epochs", self.epochs)?;
+        at_least_one("train.batch_size", self.batch_size)?;
+        at_least_one("train.accumulate", self.accumulate)?;
+        at_least_one("train.checkpoint_every", self.checkpoint_every)?;
+        positive("train.base_lr", self.base_lr)?;
+        not_negative("train.final_lr", self.final_lr)?;
+        if !(0.0..=self.epochs as f64).contains(&self.warmup_epochs) {
             bail!(
                 "train.warmup_epochs = {}: must lie in [0, epochs = {}]",
                 self.warmup_epochs,
                 self.epochs
             );
         }
-        self.optim.check()?;
-        if self.optim.weight_decay < 0.0 {
-            bail!(
-                "train.weight_decay = {}: cannot be negative",
-                self.optim.weight_decay
-            );
-        }
-        Ok(())
+        self.optim.check()
     }
 
     /// Peak learning rate for the effective batch (`batch_size × accumulate`).

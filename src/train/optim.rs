@@ -12,6 +12,8 @@ use burn::optim::{AdamWConfig, ModuleOptimizer, Optimizer, SgdConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{fraction, not_negative, positive};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
@@ -176,6 +178,7 @@ fn eta() -> f64 {
 }
 
 impl OptimConfig {
+    /// Checks every setting, named as `[train]`'s keys.
     pub fn check(&self) -> anyhow::Result<()> {
         if self.final_weight_decay.is_some() && self.optimizer != OptimizerKind::Adamw {
             anyhow::bail!(
@@ -185,7 +188,16 @@ impl OptimConfig {
         if let Some(c) = self.grad_clip.filter(|c| !(*c >= 0.0)) {
             anyhow::bail!("train.grad_clip = {c}: must be positive (or 0: no clipping)");
         }
-        Ok(())
+        not_negative("train.weight_decay", self.weight_decay)?;
+        if let Some(end) = self.final_weight_decay {
+            not_negative("train.final_weight_decay", end)?;
+        }
+        // β = 1 divides AdamW's bias correction by 0.
+        if !self.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            anyhow::bail!("train.betas = {:?}: each must lie in [0, 1)", self.betas);
+        }
+        fraction("train.momentum", self.momentum)?;
+        positive("train.eta", self.eta)
     }
 
     pub fn init(&self) -> ModuleOptimizer {
