@@ -467,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
                 recipe.linear_eval.epochs = e;
                 recipe.eval.linear_epochs = e;
             }
+            recipe.check().context("--epochs")?;
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;
             let classes = dataset.classes.len();
@@ -517,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(n) = labels {
                 recipe.finetune.train_limit = n;
             }
+            recipe.check().context("--epochs, --labels")?;
             let (acc, labelled) = pretrain::finetune_accuracy(&recipe, backbone, &dataset, &device)
                 .with_context(|| format!("the {what}"))?;
             println!(

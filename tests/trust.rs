@@ -282,6 +282,20 @@ fn a_resume_continues_its_run_or_names_every_difference() {
     .unwrap();
     assert_eq!((state.epoch, state.images), (2, 50));
 
+    // A value given on the command line is checked as the recipe's.
+    let (ok, _, err) = selfsup(&[
+        "eval",
+        "linear",
+        "--quick",
+        "--epochs",
+        "0",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("eval.linear_epochs = 0"), "{err}");
+
     // A value hand-edited into the run folder's recipe is checked as a recipe's: named, no panic.
     let edited = std::fs::read_to_string(run.join("recipe.toml"))
         .unwrap()
