@@ -356,6 +356,14 @@ impl LoadArgs {
     }
 }
 
+/// Refuses 0 for a count the user passed (`flag` names it).
+fn at_least_one(flag: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        anyhow::bail!("{flag} 0: nothing to do (pass at least 1)");
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(DataCommand::Info { source, load }) => {
@@ -386,8 +394,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 .build()?,
             };
+            at_least_one("--count", count)?;
             let dataset = Dataset::open(&data, &load.options())?;
-            let split = dataset.split(&split)?.subset(count);
+            let split = dataset.split(&split)?.subset(count, seed);
             let images: Vec<_> = split.images.iter().collect();
             let grid = selfsup::viz::views_grid(&images, &pipeline, seed);
             selfsup::viz::save_png(&grid, &out)?;
@@ -470,7 +479,7 @@ fn run(cli: Cli) -> Result<()> {
             recipe.check().context("--epochs")?;
             let train = dataset.split(&recipe.data.train_split)?;
             let test = dataset.split(&recipe.data.test_split)?;
-            let classes = dataset.classes.len();
+            let classes = &dataset.classes;
             // Each number is printed with the protocol that gave it.
             let (acc, protocol) = match (protocol.as_str(), quick) {
                 ("knn", _) => (
@@ -659,6 +668,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
         } => {
             let device = pretrain::device(&device)?;
+            at_least_one("--count", count)?;
             let recipe = run::recipe(&checkpoint)?;
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let split = dataset.split(&split)?;
@@ -683,12 +693,13 @@ fn run(cli: Cli) -> Result<()> {
             case,
             steps,
         } => {
+            at_least_one("--steps", steps)?;
             let mut failed = vec![];
             selfsup::device_check::run(
                 &case,
                 &device,
                 &pretrain::device(&device)?,
-                steps.max(1),
+                steps,
                 |outcome| {
                     println!("{}", serde_json::to_string(&outcome)?);
                     if !outcome.ok {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::randaugment::RandAugment;
 use crate::augment::{Pipeline, ViewSpec};
 use crate::config::Recipe;
-use crate::data::{Dataset, Loader, Split};
+use crate::data::{check_eval_classes, Dataset, Loader, Split};
 use crate::eval::{self, Accuracy, Features};
 use crate::methods::MethodConfig;
 use crate::models::{init_seeded, Backbone};
@@ -211,8 +211,14 @@ pub fn pretrain(
         true => Some(Recipe::load_saved(&saved)?),
         false => None,
     };
+    let classes = &dataset.classes;
     let full_train = dataset.split(&recipe.data.train_split)?;
-    let train_split = full_train.limit(recipe.data.train_limit);
+    let train_split = full_train.limit(
+        "data.train_limit",
+        recipe.data.train_limit,
+        recipe.seed,
+        classes,
+    )?;
     let latest = train::checkpoint::latest(out)?;
     let state = latest
         .as_deref()
@@ -250,11 +256,25 @@ pub fn pretrain(
         .ok()
         .filter(|s| s.labels.is_some())
         .cloned();
+    let e = &recipe.eval;
+    // The online kNN's bank and queries, a part of each split, and the final kNN's test split:
+    // checked before training.
+    let monitored = match &test_split {
+        Some(test) if train_split.labels.is_some() => {
+            check_eval_classes(full_train, test, classes)?;
+            let seed = recipe.seed;
+            Some((
+                train_split.limit("eval.monitor_train", e.monitor_train, seed, classes)?,
+                test.limit("eval.monitor_test", e.monitor_test, seed, classes)?,
+            ))
+        }
+        _ => None,
+    };
     let pipeline = recipe.augment.build()?;
     // The run's pictures, as PNG files and TensorBoard images: its views now, and what MAE and
     // inpainting paint at the end.
     let pictures = EventWriter::create(out)?;
-    let sample = train_split.limit(8);
+    let sample = train_split.subset(8, recipe.seed);
     let sample: Vec<&RgbImage> = sample.images.iter().collect();
     let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
     crate::viz::save_png(&views, &out.join("views.png"))?;
@@ -265,23 +285,14 @@ pub fn pretrain(
         recipe.train.batch_size,
         recipe.seed,
     )?;
-    let classes = dataset.classes.len();
-    let e = &recipe.eval;
 
     // Online kNN on a part of each split: a cheap view of progress every few epochs.
     let monitor = |backbone: &Backbone| -> Result<Scalars> {
-        let Some(test) = test_split.as_ref().filter(|_| train_split.labels.is_some()) else {
+        let Some((bank, queries)) = &monitored else {
             return Ok(vec![]);
         };
-        let acc = knn_accuracy(
-            recipe,
-            backbone,
-            &train_split.limit(e.monitor_train),
-            &test.limit(e.monitor_test),
-            classes,
-            device,
-        )
-        .context("the online kNN monitor")?;
+        let acc = knn_accuracy(recipe, backbone, bank, queries, classes, device)
+            .context("the online kNN monitor")?;
         Ok(vec![("knn_top1", acc.top1)])
     };
     let ad = device.clone().autodiff();
@@ -388,14 +399,17 @@ fn check_resume(
     Ok(())
 }
 
-/// Features of `train` and `test` through the recipe's deterministic eval view.
+/// Features of `train` and `test` through the recipe's deterministic eval view, once every
+/// class of `test` is known to `train` ([`check_eval_classes`]).
 fn features(
     recipe: &Recipe,
     backbone: &Backbone,
     train: &Split,
     test: &Split,
+    classes: &[String],
     device: &Device,
 ) -> Result<(Features, Features)> {
+    check_eval_classes(train, test, classes)?;
     let p = recipe.augment.eval_pipeline()?;
     let b = recipe.eval.batch_size;
     Ok((
@@ -410,14 +424,14 @@ pub fn knn_accuracy(
     backbone: &Backbone,
     train: &Split,
     test: &Split,
-    classes: usize,
+    classes: &[String],
     device: &Device,
 ) -> Result<Accuracy> {
-    let (tr, te) = features(recipe, backbone, train, test, device)?;
+    let (tr, te) = features(recipe, backbone, train, test, classes, device)?;
     eval::knn(
         &tr,
         &te,
-        classes,
+        classes.len(),
         recipe.eval.knn_k,
         recipe.eval.knn_t,
         device,
@@ -431,29 +445,33 @@ pub fn linear_accuracy(
     backbone: &Backbone,
     train: &Split,
     test: &Split,
-    classes: usize,
+    classes: &[String],
     device: &Device,
 ) -> Result<Accuracy> {
-    let (tr, te) = features(recipe, backbone, train, test, device)?;
-    eval::linear_probe(&tr, &te, classes, &recipe.eval, device)
+    let (tr, te) = features(recipe, backbone, train, test, classes, device)?;
+    eval::linear_probe(&tr, &te, classes.len(), &recipe.eval, device)
 }
 
 /// The papers' linear evaluation of `backbone` (the recipe's `[linear_eval]`): a classifier
-/// trained on random-resized crops and flips of `train` at `augment.size`, measured on `test`.
+/// trained on random-resized crops and flips of `train` (`linear_eval.train_limit` of its
+/// images, drawn per class) at `augment.size`, measured on `test`.
 pub fn linear_eval_accuracy(
     recipe: &Recipe,
     backbone: &Backbone,
     train: &Split,
     test: &Split,
-    classes: usize,
+    classes: &[String],
     device: &Device,
 ) -> Result<Accuracy> {
+    check_eval_classes(train, test, classes)?;
+    let limit = recipe.linear_eval.train_limit;
+    let train = train.limit("linear_eval.train_limit", limit, recipe.seed, classes)?;
     let augment = crop_flip_views(recipe, RandAugment::default())?;
     eval::linear_eval(
         backbone,
-        train,
+        &train,
         test,
-        classes,
+        classes.len(),
         &augment,
         &recipe.augment.eval_pipeline()?,
         &recipe.linear_eval,
@@ -485,21 +503,25 @@ fn crop_flip_views(recipe: &Recipe, rand_augment: RandAugment) -> Result<Pipelin
 
 /// Fine-tunes `backbone` (pre-trained, or random for the from-scratch baseline) with the
 /// recipe's `[finetune]` settings on the labelled train split (crops, flips and RandAugment,
-/// [`crop_flip_views`]); reports accuracy on the test split and how many labelled images were
-/// used.
+/// [`crop_flip_views`]), `finetune.train_limit` of its images drawn per class; reports accuracy
+/// on the test split and how many labelled images were used.
 pub fn finetune_accuracy(
     recipe: &Recipe,
     backbone: Backbone,
     dataset: &Dataset,
     device: &Device,
 ) -> Result<(Accuracy, usize)> {
+    let classes = &dataset.classes;
     let train = dataset.split(&recipe.data.train_split)?;
     let test = dataset.split(&recipe.data.test_split)?;
+    check_eval_classes(train, test, classes)?;
+    let limit = recipe.finetune.train_limit;
+    let train = train.limit("finetune.train_limit", limit, recipe.seed, classes)?;
     let augment = crop_flip_views(recipe, recipe.finetune.rand_augment)?;
     let tuned = eval::finetune::finetune(
         backbone,
         recipe.model.feature_dim(),
-        train,
+        &train,
         test,
         dataset.classes.len(),
         &augment,
@@ -510,8 +532,8 @@ pub fn finetune_accuracy(
     Ok((tuned.accuracy, tuned.labelled))
 }
 
-/// Pictures of what an inpainting or MAE run paints, one row per image of the first `count` of
-/// `split` (masks drawn from `seed`): original | masked input | reconstruction, and for MAE also
+/// Pictures of what an inpainting or MAE run paints, one row per image of `count` of `split`
+/// (drawn per class, [`Split::subset`]; images and masks drawn from `seed`): original | masked input | reconstruction, and for MAE also
 /// the reconstruction with the visible patches pasted back.
 pub fn reconstruct(
     run: &Path,
@@ -538,7 +560,7 @@ pub fn reconstruct(
         Ok(crate::viz::denormalize(&v, size, size, mean, std))
     };
     let views: Vec<RgbImage> = split
-        .subset(count)
+        .subset(count, seed)
         .images
         .iter()
         .enumerate()
@@ -638,14 +660,18 @@ pub fn attention(
         );
     };
     let p = vit.patch_size() as u32;
-    let size = (size / p).max(1) * p;
+    if size < p {
+        bail!("--size {size}: smaller than one of the ViT's {p}-px patches (use at least {p})");
+    }
+    let size = size / p * p;
     let g = (size / p) as usize;
     let eval = recipe.augment.eval_pipeline()?;
     let mut rows = Vec::new();
     for path in images {
-        let img = image::open(path)
-            .with_context(|| format!("cannot read image {}", path.display()))?
-            .to_rgb8();
+        let img = std::fs::read(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| crate::data::decode(&bytes, None))
+            .with_context(|| format!("cannot read image {}", path.display()))?;
         let square = crate::augment::ops::center_square(img.width(), img.height());
         let view = crate::augment::ops::crop_resize(&img, square, size, size);
         let x = crate::augment::normalize(&view, eval.mean, eval.std).data;

@@ -73,6 +73,99 @@ fn bad_input_gives_a_clear_error_and_non_zero_exit() {
 }
 
 #[test]
+fn counts_and_sizes_of_nothing_are_refused() {
+    let photos = common::shared_data().join("photos");
+    let (ok, _, err) = selfsup(&["views", "--data", photos.to_str().unwrap(), "--count", "0"]);
+    assert!(!ok && err.contains("--count 0"), "{err}");
+    let (ok, _, err) = selfsup(&["check-device", "--device", "cpu", "--steps", "0"]);
+    assert!(!ok && err.contains("--steps 0"), "{err}");
+    let (ok, _, err) = selfsup(&["data", "info", photos.to_str().unwrap(), "--load-size", "0"]);
+    assert!(!ok && err.contains("--load-size"), "{err}");
+}
+
+/// `root/<split>/<class>/<i>.png` for each (split, class, number of images).
+fn write_folder(root: &std::path::Path, layout: &[(&str, &str, usize)]) {
+    for &(split, class, n) in layout {
+        let dir = root.join(split).join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            common::pattern(i as u32)
+                .save(dir.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}
+
+fn shipped_recipe(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recipes")
+        .join(name)
+}
+
+#[test]
+fn a_test_class_the_training_split_lacks_is_named_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_folder(
+        &data,
+        &[
+            ("train", "a", 2),
+            ("train", "b", 2),
+            ("train", "c", 2),
+            ("test", "a", 1),
+            ("test", "b", 1),
+            ("test", "c", 1),
+            ("test", "d", 3),
+        ],
+    );
+    let recipe = shipped_recipe("simclr_cifar10_cpu.toml");
+    let (recipe, data) = (recipe.to_str().unwrap(), data.to_str().unwrap());
+    for protocol in ["knn", "linear"] {
+        let (ok, _, err) = selfsup(&["eval", protocol, "--recipe", recipe, "--data", data]);
+        assert!(!ok && err.contains("'d' (3 images)"), "{protocol}: {err}");
+    }
+    let (ok, _, err) = selfsup(&["finetune", "--recipe", recipe, "--data", data]);
+    assert!(!ok && err.contains("'d' (3 images)"), "{err}");
+    let run = tmp.path().join("run");
+    let (ok, _, err) = pretrain(
+        std::path::Path::new(recipe),
+        std::path::Path::new(data),
+        &run,
+    );
+    assert!(!ok && err.contains("'d' (3 images)"), "{err}");
+    assert!(!run.join("checkpoints").exists());
+}
+
+#[test]
+fn fewer_labels_than_classes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_folder(
+        &data,
+        &[
+            ("train", "a", 9),
+            ("train", "b", 1),
+            ("test", "a", 1),
+            ("test", "b", 1),
+        ],
+    );
+    let recipe = shipped_recipe("simclr_cifar10_cpu.toml");
+    let (ok, _, err) = selfsup(&[
+        "finetune",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--labels",
+        "1",
+    ]);
+    assert!(
+        !ok && err.contains("finetune.train_limit = 1") && err.contains("2 classes"),
+        "{err}"
+    );
+}
+
+#[test]
 fn printed_pipeline_reads_back_as_a_recipe() {
     let (ok, out, err) = selfsup(&["pipeline", "moco_v2"]);
     assert!(ok, "{err}");

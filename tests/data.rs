@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 
-use image::{DynamicImage, GrayImage, ImageBuffer, Rgb, Rgba, RgbaImage};
-use selfsup::data::{download, Dataset, LoadOptions};
+use image::{DynamicImage, GrayImage, ImageBuffer, Rgb, RgbImage, Rgba, RgbaImage};
+use selfsup::data::{check_eval_classes, download, Dataset, LoadOptions, Split};
 
 fn open(path: &Path) -> anyhow::Result<Dataset> {
     Dataset::open(path, &LoadOptions::default())
@@ -129,14 +129,20 @@ fn image_folder_with_splits_makes_everything_rgb() {
     assert_eq!(train.len(), 8);
     assert_eq!(train.labels.as_ref().unwrap()[..], [0, 0, 0, 0, 1, 1, 1, 1]);
     // Sorted by name: a.jpg, deep.png, gray.png, rgba.png; named by their paths (`embed`),
-    // also in a subset.
+    // also in a subset (one image of each class).
     let names = train.file_names();
     assert_eq!(names[1], "train/cat/deep.png");
     assert_eq!(names[7], "train/dog/rgba.png");
-    assert_eq!(
-        train.subset(2).file_names(),
-        ["train/cat/a.jpg", "train/dog/a.jpg"]
+    let two = train.subset(2, 0);
+    let picked = two.file_names();
+    assert!(
+        picked[0].starts_with("train/cat/") && picked[1].starts_with("train/dog/"),
+        "{picked:?}"
     );
+    for (name, img) in picked.iter().zip(two.images.iter()) {
+        let at = names.iter().position(|n| n == name).unwrap();
+        assert_eq!(&train.images[at], img, "{name}");
+    }
     assert_eq!(
         train.images[1].get_pixel(0, 0).0,
         [255, 0, 128],
@@ -283,7 +289,13 @@ fn empty_folder_and_empty_class_are_errors() {
     assert!(err.contains("nowhere"), "{err}");
 }
 
+/// MNIST-style idx files `{prefix}-images-idx3-ubyte.gz` (and labels) of `n` 28x28 digits.
 fn write_idx(dir: &Path, prefix: &str, n: usize) {
+    write_idx_named(dir, prefix, n, "-", true);
+}
+
+/// Idx files named `{prefix}-images{sep}idx3-ubyte` (7-zip unpacks `sep` as '.'), gzipped or raw.
+fn write_idx_named(dir: &Path, prefix: &str, n: usize, sep: &str, gzipped: bool) {
     let mut images = vec![0, 0, 8, 3];
     for v in [n as u32, 28, 28] {
         images.extend(v.to_be_bytes());
@@ -292,16 +304,53 @@ fn write_idx(dir: &Path, prefix: &str, n: usize) {
     let mut labels = vec![0, 0, 8, 1];
     labels.extend((n as u32).to_be_bytes());
     labels.extend((0..n).map(|i| (i % 10) as u8));
-    let gz = |name: String, bytes: Vec<u8>| {
+    let write = |name: String, bytes: Vec<u8>| {
+        if !gzipped {
+            return std::fs::write(dir.join(name), bytes).unwrap();
+        }
         let mut enc = flate2::write::GzEncoder::new(
-            std::fs::File::create(dir.join(name)).unwrap(),
+            std::fs::File::create(dir.join(name + ".gz")).unwrap(),
             flate2::Compression::fast(),
         );
         enc.write_all(&bytes).unwrap();
         enc.finish().unwrap();
     };
-    gz(format!("{prefix}-images-idx3-ubyte.gz"), images);
-    gz(format!("{prefix}-labels-idx1-ubyte.gz"), labels);
+    write(format!("{prefix}-images{sep}idx3-ubyte"), images);
+    write(format!("{prefix}-labels{sep}idx1-ubyte"), labels);
+}
+
+#[test]
+fn idx_files_as_7zip_names_them_are_the_same_dataset() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_idx(a.path(), "train", 5);
+    write_idx(a.path(), "t10k", 3);
+    write_idx_named(b.path(), "train", 5, ".", false);
+    write_idx_named(b.path(), "t10k", 3, ".", true);
+    let (a, b) = (open(a.path()).unwrap(), open(b.path()).unwrap());
+    for split in ["train", "test"] {
+        let (a, b) = (a.split(split).unwrap(), b.split(split).unwrap());
+        assert_eq!((&a.images, &a.labels), (&b.images, &b.labels), "{split}");
+    }
+}
+
+#[test]
+fn idx_images_without_pixels_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_idx(dir.path(), "t10k", 3);
+    let mut images = vec![0, 0, 8, 3];
+    for v in [3u32, 0, 28] {
+        images.extend(v.to_be_bytes());
+    }
+    std::fs::write(dir.path().join("train-images-idx3-ubyte"), images).unwrap();
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend(3u32.to_be_bytes());
+    labels.extend([0, 1, 2]);
+    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), labels).unwrap();
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains("no pixels"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -499,4 +548,163 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A labelled split sorted by class, as a folder lists it: `counts[c]` images of class `c`,
+/// image `i` one pixel of red `i`.
+fn class_sorted_split(counts: &[usize]) -> Split {
+    let labels: Vec<u32> = (0..counts.len() as u32)
+        .flat_map(|c| vec![c; counts[c as usize]])
+        .collect();
+    let images = (0..labels.len())
+        .map(|i| RgbImage::from_pixel(1, 1, Rgb([i as u8, 0, 0])))
+        .collect();
+    Split::new("train", images, Some(labels))
+}
+
+#[test]
+fn subsets_are_drawn_per_class_seeded_and_counted() {
+    let classes = ["a".to_string(), "b".to_string()];
+    let split = class_sorted_split(&[90, 10]);
+    let eight = split.limit("data.train_limit", 8, 0, &classes).unwrap();
+    assert_eq!(eight.describe_counts(&classes), "a 7, b 1");
+    // Drawn by the seed: the same seed, the same images; another seed, others.
+    let again = split.limit("data.train_limit", 8, 0, &classes).unwrap();
+    assert_eq!(eight.images, again.images);
+    let other = split.limit("data.train_limit", 8, 1, &classes).unwrap();
+    assert_ne!(eight.images, other.images);
+    // In proportion, but every class keeps one image.
+    let shares: Vec<usize> = class_sorted_split(&[97, 2, 1])
+        .subset(5, 0)
+        .class_counts()
+        .into_values()
+        .collect();
+    assert_eq!(shares, [3, 1, 1]);
+    // A limit below the number of classes cannot keep them all: refused, named by its key.
+    let err = split
+        .limit("finetune.train_limit", 1, 0, &classes)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("finetune.train_limit = 1") && err.contains("2 classes"),
+        "{err}"
+    );
+    // A picture may show fewer images than classes; 0 is no limit.
+    assert_eq!(split.subset(1, 0).len(), 1);
+    assert_eq!(split.limit("k", 0, 0, &classes).unwrap().len(), 100);
+    // An unlabelled split keeps an even spread.
+    let unlabelled = Split::new("train", split.images.to_vec(), None);
+    let reds: Vec<u8> = unlabelled
+        .subset(4, 0)
+        .images
+        .iter()
+        .map(|i| i.get_pixel(0, 0).0[0])
+        .collect();
+    assert_eq!(reds, [0, 25, 50, 75]);
+}
+
+/// `root/<split>/<class>/<i>.png` for each (split, class, number of images).
+fn write_folder(root: &Path, layout: &[(&str, &str, usize)]) {
+    for &(split, class, n) in layout {
+        let dir = root.join(split).join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            common::pattern(i as u32)
+                .save(dir.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_test_class_the_training_split_lacks_is_refused_for_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(
+        dir.path(),
+        &[
+            ("train", "a", 2),
+            ("train", "b", 2),
+            ("train", "c", 2),
+            ("test", "a", 1),
+            ("test", "c", 1),
+            ("test", "d", 4),
+        ],
+    );
+    let ds = open(dir.path()).unwrap();
+    let (train, test) = (ds.split("train").unwrap(), ds.split("test").unwrap());
+    let err = check_eval_classes(train, test, &ds.classes)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("'d' (4 images)"), "{err}");
+    // A training class the test split lacks ('b') takes nothing from the score.
+    let labels = test.labels.as_ref().unwrap();
+    let known: Vec<usize> = (0..test.len()).filter(|&i| labels[i] != 3).collect();
+    let without_d = Split::new(
+        "test",
+        known.iter().map(|&i| test.images[i].clone()).collect(),
+        Some(known.iter().map(|&i| labels[i]).collect()),
+    );
+    check_eval_classes(train, &without_d, &ds.classes).unwrap();
+    // `data info` names the class each split lacks.
+    let info = ds.summary();
+    assert!(info.contains("split train lacks: d"), "{info}");
+    assert!(info.contains("split test lacks: b"), "{info}");
+}
+
+#[test]
+fn images_without_pixels_are_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path(), &[("a", "", 1), ("b", "", 1)]);
+    for (name, (w, h)) in [
+        ("a/none.ppm", (0, 0)),
+        ("a/flat.ppm", (40, 0)),
+        ("b/thin.ppm", (0, 40)),
+    ] {
+        std::fs::write(dir.path().join(name), format!("P6\n{w} {h}\n255\n")).unwrap();
+    }
+    let err = format!("{:#}", open(dir.path()).unwrap_err());
+    for name in ["none.ppm", "flat.ppm", "thin.ppm"] {
+        assert!(err.contains(name) && err.contains("no pixels"), "{err}");
+    }
+    let skipping = LoadOptions {
+        load_size: None,
+        skip_bad: true,
+    };
+    let ds = Dataset::open(dir.path(), &skipping).unwrap();
+    assert_eq!(ds.skipped.len(), 3);
+    assert_eq!(ds.split("train").unwrap().len(), 2);
+}
+
+#[test]
+fn a_load_size_of_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path(), &[("a", "", 1)]);
+    let zero = LoadOptions {
+        load_size: Some(0),
+        skip_bad: false,
+    };
+    let err = format!("{:#}", Dataset::open(dir.path(), &zero).unwrap_err());
+    assert!(err.contains("load_size") && err.contains('0'), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn folder_links_are_followed_a_cycle_skipped_and_a_dangling_one_named() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let (data, elsewhere) = (dir.path().join("data"), dir.path().join("elsewhere"));
+    write_folder(&data, &[("cat", "", 2)]);
+    write_folder(&elsewhere, &[("dog", "", 3)]);
+    common::pattern(9).save(elsewhere.join("c.png")).unwrap();
+    symlink(elsewhere.join("dog"), data.join("dog")).unwrap();
+    symlink(elsewhere.join("c.png"), data.join("cat/c.png")).unwrap();
+    symlink("..", data.join("cat/loop")).unwrap();
+    let (ok, out, err) = common::selfsup(&["data", "info", data.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("split train: 6 images"), "{out}");
+    assert!(out.contains("classes: 2"), "{out}");
+    assert!(err.contains("cat/loop") && err.contains("cycle"), "{err}");
+    symlink(dir.path().join("nowhere"), data.join("cat/gone")).unwrap();
+    let err = format!("{:#}", open(&data).unwrap_err());
+    assert!(err.contains("cat/gone") && err.contains("nowhere"), "{err}");
 }

@@ -314,4 +314,17 @@ fn attention_draws_the_maps_of_an_imported_vit() {
     // image | 1 head | mean | mask, 64 px panels.
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (4 * 68 + 4, 68 + 4));
+    // A size below one 16-px patch is refused, not rounded up to it.
+    let (ok, _, stderr) = selfsup(&[
+        "attention",
+        "--checkpoint",
+        run_dir.to_str().unwrap(),
+        "--image",
+        photo.to_str().unwrap(),
+        "--size",
+        "8",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("--size 8"), "{stderr}");
 }

@@ -241,7 +241,7 @@ fn resumed_run_continues_exactly_with_key_encoder_and_queue() {
         &LoadOptions::default(),
     )
     .unwrap();
-    let split = ds.split("train").unwrap().subset(64);
+    let split = ds.split("train").unwrap().subset(64, 0);
     let loader = Loader::new(
         split,
         Arc::new(Pipeline::preset("moco_v2", Sizes::small(32)).unwrap()),

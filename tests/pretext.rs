@@ -539,7 +539,7 @@ fn rotation_is_learned_on_real_images() {
         &LoadOptions::default(),
     )
     .unwrap();
-    let split = ds.split("train").unwrap().subset(256);
+    let split = ds.split("train").unwrap().subset(256, 0);
     let config = RotationConfig {};
     let loader = Loader::new(
         split,

@@ -20,7 +20,7 @@ fn cifar(n: usize) -> Split {
         &LoadOptions::default(),
     )
     .unwrap();
-    ds.split("train").unwrap().subset(n)
+    ds.split("train").unwrap().subset(n, 0)
 }
 
 fn config(epochs: usize) -> TrainConfig {

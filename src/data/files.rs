@@ -66,12 +66,16 @@ pub(crate) fn is_archive(path: &Path) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-/// Every file and folder under `root`, sorted by path, hidden ones (`.name`) left out.
+/// Every file and folder under `root`, sorted by path, hidden ones (`.name`) left out; links
+/// are followed (see [`walk`]).
 /// The single top folder that wraps everything (`cifar10/...`) is stripped.
 pub(crate) fn list(root: &Path) -> Result<Vec<Entry>> {
     let mut entries = if root.is_dir() {
         let mut out = Vec::new();
-        walk(root, "", &mut out)?;
+        let real = root
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", root.display()))?;
+        walk(root, "", &mut vec![real], &mut out)?;
         out
     } else if root.is_file() && is_archive(root) {
         read_archive(root)?
@@ -89,23 +93,55 @@ pub(crate) fn list(root: &Path) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<Entry>) -> Result<()> {
+/// Lists `dir` into `out`, following links to files and folders. `ancestors` holds the real
+/// paths of the folders above: a link back to one of them (a cycle) is skipped with a warning.
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    ancestors: &mut Vec<PathBuf>,
+    out: &mut Vec<Entry>,
+) -> Result<()> {
     let read = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     for item in read {
         let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = item.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
         let path = if prefix.is_empty() {
             name.clone()
         } else {
             format!("{prefix}/{name}")
         };
         let full = item.path();
-        if full.is_dir() {
+        let meta = match std::fs::metadata(&full) {
+            Ok(meta) => meta,
+            Err(_) if full.is_symlink() => bail!(
+                "{}: a link to {}, which does not exist",
+                full.display(),
+                std::fs::read_link(&full).unwrap_or_default().display()
+            ),
+            Err(e) => bail!("cannot read {}: {e}", full.display()),
+        };
+        if meta.is_dir() {
+            let real = full
+                .canonicalize()
+                .with_context(|| format!("cannot resolve {}", full.display()))?;
+            if ancestors.contains(&real) {
+                tracing::warn!(
+                    "{}: a link back to {} (a cycle), skipped",
+                    full.display(),
+                    real.display()
+                );
+                continue;
+            }
             out.push(Entry {
                 path: path.clone(),
                 content: Content::Dir,
             });
-            walk(&full, &path, out)?;
+            ancestors.push(real);
+            walk(&full, &path, ancestors, out)?;
+            ancestors.pop();
         } else {
             out.push(Entry {
                 path,

@@ -1,5 +1,6 @@
 //! MNIST / Fashion-MNIST idx files, raw or gzipped:
-//! `{train,t10k}-images-idx3-ubyte[.gz]` and `{train,t10k}-labels-idx1-ubyte[.gz]`.
+//! `{train,t10k}-images-idx3-ubyte[.gz]` and `{train,t10k}-labels-idx1-ubyte[.gz]`, or with a
+//! dot for the last dash (`t10k-images.idx3-ubyte`), as 7-zip unpacks them.
 //! Grayscale digits become RGB with three equal channels.
 
 use std::io::Read;
@@ -27,15 +28,18 @@ const FASHION: [&str; 10] = [
 pub(crate) fn detect(entries: &[Entry]) -> bool {
     entries
         .iter()
-        .any(|e| e.name().starts_with("train-images-idx3-ubyte"))
+        .any(|e| canonical(e.name()) == "train-images-idx3-ubyte")
+}
+
+/// A file's name as the official release spells it: no `.gz`, a dash before `idx`.
+fn canonical(name: &str) -> String {
+    let raw = name.strip_suffix(".gz").unwrap_or(name);
+    raw.replacen(".idx", "-idx", 1)
 }
 
 pub(crate) fn read(origin: &Path, entries: &[Entry]) -> Result<Dataset> {
     let load = |stem: &str| -> Result<Vec<u8>> {
-        let Some(e) = entries
-            .iter()
-            .find(|e| e.name() == stem || e.name() == format!("{stem}.gz"))
-        else {
+        let Some(e) = entries.iter().find(|e| canonical(e.name()) == stem) else {
             bail!("{}: idx release without {stem}[.gz]", origin.display());
         };
         let raw = e.bytes(origin)?;
@@ -97,6 +101,9 @@ fn header(file: &str, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize
 fn parse_images(file: &str, bytes: &[u8]) -> Result<Vec<RgbImage>> {
     let shape = header(file, bytes, 0x803, 3)?;
     let (h, w) = (shape[1], shape[2]);
+    if h == 0 || w == 0 {
+        bail!("{file}: images of {w}x{h}, with no pixels");
+    }
     Ok(bytes[16..]
         .chunks_exact(h * w)
         .map(|px| {

@@ -139,7 +139,8 @@ pub(crate) fn read(origin: &Path, entries: &[Entry], opts: &LoadOptions) -> Resu
     })
 }
 
-/// Decodes one image (format guessed from its bytes) to 8-bit RGB; with `load_size`, an image
+/// Decodes one image (format guessed from its bytes) to 8-bit RGB; an image without pixels
+/// (0 wide or high) is an error. With `load_size`, an image
 /// whose shorter side is longer than that is resized once so its shorter side equals it.
 pub fn decode(bytes: &[u8], load_size: Option<u32>) -> Result<RgbImage> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
@@ -147,6 +148,9 @@ pub fn decode(bytes: &[u8], load_size: Option<u32>) -> Result<RgbImage> {
         bail!("not an image file");
     }
     let img = reader.decode()?.to_rgb8();
+    if img.width() == 0 || img.height() == 0 {
+        bail!("has no pixels ({}x{})", img.width(), img.height());
+    }
     match load_size {
         Some(s) if img.width().min(img.height()) > s => {
             let scale = s as f64 / img.width().min(img.height()) as f64;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use image::RgbImage;
+use rand::SeedableRng;
 
 pub use cifar::{
     encode_records as encode_cifar_records, parse_records as parse_cifar_records, CIFAR10_CLASSES,
@@ -64,13 +65,21 @@ impl Split {
         self.images.is_empty()
     }
 
-    /// The first `n` images in an order that mixes the classes (every `len/n`-th image).
-    pub fn subset(&self, n: usize) -> Split {
+    /// `n` of the images (all if `n` is not below the split's size), in dataset order. A
+    /// labelled split is drawn per class, seeded: each class gets its share of `n` in proportion
+    /// to its images and, when `n` allows, at least one. An unlabelled split is spread evenly
+    /// (every `len/n`-th image).
+    pub fn subset(&self, n: usize, seed: u64) -> Split {
         if n >= self.len() {
             return self.clone();
         }
-        let stride = self.len() as f64 / n as f64;
-        let pick: Vec<usize> = (0..n).map(|i| (i as f64 * stride) as usize).collect();
+        let pick = match &self.labels {
+            Some(labels) => stratified(labels, n, seed),
+            None => {
+                let stride = self.len() as f64 / n as f64;
+                (0..n).map(|i| (i as f64 * stride) as usize).collect()
+            }
+        };
         let mut subset = Split::new(
             &self.name,
             pick.iter().map(|&i| self.images[i].clone()).collect(),
@@ -94,13 +103,52 @@ impl Split {
         }
     }
 
-    /// At most `n` images, as `subset` picks them; 0 keeps them all (a recipe's "no limit").
-    pub fn limit(&self, n: usize) -> Split {
-        if n == 0 {
-            self.clone()
-        } else {
-            self.subset(n)
+    /// At most `n` images to work on, as [`Split::subset`] draws them; 0 keeps them all (a
+    /// recipe's "no limit"). `key` names the limit in messages (`finetune.train_limit`), and
+    /// `classes` the labels. A labelled split is refused a limit below its number of classes:
+    /// a class left out would make every accuracy measured on it wrong. The per-class counts
+    /// taken are logged.
+    pub fn limit(&self, key: &str, n: usize, seed: u64, classes: &[String]) -> Result<Split> {
+        if n == 0 || n >= self.len() {
+            return Ok(self.clone());
         }
+        let present = self.class_counts().len();
+        if self.labels.is_some() && n < present {
+            bail!(
+                "{key} = {n}: split '{}' has {present} classes, so {n} images cannot hold one of each (use at least {present}, or 0 for all)",
+                self.name
+            );
+        }
+        let subset = self.subset(n, seed);
+        tracing::info!(
+            "{key} = {n}: {n} of the {} images of split '{}'{}",
+            self.len(),
+            self.name,
+            match subset.labels.is_some() {
+                true => format!(" ({})", subset.describe_counts(classes)),
+                false => String::new(),
+            }
+        );
+        Ok(subset)
+    }
+
+    /// Images per label, for the labels present (empty for an unlabelled split).
+    pub fn class_counts(&self) -> std::collections::BTreeMap<u32, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for &label in self.labels.iter().flat_map(|l| l.iter()) {
+            *counts.entry(label).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// The per-class counts as a user reads them: `cat 7, dog 1` (`classes` names the labels).
+    pub fn describe_counts(&self, classes: &[String]) -> String {
+        let counts: Vec<String> = self
+            .class_counts()
+            .iter()
+            .map(|(&label, n)| format!("{} {n}", class_name(classes, label)))
+            .collect();
+        counts.join(", ")
     }
 
     fn images_mut(&mut self) -> &mut Vec<RgbImage> {
@@ -114,6 +162,86 @@ impl Split {
     fn labels_mut(&mut self) -> &mut Vec<u32> {
         Arc::get_mut(self.labels.as_mut().expect("labelled split")).expect("split being built")
     }
+}
+
+/// The name of `label`, or the label itself where `classes` does not name it.
+fn class_name(classes: &[String], label: u32) -> String {
+    classes
+        .get(label as usize)
+        .cloned()
+        .unwrap_or_else(|| label.to_string())
+}
+
+/// The indices of `n` of `labels` (fewer than there are), in order: per class, in proportion
+/// to its images (largest remainders), at least one each when `n` allows, drawn by `seed`.
+fn stratified(labels: &[u32], n: usize, seed: u64) -> Vec<usize> {
+    let mut by_class: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, &label) in labels.iter().enumerate() {
+        by_class.entry(label).or_default().push(i);
+    }
+    let counts: Vec<usize> = by_class.values().map(Vec::len).collect();
+    let shares = shares(&counts, n);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut pick: Vec<usize> = by_class
+        .values()
+        .zip(shares)
+        .flat_map(|(members, share)| {
+            rand::seq::index::sample(&mut rng, members.len(), share)
+                .into_iter()
+                .map(|j| members[j])
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    pick.sort_unstable();
+    pick
+}
+
+/// `n` split over classes of `counts` images in proportion (largest remainders, ties to the
+/// first class); then, if `n` is at least the number of classes, a class left with none takes
+/// one from the largest share.
+fn shares(counts: &[usize], n: usize) -> Vec<usize> {
+    let total: usize = counts.iter().sum();
+    let mut shares: Vec<usize> = counts.iter().map(|&c| n * c / total).collect();
+    let mut by_remainder: Vec<usize> = (0..counts.len()).collect();
+    by_remainder.sort_by_key(|&i| std::cmp::Reverse(n * counts[i] % total));
+    let short = n - shares.iter().sum::<usize>();
+    for &i in &by_remainder[..short] {
+        shares[i] += 1;
+    }
+    if n >= counts.len() {
+        while let Some(empty) = shares.iter().position(|&s| s == 0) {
+            let largest = (0..shares.len())
+                .max_by_key(|&i| shares[i])
+                .expect("a class");
+            shares[largest] -= 1;
+            shares[empty] += 1;
+        }
+    }
+    shares
+}
+
+/// Checks that `train` holds images of every class of `test`: classes are matched by name, and
+/// a test image of a class the training split lacks can never be classified right, so an
+/// evaluation of it is refused, naming each such class and its images.
+pub fn check_eval_classes(train: &Split, test: &Split, classes: &[String]) -> Result<()> {
+    let known = train.class_counts();
+    let missing: Vec<String> = test
+        .class_counts()
+        .into_iter()
+        .filter(|(label, _)| !known.contains_key(label))
+        .map(|(label, n)| format!("'{}' ({n} images)", class_name(classes, label)))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "split '{}' has classes that split '{}' lacks: {}; no classifier or kNN bank trained on '{}' can name them (add their training images, or move them out of '{}')",
+            test.name,
+            train.name,
+            missing.join(", "),
+            train.name,
+            test.name
+        );
+    }
+    Ok(())
 }
 
 /// A decoded dataset.
@@ -134,6 +262,9 @@ impl Dataset {
     /// Reads and decodes the source at `path` (see the module docs for what it recognises), or
     /// the dataset `path` names (`cifar10`, `cifar100`, `fashion-mnist`; see [`resolve`]).
     pub fn open(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Dataset> {
+        if opts.load_size == Some(0) {
+            bail!("load size 0 (--load-size, data.load_size): images would keep no pixels");
+        }
         let named = match path.as_ref() {
             p if p.exists() => None,
             p => p.to_str().map(resolve).transpose()?.flatten(),
@@ -232,8 +363,15 @@ impl Dataset {
             if let Some(labels) = &split.labels {
                 let mut counts = vec![0usize; self.classes.len()];
                 labels.iter().for_each(|&l| counts[l as usize] += 1);
-                for (name, n) in self.classes.iter().zip(counts) {
+                for (name, n) in self.classes.iter().zip(&counts) {
                     let _ = writeln!(out, "  {name:<16} {n}");
+                }
+                let lacking: Vec<&str> = (self.classes.iter().zip(&counts))
+                    .filter(|(_, &n)| n == 0)
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                if !lacking.is_empty() {
+                    let _ = writeln!(out, "split {} lacks: {}", split.name, lacking.join(", "));
                 }
             }
         }

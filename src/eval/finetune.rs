@@ -41,7 +41,8 @@ pub struct FinetuneConfig {
     pub layer_decay: f64,
     pub weight_decay: f64,
     pub warmup_epochs: f64,
-    /// Labelled training images used (0: all).
+    /// Labelled training images used (0: all), drawn per class by
+    /// [`crate::pretrain::finetune_accuracy`] before it calls [`finetune`].
     pub train_limit: usize,
     /// Stochastic depth rate of a ViT's blocks (MAE: 0.1 for ViT-B); a ResNet has none.
     pub drop_path: f64,
@@ -149,7 +150,6 @@ pub fn finetune(
     device: &Device,
 ) -> Result<FineTuned> {
     config.check()?;
-    let train = train.limit(config.train_limit);
     let ad = device.clone().autodiff();
     // MAE: trunc_normal_(head.weight, std=2e-5), a zero bias.
     let head = classifier_head(feature_dim, classes, 2e-5, &ad);

@@ -57,7 +57,8 @@ pub struct LinearEvalConfig {
     pub stage: usize,
     /// Batch norm without affine parameters before the classifier (MAE's linear probe).
     pub batch_norm: bool,
-    /// Labelled training images used (0: all).
+    /// Labelled training images used (0: all), drawn per class by
+    /// [`crate::pretrain::linear_eval_accuracy`] before it calls [`linear_eval`].
     pub train_limit: usize,
 }
 
@@ -230,7 +231,6 @@ pub fn linear_eval(
 ) -> Result<Accuracy> {
     config.check()?;
     let frozen = backbone.valid().to_device(device);
-    let train = train.limit(config.train_limit);
     let loader = Loader::new(
         train.clone(),
         Arc::new(augment.clone()),
