@@ -24,7 +24,7 @@ pub struct Event {
     pub wall_time: f64,
     #[prost(int64, tag = "2")]
     pub step: i64,
-    #[prost(oneof = "What", tags = "3, 5")]
+    #[prost(oneof = "What", tags = "3, 5, 6")]
     pub what: Option<What>,
 }
 
@@ -36,6 +36,30 @@ pub enum What {
     FileVersion(String),
     #[prost(message, tag = "5")]
     Summary(Summary),
+    #[prost(message, tag = "6")]
+    SessionLog(SessionLog),
+}
+
+/// `tensorflow.SessionLog`: a session's start, stop or checkpoint.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionLog {
+    #[prost(enumeration = "SessionStatus", tag = "1")]
+    pub status: i32,
+    #[prost(string, tag = "2")]
+    pub checkpoint_path: String,
+    #[prost(string, tag = "3")]
+    pub msg: String,
+}
+
+/// `tensorflow.SessionLog.SessionStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum SessionStatus {
+    StatusUnspecified = 0,
+    /// A (re)start: TensorBoard drops the events of earlier files at this step or later.
+    Start = 1,
+    Stop = 2,
+    Checkpoint = 3,
 }
 
 /// `tensorflow.Summary`: tagged values of one step.
