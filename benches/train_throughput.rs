@@ -96,13 +96,10 @@ fn run_case(name: &str, steps: usize, text: &str) {
         let _ = std::fs::remove_dir_all(&out);
         selfsup::pretrain::pretrain(&r, &dataset, &out, &device, false).expect("training");
         // The img/s of the last step: images over the epoch's wall time so far.
-        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-        let last = metrics
-            .lines()
-            .rfind(|l| l.contains("\"kind\":\"step\""))
-            .unwrap();
-        let line: serde_json::Value = serde_json::from_str(last).unwrap();
-        line["img_per_s"].as_f64().unwrap()
+        let metrics =
+            selfsup::train::metrics::read(&out.join(selfsup::train::metrics::FILE)).unwrap();
+        let last = metrics.iter().rfind(|r| r["kind"] == "step").unwrap();
+        last["img_per_s"].as_f64().unwrap()
     };
     run("warmup", 2);
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());

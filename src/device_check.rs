@@ -271,9 +271,8 @@ impl ModuleMapper for Tf32Weights {
 
 /// `img_per_s` of the last epoch line of a run's metrics.jsonl.
 fn last_epoch_rate(out: &std::path::Path) -> Result<f64> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    crate::train::metrics::read(&out.join(crate::train::metrics::FILE))?
+        .into_iter()
         .filter(|v| v["kind"] == "epoch")
         .filter_map(|v| v["img_per_s"].as_f64())
         .last()

@@ -16,7 +16,6 @@ use crate::data::{check_eval_classes, Dataset, Loader, Split};
 use crate::eval::{self, Accuracy, Features};
 use crate::methods::MethodConfig;
 use crate::models::{init_seeded, Backbone};
-use crate::train::events::EventWriter;
 use crate::train::{self, Method, Scalars, Trainer, Which};
 
 /// The device named on the command line: `cpu` (burn's flex backend, always built),
@@ -271,14 +270,17 @@ pub fn pretrain(
         _ => None,
     };
     let pipeline = recipe.augment.build()?;
-    // The run's pictures, as PNG files and TensorBoard images: its views now, and what MAE and
-    // inpainting paint at the end.
-    let pictures = EventWriter::create(out)?;
+    // The run's pictures, as PNG files and TensorBoard images: its views now (in TensorBoard,
+    // once: a resumed run's earlier session showed them), and what MAE and inpainting paint at
+    // the end.
+    let pictures = train::session_events(out)?;
     let sample = train_split.subset(8, recipe.seed);
     let sample: Vec<&RgbImage> = sample.images.iter().collect();
     let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
     crate::viz::save_png(&views, &out.join("views.png"))?;
-    pictures.image(0, "views", &views)?;
+    if latest.is_none() {
+        pictures.image(0, "views", &views)?;
+    }
     let loader = Loader::new(
         train_split.clone(),
         recipe.method.augment(pipeline),

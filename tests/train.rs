@@ -1,9 +1,11 @@
 //! The trainer on real CIFAR-10 images with a small SimCLR: the loss falls, a resumed run
-//! continues bit for bit, a checkpoint cut off mid-write is ignored, a NaN stops the run.
+//! continues bit for bit, a checkpoint cut off mid-write is ignored, a NaN stops the run, and
+//! a run killed past its checkpoint logs each step once after its resume.
 
 mod common;
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::module::Module;
@@ -12,6 +14,7 @@ use selfsup::augment::{Pipeline, Sizes};
 use selfsup::data::{Dataset, LoadOptions, Loader, Split};
 use selfsup::methods::{SimClr, SimclrConfig};
 use selfsup::models::{init_seeded, Backbone, BackboneConfig, ResNetConfig, Stem};
+use selfsup::train::events::{read_events, Kind, SessionStatus, What};
 use selfsup::train::{checkpoint, Method, Progress, Report, StepOutput, TrainConfig, Trainer};
 
 fn cifar(n: usize) -> Split {
@@ -145,14 +148,9 @@ fn assert_same_state<M: Module>(a: &M, b: &M) {
 
 #[test]
 fn metrics_reach_tensorboard_event_files() {
-    use selfsup::train::events::{read_events, Kind, What};
     let dir = tempfile::tempdir().unwrap();
     train(64, 2, dir.path());
-    let files: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("tfevents"))
-        .collect();
+    let files = event_files(dir.path());
     assert_eq!(files.len(), 1, "{files:?}");
     // The framing TensorFlow writes: the first record (24 bytes of Event) and the masked CRC32C
     // of its length as TensorBoard's own reader computes it (masked_crc32c in
@@ -169,15 +167,16 @@ fn metrics_reach_tensorboard_event_files() {
         events[0].what,
         Some(What::FileVersion("brain.Event:2".into()))
     );
-    // Every step's loss, at its step, as in metrics.jsonl.
+    // Every step's loss, at its step, as in metrics.jsonl; an epoch's at the step that ends it.
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let mut steps = 0;
     for line in metrics.lines() {
         let line: serde_json::Value = serde_json::from_str(line).unwrap();
-        let (tag, at) = match line["kind"].as_str().unwrap() {
-            "step" => ("train/loss", line["step"].as_i64().unwrap()),
-            _ => ("epoch/loss", line["epoch"].as_i64().unwrap()),
+        let tag = match line["kind"].as_str().unwrap() {
+            "step" => "train/loss",
+            _ => "epoch/loss",
         };
+        let at = line["step"].as_i64().unwrap();
         let logged = events.iter().find_map(|e| match &e.what {
             Some(What::Summary(s)) if e.step == at => {
                 s.value.iter().find_map(|v| match (&v.kind, v.tag == tag) {
@@ -309,4 +308,177 @@ fn bad_training_values_are_named() {
         selfsup::config::Recipe::parse(&text.replace("name = \"simclr\"", "name = \"simclr3\""))
             .unwrap_err();
     assert!(format!("{err:#}").contains("simclr3"), "{err:#}");
+}
+
+/// A folder's TensorBoard event files, in name order: the order TensorBoard reads them in.
+fn event_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The scalars `(tag, step, value)` TensorBoard shows of a run folder: its event files read in
+/// name order, each session start dropping what was read before at its step or later (the
+/// event accumulator's `_CheckForRestartAndMaybePurge`).
+fn tensorboard_scalars(dir: &Path) -> Vec<(String, i64, f32)> {
+    let mut shown: Vec<(String, i64, f32)> = vec![];
+    for file in event_files(dir) {
+        for event in read_events(&file).unwrap() {
+            match event.what {
+                Some(What::SessionLog(log)) if log.status == SessionStatus::Start as i32 => {
+                    shown.retain(|(_, step, _)| *step < event.step)
+                }
+                Some(What::Summary(summary)) => {
+                    for value in summary.value {
+                        if let Some(Kind::SimpleValue(x)) = value.kind {
+                            shown.push((value.tag, event.step, x));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    shown
+}
+
+/// Cuts a line of `dir`'s metrics.jsonl off, as a kill while it is written does.
+fn tear_the_log(dir: &Path) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("metrics.jsonl"))
+        .unwrap()
+        .write_all(br#"{"kind":"step","epoch":1,"st"#)
+        .unwrap();
+}
+
+/// The run in `dir` logged steps 1..=`steps` and epochs 1..=`epochs` once each, in order, in
+/// metrics.jsonl and in what TensorBoard shows (an epoch at the step that ends it), with the
+/// same values.
+fn assert_logged_once(dir: &Path, steps: i64, epochs: i64) {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let numbers = |kind: &str| -> Vec<i64> {
+        let of_kind = records.iter().filter(|r| r["kind"] == kind);
+        of_kind.map(|r| r[kind].as_i64().unwrap()).collect()
+    };
+    assert_eq!(numbers("step"), (1..=steps).collect::<Vec<_>>(), "{text}");
+    assert_eq!(numbers("epoch"), (1..=epochs).collect::<Vec<_>>(), "{text}");
+
+    let shown = tensorboard_scalars(dir);
+    let shown_at = |tag: &str| -> Vec<(i64, f32)> {
+        let of_tag = shown.iter().filter(|(t, _, _)| t == tag);
+        of_tag.map(|&(_, step, x)| (step, x)).collect()
+    };
+    let logged = |kind: &str| -> Vec<(i64, f32)> {
+        let of_kind = records.iter().filter(|r| r["kind"] == kind);
+        of_kind
+            .map(|r| {
+                (
+                    r["step"].as_i64().unwrap(),
+                    r["loss"].as_f64().unwrap() as f32,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(shown_at("train/loss"), logged("step"));
+    assert_eq!(shown_at("epoch/loss"), logged("epoch"));
+}
+
+#[test]
+fn a_run_killed_past_its_checkpoint_logs_each_step_once_after_its_resume() {
+    // Issue 28: after a kill and a resume, metrics.jsonl held the steps past the checkpoint
+    // twice (and a record glued onto the line the kill cut off), TensorBoard showed them twice,
+    // and `report` failed on the cut line for good.
+    let split = cifar(64);
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(4);
+    c.checkpoint_every = 2;
+    let faulty = |nan_from| Faulty {
+        inner: simclr(&dev),
+        nan_from,
+    };
+    // Stopped in epoch 4 with the checkpoint of epoch 2 (step 4): steps 5-7 and epoch 3 were
+    // logged past it, then a line was cut off.
+    trainer(c.clone(), dir.path())
+        .run(faulty(7), &loader(&split))
+        .unwrap_err();
+    let latest = checkpoint::latest(dir.path()).unwrap().unwrap();
+    assert_eq!(checkpoint::state(&latest).unwrap().step, 4);
+    tear_the_log(dir.path());
+    // Its curves can still be drawn.
+    selfsup::viz::report(dir.path(), &dir.path().join("report.png")).unwrap();
+
+    trainer(c, dir.path())
+        .run(faulty(usize::MAX), &loader(&split))
+        .unwrap();
+    assert_logged_once(dir.path(), 8, 4);
+    assert_eq!(
+        event_files(dir.path()).len(),
+        2,
+        "one event file per session"
+    );
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_starts_its_log_afresh() {
+    let split = cifar(64);
+    let dev = Device::flex().autodiff();
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = |nan_from| Faulty {
+        inner: simclr(&dev),
+        nan_from,
+    };
+    // Step 1 logged, no checkpoint yet, a line cut off.
+    trainer(config(2), dir.path())
+        .run(faulty(1), &loader(&split))
+        .unwrap_err();
+    assert!(checkpoint::latest(dir.path()).unwrap().is_none());
+    tear_the_log(dir.path());
+
+    trainer(config(2), dir.path())
+        .run(faulty(usize::MAX), &loader(&split))
+        .unwrap();
+    assert_logged_once(dir.path(), 4, 2);
+}
+
+#[test]
+fn a_sessions_event_file_sorts_after_the_earlier_ones() {
+    // TensorBoard reads a folder's event files in name order, and a session's start drops only
+    // what it read before: a resumed session's file must sort last, even when the one before
+    // was named by a clock ahead of this one (or in the same second by a later-sorting host).
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let before = format!("events.out.tfevents.{}.zz-host.99999.0.selfsup", now + 60);
+    std::fs::write(dir.path().join(&before), b"").unwrap();
+    selfsup::train::events::EventWriter::create(dir.path()).unwrap();
+    let files = event_files(dir.path());
+    assert_eq!(files.len(), 2);
+    assert_eq!(files[0].file_name().unwrap().to_string_lossy(), before);
+}
+
+#[test]
+fn readers_of_metrics_skip_a_torn_last_line_and_name_a_corrupt_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, png) = (dir.path().join("metrics.jsonl"), dir.path().join("r.png"));
+    let good = "{\"kind\":\"step\",\"epoch\":1,\"step\":1,\"loss\":2.0}\n\
+                {\"kind\":\"step\",\"epoch\":1,\"step\":2,\"loss\":1.5}\n";
+    std::fs::write(&log, good).unwrap();
+    tear_the_log(dir.path());
+    selfsup::viz::report(dir.path(), &png).unwrap();
+    // A line cut off inside the log is no kill's doing: an error that names it.
+    std::fs::write(&log, format!("{good}{{\"kind\":\"st\n{good}")).unwrap();
+    let err = format!("{:#}", selfsup::viz::report(dir.path(), &png).unwrap_err());
+    assert!(err.contains("metrics.jsonl line 3"), "{err}");
 }

@@ -24,7 +24,7 @@ pub struct Event {
     pub wall_time: f64,
     #[prost(int64, tag = "2")]
     pub step: i64,
-    #[prost(oneof = "What", tags = "3, 5")]
+    #[prost(oneof = "What", tags = "3, 5, 6")]
     pub what: Option<What>,
 }
 
@@ -36,6 +36,30 @@ pub enum What {
     FileVersion(String),
     #[prost(message, tag = "5")]
     Summary(Summary),
+    #[prost(message, tag = "6")]
+    SessionLog(SessionLog),
+}
+
+/// `tensorflow.SessionLog`: a session's start, stop or checkpoint.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionLog {
+    #[prost(enumeration = "SessionStatus", tag = "1")]
+    pub status: i32,
+    #[prost(string, tag = "2")]
+    pub checkpoint_path: String,
+    #[prost(string, tag = "3")]
+    pub msg: String,
+}
+
+/// `tensorflow.SessionLog.SessionStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum SessionStatus {
+    StatusUnspecified = 0,
+    /// A (re)start: TensorBoard drops the events of earlier files at this step or later.
+    Start = 1,
+    Stop = 2,
+    Checkpoint = 3,
 }
 
 /// `tensorflow.Summary`: tagged values of one step.
@@ -90,8 +114,8 @@ fn now() -> f64 {
 }
 
 /// Appends events to a new `events.out.tfevents.<time>.<host>.<pid>.<n>.selfsup` file in a
-/// folder. Clones write into the same file (a run's metrics and its pictures: TensorBoard's
-/// reader follows one file at a time).
+/// folder, one a session, as TensorFlow's writers do. Clones write into the same file (a
+/// session's metrics and its pictures: TensorBoard's reader follows one file at a time).
 #[derive(Clone)]
 pub struct EventWriter {
     file: Arc<Mutex<BufWriter<File>>>,
@@ -99,8 +123,9 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// A new event file in `dir` (a run that resumes writes a second one; TensorBoard reads
-    /// every event file of a folder, in order).
+    /// A new event file in `dir`, named to sort after the folder's earlier ones: TensorBoard
+    /// reads a folder's event files in name order, and a session's start (see
+    /// [`start_session`](Self::start_session)) only drops what it has read before.
     pub fn create(dir: &Path) -> Result<Self> {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
@@ -115,8 +140,8 @@ impl EventWriter {
         static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!(
-            "events.out.tfevents.{}.{host}.{}.{n}.selfsup",
-            time as u64,
+            "{PREFIX}{}.{host}.{}.{n}.selfsup",
+            name_time(dir, time as u64),
             std::process::id()
         ));
         let file =
@@ -131,6 +156,21 @@ impl EventWriter {
             what: Some(What::FileVersion("brain.Event:2".into())),
         })?;
         Ok(writer)
+    }
+
+    /// Marks where this session logs from, as TensorFlow's writers do on a restart: TensorBoard
+    /// drops what it read before this event (the folder's earlier event files) at `step` or
+    /// later, the steps that a run killed past its checkpoint logs again once resumed.
+    pub fn start_session(&self, step: usize) -> Result<()> {
+        let start = SessionLog {
+            status: SessionStatus::Start as i32,
+            ..SessionLog::default()
+        };
+        self.write(&Event {
+            wall_time: now(),
+            step: step as i64,
+            what: Some(What::SessionLog(start)),
+        })
     }
 
     /// Scalars `(tag, value)` at `step`, in one event.
@@ -189,6 +229,27 @@ impl EventWriter {
         file.flush()
             .with_context(|| format!("cannot write {}", self.path.display()))
     }
+}
+
+/// How every event file's name starts.
+const PREFIX: &str = "events.out.tfevents.";
+
+/// The time in a new event file's name in `dir`: `now`, or one past the latest in the names of
+/// the folder's event files when that is later (a session started in the same second, or by a
+/// clock ahead of this one), so that the new file sorts last.
+fn name_time(dir: &Path, now: u64) -> u64 {
+    let names = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    let times = names.filter_map(|entry| {
+        let name = entry.file_name().into_string().ok()?;
+        name.strip_prefix(PREFIX)?
+            .split('.')
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    times
+        .max()
+        .map_or(now, |latest| now.max(latest.saturating_add(1)))
 }
 
 /// Every event of an event file, its framing and both CRCs of each record checked.

@@ -1,7 +1,7 @@
 //! One trainer for every method: epochs of batches, the optimiser step under a warm-up + cosine
 //! schedule, gradient accumulation, checkpoints with exact resume, metrics as JSONL and
-//! TensorBoard events, progress,
-//! and a stop with a clear error on a non-finite loss.
+//! TensorBoard events (each step once, also after a kill and a resume), progress, and a stop
+//! with a clear error on a non-finite loss.
 //!
 //! The trainer knows the [`Method`] interface, not the methods. Teachers, queues and centres
 //! live inside a method (a burn module) and are updated by [`Method::after_step`]; a second
@@ -9,9 +9,9 @@
 
 pub mod checkpoint;
 pub mod events;
+pub mod metrics;
 pub mod optim;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -25,6 +25,7 @@ use crate::config::{at_least_one, not_negative, positive};
 use crate::data::Loader;
 use crate::models::Backbone;
 pub use checkpoint::TrainState;
+use metrics::Metrics;
 pub use optim::{LrScaling, OptimConfig, OptimizerKind};
 
 /// Named scalars worth logging (pretext accuracy, teacher entropy, embedding std, ...).
@@ -244,8 +245,8 @@ pub struct Trainer<'a> {
     pub monitor: Option<&'a dyn Fn(&Backbone) -> Result<Scalars>>,
     /// Show a progress bar.
     pub progress: bool,
-    /// The run's TensorBoard event file, when the caller writes into it too (pictures); by
-    /// default the trainer starts one.
+    /// The session's TensorBoard event file from [`session_events`], when the caller writes
+    /// into it too (pictures); by default the trainer starts one.
     pub events: Option<events::EventWriter>,
 }
 
@@ -316,9 +317,9 @@ impl<'a> Trainer<'a> {
         let warmup = (c.warmup_epochs * steps_per_epoch as f64).round() as usize;
         let events = match &self.events {
             Some(e) => e.clone(),
-            None => events::EventWriter::create(&self.out)?,
+            None => session_events(&self.out)?,
         };
-        let mut metrics = Metrics::open(&self.out, events)?;
+        let mut metrics = Metrics::open(&self.out, &state, events)?;
         let mut report = Report::default();
 
         while state.epoch < until.min(c.epochs) {
@@ -416,7 +417,7 @@ impl<'a> Trainer<'a> {
             let mean_loss = (loss_sum / micro.max(1) as f64) as f32;
             state.epoch += 1;
             state.epoch_losses.push(mean_loss);
-            let mut line = serde_json::json!({"kind": "epoch", "epoch": state.epoch, "loss": mean_loss, "img_per_s": images as f64 / started.elapsed().as_secs_f64()});
+            let mut line = serde_json::json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "loss": mean_loss, "img_per_s": images as f64 / started.elapsed().as_secs_f64()});
             for (name, s) in &sums {
                 line[*name] = serde_json::json!(s / micro.max(1) as f64);
             }
@@ -459,40 +460,18 @@ fn finite_features<M: Method>(method: &M, x: Tensor<4>, out: &Path, epoch: usize
     Ok(())
 }
 
-/// Appends each metrics line to `metrics.jsonl` and its numbers to a TensorBoard event file:
-/// a step's as `train/<name>` at that step, an epoch's as `epoch/<name>` at that epoch.
-struct Metrics {
-    file: std::fs::File,
-    events: events::EventWriter,
-}
-
-impl Metrics {
-    fn open(out: &Path, events: events::EventWriter) -> Result<Self> {
-        let path = out.join("metrics.jsonl");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Metrics { file, events })
-    }
-
-    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{line}")?;
-        let (group, at) = match line["kind"].as_str() {
-            Some("step") => ("train", &line["step"]),
-            _ => ("epoch", &line["epoch"]),
-        };
-        let scalars: Vec<(String, f32)> = line
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(name, _)| !matches!(name.as_str(), "kind" | "epoch" | "step"))
-            .filter_map(|(name, v)| Some((format!("{group}/{name}"), v.as_f64()? as f32)))
-            .collect();
-        self.events
-            .scalars(at.as_u64().unwrap_or(0) as usize, &scalars)
-    }
+/// A new TensorBoard event file for a session of the run in `out`. It opens with a session
+/// start where the session logs from: step 0 for a fresh run, one past the latest checkpoint's
+/// step for a resumed one; TensorBoard then drops what an earlier session, killed, logged from
+/// there on.
+pub fn session_events(out: &Path) -> Result<events::EventWriter> {
+    let first = match checkpoint::latest(out)? {
+        Some(dir) => checkpoint::state(&dir)?.step + 1,
+        None => 0,
+    };
+    let events = events::EventWriter::create(out)?;
+    events.start_session(first)?;
+    Ok(events)
 }
 
 /// The loss and the scalars of a step, read from the device in one transfer; a device operation

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Once;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use plotters::prelude::*;
+
+use crate::train::metrics;
 
 /// One curve: its name, what its x counts, and its points.
 struct Series {
@@ -17,14 +19,12 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-/// The curves of a run's `metrics.jsonl`, in the order their names first appear.
-fn series(metrics: &str) -> Result<Vec<Series>> {
+/// The curves of a run's `metrics.jsonl` records, in the order their names first appear.
+fn series(metrics: &[serde_json::Value]) -> Vec<Series> {
     let mut steps: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut epochs: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut order: Vec<(bool, String)> = vec![];
-    for (i, line) in metrics.lines().enumerate() {
-        let line: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("metrics.jsonl line {}", i + 1))?;
+    for line in metrics {
         let per_step = line["kind"] == "step";
         let at = if per_step {
             &line["step"]
@@ -44,7 +44,7 @@ fn series(metrics: &str) -> Result<Vec<Series>> {
             table.entry(name.clone()).or_default().push((at, v));
         }
     }
-    Ok(order
+    order
         .into_iter()
         // An epoch's mean of a per-step number adds nothing to the step curve.
         .filter(|(per_step, name)| *per_step || !steps.contains_key(name))
@@ -53,15 +53,20 @@ fn series(metrics: &str) -> Result<Vec<Series>> {
             x_label: if per_step { "step" } else { "epoch" },
             name,
         })
-        .collect())
+        .collect()
 }
 
 /// Draws the curves of the run folder `run` into the PNG `out`.
 pub fn report(run: &Path, out: &Path) -> Result<()> {
-    let path = run.join("metrics.jsonl");
-    let metrics = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} is not a run folder (no metrics.jsonl)", run.display()))?;
-    let all = series(&metrics)?;
+    let path = run.join(metrics::FILE);
+    if !path.exists() {
+        bail!(
+            "{} is not a run folder (no {})",
+            run.display(),
+            metrics::FILE
+        );
+    }
+    let all = series(&metrics::read(&path)?);
     if all.is_empty() {
         bail!("{} holds no metrics yet", path.display());
     }
