@@ -388,6 +388,7 @@ fn idx_files_read_as_rgb() {
 
 /// Debian's `dataset-fashion-mnist` (installed by .ci/run): the real files users have.
 #[test]
+#[ignore = "needs Debian's package dataset-fashion-mnist (.ci/run installs it): cargo test -- --ignored"]
 fn fashion_mnist_from_debian() {
     let dir = Path::new("/usr/share/datasets/fashion-mnist");
     assert!(
@@ -398,6 +399,13 @@ fn fashion_mnist_from_debian() {
     assert_eq!(ds.split("train").unwrap().len(), 60000);
     assert_eq!(ds.split("test").unwrap().len(), 10000);
     assert_eq!(ds.classes[9], "ankle-boot");
+    // Found by name where the package puts it, with no copy in the data folder.
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, out, err) = info_by_name("fashion-mnist", &[("SELFSUP_DATA", empty.path())], None);
+    assert!(
+        ok && out.contains("split train: 60000 images"),
+        "{out}{err}"
+    );
 }
 
 /// Serves `body` once per connection; with `short`, promises more bytes than it sends.
@@ -472,14 +480,16 @@ fn downloader_verifies_length_and_checksum() {
 /// `selfsup data info NAME` with the given environment: (ok, stdout, stderr).
 fn info_by_name(name: &str, env: &[(&str, &Path)], mirror: Option<&str>) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_selfsup"));
+    // A mirror no one serves unless one is given: no test reaches the network.
     cmd.args(["data", "info", name])
         .env_remove("SELFSUP_DATA")
-        .env_remove("SELFSUP_DATA_MIRROR");
+        .env_remove("SELFSUP_SYSTEM_DATASETS")
+        .env(
+            "SELFSUP_DATA_MIRROR",
+            mirror.unwrap_or("http://127.0.0.1:9"),
+        );
     for (k, v) in env {
         cmd.env(k, v);
-    }
-    if let Some(m) = mirror {
-        cmd.env("SELFSUP_DATA_MIRROR", m);
     }
     let out = cmd.output().unwrap();
     (
@@ -528,13 +538,39 @@ fn datasets_by_name_come_from_the_data_folder_or_a_download() {
     }
     let left: Vec<_> = walk_files(empty.path());
     assert!(left.is_empty(), "{left:?}");
+}
 
-    // Debian's Fashion-MNIST package is a local copy too.
-    let (ok, out, err) = info_by_name("fashion-mnist", &[("SELFSUP_DATA", empty.path())], None);
+#[test]
+fn fashion_mnist_by_name_comes_from_debians_package_folder() {
+    // The layout dataset-fashion-mnist installs: the four gzipped idx files in
+    // <system datasets>/fashion-mnist/ (/usr/share/datasets unless SELFSUP_SYSTEM_DATASETS).
+    let system = tempfile::tempdir().unwrap();
+    let package = system.path().join("fashion-mnist");
+    std::fs::create_dir_all(&package).unwrap();
+    write_idx(&package, "train", 6);
+    write_idx(&package, "t10k", 2);
+    let empty = tempfile::tempdir().unwrap();
+    let env = [
+        ("SELFSUP_DATA", empty.path()),
+        ("SELFSUP_SYSTEM_DATASETS", system.path()),
+    ];
+    let (ok, out, err) = info_by_name("fashion-mnist", &env, None);
+    assert!(ok, "{err}");
     assert!(
-        ok && out.contains("split train: 60000 images"),
-        "{out}{err}"
+        out.contains(&format!("source: {}", package.display())),
+        "{out}"
     );
+    assert!(
+        out.contains("split train: 6 images, 28x28x3") && out.contains("split test: 2 images"),
+        "{out}"
+    );
+    assert!(out.contains("ankle-boot"), "{out}");
+
+    // Without the package (nor a copy, nor a download), the error names where it looked.
+    std::fs::remove_dir_all(&package).unwrap();
+    let (ok, _, err) = info_by_name("fashion-mnist", &env, None);
+    assert!(!ok, "{err}");
+    assert!(err.contains(&package.display().to_string()), "{err}");
 }
 
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {

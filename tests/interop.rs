@@ -297,7 +297,7 @@ fn attention_draws_the_maps_of_an_imported_vit() {
     )
     .unwrap();
     let png = tmp.path().join("attn.png");
-    let photo = common::shared_data().join("photos/astronaut.png");
+    let photo = common::test_data().join("photos/astronaut.png");
     let (ok, stdout, stderr) = selfsup(&[
         "attention",
         "--checkpoint",

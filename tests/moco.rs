@@ -12,7 +12,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::augment::{Pipeline, Sizes};
-use selfsup::data::{Dataset, LoadOptions, Loader};
+use selfsup::data::Loader;
 use selfsup::methods::moco::{enqueue, shuffle_order};
 use selfsup::methods::{Moco, MocoConfig};
 use selfsup::models::{ema_update, init_seeded, momentum_copy, BackboneConfig, ResNetConfig, Stem};
@@ -236,12 +236,7 @@ fn shuffle_bn_normalises_a_key_with_other_images_than_its_query() {
 
 #[test]
 fn resumed_run_continues_exactly_with_key_encoder_and_queue() {
-    let ds = Dataset::open(
-        common::shared_data().join("cifar10-jpeg.tar.gz"),
-        &LoadOptions::default(),
-    )
-    .unwrap();
-    let split = ds.split("train").unwrap().subset(64, 0);
+    let split = common::cifar10_train(64);
     let loader = Loader::new(
         split,
         Arc::new(Pipeline::preset("moco_v2", Sizes::small(32)).unwrap()),

@@ -3,9 +3,10 @@
 //! `cifar10`, `cifar100` and `fashion-mnist` name datasets wherever a data source is asked for
 //! (`--data cifar10`, `source = "cifar10"` in a recipe). A name resolves to a copy in the data
 //! folder ([`data_dir`]: `$SELFSUP_DATA`, else the platform's cache folder) when one is there, in
-//! any of the forms it is published or shared in; otherwise the official files are downloaded
-//! into that folder once. Archives are kept as they are: [`super::Dataset::open`] reads `.tar.gz`
-//! files directly.
+//! any of the forms it is published or shared in, or where a system package installed it
+//! ([`system_datasets`]: Debian's `/usr/share/datasets`); otherwise the official files are
+//! downloaded into the data folder once. Archives are kept as they are:
+//! [`super::Dataset::open`] reads `.tar.gz` files directly.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -59,11 +60,13 @@ const FASHION_MNIST: [Archive; 4] = [
 ];
 
 /// A dataset known by name: the forms a local copy may take in the data folder (files or
-/// folders, first found wins; also absolute places such as Debian's package), and the official
-/// files to download (into `folder` of the data folder when set).
+/// folders, first found wins), the folder a system package installs it in (under
+/// [`system_datasets`]), and the official files to download (into `folder` of the data folder
+/// when set).
 struct Known {
     name: &'static str,
     local: &'static [&'static str],
+    system: Option<&'static str>,
     files: &'static [Archive],
     folder: Option<&'static str>,
 }
@@ -77,18 +80,22 @@ const KNOWN: [Known; 3] = [
             "cifar-10-binary.tar.gz",
             "cifar-10-batches-bin",
         ],
+        system: None,
         files: &[CIFAR10_BINARY],
         folder: None,
     },
     Known {
         name: "cifar100",
         local: &["cifar-100-binary.tar.gz", "cifar-100-binary"],
+        system: None,
         files: &[CIFAR100_BINARY],
         folder: None,
     },
     Known {
         name: "fashion-mnist",
-        local: &["fashion-mnist", "/usr/share/datasets/fashion-mnist"],
+        local: &["fashion-mnist"],
+        // Debian's package dataset-fashion-mnist.
+        system: Some("fashion-mnist"),
         files: &FASHION_MNIST,
         folder: Some("fashion-mnist"),
     },
@@ -99,6 +106,12 @@ const DATA_ENV: &str = "SELFSUP_DATA";
 /// The environment variable naming a mirror to download from instead of the publishers (its
 /// URL with each file's name appended).
 const MIRROR_ENV: &str = "SELFSUP_DATA_MIRROR";
+/// The environment variable naming the folder system packages install datasets in, in place
+/// of [`SYSTEM_DATASETS`] (tests point it at a folder they build in that layout).
+const SYSTEM_ENV: &str = "SELFSUP_SYSTEM_DATASETS";
+/// Where Debian's dataset packages install their files (`dataset-fashion-mnist`: the four
+/// gzipped idx files in `fashion-mnist/`).
+const SYSTEM_DATASETS: &str = "/usr/share/datasets";
 
 /// Where datasets named by name are looked for and downloaded: `$SELFSUP_DATA`, else
 /// `$XDG_CACHE_HOME/selfsup`, else `~/.cache/selfsup`.
@@ -114,9 +127,17 @@ pub fn data_dir() -> PathBuf {
     cache.join("selfsup")
 }
 
+/// Where system packages install datasets: `$SELFSUP_SYSTEM_DATASETS`, else `/usr/share/datasets`.
+fn system_datasets() -> PathBuf {
+    std::env::var_os(SYSTEM_ENV)
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(SYSTEM_DATASETS), PathBuf::from)
+}
+
 /// The local path of the dataset called `name` (`cifar10`, `cifar100`, `fashion-mnist`): a
-/// copy in [`data_dir`], or the official files downloaded there now. `None` when `name` names
-/// no dataset; an error says what was looked for where, and why the download failed.
+/// copy in [`data_dir`] or where a system package installed it, or the official files
+/// downloaded into [`data_dir`] now. `None` when `name` names no dataset; an error says what
+/// was looked for where, and why the download failed.
 pub fn resolve(name: &str) -> Result<Option<PathBuf>> {
     let Some(known) = KNOWN.iter().find(|k| k.name == name) else {
         return Ok(None);
@@ -126,19 +147,20 @@ pub fn resolve(name: &str) -> Result<Option<PathBuf>> {
     // files leaves one that does not.
     let whole =
         |p: &Path| known.folder.is_none() || known.files.iter().all(|f| p.join(f.file).exists());
-    let found = known
-        .local
-        .iter()
-        .map(|l| dir.join(l))
+    let system = known.system.map(|s| system_datasets().join(s));
+    let found = (known.local.iter().map(|l| dir.join(l)))
+        .chain(system.clone())
         .find(|p| p.exists() && whole(p));
     if found.is_some() {
         return Ok(found);
     }
+    let mut looked: Vec<String> = known.local.iter().map(|l| l.to_string()).collect();
+    looked.extend(system.map(|s| s.display().to_string()));
     download_named(name, &dir).map(Some).map_err(|e| {
         anyhow::anyhow!(
             "dataset {name}: no copy in {} (looked for {}; set {DATA_ENV} to a folder that holds one), and the download failed: {e:#}",
             dir.display(),
-            known.local.join(", ")
+            looked.join(", ")
         )
     })
 }

@@ -19,9 +19,33 @@ pub fn selfsup(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// `../shared/data` beside the checkout: the project's real test data.
-pub fn shared_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+/// `tests/data`: the small real files committed with the tests (a few hundred CIFAR-10 images
+/// in `cifar10/{train,test}/<class>/`, three photos in `photos/`; see its README.md).
+pub fn test_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+/// `n` of the committed real CIFAR-10 training images (300, 30 per class), classes mixed
+/// ([`selfsup::data::Split::subset`]).
+pub fn cifar10_train(n: usize) -> selfsup::data::Split {
+    let ds = selfsup::data::Dataset::open(
+        test_data().join("cifar10"),
+        &selfsup::data::LoadOptions::default(),
+    )
+    .unwrap();
+    ds.split("train").unwrap().subset(n, 0)
+}
+
+/// The data folder `$SELFSUP_DATA` that holds the whole datasets (`cifar10-jpeg.tar.gz`), for
+/// the `#[ignore]`d tests that need them; `.ci/run` points it at `../shared/data`.
+pub fn data_folder() -> PathBuf {
+    match std::env::var_os("SELFSUP_DATA").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => panic!(
+            "this test needs the whole CIFAR-10 archive: set SELFSUP_DATA to the folder that holds \
+             cifar10-jpeg.tar.gz, e.g. SELFSUP_DATA=../shared/data cargo test -- --ignored"
+        ),
+    }
 }
 
 /// A 32×32 image whose pixels encode `seed` (so that every image differs).
