@@ -12,7 +12,7 @@ use crate::data::LoadOptions;
 use crate::eval::finetune::FinetuneConfig;
 use crate::eval::EvalConfig;
 use crate::eval::LinearEvalConfig;
-use crate::methods::{Feed, MethodConfig};
+use crate::methods::{self, Feed, MethodConfig, METHODS};
 use crate::models::{BackboneConfig, ResNetConfig, Stem};
 use crate::train::{LrScaling, OptimConfig, OptimizerKind, TrainConfig};
 
@@ -183,64 +183,20 @@ pub struct Recipe {
     pub finetune: FinetuneConfig,
 }
 
-/// Each method's published recipe: the paper's settings at CIFAR-10 scale, each file citing its
-/// source. Their values are the defaults of every key a user's recipe leaves out.
-const PUBLISHED: [(&str, &str, &str); 7] = [
-    (
-        "simclr",
-        "simclr_cifar10",
-        include_str!("../recipes/simclr_cifar10.toml"),
-    ),
-    (
-        "moco",
-        "moco_v2_cifar10",
-        include_str!("../recipes/moco_v2_cifar10.toml"),
-    ),
-    (
-        "mae",
-        "mae_cifar10",
-        include_str!("../recipes/mae_cifar10.toml"),
-    ),
-    (
-        "dino",
-        "dino_cifar10",
-        include_str!("../recipes/dino_cifar10.toml"),
-    ),
-    (
-        "rotation",
-        "rotation_cifar10",
-        include_str!("../recipes/rotation_cifar10.toml"),
-    ),
-    (
-        "jigsaw",
-        "jigsaw_cifar10",
-        include_str!("../recipes/jigsaw_cifar10.toml"),
-    ),
-    (
-        "inpainting",
-        "inpainting_cifar10",
-        include_str!("../recipes/inpainting_cifar10.toml"),
-    ),
-];
-
-/// The published recipe of `method`: (file stem under recipes/, text).
+/// The published recipe of `method` ([`MethodSpec::PUBLISHED`](crate::methods::MethodSpec)):
+/// (file stem under recipes/, text). Its values are the defaults of every key a user's recipe
+/// leaves out.
 fn published(method: &str) -> Result<(&'static str, &'static str)> {
-    match PUBLISHED.iter().find(|(name, _, _)| *name == method) {
-        Some((_, stem, text)) => Ok((stem, text)),
-        None => {
-            let known: Vec<&str> = PUBLISHED.iter().map(|(name, _, _)| *name).collect();
-            anyhow::bail!("unknown method '{method}' (known: {})", known.join(", "))
-        }
-    }
+    methods::published(method)
+        .with_context(|| format!("unknown method '{method}' (known: {})", METHODS.join(", ")))
 }
 
 /// The method a recipe without `[method] name` trains.
 const DEFAULT_METHOD: &str = "simclr";
 
 impl Recipe {
-    /// The complete recipe of `method` (`simclr`, `moco`, `mae`, `dino`, `rotation`, `jigsaw`,
-    /// `inpainting`): its published recipe (`recipes/<method>_cifar10.toml`, MoCo v2 for
-    /// `moco`) without a data source.
+    /// The complete recipe of `method` (one of [`METHODS`]): its published recipe
+    /// (`recipes/<method>_cifar10.toml`, MoCo v2 for `moco`) without a data source.
     pub fn defaults(method: &str) -> Result<Recipe> {
         let (_, text) = published(method)?;
         let mut recipe: Recipe =
@@ -506,7 +462,8 @@ fn forget_other_choices(
 }
 
 /// One line of help for each recipe key, by `section.key` (views: `augment.views.key`), and for
-/// the keys that may stay unset, an example shown commented out.
+/// the keys that may stay unset, an example shown commented out. `method.name`'s comes from the
+/// registry ([`key_doc`]).
 const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("seed", "fixes every random draw: initialisation, shuffles, views, masks", None),
     ("data.source", "cifar10, cifar100, fashion-mnist (found in $SELFSUP_DATA or downloaded), or a path: a CIFAR binary release, idx files, an image folder / .tar(.gz) of one; --data overrides it", Some("\"cifar10\"")),
@@ -538,7 +495,6 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("augment.views.blur.p", "probability of a Gaussian blur", None),
     ("augment.views.blur.sigma", "blur sigma range, in pixels", None),
     ("augment.views.blur.kernel_frac", "blur kernel side as a fraction of the view side", None),
-    ("method.name", "simclr, moco, mae, dino, rotation, jigsaw or inpainting", None),
     ("method.temperature", "τ of the InfoNCE / NT-Xent softmax", None),
     ("method.proj_hidden", "hidden width of the projection head (moco: 0 gives v1's linear head; simclr unset: the encoder's feature width, as the official code)", Some("2048")),
     ("method.proj_layers", "simclr: linear layers of the head (2: SimCLR v1, 3: v2)", None),
@@ -687,8 +643,8 @@ pub fn commented_defaults(method: &str) -> Result<String> {
                 "" => key.to_string(),
                 s => format!("{s}.{key}"),
             };
-            let doc = KEYS.iter().find(|(k, _, _)| *k == full).map(|(_, d, _)| *d);
-            out.push_str(&format!("# {}\n", doc.unwrap_or("(undocumented)")));
+            let doc = key_doc(&full).unwrap_or_else(|| "(undocumented)".into());
+            out.push_str(&format!("# {doc}\n"));
             seen.push(full);
         }
         out.push_str(line);
@@ -696,6 +652,17 @@ pub fn commented_defaults(method: &str) -> Result<String> {
     }
     close(&section, &mut seen, &mut out);
     Ok(out)
+}
+
+/// The help line of recipe key `key` ([`KEYS`]; `method.name`: the registry's methods).
+fn key_doc(key: &str) -> Option<String> {
+    match key {
+        "method.name" => Some(methods::names_listed()),
+        _ => KEYS
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, doc, _)| doc.to_string()),
+    }
 }
 
 /// Floats that are `f32` settings written as their shortest `f32` decimal (0.4914, not

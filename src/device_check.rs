@@ -27,8 +27,8 @@ use serde::Serialize;
 
 use crate::config::Recipe;
 use crate::data::{Loader, Split};
+use crate::methods::{with_method, MethodUser};
 use crate::models::{BackboneConfig, VitConfig};
-use crate::pretrain::{with_method, MethodUser};
 use crate::train::{Method, Trainer};
 
 /// One case's outcome, printed as a JSON line.

@@ -221,7 +221,7 @@ enum Command {
     },
     /// Print a method's complete recipe, every key commented and at its default, to start from.
     Recipe {
-        /// simclr, moco, mae, dino, rotation, jigsaw or inpainting.
+        #[arg(help = selfsup::methods::names_listed())]
         method: String,
     },
     /// Print a named pipeline as a recipe's [augment] section, to copy and change.
@@ -285,25 +285,13 @@ struct Encoder {
     dataset: Dataset,
 }
 
-/// How messages name a run's encoder: MoCo's query or key encoder, DINO's student or teacher,
-/// the one encoder of other methods, an imported one.
-fn encoder_name(method: &MethodConfig, which: Which) -> &'static str {
-    match (method, which) {
-        (_, Which::Imported) => which.name(),
-        (MethodConfig::Moco(_), Which::Teacher) => "key encoder",
-        (MethodConfig::Moco(_), _) => "query encoder",
-        _ if method.has_teacher() => which.name(),
-        _ => "encoder",
-    }
-}
-
 impl EncoderArgs {
     fn load(self) -> Result<Encoder> {
         let device = pretrain::device(&self.device)?;
         let (recipe, backbone, what) = match (self.checkpoint, self.recipe) {
             (Some(run), _) => {
                 let (r, b, which) = run::encoder(&run, self.which, &device)?;
-                let name = encoder_name(&r.method, which);
+                let name = r.method.encoder_name(which);
                 (r, b, format!("{name} of {}", run.display()))
             }
             (None, Some(path)) => {
@@ -440,7 +428,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("run folder: {}", out.display());
             // Which of two encoders, for the methods that have two.
             let which = if recipe.method.has_teacher() {
-                format!("the {}, ", encoder_name(&recipe.method, summary.released))
+                format!("the {}, ", recipe.method.encoder_name(summary.released))
             } else {
                 String::new()
             };
@@ -632,7 +620,7 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "wrote {} (the {} of {}, torchvision/timm names)",
                 out.display(),
-                encoder_name(&recipe.method, which),
+                recipe.method.encoder_name(which),
                 checkpoint.display()
             );
         }

@@ -14,7 +14,7 @@ use crate::augment::{Pipeline, ViewSpec};
 use crate::config::Recipe;
 use crate::data::{check_eval_classes, Dataset, Loader, Split};
 use crate::eval::{self, Accuracy, Features};
-use crate::methods::MethodConfig;
+use crate::methods::{with_method, MethodConfig, MethodUser};
 use crate::models::{init_seeded, Backbone};
 use crate::train::{self, Method, Scalars, Trainer, Which};
 
@@ -132,44 +132,6 @@ pub fn open_data(recipe: &Recipe, source: Option<&Path>) -> Result<Dataset> {
         bail!("no data: pass --data or set data.source in the recipe");
     };
     Dataset::open(path, &recipe.data.load_options())
-}
-
-/// The recipe's method, freshly initialised (seeded by the recipe) on `device`, its encoder
-/// replaced by `start` if given (see [`Method::start_from`]). `f` receives it: methods are
-/// distinct types, so each caller is generic over [`Method`].
-pub(crate) fn with_method<R>(
-    recipe: &Recipe,
-    start: Option<Backbone>,
-    device: &Device,
-    f: impl MethodUser<R>,
-) -> R {
-    fn started<M: Method>(method: M, start: Option<Backbone>) -> M {
-        match start {
-            Some(weights) => method.start_from(weights),
-            None => method,
-        }
-    }
-    let (model, seed) = (&recipe.model, recipe.seed);
-    // Each arm makes its own method type: `f` is called once per arm.
-    macro_rules! call {
-        ($init:expr) => {
-            f.call(started(init_seeded(device, seed, || $init), start))
-        };
-    }
-    match &recipe.method {
-        MethodConfig::Simclr(c) => call!(c.init(model, device)),
-        MethodConfig::Moco(c) => call!(c.init(model, device)),
-        MethodConfig::Mae(c) => call!(c.init(model, device)),
-        MethodConfig::Dino(c) => call!(c.init(model, device)),
-        MethodConfig::Rotation(c) => call!(c.init(model, device)),
-        MethodConfig::Jigsaw(c) => call!(c.init(model, seed, device)),
-        MethodConfig::Inpainting(c) => call!(c.init(model, recipe.augment.size as usize, device)),
-    }
-}
-
-/// A caller of [`with_method`].
-pub(crate) trait MethodUser<R> {
-    fn call<M: Method>(self, method: M) -> R;
 }
 
 /// What a finished run reports.

@@ -58,7 +58,7 @@ pub fn encoder(
         return Ok((recipe, backbone, Which::Imported));
     };
     struct Load<'a>(&'a Path, Option<Which>, &'static str);
-    impl crate::pretrain::MethodUser<Result<(Backbone, Which)>> for Load<'_> {
+    impl crate::methods::MethodUser<Result<(Backbone, Which)>> for Load<'_> {
         fn call<M: Method>(self, method: M) -> Result<(Backbone, Which)> {
             let method = train::checkpoint::load_model(self.0, method)?;
             let which = self.1.unwrap_or(method.released());
@@ -69,7 +69,7 @@ pub fn encoder(
         }
     }
     let load = Load(&dir, which, recipe.method.name());
-    let (backbone, which) = crate::pretrain::with_method(&recipe, None, device, load)
+    let (backbone, which) = crate::methods::with_method(&recipe, None, device, load)
         .with_context(|| format!("cannot load the encoder of {}", run.display()))?;
     Ok((recipe, backbone, which))
 }

@@ -2,19 +2,9 @@
 //! cannot learn from (too few views or images per batch, sizes a ViT would crop).
 
 use selfsup::config::{commented_defaults, Recipe};
-use selfsup::methods::MethodConfig;
+use selfsup::methods::{MethodConfig, METHODS};
 use selfsup::models::BackboneConfig;
 use selfsup::train::OptimizerKind;
-
-const METHODS: [&str; 7] = [
-    "simclr",
-    "moco",
-    "mae",
-    "dino",
-    "rotation",
-    "jigsaw",
-    "inpainting",
-];
 
 fn refused(text: &str) -> String {
     format!("{:#}", Recipe::parse(text).unwrap_err())
@@ -86,7 +76,7 @@ fn a_recipe_may_leave_out_any_key() {
 
 #[test]
 fn printed_recipes_are_complete_commented_and_read_back() {
-    for method in METHODS {
+    for &method in METHODS {
         let text = commented_defaults(method).unwrap();
         assert!(!text.contains("(undocumented)"), "{method}:\n{text}");
         // Every setting line has its comment above it.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{at_least_one, not_negative, positive};
 use crate::losses::{dino_loss, mean_entropy};
-use crate::methods::Feed;
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, DinoHead, DinoHeadConfig,
 };
@@ -145,6 +145,20 @@ impl DinoConfig {
             freeze_last_layer: self.freeze_last_layer,
             drop_path: self.drop_path,
         }
+    }
+}
+
+impl MethodSpec for DinoConfig {
+    type Method = Dino;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("dino_cifar10");
+    const ENCODERS: Option<[&'static str; 2]> = Some(["student", "teacher"]);
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        DinoConfig::check(self, feed)
+    }
+
+    fn init(&self, ctx: &InitContext) -> Dino {
+        DinoConfig::init(self, ctx.model, ctx.device)
     }
 }
 

@@ -33,7 +33,7 @@ use crate::augment::ops::MaskKind;
 use crate::augment::pretext::MaskedViews;
 use crate::augment::{Augment, Pipeline};
 use crate::config::{at_least_one, not_negative, positive};
-use crate::methods::Feed;
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{
     Backbone, BackboneConfig, Bottleneck, ContextDecoder, ContextDecoderConfig, Discriminator,
     DiscriminatorConfig,
@@ -165,6 +165,23 @@ impl InpaintingConfig {
             discriminator_lr: self.discriminator_lr,
             size,
         }
+    }
+}
+
+impl MethodSpec for InpaintingConfig {
+    type Method = Inpainting;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("inpainting_cifar10");
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        InpaintingConfig::check(self, feed)
+    }
+
+    fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
+        InpaintingConfig::augment(self, base)
+    }
+
+    fn init(&self, ctx: &InitContext) -> Inpainting {
+        InpaintingConfig::init(self, ctx.model, ctx.size, ctx.device)
     }
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::pretext::JigsawTiles;
 use crate::augment::{Augment, Pipeline};
 use crate::losses::{accuracy, cross_entropy};
-use crate::methods::Feed;
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -123,6 +123,23 @@ impl JigsawConfig {
             .init(device),
             permutations: Param::initialized(ParamId::new(), table).set_require_grad(false),
         }
+    }
+}
+
+impl MethodSpec for JigsawConfig {
+    type Method = Jigsaw;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("jigsaw_cifar10");
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        JigsawConfig::check(self, feed)
+    }
+
+    fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
+        JigsawConfig::augment(self, base)
+    }
+
+    fn init(&self, ctx: &InitContext) -> Jigsaw {
+        JigsawConfig::init(self, ctx.model, ctx.seed, ctx.device)
     }
 }
 

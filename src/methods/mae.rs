@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::layer_norm;
-use crate::methods::Feed;
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, BackboneConfig, Vit, VitBlock, LAYER_NORM_EPS};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -123,6 +123,19 @@ impl MaeConfig {
             mask_ratio: self.mask_ratio,
             norm_pix_loss: self.norm_pix_loss,
         }
+    }
+}
+
+impl MethodSpec for MaeConfig {
+    type Method = Mae;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("mae_cifar10");
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        MaeConfig::check(self, feed)
+    }
+
+    fn init(&self, ctx: &InitContext) -> Mae {
+        MaeConfig::init(self, ctx.model, ctx.device)
     }
 }
 

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{at_least_one, positive};
 use crate::losses::{embedding_std, info_nce, l2_normalize};
-use crate::methods::Feed;
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig,
 };
@@ -130,6 +130,20 @@ impl MocoConfig {
             symmetric: self.symmetric,
             bn_splits: self.bn_splits,
         }
+    }
+}
+
+impl MethodSpec for MocoConfig {
+    type Method = Moco;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("moco_v2_cifar10");
+    const ENCODERS: Option<[&'static str; 2]> = Some(["query encoder", "key encoder"]);
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        MocoConfig::check(self, feed)
+    }
+
+    fn init(&self, ctx: &InitContext) -> Moco {
+        MocoConfig::init(self, ctx.model, ctx.device)
     }
 }
 

@@ -1,4 +1,17 @@
 //! Self-supervised methods, one file each, each reading like its paper.
+//!
+//! The registry below (`methods!`) lists them, one line a method, as solo-learn's `METHODS`
+//! dictionary does: everything that lists or dispatches on methods reads it ([`MethodConfig`],
+//! [`METHODS`], [`published`], [`with_method`]): recipes and their defaults, key help, the CLI,
+//! the tests, training, loading a run.
+//!
+//! To add a method `NAME`:
+//! - `methods/NAME.rs`: its settings (`NameConfig`: serde, `deny_unknown_fields`, defaults), its
+//!   module and its [`Method`] impl, and [`MethodSpec`] for its settings (published recipe,
+//!   checks, views, encoder names, constructor from an [`InitContext`]);
+//! - `recipes/NAME_cifar10.toml`: its published recipe, the default of every key;
+//! - here: `pub mod NAME;`, its `pub use`, and its line in `methods!`;
+//! - `config.rs`'s `KEYS`: one line of help for each of its recipe keys that no other method has.
 
 pub mod dino;
 pub mod inpainting;
@@ -10,12 +23,14 @@ pub mod simclr;
 
 use std::sync::Arc;
 
+use anyhow::{bail, Result};
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use anyhow::bail;
-
 use crate::augment::{Augment, Pipeline};
-use crate::models::BackboneConfig;
+use crate::config::Recipe;
+use crate::models::{init_seeded, Backbone, BackboneConfig};
+use crate::train::{Method, Which};
 pub use dino::{Dino, DinoConfig};
 pub use inpainting::{Inpainting, InpaintingConfig};
 pub use jigsaw::{Jigsaw, JigsawConfig};
@@ -24,17 +39,172 @@ pub use moco::{Moco, MocoConfig};
 pub use rotation::{Rotation, RotationConfig};
 pub use simclr::{SimClr, SimclrConfig};
 
-/// `[method]` of a recipe: `name` picks the method, the other keys are its settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "snake_case")]
-pub enum MethodConfig {
-    Simclr(SimclrConfig),
-    Moco(MocoConfig),
-    Mae(MaeConfig),
-    Dino(DinoConfig),
-    Rotation(RotationConfig),
-    Jigsaw(JigsawConfig),
-    Inpainting(InpaintingConfig),
+/// A method's settings (the `[method]` of a recipe), as the registry uses them. Each method's
+/// config keeps its own `check`, `augment` and `init` with the arguments it needs (tests and
+/// tools call them directly); its impl of this trait passes them on in one signature.
+pub trait MethodSpec {
+    /// The module it trains.
+    type Method: Method;
+    /// Its published recipe (the paper's settings at CIFAR-10 scale, citing its source):
+    /// (file stem under `recipes/`, text), made by `recipe_file!("STEM")`.
+    const PUBLISHED: (&'static str, &'static str);
+    /// A momentum encoder beside the trained one: their names in the paper's terms (trained,
+    /// momentum), as messages say them. `None`: one encoder.
+    const ENCODERS: Option<[&'static str; 2]> = None;
+
+    /// Checks the settings, and what the loss and layers need of every forward pass (views per
+    /// image, their sizes, images per batch and per batch-norm group), against `feed`. The error
+    /// names the recipe key at fault and why the method needs it.
+    fn check(&self, feed: &Feed) -> Result<()>;
+
+    /// What turns an image into the method's views: the recipe's pipeline itself (the
+    /// joint-embedding methods), or built upon its first view (the pretext tasks).
+    fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
+        Arc::new(base)
+    }
+
+    /// The method, freshly initialised on `ctx.device` (the caller seeds burn's generator).
+    fn init(&self, ctx: &InitContext) -> Self::Method;
+}
+
+/// `(file stem, text)` of the published recipe `recipes/STEM.toml`, for [`MethodSpec::PUBLISHED`].
+macro_rules! recipe_file {
+    ($stem:literal) => {
+        (
+            $stem,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/recipes/",
+                $stem,
+                ".toml"
+            )),
+        )
+    };
+}
+pub(crate) use recipe_file;
+
+/// What any method's constructor may need, from the recipe: [`MethodSpec::init`].
+pub struct InitContext<'a> {
+    pub model: &'a BackboneConfig,
+    /// The recipe's `seed` (Jigsaw draws its permutation set from it).
+    pub seed: u64,
+    /// `augment.size`: the side of the views (Inpainting's decoder and discriminator).
+    pub size: usize,
+    pub device: &'a Device,
+}
+
+impl<'a> InitContext<'a> {
+    /// The context of `recipe` on `device`.
+    pub fn of(recipe: &'a Recipe, device: &'a Device) -> Self {
+        InitContext {
+            model: &recipe.model,
+            seed: recipe.seed,
+            size: recipe.augment.size as usize,
+            device,
+        }
+    }
+}
+
+/// The registry: one line a method, `"name" => Variant(Config)`, `name` as recipes spell it and
+/// `Config` its [`MethodSpec`]. Makes [`MethodConfig`], [`METHODS`], and the `match`es that
+/// dispatch on the method.
+macro_rules! methods {
+    ($($name:literal => $variant:ident($config:ty),)*) => {
+        /// `[method]` of a recipe: `name` picks the method, the other keys are its settings.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "name")]
+        pub enum MethodConfig {
+            $(#[serde(rename = $name)] $variant($config),)*
+        }
+
+        /// Every method's `name`, in the registry's order.
+        pub const METHODS: &[&str] = &[$($name),*];
+
+        /// The published recipe of the method called `name`: (file stem under `recipes/`, text).
+        pub fn published(name: &str) -> Option<(&'static str, &'static str)> {
+            match name {
+                $($name => Some(<$config as MethodSpec>::PUBLISHED),)*
+                _ => None,
+            }
+        }
+
+        impl MethodConfig {
+            /// The `name` of the recipe's `[method]`.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(MethodConfig::$variant(_) => $name,)*
+                }
+            }
+
+            /// See [`MethodSpec::check`].
+            pub fn check(&self, feed: &Feed) -> Result<()> {
+                match self {
+                    $(MethodConfig::$variant(c) => MethodSpec::check(c, feed),)*
+                }
+            }
+
+            /// See [`MethodSpec::augment`].
+            pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
+                match self {
+                    $(MethodConfig::$variant(c) => MethodSpec::augment(c, base),)*
+                }
+            }
+
+            /// See [`MethodSpec::ENCODERS`].
+            fn encoders(&self) -> Option<[&'static str; 2]> {
+                match self {
+                    $(MethodConfig::$variant(_) => <$config as MethodSpec>::ENCODERS,)*
+                }
+            }
+        }
+
+        /// The recipe's method, freshly initialised (seeded by the recipe) on `device`, its
+        /// encoder replaced by `start` if given (see [`Method::start_from`]). `f` receives it:
+        /// methods are distinct types, so each caller is generic over [`Method`].
+        pub(crate) fn with_method<R>(
+            recipe: &Recipe,
+            start: Option<Backbone>,
+            device: &Device,
+            f: impl MethodUser<R>,
+        ) -> R {
+            let ctx = InitContext::of(recipe, device);
+            match &recipe.method {
+                $(MethodConfig::$variant(c) => f.call(started(
+                    init_seeded(device, ctx.seed, || MethodSpec::init(c, &ctx)),
+                    start,
+                )),)*
+            }
+        }
+    };
+}
+
+methods! {
+    "simclr" => Simclr(SimclrConfig),
+    "moco" => Moco(MocoConfig),
+    "mae" => Mae(MaeConfig),
+    "dino" => Dino(DinoConfig),
+    "rotation" => Rotation(RotationConfig),
+    "jigsaw" => Jigsaw(JigsawConfig),
+    "inpainting" => Inpainting(InpaintingConfig),
+}
+
+impl MethodConfig {
+    /// Whether the method keeps a momentum encoder beside the trained one (DINO, MoCo).
+    pub fn has_teacher(&self) -> bool {
+        self.encoders().is_some()
+    }
+
+    /// How messages name encoder `which` of a run of this method: MoCo's query or key encoder,
+    /// DINO's student or teacher ([`MethodSpec::ENCODERS`]), the one encoder of other methods,
+    /// an imported one.
+    pub fn encoder_name(&self, which: Which) -> &'static str {
+        match (self.encoders(), which) {
+            (_, Which::Imported) => which.name(),
+            (Some([_, momentum]), Which::Teacher) => momentum,
+            (Some([trained, _]), _) => trained,
+            (None, _) => "encoder",
+        }
+    }
 }
 
 impl Default for MethodConfig {
@@ -43,55 +213,26 @@ impl Default for MethodConfig {
     }
 }
 
-impl MethodConfig {
-    /// Checks the settings, and what the loss and layers need of every forward pass (views per
-    /// image, their sizes, images per batch and per batch-norm group), against `feed`. The error
-    /// names the recipe key at fault and why the method needs it.
-    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
-        match self {
-            MethodConfig::Simclr(c) => c.check(feed),
-            MethodConfig::Moco(c) => c.check(feed),
-            MethodConfig::Mae(c) => c.check(feed),
-            MethodConfig::Dino(c) => c.check(feed),
-            MethodConfig::Rotation(_) => {
-                feed.views("rotation", 1, "it turns one view of each image four ways")
-            }
-            MethodConfig::Jigsaw(c) => c.check(feed),
-            MethodConfig::Inpainting(c) => c.check(feed),
-        }
+/// The registry's names as a phrase: "simclr, moco, … or inpainting".
+pub fn names_listed() -> String {
+    match METHODS.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
+}
 
-    /// The `name` of the recipe's `[method]`.
-    /// Whether the method keeps a momentum encoder beside the trained one (DINO, MoCo).
-    pub fn has_teacher(&self) -> bool {
-        matches!(self, MethodConfig::Dino(_) | MethodConfig::Moco(_))
+/// `method`, its encoder replaced by `start` if given.
+fn started<M: Method>(method: M, start: Option<Backbone>) -> M {
+    match start {
+        Some(weights) => method.start_from(weights),
+        None => method,
     }
+}
 
-    pub fn name(&self) -> &'static str {
-        match self {
-            MethodConfig::Simclr(_) => "simclr",
-            MethodConfig::Moco(_) => "moco",
-            MethodConfig::Mae(_) => "mae",
-            MethodConfig::Dino(_) => "dino",
-            MethodConfig::Rotation(_) => "rotation",
-            MethodConfig::Jigsaw(_) => "jigsaw",
-            MethodConfig::Inpainting(_) => "inpainting",
-        }
-    }
-
-    /// What turns an image into the method's views: the recipe's pipeline itself for the
-    /// joint-embedding methods, built upon its first view for the pretext tasks.
-    pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
-        match self {
-            MethodConfig::Rotation(c) => c.augment(base),
-            MethodConfig::Jigsaw(c) => c.augment(base),
-            MethodConfig::Inpainting(c) => c.augment(base),
-            MethodConfig::Simclr(_)
-            | MethodConfig::Moco(_)
-            | MethodConfig::Mae(_)
-            | MethodConfig::Dino(_) => Arc::new(base),
-        }
-    }
+/// A caller of [`with_method`].
+pub(crate) trait MethodUser<R> {
+    fn call<M: Method>(self, method: M) -> R;
 }
 
 /// What a recipe feeds its method in one forward pass, for [`MethodConfig::check`].

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::pretext::Rotations;
 use crate::augment::{Augment, Pipeline};
 use crate::losses::{accuracy, cross_entropy};
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -22,6 +23,10 @@ use crate::train::{Method, Progress, StepOutput};
 pub struct RotationConfig {}
 
 impl RotationConfig {
+    pub fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        feed.views("rotation", 1, "it turns one view of each image four ways")
+    }
+
     pub fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
         Arc::new(Rotations(Arc::new(base)))
     }
@@ -31,6 +36,23 @@ impl RotationConfig {
             backbone: model.init(device),
             head: ProjectionHeadConfig::linear(model.feature_dim(), 4).init(device),
         }
+    }
+}
+
+impl MethodSpec for RotationConfig {
+    type Method = Rotation;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("rotation_cifar10");
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        RotationConfig::check(self, feed)
+    }
+
+    fn augment(&self, base: Pipeline) -> Arc<dyn Augment> {
+        RotationConfig::augment(self, base)
+    }
+
+    fn init(&self, ctx: &InitContext) -> Rotation {
+        RotationConfig::init(self, ctx.model, ctx.device)
     }
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{at_least_one, positive};
 use crate::losses::{embedding_std, nt_xent};
-use crate::methods::Feed;
+use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
@@ -78,6 +78,19 @@ impl SimclrConfig {
             projector: head.init(device),
             temperature: self.temperature,
         }
+    }
+}
+
+impl MethodSpec for SimclrConfig {
+    type Method = SimClr;
+    const PUBLISHED: (&'static str, &'static str) = recipe_file!("simclr_cifar10");
+
+    fn check(&self, feed: &Feed) -> anyhow::Result<()> {
+        SimclrConfig::check(self, feed)
+    }
+
+    fn init(&self, ctx: &InitContext) -> SimClr {
+        SimclrConfig::init(self, ctx.model, ctx.device)
     }
 }
 
