@@ -99,19 +99,6 @@ fn counts_and_sizes_of_nothing_are_refused() {
     assert!(!ok && err.contains("--load-size"), "{err}");
 }
 
-/// `root/<split>/<class>/<i>.png` for each (split, class, number of images).
-fn write_folder(root: &std::path::Path, layout: &[(&str, &str, usize)]) {
-    for &(split, class, n) in layout {
-        let dir = root.join(split).join(class);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..n {
-            common::pattern(i as u32)
-                .save(dir.join(format!("{i}.png")))
-                .unwrap();
-        }
-    }
-}
-
 fn shipped_recipe(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("recipes")
@@ -122,7 +109,7 @@ fn shipped_recipe(name: &str) -> std::path::PathBuf {
 fn a_test_class_the_training_split_lacks_is_named_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    write_folder(
+    common::write_folder(
         &data,
         &[
             ("train", "a", 2),
@@ -156,7 +143,7 @@ fn a_test_class_the_training_split_lacks_is_named_before_any_work() {
 fn fewer_labels_than_classes_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    write_folder(
+    common::write_folder(
         &data,
         &[
             ("train", "a", 9),

@@ -639,23 +639,10 @@ fn subsets_are_drawn_per_class_seeded_and_counted() {
     assert_eq!(reds, [0, 25, 50, 75]);
 }
 
-/// `root/<split>/<class>/<i>.png` for each (split, class, number of images).
-fn write_folder(root: &Path, layout: &[(&str, &str, usize)]) {
-    for &(split, class, n) in layout {
-        let dir = root.join(split).join(class);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..n {
-            common::pattern(i as u32)
-                .save(dir.join(format!("{i}.png")))
-                .unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_test_class_the_training_split_lacks_is_refused_for_evaluation() {
     let dir = tempfile::tempdir().unwrap();
-    write_folder(
+    common::write_folder(
         dir.path(),
         &[
             ("train", "a", 2),
@@ -690,7 +677,7 @@ fn a_test_class_the_training_split_lacks_is_refused_for_evaluation() {
 #[test]
 fn images_without_pixels_are_unreadable() {
     let dir = tempfile::tempdir().unwrap();
-    write_folder(dir.path(), &[("a", "", 1), ("b", "", 1)]);
+    common::write_folder(dir.path(), &[("a", "", 1), ("b", "", 1)]);
     for (name, (w, h)) in [
         ("a/none.ppm", (0, 0)),
         ("a/flat.ppm", (40, 0)),
@@ -714,7 +701,7 @@ fn images_without_pixels_are_unreadable() {
 #[test]
 fn a_load_size_of_zero_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    write_folder(dir.path(), &[("a", "", 1)]);
+    common::write_folder(dir.path(), &[("a", "", 1)]);
     let zero = LoadOptions {
         load_size: Some(0),
         skip_bad: false,
@@ -729,8 +716,8 @@ fn folder_links_are_followed_a_cycle_skipped_and_a_dangling_one_named() {
     use std::os::unix::fs::symlink;
     let dir = tempfile::tempdir().unwrap();
     let (data, elsewhere) = (dir.path().join("data"), dir.path().join("elsewhere"));
-    write_folder(&data, &[("cat", "", 2)]);
-    write_folder(&elsewhere, &[("dog", "", 3)]);
+    common::write_folder(&data, &[("cat", "", 2)]);
+    common::write_folder(&elsewhere, &[("dog", "", 3)]);
     common::pattern(9).save(elsewhere.join("c.png")).unwrap();
     symlink(elsewhere.join("dog"), data.join("dog")).unwrap();
     symlink(elsewhere.join("c.png"), data.join("cat/c.png")).unwrap();

@@ -298,33 +298,26 @@ fn attention_draws_the_maps_of_an_imported_vit() {
     .unwrap();
     let png = tmp.path().join("attn.png");
     let photo = common::test_data().join("photos/astronaut.png");
-    let (ok, stdout, stderr) = selfsup(&[
-        "attention",
-        "--checkpoint",
-        run_dir.to_str().unwrap(),
-        "--image",
-        photo.to_str().unwrap(),
-        "--size",
-        "64",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let attention = |size: &str| {
+        selfsup(&[
+            "attention",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--image",
+            photo.to_str().unwrap(),
+            "--size",
+            size,
+            "--out",
+            png.to_str().unwrap(),
+        ])
+    };
+    let (ok, stdout, stderr) = attention("64");
     assert!(ok, "{stderr}");
     assert!(stdout.contains("1 rows"), "{stdout}");
     // image | 1 head | mean | mask, 64 px panels.
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (4 * 68 + 4, 68 + 4));
     // A size below one 16-px patch is refused, not rounded up to it.
-    let (ok, _, stderr) = selfsup(&[
-        "attention",
-        "--checkpoint",
-        run_dir.to_str().unwrap(),
-        "--image",
-        photo.to_str().unwrap(),
-        "--size",
-        "8",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = attention("8");
     assert!(!ok && stderr.contains("--size 8"), "{stderr}");
 }

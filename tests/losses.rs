@@ -1,8 +1,10 @@
 //! Formulas checked on values computed by hand: InfoNCE, NT-Xent, LARS, schedules, kNN.
 
+mod common;
+
 use burn::optim::Optimizer;
 use burn::tensor::{Device, Tensor, TensorData};
-use selfsup::eval::{knn, Features};
+use selfsup::eval::knn;
 use selfsup::losses::{cosine_logits, cross_entropy, cross_entropy_smoothed, info_nce, nt_xent};
 use selfsup::train::optim::{cosine_ramp, warmup_cosine, Lars};
 
@@ -126,24 +128,16 @@ fn schedules_hit_their_end_points() {
     assert!((cosine_ramp(100, 100, 0.996, 1.0) - 1.0).abs() < 1e-12);
 }
 
-fn features(rows: &[[f32; 2]], labels: &[u32]) -> Features {
-    Features {
-        data: rows.iter().flatten().copied().collect(),
-        dim: 2,
-        labels: labels.to_vec(),
-    }
-}
-
 #[test]
 fn knn_votes_with_weights_exp_s_over_t() {
     // The query [1, 0.05]: one close neighbour of class 0 (cosine ≈ 1) and two of class 1 at
     // cosine ≈ 0.6. With T = 0.1 the close one outweighs both: e^10 > 2·e^6. With k = 3 and
     // T = 10 the weights are nearly equal and the majority (class 1) wins.
-    let train = features(
+    let train = common::features(
         &[[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [-1.0, 0.0]],
         &[0, 1, 1, 2],
     );
-    let test = features(&[[1.0, 0.05]], &[0]);
+    let test = common::features(&[[1.0, 0.05]], &[0]);
     let sharp = knn(&train, &test, 3, 3, 0.1, &dev()).unwrap();
     assert_eq!(sharp.top1, 1.0);
     let flat = knn(&train, &test, 3, 3, 10.0, &dev()).unwrap();

@@ -9,19 +9,11 @@ use std::path::{Path, PathBuf};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor};
 use common::selfsup;
-use selfsup::eval::{accuracy, knn, linear_probe, EvalConfig, Features};
+use selfsup::eval::{accuracy, knn, linear_probe, EvalConfig};
 use selfsup::models::{init_seeded, BackboneConfig, Pool, ResNetConfig, Stem, VitConfig};
 
 fn dev() -> Device {
     Device::flex()
-}
-
-fn features(rows: &[[f32; 2]], labels: &[u32]) -> Features {
-    Features {
-        data: rows.iter().flatten().copied().collect(),
-        dim: 2,
-        labels: labels.to_vec(),
-    }
 }
 
 #[test]
@@ -46,19 +38,19 @@ fn a_tie_is_ranked_by_class_index_never_counted_for_every_class() {
 #[test]
 fn knn_of_a_collapsed_encoder_is_chance_not_100_percent() {
     // An all-zero encoder on a balanced 2-class set: every vote ties.
-    let zeros = features(&[[0.0, 0.0]; 4], &[0, 0, 1, 1]);
+    let zeros = common::features(&[[0.0, 0.0]; 4], &[0, 0, 1, 1]);
     let acc = knn(&zeros, &zeros, 2, 2, 0.1, &dev()).unwrap();
     assert_eq!(acc.top1, 0.5);
     // One image in both classes with identical features, k = 2.
-    let bank = features(&[[1.0, 0.5], [1.0, 0.5]], &[0, 1]);
+    let bank = common::features(&[[1.0, 0.5], [1.0, 0.5]], &[0, 1]);
     let acc = knn(&bank, &bank, 2, 2, 0.1, &dev()).unwrap();
     assert_eq!(acc.top1, 0.5);
 }
 
 #[test]
 fn non_finite_features_are_refused_with_their_row_count() {
-    let good = features(&[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], &[0, 1, 1]);
-    let nan = features(
+    let good = common::features(&[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], &[0, 1, 1]);
+    let nan = common::features(
         &[[f32::NAN, 0.0], [0.0, 1.0], [f32::INFINITY, 1.0]],
         &[0, 1, 1],
     );

@@ -59,6 +59,28 @@ pub fn pattern(seed: u32) -> RgbImage {
     })
 }
 
+/// `root/<split>/<class>/<i>.png` for each (split, class, number of images).
+pub fn write_folder(root: &Path, layout: &[(&str, &str, usize)]) {
+    for &(split, class, n) in layout {
+        let dir = root.join(split).join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            pattern(i as u32)
+                .save(dir.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}
+
+/// Labelled 2-d features, one row per label.
+pub fn features(rows: &[[f32; 2]], labels: &[u32]) -> selfsup::eval::Features {
+    selfsup::eval::Features {
+        data: rows.iter().flatten().copied().collect(),
+        dim: 2,
+        labels: labels.to_vec(),
+    }
+}
+
 /// A CIFAR-10 binary release with `per_batch` records in each of the six files; labels cycle 0..10.
 pub fn write_cifar10(dir: &Path, per_batch: usize) -> Vec<Vec<(RgbImage, u32)>> {
     std::fs::create_dir_all(dir).unwrap();
