@@ -618,12 +618,28 @@ pub fn commented_defaults(method: &str) -> Result<String> {
     );
     let mut section = String::new();
     let mut seen: Vec<String> = vec![];
+    // Whether this recipe takes `key` at `example` (`method.*` keys belong to one method or
+    // another; `final_weight_decay` to AdamW).
+    let takes = |key: &str, example: &str| -> bool {
+        let (Some((section, name)), Ok(value)) = (
+            key.split_once('.'),
+            toml::from_str::<toml::Table>(&format!("v = {example}")),
+        ) else {
+            return false;
+        };
+        let mut with = table.clone();
+        match with.get_mut(section).and_then(|s| s.as_table_mut()) {
+            Some(s) if !name.contains('.') => drop(s.insert(name.into(), value["v"].clone())),
+            _ => return true,
+        }
+        complete(&with).and_then(|r| r.check()).is_ok()
+    };
     // The keys of `section` that may stay unset and were not printed, commented out.
     let close = |section: &str, seen: &mut Vec<String>, out: &mut String| {
         for (key, doc, example) in KEYS {
             let in_section = key.rsplit_once('.').map_or("", |(s, _)| s) == section;
-            if let Some(example) = example.filter(|_| in_section && !seen.iter().any(|s| s == key))
-            {
+            let offered = in_section && !seen.iter().any(|s| s == key);
+            if let Some(example) = example.filter(|e| offered && takes(key, e)) {
                 let name = key.rsplit('.').next().unwrap_or(key);
                 out.push_str(&format!(
                     "# {doc} (unset by default)\n# {name} = {example}\n"

@@ -93,6 +93,20 @@ fn printed_recipes_are_complete_commented_and_read_back() {
     // The unset ones are shown, commented out.
     let dino = commented_defaults("dino").unwrap();
     assert!(dino.contains("# source = \"cifar10\""), "{dino}");
+    // Each of them is a key the method takes: uncommented, the recipe still reads (rotation was
+    // offered SimCLR's and MoCo's head keys).
+    for &method in METHODS {
+        let text = commented_defaults(method).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate().skip(1) {
+            if lines[i - 1].ends_with("(unset by default)") {
+                let mut edited = lines.clone();
+                edited[i] = &line[2..];
+                let uncommented = Recipe::parse(&edited.join("\n"));
+                assert!(uncommented.is_ok(), "{method}: {line}: {uncommented:?}");
+            }
+        }
+    }
 }
 
 #[test]
