@@ -305,8 +305,8 @@ pub fn linear_probe(
     config: &EvalConfig,
     device: &Device,
 ) -> Result<Accuracy> {
-    super::finite_rows(&train.data, train.dim, "the probe's training features")?;
-    super::finite_rows(&test.data, test.dim, "the probe's test features")?;
+    super::finite_rows(train.rows(), "the probe's training features")?;
+    super::finite_rows(test.rows(), "the probe's test features")?;
     let d = train.dim;
     let mean: Vec<f32> = (0..d)
         .map(|j| train.data.iter().skip(j).step_by(d).sum::<f32>() / train.len() as f32)

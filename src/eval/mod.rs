@@ -78,6 +78,11 @@ impl Features {
         self.labels.is_empty()
     }
 
+    /// The features row by row.
+    pub fn rows(&self) -> std::slice::Chunks<'_, f32> {
+        self.data.chunks(self.dim.max(1))
+    }
+
     fn tensor(&self, device: &Device) -> Tensor<2> {
         Tensor::from_data(
             TensorData::new(self.data.clone(), [self.len(), self.dim]),
@@ -167,8 +172,7 @@ pub(crate) fn features_of(
     }
     bar.finish_and_clear();
     finite_rows(
-        &data,
-        dim,
+        data.chunks(dim.max(1)),
         &format!("the outputs for split '{}'", split.name),
     )?;
     Ok((data, dim))
@@ -176,14 +180,13 @@ pub(crate) fn features_of(
 
 /// Refuses rows (of `dim` values) holding NaN or ±inf: a non-finite feature or logit has no
 /// rank, and ranked as anything it would turn into an accuracy. `what` names the rows.
-pub fn finite_rows(data: &[f32], dim: usize, what: &str) -> Result<()> {
-    let rows = data.len() / dim.max(1);
-    let bad = data
-        .chunks(dim.max(1))
+pub fn finite_rows<'a>(rows: impl ExactSizeIterator<Item = &'a [f32]>, what: &str) -> Result<()> {
+    let total = rows.len();
+    let bad = rows
         .filter(|row| row.iter().any(|v| !v.is_finite()))
         .count();
     if bad > 0 {
-        bail!("{what}: {bad} of {rows} rows hold NaN or infinite values (the encoder computes no usable features)");
+        bail!("{what}: {bad} of {total} rows hold NaN or infinite values (the encoder computes no usable features)");
     }
     Ok(())
 }
@@ -203,8 +206,7 @@ pub fn accuracy(scores: &[Vec<f32>], labels: &[u32]) -> Result<Accuracy> {
     if labels.is_empty() {
         bail!("no labelled images to measure an accuracy on");
     }
-    let flat: Vec<f32> = scores.iter().flatten().copied().collect();
-    finite_rows(&flat, scores[0].len(), "the class scores")?;
+    finite_rows(scores.iter().map(Vec::as_slice), "the class scores")?;
     let (mut top1, mut top5) = (0usize, 0usize);
     for (s, &label) in scores.iter().zip(labels) {
         let label = label as usize;
@@ -235,8 +237,8 @@ pub fn knn(
     t: f32,
     device: &Device,
 ) -> Result<Accuracy> {
-    finite_rows(&train.data, train.dim, "the memory bank's features")?;
-    finite_rows(&test.data, test.dim, "the test features")?;
+    finite_rows(train.rows(), "the memory bank's features")?;
+    finite_rows(test.rows(), "the test features")?;
     let bank = l2_normalize(train.tensor(device)).transpose();
     let k = k.min(train.len());
     let mut scores = Vec::with_capacity(test.len());

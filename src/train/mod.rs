@@ -366,9 +366,7 @@ impl<'a> Trainer<'a> {
                 })?;
                 method.watch(&scalars, &progress);
                 if !value.is_finite() {
-                    let kept = checkpoint::latest(&self.out)?
-                        .map(|d| d.display().to_string())
-                        .unwrap_or_else(|| "none yet".into());
+                    let kept = last_good(&self.out)?;
                     bail!("the loss became {value} at epoch {} step {} (batch {}): training stopped; last good checkpoint: {kept}", epoch + 1, state.step, batch.index);
                 }
                 let grads =
@@ -449,15 +447,22 @@ impl<'a> Trainer<'a> {
 /// finite while weights grown huge overflow outside training mode, and such a checkpoint is
 /// not a good one to resume or evaluate. The error names the last good checkpoint.
 fn finite_features<M: Method>(method: &M, x: Tensor<4>, out: &Path, epoch: usize) -> Result<()> {
-    let model = method.valid();
-    let features = released(&model).forward(x).try_into_vec_as::<f32>()?;
+    let features = released(method)
+        .valid()
+        .forward(x)
+        .try_into_vec_as::<f32>()?;
     if features.iter().any(|v| !v.is_finite()) {
-        let good = checkpoint::latest(out)?
-            .map(|d| d.display().to_string())
-            .unwrap_or_else(|| "none yet".into());
-        bail!("after epoch {epoch} the {} computes NaN or infinite features in evaluation mode (its weights or batch-norm statistics have diverged): training stopped without a checkpoint; last good checkpoint: {good}", model.released().name());
+        bail!("after epoch {epoch} the {} computes NaN or infinite features in evaluation mode (its weights or batch-norm statistics have diverged): training stopped without a checkpoint; last good checkpoint: {}", method.released().name(), last_good(out)?);
     }
     Ok(())
+}
+
+/// The checkpoint a stopped run can resume from, for messages: every one written computes
+/// finite features ([`finite_features`]).
+fn last_good(out: &Path) -> Result<String> {
+    Ok(checkpoint::latest(out)?
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|| "none yet".into()))
 }
 
 /// A new TensorBoard event file for a session of the run in `out`. It opens with a session
