@@ -202,6 +202,17 @@ pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: us
         return bn.forward(x);
     }
     let dims = x.dims();
+    let world = crate::dist::world().size();
+    if world > 1 && groups <= 1 && crate::dist::pieces().sync_batch_norm {
+        return sync_batch_norm(bn, x);
+    }
+    // Across W ranks, each holding rows r, r+W, ... of the global batch, the global groups
+    // (i mod groups) are the local groups (k mod groups/W) when W divides `groups` (recipes
+    // check it): no communication but the running statistics'.
+    let groups = match groups > 1 && groups % world == 0 {
+        true => groups / world,
+        false => groups,
+    };
     let groups = match groups > 1 && dims[0] % groups == 0 {
         true => groups,
         false => 1,
@@ -236,6 +247,8 @@ pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: us
     let (momentum, c) = (bn.momentum, dims[1]);
     let update = |running: Tensor<1>, batch: Tensor<1>| {
         let batch = batch.detach().reshape([groups, c]).mean_dim(0).reshape([c]);
+        // The mean over every rank's groups: the same running statistics on every rank.
+        let batch = crate::dist::all_reduce(batch).div_scalar(world as f64);
         running
             .to_device(&device)
             .mul_scalar(1.0 - momentum)
@@ -247,6 +260,43 @@ pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: us
     bn.running_var
         .update(update(bn.running_var.value_sync(), variance));
     output.reshape(dims)
+}
+
+/// Batch norm over the global batch of every rank (synchronised BN, SimCLR's `global_bn`):
+/// the mean, then the biased variance about it, each a sum over ranks with gradient
+/// ([`crate::dist::all_reduce`]), so that the forward and backward passes equal one process's
+/// over the global batch; the running statistics follow the global ones on every rank.
+fn sync_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    use crate::dist::all_reduce;
+    let dims = x.dims();
+    let c = dims[1];
+    let count = (x.shape().num_elements() / c * crate::dist::world().size()) as f64;
+    let per_channel = |t: Tensor<D>| -> Tensor<1> {
+        t.swap_dims(0, 1)
+            .reshape([c as i32, -1])
+            .sum_dim(1)
+            .reshape([c])
+    };
+    let mut broadcast = [1; D];
+    broadcast[1] = c;
+    let mean = all_reduce(per_channel(x.clone())).div_scalar(count);
+    let centred = x - mean.clone().reshape(broadcast);
+    let variance = all_reduce(per_channel(centred.clone().powi_scalar(2))).div_scalar(count);
+    let scale = bn.gamma.val() / variance.clone().add_scalar(bn.epsilon).sqrt();
+    let output = centred * scale.reshape(broadcast) + bn.beta.val().reshape(broadcast);
+    let device = output.device();
+    let update = |running: Tensor<1>, batch: Tensor<1>| {
+        running
+            .to_device(&device)
+            .mul_scalar(1.0 - bn.momentum)
+            .add(batch.detach().mul_scalar(bn.momentum))
+            .detach()
+    };
+    bn.running_mean
+        .update(update(bn.running_mean.value_sync(), mean));
+    bn.running_var
+        .update(update(bn.running_var.value_sync(), variance));
+    output
 }
 
 /// GELU (exact), with the fused kernel on `flex`, burn's `gelu` elsewhere.

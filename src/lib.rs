@@ -12,6 +12,7 @@ pub mod augment;
 pub mod config;
 pub mod data;
 pub mod device_check;
+pub mod dist;
 pub mod eval;
 pub mod kernels;
 pub mod losses;

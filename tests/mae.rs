@@ -129,6 +129,7 @@ fn encoder_sees_only_the_visible_patches() {
         view_sizes: vec![16],
         size: 16,
         batch: 2,
+        world: 1,
     };
     config.check(&feed(&model)).unwrap();
     let mae = init_seeded(&dev, 0, || config.init(&model, &dev));

@@ -381,6 +381,7 @@ fn channel_wise_bottleneck_needs_a_power_of_two_upscale() {
         view_sizes: vec![48],
         size: 48,
         batch: 8,
+        world: 1,
     };
     let err = config.check(&feed).unwrap_err().to_string();
     assert!(

@@ -36,6 +36,9 @@ pub struct Loader {
     pub seed: u64,
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
+    /// (rank, world size): each batch keeps rows rank, rank + W, ... of the global batch of
+    /// `batch_size` (see [`crate::dist`]); (0, 1) keeps all.
+    pub shard: (usize, usize),
 }
 
 impl Loader {
@@ -60,7 +63,14 @@ impl Loader {
             drop_last: true,
             seed,
             prefetch: 2,
+            shard: (0, 1),
         })
+    }
+
+    /// This rank's share of every batch: rows `rank`, `rank + world`, ... (see [`crate::dist`]).
+    pub fn sharded(mut self, rank: usize, world: usize) -> Self {
+        self.shard = (rank, world);
+        self
     }
 
     /// In dataset order, keeping the last incomplete batch (what evaluation wants).
@@ -114,7 +124,13 @@ impl Loader {
 
     fn batch_of(&self, epoch: u64, index: usize, order: &[usize]) -> Batch {
         let start = index * self.batch_size;
-        let samples: Vec<usize> = order[start..(start + self.batch_size).min(order.len())].to_vec();
+        let (rank, world) = self.shard;
+        let samples: Vec<usize> = order[start..(start + self.batch_size).min(order.len())]
+            .iter()
+            .skip(rank)
+            .step_by(world)
+            .copied()
+            .collect();
         let per_sample: Vec<_> = samples
             .par_iter()
             .map(|&i| {

@@ -219,12 +219,12 @@ impl Inpainting {
 }
 
 /// Σ W ⊙ (x − y)² / #{W > 0}: with W = M, the mean squared error over the hidden entries.
+/// Over several ranks the count is the global batch's over the rank count, so that the mean of
+/// the ranks' losses is the global batch's (holes differ in size from image to image).
 pub fn masked_mse(x: Tensor<4>, y: Tensor<4>, weight: Tensor<4>) -> Tensor<1> {
-    let count = weight
-        .clone()
-        .greater_elem(0.0)
-        .float()
-        .sum()
+    let count = weight.clone().greater_elem(0.0).float().sum();
+    let count = crate::dist::all_reduce(count)
+        .div_scalar(crate::dist::world().size() as f64)
         .clamp_min(1.0);
     ((x - y).square() * weight).sum() / count
 }
@@ -319,6 +319,7 @@ impl Method for Inpainting {
         let loss =
             softplus(d.forward(real).neg(), 1.0).mean() + softplus(d.forward(fake), 1.0).mean();
         let grads = GradientsParams::from_grads(loss.backward(), &self);
+        let grads = crate::dist::average_gradients(grads, &self);
         optim.step(lr * self.discriminator_lr, self, grads)
     }
 

@@ -190,7 +190,11 @@ impl Method for Jigsaw {
         // The puzzles of a step follow from the step: a resumed run draws the same.
         let mut rng = ChaCha8Rng::seed_from_u64(0x6a6967 ^ progress.step as u64);
         let p = self.permutations.dims()[0];
-        let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..p)).collect();
+        // Drawn for the global batch: this rank's rows of it (crate::dist).
+        let labels: Vec<usize> = (0..crate::dist::global_batch(n))
+            .map(|_| rng.random_range(0..p))
+            .collect();
+        let labels = crate::dist::local_share(&labels);
         let logits = self.logits(views, &labels);
         let acc = accuracy(logits.clone(), &labels);
         StepOutput::new(cross_entropy(logits, &labels), vec![("pretext_acc", acc)])

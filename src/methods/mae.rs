@@ -11,6 +11,8 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
+
+use crate::dist::{global_batch, local_share};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -323,10 +325,11 @@ impl Mae {
     }
 }
 
-/// The masks of step `step`: a function of the step, so a resumed run draws the same.
+/// The masks of step `step` for a global batch of `n` local rows on each rank: a function of
+/// the step, so a resumed run draws the same, whatever the world size.
 pub fn step_masking(n: usize, l: usize, ratio: f64, step: usize) -> Masking {
     random_masking(
-        n,
+        global_batch(n),
         l,
         ratio,
         &mut ChaCha8Rng::seed_from_u64(0x6d6165 ^ step as u64),
@@ -339,6 +342,12 @@ impl Method for Mae {
         let [n, _, h, w] = x.dims();
         let l = (h / self.patch) * (w / self.patch);
         let masking = step_masking(n, l, self.mask_ratio, progress.step);
+        // Drawn for the global batch: this rank's rows of it (crate::dist).
+        let masking = Masking {
+            keep: local_share(&masking.keep),
+            restore: local_share(&masking.restore),
+            mask: local_share(&masking.mask),
+        };
         let (pred, target) = self.predict(x, &masking);
         let flat: Vec<f32> = masking.mask.concat();
         let mask = Tensor::<2>::from_data(TensorData::new(flat, [n, l]), &self.device());

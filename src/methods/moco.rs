@@ -23,6 +23,8 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+
+use crate::dist::{gather_kept, global_batch, local_rows};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +94,13 @@ impl MocoConfig {
                 "method.bn_splits = {}: the batch is split into groups of equal size, at least 2 images each, and train.batch_size is {}",
                 self.bn_splits,
                 feed.batch
+            );
+        }
+        if self.bn_splits > 1 && self.bn_splits % feed.world != 0 {
+            anyhow::bail!(
+                "method.bn_splits = {}: each of the {} ranks of this run normalises its own groups, so the rank count must divide it",
+                self.bn_splits,
+                feed.world
             );
         }
         Ok(())
@@ -170,23 +179,41 @@ impl Moco {
         l2_normalize(self.head.forward(features))
     }
 
-    /// Unit keys of `x` (no gradient): images permuted by `shuffle` before the grouped batch
-    /// norm, the keys put back in the images' order.
+    /// Unit keys of `x` (no gradient): images permuted by `shuffle` (a permutation of the
+    /// global batch) before the grouped batch norm, the keys put back in the images' order. Over
+    /// several ranks, as the official `_batch_shuffle_ddp`: every rank's images gathered,
+    /// shuffled, this rank's rows of the shuffled batch encoded, the keys gathered and put back.
     pub fn keys(&self, x: Tensor<4>, shuffle: &[usize]) -> Tensor<2> {
+        let [n, c, h, w] = x.dims();
+        let global = shuffle.len();
         let device = x.device();
         let index = |v: &[usize]| {
             let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
             Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device)
         };
-        let mut unshuffle = vec![0; shuffle.len()];
+        let mut unshuffle = vec![0; global];
         for (pos, &i) in shuffle.iter().enumerate() {
             unshuffle[i] = pos;
         }
-        let features = self
-            .key_backbone
-            .forward_split_bn(x.detach().select(0, index(shuffle)), self.bn_splits);
-        let k = self.key_head.forward(features);
-        l2_normalize(k.select(0, index(&unshuffle))).detach()
+        let split = global != n;
+        let x = match split {
+            true => gather_kept(x.detach().reshape([n, c * h * w]), n).reshape([global, c, h, w]),
+            false => x.detach(),
+        };
+        let mut shuffled = x.select(0, index(shuffle));
+        if split {
+            shuffled = shuffled.select(0, index(&local_rows(global)));
+        }
+        let features = self.key_backbone.forward_split_bn(shuffled, self.bn_splits);
+        let mut k = self.key_head.forward(features);
+        if split {
+            k = gather_kept(k.detach(), n);
+        }
+        let mut k = k.select(0, index(&unshuffle));
+        if split {
+            k = k.select(0, index(&local_rows(global)));
+        }
+        l2_normalize(k).detach()
     }
 
     /// `[n, 1 + K]` logits: q·k₊ in column 0, then q against the queue, all over τ.
@@ -236,7 +263,7 @@ pub fn shuffle_order(n: usize, step: usize) -> Vec<usize> {
 impl Method for Moco {
     fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> StepOutput {
         let [n, _, _, _] = views[0].dims();
-        let shuffle = shuffle_order(n, progress.step);
+        let shuffle = shuffle_order(global_batch(n), progress.step);
         let q1 = self.queries(views[0].clone());
         let k2 = self.keys(views[1].clone(), &shuffle);
         let z_std = embedding_std(q1.clone());

@@ -161,7 +161,7 @@ macro_rules! methods {
         /// The recipe's method, freshly initialised (seeded by the recipe) on `device`, its
         /// encoder replaced by `start` if given (see [`Method::start_from`]). `f` receives it:
         /// methods are distinct types, so each caller is generic over [`Method`].
-        pub(crate) fn with_method<R>(
+        pub fn with_method<R>(
             recipe: &Recipe,
             start: Option<Backbone>,
             device: &Device,
@@ -231,7 +231,7 @@ fn started<M: Method>(method: M, start: Option<Backbone>) -> M {
 }
 
 /// A caller of [`with_method`].
-pub(crate) trait MethodUser<R> {
+pub trait MethodUser<R> {
     fn call<M: Method>(self, method: M) -> R;
 }
 
@@ -242,8 +242,10 @@ pub struct Feed<'a> {
     pub view_sizes: Vec<u32>,
     /// `augment.size`: the side of the views of evaluation, fine-tuning and pictures.
     pub size: u32,
-    /// `train.batch_size`: images per forward pass.
+    /// `train.batch_size`: images per forward pass, over all ranks.
     pub batch: usize,
+    /// The ranks that share each batch (1 in a lone process; see [`crate::dist`]).
+    pub world: usize,
 }
 
 impl Feed<'_> {

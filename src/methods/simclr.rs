@@ -15,6 +15,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{at_least_one, positive};
+use crate::dist::all_gather_rows;
 use crate::losses::{embedding_std, nt_xent};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
@@ -116,7 +117,12 @@ impl Method for SimClr {
     fn loss(&self, views: &[Tensor<4>], _progress: &Progress) -> StepOutput {
         let [n, _, _, _] = views[0].dims();
         let z = self.projections(views);
-        let (z1, z2) = (z.clone().narrow(0, 0, n), z.clone().narrow(0, n, n));
+        // Every rank's projections, with their gradient (crate::dist): the negatives of a view
+        // are the other images of the global batch, and every rank computes the same loss.
+        let (z1, z2) = (
+            all_gather_rows(z.clone().narrow(0, 0, n)),
+            all_gather_rows(z.clone().narrow(0, n, n)),
+        );
         let loss = nt_xent(z1, z2, self.temperature).mul_scalar(2.0);
         StepOutput::new(loss, vec![("z_std", embedding_std(z))])
     }

@@ -301,12 +301,14 @@ pub fn drop_path_masks(
                 0.0
             };
             std::array::from_fn(|_| {
-                let keep: Vec<f32> = (0..n)
+                // Drawn for the global batch: this rank's rows of it (crate::dist).
+                let keep: Vec<f32> = (0..crate::dist::global_batch(n))
                     .map(|_| match rng.random::<f64>() < p {
                         true => 0.0,
                         false => (1.0 / (1.0 - p)) as f32,
                     })
                     .collect();
+                let keep = crate::dist::local_share(&keep);
                 Tensor::<1>::from_floats(keep.as_slice(), device).reshape([n, 1, 1])
             })
         })

@@ -57,8 +57,9 @@ pub struct StepOutput {
     pub loss: Tensor<1>,
     /// Scalars worth logging (averaged over the epoch too).
     pub scalars: DeviceScalars,
-    /// Detached rows that [`Method::after_step`] needs (MoCo's keys, DINO's teacher outputs);
-    /// under gradient accumulation, those of every pass of the step, concatenated.
+    /// Detached rows that [`Method::after_step`] needs (MoCo's keys, DINO's teacher outputs):
+    /// blocks of this rank's `n` images per pass (a view each); under gradient accumulation,
+    /// those of every pass of the step, concatenated.
     pub keep: Option<Tensor<2>>,
 }
 
@@ -77,14 +78,15 @@ pub trait Method: Module + Sized {
     /// The loss for one batch of views (`views[v]` is view `v` of every image, `[n, 3, h, w]`).
     fn loss(&self, views: &[Tensor<4>], progress: &Progress) -> StepOutput;
 
-    /// After each optimiser step, with the step's `keep`: the EMA of a teacher or key
-    /// encoder, a queue, a centre.
+    /// After each optimiser step, with the step's `keep` of every rank in global batch order
+    /// ([`crate::dist::gather_kept`]): the EMA of a teacher or key encoder, a queue, a centre.
     fn after_step(self, _kept: Option<Tensor<2>>, _progress: &Progress) -> Self {
         self
     }
 
     /// A second update with its own optimiser, after the main one and before `after_step`,
-    /// with the step's `keep` (a GAN's discriminator on real and generated images).
+    /// with this rank's `keep` of the step (a GAN's discriminator on real and generated
+    /// images); it averages its gradients over ranks ([`crate::dist::average_gradients`]).
     fn auxiliary_step(
         self,
         _kept: Option<&Tensor<2>>,
@@ -279,8 +281,17 @@ impl<'a> Trainer<'a> {
         let c = &self.config;
         c.check()?;
         loader.check("train.batch_size")?;
-        std::fs::create_dir_all(&self.out)
-            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        let (rank, world) = crate::dist::rank_size();
+        if c.batch_size % world != 0 {
+            bail!("train.batch_size = {}: the global batch is shared by the {world} ranks of this run, so {world} must divide it", c.batch_size);
+        }
+        let main = rank == 0;
+        let local = loader.clone().sharded(rank, world);
+        let n = c.batch_size / world;
+        if main {
+            std::fs::create_dir_all(&self.out)
+                .with_context(|| format!("cannot create {}", self.out.display()))?;
+        }
         let (mut method, mut optim, mut aux, mut state) = match checkpoint::latest(&self.out)? {
             Some(dir) => {
                 tracing::info!("resuming from {}", dir.display());
@@ -315,11 +326,18 @@ impl<'a> Trainer<'a> {
         }
         let total_steps = steps_per_epoch * c.epochs;
         let warmup = (c.warmup_epochs * steps_per_epoch as f64).round() as usize;
-        let events = match &self.events {
-            Some(e) => e.clone(),
-            None => session_events(&self.out)?,
+        crate::dist::check_same_weights(&method, "at the start")?;
+        // Rank 0 alone writes the run folder: metrics, events, checkpoints.
+        let mut metrics = match main {
+            true => {
+                let events = match &self.events {
+                    Some(e) => e.clone(),
+                    None => session_events(&self.out)?,
+                };
+                Some(Metrics::open(&self.out, &state, events)?)
+            }
+            false => None,
         };
-        let mut metrics = Metrics::open(&self.out, &state, events)?;
         let mut report = Report::default();
 
         while state.epoch < until.min(c.epochs) {
@@ -328,7 +346,7 @@ impl<'a> Trainer<'a> {
                 steps_per_epoch as u64,
                 &format!("epoch {}/{}", epoch + 1, c.epochs),
             );
-            if !self.progress {
+            if !self.progress || !main {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
             let mut accumulator = GradientsAccumulator::<M>::new();
@@ -339,7 +357,7 @@ impl<'a> Trainer<'a> {
             let mut images = 0usize;
             // The first view of the epoch's last batch: what the end-of-epoch check feeds.
             let mut probe: Option<Tensor<4>> = None;
-            for batch in loader
+            for batch in local
                 .epoch(epoch as u64, 0)
                 .take(steps_per_epoch * c.accumulate)
             {
@@ -361,6 +379,7 @@ impl<'a> Trainer<'a> {
                     keep,
                 } = method.loss(&views, &progress);
                 kept.extend(keep);
+                // The loss and scalars averaged over ranks: every rank sees the same values.
                 let (value, scalars) = read_step(loss.clone(), scalars).with_context(|| {
                     format!("epoch {} step {}: the device failed", epoch + 1, state.step)
                 })?;
@@ -373,7 +392,7 @@ impl<'a> Trainer<'a> {
                     GradientsParams::from_grads((loss / c.accumulate as f64).backward(), &method);
                 accumulator.accumulate(&method, grads);
                 micro += 1;
-                images += batch.samples.len();
+                images += batch.samples.len() * world;
                 loss_sum += value as f64;
                 step_loss += value / c.accumulate as f32;
                 for (name, v) in &scalars {
@@ -387,14 +406,17 @@ impl<'a> Trainer<'a> {
                 }
                 let lr =
                     optim::warmup_cosine(state.step, warmup, total_steps, c.peak_lr(), c.final_lr);
-                method = optim.step(lr, method, accumulator.grads());
-                if c.optim.final_weight_decay.is_some() {
-                    let wd = c.optim.weight_decay_at(state.step, total_steps);
-                    method = optim::decay_matrices(method, lr * wd);
-                }
                 let kept = (!kept.is_empty()).then(|| Tensor::cat(std::mem::take(&mut kept), 0));
-                method = method.auxiliary_step(kept.as_ref(), lr, &mut aux);
-                method = method.after_step(kept, &progress);
+                method = self.step(
+                    method,
+                    &mut optim,
+                    &mut aux,
+                    accumulator.grads(),
+                    kept,
+                    n,
+                    lr,
+                    &progress,
+                );
                 state.step += 1;
                 report.step_losses.push(step_loss);
                 let rate = images as f64 / started.elapsed().as_secs_f64();
@@ -408,7 +430,9 @@ impl<'a> Trainer<'a> {
                 for (name, v) in &scalars {
                     line[*name] = serde_json::json!(v);
                 }
-                metrics.write(&line)?;
+                if let Some(metrics) = &mut metrics {
+                    metrics.write(&line)?;
+                }
                 step_loss = 0.0;
             }
             bar.finish_and_clear();
@@ -422,6 +446,10 @@ impl<'a> Trainer<'a> {
             if let Some(x) = probe {
                 finite_features(&method, x, &self.out, state.epoch)?;
             }
+            crate::dist::check_same_weights(&method, &format!("after epoch {}", state.epoch))?;
+            let Some(metrics) = &mut metrics else {
+                continue;
+            };
             let last = state.epoch == c.epochs || state.epoch == until;
             if let Some(monitor) = self
                 .monitor
@@ -439,6 +467,36 @@ impl<'a> Trainer<'a> {
         }
         report.state = state;
         Ok((method, report))
+    }
+}
+
+impl Trainer<'_> {
+    /// One optimiser step on the step's summed gradients: averaged over ranks, the update at
+    /// rate `lr` (with the weight-decay schedule, where the recipe has one), the method's second
+    /// update on this rank's `kept` rows (a discriminator), then its after-step (teacher,
+    /// queue, centre) on every rank's `kept` rows, `n` a rank's images per pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step<M: Method>(
+        &self,
+        method: M,
+        optim: &mut ModuleOptimizer,
+        aux: &mut ModuleOptimizer,
+        grads: GradientsParams,
+        kept: Option<Tensor<2>>,
+        n: usize,
+        lr: f64,
+        progress: &Progress,
+    ) -> M {
+        let c = &self.config;
+        let grads = crate::dist::average_gradients(grads, &method);
+        let mut method = optim.step(lr, method, grads);
+        if c.optim.final_weight_decay.is_some() {
+            let wd = c.optim.weight_decay_at(progress.step, progress.total_steps);
+            method = optim::decay_matrices(method, lr * wd);
+        }
+        let method = method.auxiliary_step(kept.as_ref(), lr, aux);
+        let kept = kept.map(|k| crate::dist::gather_kept(k, n));
+        method.after_step(kept, progress)
     }
 }
 
@@ -479,14 +537,16 @@ pub fn session_events(out: &Path) -> Result<events::EventWriter> {
     Ok(events)
 }
 
-/// The loss and the scalars of a step, read from the device in one transfer; a device operation
+/// The loss and the scalars of a step, read from the device in one transfer and averaged over
+/// ranks; a device operation
 /// that failed since the last read (in this step or the previous step's backward pass) is
 /// reported here as an error rather than a panic.
 fn read_step(loss: Tensor<1>, scalars: DeviceScalars) -> Result<(f32, Scalars)> {
     let (names, tensors): (Vec<_>, Vec<_>) = scalars.into_iter().unzip();
     let mut all = vec![loss.detach().reshape([1])];
     all.extend(tensors.into_iter().map(|t| t.detach().reshape([1])));
-    let values = Tensor::cat(all, 0).try_into_vec_as::<f32>()?;
+    let mut values = Tensor::cat(all, 0).try_into_vec_as::<f32>()?;
+    crate::dist::mean_over_ranks(&mut values);
     Ok((
         values[0],
         names.into_iter().zip(values[1..].iter().copied()).collect(),

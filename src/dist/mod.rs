@@ -1,0 +1,362 @@
+//! Data-parallel training: one process per device, launched by `mpirun -np N selfsup pretrain`
+//! (or a cluster's `srun`), and the collectives they train through.
+//!
+//! The run is the same at any world size W. `train.batch_size` is the **global** batch: rank r
+//! takes rows r, r+W, r+2W, ... of each global batch ([`local_rows`]); the loader fixes every
+//! batch and view by (seed, epoch, sample), so no sampler and no per-rank seeds. Every draw
+//! keyed by the step (MAE's masks, MoCo's shuffle, DINO's drop path, jigsaw's puzzles) draws for
+//! the global batch and takes this rank's rows. Gradients are averaged over ranks in one flat
+//! bucket ([`average_gradients`]); batch norm in training normalises over the global batch
+//! ([`crate::kernels::batch_norm`] through [`all_reduce`]); SimCLR gathers its projections with
+//! their gradient ([`all_gather_rows`]); MoCo's keys and DINO's teacher outputs reach
+//! `after_step` from every rank ([`gather_kept`]). Rank 0 alone writes the run folder.
+//!
+//! The collectives sit behind [`Communicator`]: [`Single`] (a lone process, no MPI at all),
+//! [`ThreadGroup`] (ranks as threads of one process: the tests), and, with the cargo feature
+//! `mpi`, Open MPI through rsmpi ([`mpi::init`]). Every rank must make the same collective calls
+//! in the same order, as in MPI.
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+mod op;
+mod threads;
+
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Result};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Int, Tensor, TensorData};
+
+pub use op::all_reduce;
+pub use threads::ThreadGroup;
+
+/// The collectives of a group of processes (or threads), staged through host memory so that
+/// every backend works. Every member calls each one with data of the same length.
+pub trait Communicator: Send + Sync {
+    /// This member's index, `0..size()`.
+    fn rank(&self) -> usize;
+    /// The number of members W.
+    fn size(&self) -> usize;
+    /// Replaces `data` by its element-wise sum over the members (identical on every member).
+    fn all_reduce_sum(&self, data: &mut [f32]);
+    /// Every member's `data`, concatenated in rank order.
+    fn all_gather(&self, data: &[f32]) -> Vec<f32>;
+    /// Every member's `value`, in rank order.
+    fn all_gather_u64(&self, value: u64) -> Vec<u64>;
+    /// Ends every member's process at once with `code` (MPI_Abort): a rank that fails must not
+    /// leave the others waiting in a collective.
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// A lone process: world size 1, every collective the identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Single;
+
+impl Communicator for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _data: &mut [f32]) {}
+    fn all_gather(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn all_gather_u64(&self, value: u64) -> Vec<u64> {
+        vec![value]
+    }
+}
+
+static PROCESS: OnceLock<Arc<dyn Communicator>> = OnceLock::new();
+
+thread_local! {
+    static THREAD: RefCell<Option<Arc<dyn Communicator>>> = const { RefCell::new(None) };
+}
+
+/// The pieces of data parallelism beyond averaged gradients, all on by default. A test switches
+/// one off (on its rank threads, [`with_pieces`]) to show that the run then differs from one
+/// process: each piece is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pieces {
+    /// [`all_gather_rows`] carries the gradient back to every rank (else only the local rows'
+    /// own gradient).
+    pub gather_gradient: bool,
+    /// Batch norm in training normalises over the global batch (else over the local one).
+    pub sync_batch_norm: bool,
+    /// Draws keyed by the step are made for the global batch (else for the local one).
+    pub global_draws: bool,
+}
+
+impl Default for Pieces {
+    fn default() -> Self {
+        Pieces {
+            gather_gradient: true,
+            sync_batch_norm: true,
+            global_draws: true,
+        }
+    }
+}
+
+thread_local! {
+    static PIECES: RefCell<Pieces> = RefCell::new(Pieces::default());
+}
+
+/// Runs `f` with `pieces` on this thread.
+pub fn with_pieces<R>(pieces: Pieces, f: impl FnOnce() -> R) -> R {
+    let previous = PIECES.with(|p| p.replace(pieces));
+    let result = f();
+    PIECES.with(|p| *p.borrow_mut() = previous);
+    result
+}
+
+/// The pieces on for this thread.
+pub fn pieces() -> Pieces {
+    PIECES.with(|p| *p.borrow())
+}
+
+/// Makes `world` the process's group (once, at start-up: `mpi::init` calls it).
+pub fn set_process_world(world: Arc<dyn Communicator>) -> Result<()> {
+    if PROCESS.set(world).is_err() {
+        bail!("the process's communicator was already set");
+    }
+    Ok(())
+}
+
+/// Runs `f` with `world` as this thread's group (a [`ThreadGroup`] member), then restores the
+/// previous one.
+pub fn with_world<R>(world: Arc<dyn Communicator>, f: impl FnOnce() -> R) -> R {
+    let previous = THREAD.with(|t| t.borrow_mut().replace(world));
+    let result = f();
+    THREAD.with(|t| *t.borrow_mut() = previous);
+    result
+}
+
+/// The group this thread trains in: its [`with_world`] group, else the process's, else
+/// [`Single`].
+pub fn world() -> Arc<dyn Communicator> {
+    THREAD
+        .with(|t| t.borrow().clone())
+        .or_else(|| PROCESS.get().cloned())
+        .unwrap_or_else(|| Arc::new(Single))
+}
+
+/// This rank and the world size `(r, W)`.
+pub fn rank_size() -> (usize, usize) {
+    let w = world();
+    (w.rank(), w.size())
+}
+
+/// Whether this rank writes the run folder, logs and shows progress (rank 0).
+pub fn is_main() -> bool {
+    world().rank() == 0
+}
+
+/// The rows of a global batch of `global` rows that this rank takes: r, r+W, r+2W, ...
+pub fn local_rows(global: usize) -> Vec<usize> {
+    let (r, w) = rank_size();
+    (r..global).step_by(w).collect()
+}
+
+/// This rank's share of `global`, a draw made for every row of the global batch (a mask, a
+/// label, a keep flag): the items at [`local_rows`].
+pub fn local_share<T: Clone>(global: &[T]) -> Vec<T> {
+    if !pieces().global_draws {
+        return global.to_vec();
+    }
+    local_rows(global.len())
+        .into_iter()
+        .map(|i| global[i].clone())
+        .collect()
+}
+
+/// The global batch size for a local one of `n` rows (every rank holds as many).
+pub fn global_batch(n: usize) -> usize {
+    match pieces().global_draws {
+        true => n * world().size(),
+        false => n,
+    }
+}
+
+/// The rows of every rank, `[W·n, ...]` in global batch order (row r + kW is rank r's row k),
+/// each rank's `x` being `[n, ...]`. With gradient: the gradient of a row reaches its rank as
+/// the sum of every rank's gradient for it (lightly's `GatherLayer`), so a loss over all rows
+/// on every rank trains as one loss over the global batch.
+pub fn all_gather_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let (r, w) = rank_size();
+    if w == 1 {
+        return x;
+    }
+    let mut dims = x.dims();
+    let n = dims[0];
+    // Zeros but for this rank's rows, summed over ranks: exact, as x + 0 is x.
+    let mut placed = dims;
+    placed[0] = n * w;
+    let slots: Vec<i64> = (0..n).map(|k| (r + k * w) as i64).collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(slots, [n]), &x.device());
+    let zeros = Tensor::<D>::zeros(placed, &x.device());
+    let spread = zeros.select_assign(0, index, x, burn::tensor::IndexingUpdateOp::Add);
+    dims[0] = n * w;
+    if !pieces().gather_gradient {
+        // The other ranks' rows as constants: only this rank's rows carry a gradient.
+        let global = all_reduce(spread.clone().detach());
+        return (global + spread.clone() - spread.detach()).reshape(dims);
+    }
+    all_reduce(spread).reshape(dims)
+}
+
+/// `kept` rows of this rank, without gradient, from every rank in global batch order: `kept`
+/// is one or more blocks of `n` rows, each block a local batch (a view, a pass of an
+/// accumulated step); the result has the same blocks, each `W·n` rows of the global batch.
+pub fn gather_kept(kept: Tensor<2>, n: usize) -> Tensor<2> {
+    let w = world().size();
+    if w == 1 {
+        return kept;
+    }
+    let [rows, d] = kept.dims();
+    let blocks = rows / n;
+    let device = kept.device();
+    let values = kept
+        .detach()
+        .try_into_vec_as::<f32>()
+        .expect("kept rows read from the device");
+    let all = world().all_gather(&values);
+    // all[rank][block][k][d] → out[block][k·W + rank][d]
+    let mut out = vec![0f32; all.len()];
+    for rank in 0..w {
+        for b in 0..blocks {
+            for k in 0..n {
+                let from = ((rank * blocks + b) * n + k) * d;
+                let to = ((b * n + k) * w + rank) * d;
+                out[to..to + d].copy_from_slice(&all[from..from + d]);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [rows * w, d]), &device)
+}
+
+/// Averages the gradients over ranks, in one flat bucket in the module's own parameter order
+/// (one all-reduce a step); every rank then takes the same optimiser step.
+pub fn average_gradients<M: Module>(grads: GradientsParams, module: &M) -> GradientsParams {
+    let w = world().size();
+    if w == 1 {
+        return grads;
+    }
+    let mut bucket = Bucket {
+        grads,
+        values: vec![],
+        shapes: vec![],
+    };
+    module.visit(&mut bucket);
+    let Bucket {
+        mut grads,
+        mut values,
+        shapes,
+    } = bucket;
+    world().all_reduce_sum(&mut values);
+    let scale = 1.0 / w as f32;
+    let mut at = 0;
+    for (id, shape, device) in shapes {
+        let len: usize = shape.iter().product();
+        let mean: Vec<f32> = values[at..at + len].iter().map(|v| v * scale).collect();
+        at += len;
+        grads.register(
+            id,
+            Tensor::<1>::from_data(TensorData::new(mean, [len]), &device),
+        );
+        grads = reshape_registered(grads, id, &shape);
+    }
+    grads
+}
+
+/// `grads[id]`, registered flat, put back in its parameter's shape.
+fn reshape_registered(
+    mut grads: GradientsParams,
+    id: burn::module::ParamId,
+    shape: &[usize],
+) -> GradientsParams {
+    let flat: Tensor<1> = grads.remove(id).expect("registered above");
+    match shape.len() {
+        1 => grads.register(id, flat),
+        2 => grads.register(id, flat.reshape([shape[0], shape[1]])),
+        3 => grads.register(id, flat.reshape([shape[0], shape[1], shape[2]])),
+        4 => grads.register(id, flat.reshape([shape[0], shape[1], shape[2], shape[3]])),
+        d => panic!("a parameter of {d} dimensions"),
+    }
+    grads
+}
+
+/// Collects a module's gradients, flat, in parameter order.
+struct Bucket {
+    grads: GradientsParams,
+    values: Vec<f32>,
+    shapes: Vec<(burn::module::ParamId, Vec<usize>, burn::tensor::Device)>,
+}
+
+impl ModuleVisitor for Bucket {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            let shape = grad.dims().to_vec();
+            let device = grad.device();
+            self.values.extend(
+                grad.try_into_vec_as::<f32>()
+                    .expect("a gradient read from the device"),
+            );
+            self.shapes.push((param.id, shape, device));
+        }
+    }
+}
+
+/// A hash of every float tensor of `module` (parameters and buffers: batch-norm statistics,
+/// MoCo's queue, DINO's centre), bit for bit.
+pub fn weights_hash<M: Module>(module: &M) -> u64 {
+    struct Hasher(u64);
+    impl ModuleVisitor for Hasher {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            for v in param
+                .val()
+                .try_into_vec_as::<f32>()
+                .expect("a parameter read from the device")
+            {
+                // FNV-1a over the bits.
+                for byte in v.to_bits().to_le_bytes() {
+                    self.0 = (self.0 ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+                }
+            }
+        }
+    }
+    let mut h = Hasher(0xcbf2_9ce4_8422_2325);
+    module.visit(&mut h);
+    h.0
+}
+
+/// Refuses to go on when the ranks' copies of `module` differ (`when`: "at the start", "after
+/// epoch 3"), naming the ranks that differ from rank 0.
+pub fn check_same_weights<M: Module>(module: &M, when: &str) -> Result<()> {
+    let world = world();
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let hashes = world.all_gather_u64(weights_hash(module));
+    let differ: Vec<usize> = (1..hashes.len())
+        .filter(|&r| hashes[r] != hashes[0])
+        .collect();
+    if !differ.is_empty() {
+        bail!("{when} the weights of rank(s) {differ:?} differ from rank 0's: the ranks no longer train one model (a rank resumed from another checkpoint, or a non-deterministic reduction)");
+    }
+    Ok(())
+}
+
+/// The mean over ranks of each of `values` (logged scalars and losses).
+pub fn mean_over_ranks(values: &mut [f32]) {
+    let w = world();
+    if w.size() > 1 {
+        w.all_reduce_sum(values);
+        let scale = 1.0 / w.size() as f32;
+        values.iter_mut().for_each(|v| *v *= scale);
+    }
+}
