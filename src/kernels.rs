@@ -113,7 +113,7 @@ pub trait CpuKernels: Backend {
 }
 
 /// Whether `device` computes on `flex` (with or without autodiff), where the fused kernels run.
-fn on_flex(device: &burn::tensor::Device) -> bool {
+pub fn on_flex(device: &burn::tensor::Device) -> bool {
     matches!(
         device.clone().inner().as_dispatch(),
         DispatchDevice::Flex(_)
@@ -263,27 +263,12 @@ pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: us
 }
 
 /// Batch norm over the global batch of every rank (synchronised BN, SimCLR's `global_bn`):
-/// the mean, then the biased variance about it, each a sum over ranks with gradient
-/// ([`crate::dist::all_reduce`]), so that the forward and backward passes equal one process's
-/// over the global batch; the running statistics follow the global ones on every rank.
+/// statistics and backward sums over every rank's rows, in f64 ([`crate::dist::sync_batch_norm`]),
+/// so that the forward and backward passes equal one process's over the global batch; the
+/// running statistics follow the global ones on every rank.
 fn sync_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
-    use crate::dist::all_reduce;
-    let dims = x.dims();
-    let c = dims[1];
-    let count = (x.shape().num_elements() / c * crate::dist::world().size()) as f64;
-    let per_channel = |t: Tensor<D>| -> Tensor<1> {
-        t.swap_dims(0, 1)
-            .reshape([c as i32, -1])
-            .sum_dim(1)
-            .reshape([c])
-    };
-    let mut broadcast = [1; D];
-    broadcast[1] = c;
-    let mean = all_reduce(per_channel(x.clone())).div_scalar(count);
-    let centred = x - mean.clone().reshape(broadcast);
-    let variance = all_reduce(per_channel(centred.clone().powi_scalar(2))).div_scalar(count);
-    let scale = bn.gamma.val() / variance.clone().add_scalar(bn.epsilon).sqrt();
-    let output = centred * scale.reshape(broadcast) + bn.beta.val().reshape(broadcast);
+    let (output, mean, variance) =
+        crate::dist::sync_batch_norm(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
     let device = output.device();
     let update = |running: Tensor<1>, batch: Tensor<1>| {
         running
@@ -990,13 +975,13 @@ impl CpuKernels for Flex {
 
 /// A normalisation's forward pass on the inner backend: (output, mean, variance) of
 /// (x, γ, β, ε), and its backward: (x, γ, β) gradients of (x, γ, mean, variance, ε, output grad).
-type NormForward<B> = fn(
+pub(crate) type NormForward<B> = fn(
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
     f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
-type NormBackwardFn<B> = fn(
+pub(crate) type NormBackwardFn<B> = fn(
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
@@ -1043,7 +1028,7 @@ impl<B: Backend> Backward<B, 3> for NormBackward<B> {
 /// Batch norm or layer norm under autodiff: the fused forward on the inner backend, (x, γ)
 /// checkpointed with the statistics it returned, and the fused backward (burn's own autodiff
 /// step for batch norm, with the fused kernels).
-fn normalization<B: Backend, C: CheckpointStrategy>(
+pub(crate) fn normalization<B: Backend, C: CheckpointStrategy>(
     [x, gamma, beta]: [FloatTensor<Autodiff<B, C>>; 3],
     epsilon: f64,
     forward: NormForward<B>,

@@ -219,6 +219,21 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// Check that this launch trains as one process (run it as `mpirun -np N selfsup
+    /// dist-check ...`): a few steps of the recipe on every rank's share of the global batches
+    /// and, on each rank, as a lone process; prints the gaps as one JSON line, and exits
+    /// non-zero when the ranks disagree or the gaps exceed float rounding.
+    DistCheck {
+        #[arg(long)]
+        recipe: PathBuf,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Train images the steps draw their batches from (default: steps × batch).
+        #[arg(long)]
+        images: Option<usize>,
+    },
     /// Print a method's complete recipe, every key commented and at its default, to start from.
     Recipe {
         #[arg(help = selfsup::methods::names_listed())]
@@ -354,6 +369,25 @@ fn at_least_one(flag: &str, n: usize) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::DistCheck {
+            recipe,
+            data,
+            steps,
+            images,
+        } => {
+            let recipe = Recipe::load(&recipe)?;
+            let dataset = pretrain::open_data(&recipe, data.as_deref())?;
+            let images = images.unwrap_or(steps * recipe.train.batch_size);
+            let split = dataset.split(&recipe.data.train_split)?;
+            let split = split.subset(images, recipe.seed);
+            let gaps = selfsup::dist::check::compare(&recipe, &split, steps)?;
+            if selfsup::dist::is_main() {
+                println!("{}", serde_json::to_string(&gaps)?);
+            }
+            if !(gaps.loss < 1e-6 && gaps.grads < 1e-5 && gaps.weights < 1e-4) {
+                anyhow::bail!("this launch does not train as one process: {gaps:?}");
+            }
+        }
         Command::Data(DataCommand::Info { source, load }) => {
             let dataset = Dataset::open(&source, &load.options())?;
             print!("{}", dataset.summary());
@@ -416,6 +450,9 @@ fn run(cli: Cli) -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(stem));
             let dataset = pretrain::open_data(&recipe, data.as_deref())?;
             let summary = pretrain::pretrain(&recipe, &dataset, &out, &device, change_recipe)?;
+            if !selfsup::dist::is_main() {
+                return Ok(());
+            }
             if summary.trained == 0 {
                 println!(
                     "{} is complete: {}/{} epochs trained (pass --epochs N above {} to train further); its results:",
@@ -735,11 +772,44 @@ fn main() -> ExitCode {
         // Colour codes only on a terminal: a log redirected to a file stays plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Started by mpirun or srun: one rank of a data-parallel run (selfsup::dist).
+    let _mpi = match start_mpi() {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let world = selfsup::dist::world();
+            if world.size() > 1 {
+                // The other ranks wait in a collective: end them all, naming this rank.
+                eprintln!("error: rank {} of {}: {e:#}", world.rank(), world.size());
+                world.abort(1);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Initialises MPI when an MPI launcher started this process; kept until the end of `main`.
+#[cfg(feature = "mpi")]
+fn start_mpi() -> Result<Option<selfsup::dist::mpi::MpiGuard>> {
+    match selfsup::dist::launcher_world_size() {
+        Some(_) => Ok(Some(selfsup::dist::mpi::init()?)),
+        None => Ok(None),
+    }
+}
+
+/// Without the `mpi` feature, refuses to run as one of several ranks: each would train alone
+/// into the same run folder.
+#[cfg(not(feature = "mpi"))]
+fn start_mpi() -> Result<()> {
+    match selfsup::dist::launcher_world_size() {
+        Some(n) if n > 1 => anyhow::bail!("started as one of {n} MPI ranks, but this selfsup was built without MPI: build it with `cargo build --release --features mpi`"),
+        _ => Ok(()),
     }
 }

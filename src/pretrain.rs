@@ -210,7 +210,15 @@ pub fn pretrain(
         summary.trained = 0;
         return Ok(summary);
     }
-    std::fs::write(&saved, text)?;
+    // Every rank has read the run folder; from here on rank 0 alone writes it.
+    crate::dist::barrier();
+    let main = crate::dist::is_main();
+    if crate::dist::world().size() > 1 && !crate::kernels::on_flex(device) {
+        bail!("data-parallel training runs on the CPU backend only for now (its differentiable all-reduce is built for flex); on GPUs train with one process per run");
+    }
+    if main {
+        std::fs::write(&saved, text)?;
+    }
 
     let test_split = dataset
         .split(&recipe.data.test_split)
@@ -235,13 +243,18 @@ pub fn pretrain(
     // The run's pictures, as PNG files and TensorBoard images: its views now (in TensorBoard,
     // once: a resumed run's earlier session showed them), and what MAE and inpainting paint at
     // the end.
-    let pictures = train::session_events(out)?;
-    let sample = train_split.subset(8, recipe.seed);
-    let sample: Vec<&RgbImage> = sample.images.iter().collect();
-    let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
-    crate::viz::save_png(&views, &out.join("views.png"))?;
-    if latest.is_none() {
-        pictures.image(0, "views", &views)?;
+    let pictures = match main {
+        true => Some(train::session_events(out)?),
+        false => None,
+    };
+    if let Some(pictures) = &pictures {
+        let sample = train_split.subset(8, recipe.seed);
+        let sample: Vec<&RgbImage> = sample.images.iter().collect();
+        let views = crate::viz::views_grid(&sample, &pipeline, recipe.seed);
+        crate::viz::save_png(&views, &out.join("views.png"))?;
+        if latest.is_none() {
+            pictures.image(0, "views", &views)?;
+        }
     }
     let loader = Loader::new(
         train_split.clone(),
@@ -262,7 +275,7 @@ pub fn pretrain(
     let ad = device.clone().autodiff();
     let mut trainer = Trainer::new(recipe.train.clone(), out, ad.clone());
     trainer.monitor = Some(&monitor);
-    trainer.events = Some(pictures.clone());
+    trainer.events = pictures.clone();
 
     struct Train<'a> {
         trainer: &'a Trainer<'a>,
@@ -292,6 +305,18 @@ pub fn pretrain(
     )?;
 
     let backbone_path = crate::run::backbone_path(out);
+    let Some(pictures) = pictures else {
+        // Another rank: rank 0 evaluates, exports and reports.
+        return Ok(Summary {
+            epochs: report.state.epoch,
+            trained: report.state.epoch - done,
+            final_loss: report.state.epoch_losses.last().copied(),
+            released,
+            knn: None,
+            checkpoint: PathBuf::new(),
+            backbone: backbone_path,
+        });
+    };
     crate::weights::export(&backbone, &backbone_path)?;
     if let (MethodConfig::Mae(_) | MethodConfig::Inpainting(_), Some(test)) =
         (&recipe.method, &test_split)

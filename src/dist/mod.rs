@@ -16,6 +16,7 @@
 //! `mpi`, Open MPI through rsmpi ([`mpi::init`]). Every rank must make the same collective calls
 //! in the same order, as in MPI.
 
+pub mod check;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod op;
@@ -29,7 +30,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 
-pub use op::all_reduce;
+pub use op::{all_reduce, sync_batch_norm};
 pub use threads::ThreadGroup;
 
 /// The collectives of a group of processes (or threads), staged through host memory so that
@@ -41,6 +42,9 @@ pub trait Communicator: Send + Sync {
     fn size(&self) -> usize;
     /// Replaces `data` by its element-wise sum over the members (identical on every member).
     fn all_reduce_sum(&self, data: &mut [f32]);
+    /// [`all_reduce_sum`](Self::all_reduce_sum) in f64 (batch-norm statistics and their
+    /// backward sums, where f32 would lose what a cancellation leaves).
+    fn all_reduce_sum_f64(&self, data: &mut [f64]);
     /// Every member's `data`, concatenated in rank order.
     fn all_gather(&self, data: &[f32]) -> Vec<f32>;
     /// Every member's `value`, in rank order.
@@ -64,6 +68,7 @@ impl Communicator for Single {
         1
     }
     fn all_reduce_sum(&self, _data: &mut [f32]) {}
+    fn all_reduce_sum_f64(&self, _data: &mut [f64]) {}
     fn all_gather(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
@@ -149,6 +154,18 @@ pub fn world() -> Arc<dyn Communicator> {
 pub fn rank_size() -> (usize, usize) {
     let w = world();
     (w.rank(), w.size())
+}
+
+/// Waits until every rank is here.
+pub fn barrier() {
+    world().all_gather_u64(0);
+}
+
+/// The world size an MPI launcher (mpirun, srun) started this process in, if any.
+pub fn launcher_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
 /// Whether this rank writes the run folder, logs and shows progress (rank 0).
@@ -317,21 +334,26 @@ pub fn weights_hash<M: Module>(module: &M) -> u64 {
     struct Hasher(u64);
     impl ModuleVisitor for Hasher {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            for v in param
+            let values = param
                 .val()
                 .try_into_vec_as::<f32>()
-                .expect("a parameter read from the device")
-            {
-                // FNV-1a over the bits.
-                for byte in v.to_bits().to_le_bytes() {
-                    self.0 = (self.0 ^ byte as u64).wrapping_mul(0x100_0000_01b3);
-                }
-            }
+                .expect("a parameter read from the device");
+            self.0 = hash_floats(values, self.0);
         }
     }
     let mut h = Hasher(0xcbf2_9ce4_8422_2325);
     module.visit(&mut h);
     h.0
+}
+
+/// FNV-1a over the bits of `values`, from `hash`.
+fn hash_floats(values: impl IntoIterator<Item = f32>, mut hash: u64) -> u64 {
+    for v in values {
+        for byte in v.to_bits().to_le_bytes() {
+            hash = (hash ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    hash
 }
 
 /// Refuses to go on when the ranks' copies of `module` differ (`when`: "at the start", "after

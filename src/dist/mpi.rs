@@ -37,13 +37,6 @@ pub struct MpiGuard {
     pub world: Arc<MpiWorld>,
 }
 
-/// Whether this process was started by an MPI launcher (mpirun, srun with PMI).
-pub fn launched() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
-}
-
 /// Initialises MPI and makes its world this process's group ([`super::world`]).
 ///
 /// # Errors
@@ -81,6 +74,14 @@ impl Communicator for MpiWorld {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) {
+        let send = data.to_vec();
+        self.comm
+            .lock()
+            .unwrap()
+            .all_reduce_into(&send[..], data, SystemOperation::sum());
+    }
+
+    fn all_reduce_sum_f64(&self, data: &mut [f64]) {
         let send = data.to_vec();
         self.comm
             .lock()

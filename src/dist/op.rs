@@ -1,7 +1,7 @@
-//! The one differentiable collective: a sum over ranks whose backward pass is again a sum over
-//! ranks (`torch.distributed.nn.all_reduce`), through burn's backend extension. With it,
-//! synchronised batch norm is ordinary tensor algebra on globally summed statistics, and
-//! SimCLR's gather with gradient is a sum of zero-padded rows ([`super::all_gather_rows`]).
+//! The differentiable collectives, through burn's backend extension: a sum over ranks whose
+//! backward pass is again a sum over ranks (`torch.distributed.nn.all_reduce`; SimCLR's gather
+//! with gradient is a sum of zero-padded rows, [`super::all_gather_rows`]), and synchronised
+//! batch norm, whose statistics and backward sums are summed over ranks.
 //!
 //! Why the backward is a sum: every rank's loss L_s depends on the summed y = Σ_r x_r, and data
 //! parallelism trains (1/W)·Σ_s L_s; rank r's share of the gradient through x_r is therefore
@@ -15,23 +15,144 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
 use burn::tensor::{try_read_sync, Tensor, TensorData};
 
-/// The sum over ranks, for `flex` and, with its backward pass, autodiff over it.
+/// The collectives, for `flex` and, with their backward passes, autodiff over it. Each stages
+/// through host memory; the `*_backward` op is the inner backend's, called by autodiff.
 #[backend_extension(Flex, Autodiff)]
 pub trait Collective: Backend {
-    /// Σ over ranks of `x` (every rank passes the same shape), staged through host memory.
+    /// Σ over ranks of `x` (every rank passes the same shape).
     fn all_reduce_sum(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (shape, dtype, device) = (x.shape(), x.dtype(), x.device());
-        let data = try_read_sync(Self::float_into_data(x))
-            .expect("a tensor read synchronously")
-            .expect("a tensor read from the device");
-        let mut values: Vec<f32> = data
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("f32 values after conversion");
+        let (mut values, like) = to_host::<Self>(x);
         super::world().all_reduce_sum(&mut values);
-        let summed = TensorData::new(values, shape).convert_dtype(dtype);
-        Self::float_from_data(summed, &device)
+        like.tensor(values)
     }
+
+    /// Batch norm in training over the global batch: `x` `[n, C, ...]` (every rank as many
+    /// rows), γ and β `[C]`; (output, mean, biased variance), the statistics `[C]`. The sums
+    /// are taken in f64 on each rank, then summed over ranks.
+    fn sync_batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (mut x, like) = to_host::<Self>(x);
+        let (gamma, g) = to_host::<Self>(gamma);
+        let (beta, _) = to_host::<Self>(beta);
+        let c = gamma.len();
+        let per = x.len() / like.shape[0] / c;
+        let channel = |i: usize| i / per % c;
+        let count = (x.len() / c * super::world().size()) as f64;
+        let mut sums = vec![0f64; c];
+        x.iter()
+            .enumerate()
+            .for_each(|(i, &v)| sums[channel(i)] += v as f64);
+        let mean = summed(&sums, count);
+        let mut sums = vec![0f64; c];
+        x.iter()
+            .enumerate()
+            .for_each(|(i, &v)| sums[channel(i)] += (v as f64 - mean[channel(i)]).powi(2));
+        let variance = summed(&sums, count);
+        let scale: Vec<f64> = (0..c)
+            .map(|ch| gamma[ch] as f64 / (variance[ch] + epsilon).sqrt())
+            .collect();
+        for i in 0..x.len() {
+            let ch = channel(i);
+            x[i] = ((x[i] as f64 - mean[ch]) * scale[ch] + beta[ch] as f64) as f32;
+        }
+        let f32s = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect::<Vec<f32>>();
+        (
+            like.tensor(x),
+            g.tensor(f32s(mean)),
+            g.tensor(f32s(variance)),
+        )
+    }
+
+    /// Gradients (x, γ, β) of [`Collective::sync_batch_norm`]: with x̂ = (x − mean)/σ,
+    /// dx = γ/σ·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), the two sums over every rank's M rows·positions
+    /// (so that each rank's dx is that of Σ over ranks of their losses); dγ = Σ dy·x̂ and
+    /// dβ = Σ dy over this rank's rows (averaged over ranks with the other gradients).
+    fn sync_batch_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (x, like) = to_host::<Self>(x);
+        let (gamma, g) = to_host::<Self>(gamma);
+        let (mean, _) = to_host::<Self>(mean);
+        let (variance, _) = to_host::<Self>(variance);
+        let (dy, _) = to_host::<Self>(output_grad);
+        let c = gamma.len();
+        let per = x.len() / like.shape[0] / c;
+        let channel = |i: usize| i / per % c;
+        let inv: Vec<f64> = (0..c)
+            .map(|ch| 1.0 / (variance[ch] as f64 + epsilon).sqrt())
+            .collect();
+        let xhat = |i: usize| (x[i] as f64 - mean[channel(i)] as f64) * inv[channel(i)];
+        let (mut sum_dy, mut sum_dy_xhat) = (vec![0f64; c], vec![0f64; c]);
+        for (i, &d) in dy.iter().enumerate() {
+            sum_dy[channel(i)] += d as f64;
+            sum_dy_xhat[channel(i)] += d as f64 * xhat(i);
+        }
+        let count = (x.len() / c * super::world().size()) as f64;
+        let both: Vec<f64> = sum_dy.iter().chain(&sum_dy_xhat).copied().collect();
+        let both = summed(&both, count);
+        let x_grad: Vec<f32> = dy
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let ch = channel(i);
+                let centred = d as f64 - both[ch] - xhat(i) * both[c + ch];
+                (gamma[ch] as f64 * inv[ch] * centred) as f32
+            })
+            .collect();
+        let f32s = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect::<Vec<f32>>();
+        (
+            like.tensor(x_grad),
+            g.tensor(f32s(sum_dy_xhat)),
+            g.tensor(f32s(sum_dy)),
+        )
+    }
+}
+
+/// `sums` summed over ranks, over `count`.
+fn summed(sums: &[f64], count: f64) -> Vec<f64> {
+    let mut all = sums.to_vec();
+    super::world().all_reduce_sum_f64(&mut all);
+    all.into_iter().map(|v| v / count).collect()
+}
+
+/// The shape, dtype and device a host copy came from, to make a tensor like it.
+struct Like<B: Backend> {
+    shape: burn::tensor::Shape,
+    dtype: burn::tensor::DType,
+    device: B::Device,
+}
+
+impl<B: Backend> Like<B> {
+    fn tensor(&self, values: Vec<f32>) -> FloatTensor<B> {
+        let data = TensorData::new(values, self.shape.clone()).convert_dtype(self.dtype);
+        B::float_from_data(data, &self.device)
+    }
+}
+
+/// `x` as f32 values on the host, and what it was.
+fn to_host<B: Backend>(x: FloatTensor<B>) -> (Vec<f32>, Like<B>) {
+    let like = Like {
+        shape: x.shape(),
+        dtype: x.dtype(),
+        device: x.device(),
+    };
+    let data = try_read_sync(B::float_into_data(x))
+        .expect("a tensor read synchronously")
+        .expect("a tensor read from the device");
+    let values = data
+        .convert::<f32>()
+        .try_into_vec()
+        .expect("f32 values after conversion");
+    (values, like)
 }
 
 impl Collective for Flex {}
@@ -59,6 +180,41 @@ impl<B: Backend + Collective, C: CheckpointStrategy> Collective for Autodiff<B, 
             .compute_bound()
             .stateless(B::all_reduce_sum(x.into_primitive()))
     }
+
+    fn sync_batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        crate::kernels::normalization::<B, C>(
+            [x, gamma, beta],
+            epsilon,
+            <B as Collective>::sync_batch_norm,
+            <B as Collective>::sync_batch_norm_backward,
+        )
+    }
+}
+
+/// Batch norm of `x` `[n, C, ...]` in training over every rank's rows, differentiable:
+/// (output, mean, biased variance). On `flex` only for now.
+pub fn sync_batch_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+) -> (Tensor<D>, Tensor<1>, Tensor<1>) {
+    let (output, mean, variance) = <Dispatch as Collective>::sync_batch_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+    );
+    (
+        Tensor::from_dispatch(output),
+        Tensor::from_dispatch(mean),
+        Tensor::from_dispatch(variance),
+    )
 }
 
 /// Σ over ranks of `x`, differentiable: the gradient of `x` is the sum over ranks of the

@@ -83,6 +83,17 @@ impl Communicator for ThreadGroup {
         }
     }
 
+    fn all_reduce_sum_f64(&self, data: &mut [f64]) {
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.exchange(bytes);
+        data.fill(0.0);
+        for member in &all {
+            for (d, b) in data.iter_mut().zip(member.chunks_exact(8)) {
+                *d += f64::from_le_bytes(b.try_into().unwrap());
+            }
+        }
+    }
+
     fn all_gather(&self, data: &[f32]) -> Vec<f32> {
         let all = self.exchange(to_bytes(data));
         all.iter()
