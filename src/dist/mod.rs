@@ -23,6 +23,7 @@ mod op;
 mod threads;
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Result};
@@ -78,6 +79,23 @@ impl Communicator for Single {
 }
 
 static PROCESS: OnceLock<Arc<dyn Communicator>> = OnceLock::new();
+
+/// Nanoseconds this process has spent in collectives, waiting for the other ranks included.
+static IN_COLLECTIVES: AtomicU64 = AtomicU64::new(0);
+
+/// Runs the collective `f`, counting its time ([`collective_seconds`]).
+pub(crate) fn timed<R>(f: impl FnOnce() -> R) -> R {
+    let started = std::time::Instant::now();
+    let result = f();
+    IN_COLLECTIVES.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    result
+}
+
+/// Seconds this process has spent in collectives so far (waiting for the other ranks
+/// included): the trainer logs each epoch's share as `collective_share`.
+pub fn collective_seconds() -> f64 {
+    IN_COLLECTIVES.load(Ordering::Relaxed) as f64 * 1e-9
+}
 
 thread_local! {
     static THREAD: RefCell<Option<Arc<dyn Communicator>>> = const { RefCell::new(None) };

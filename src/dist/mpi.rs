@@ -75,35 +75,43 @@ impl Communicator for MpiWorld {
 
     fn all_reduce_sum(&self, data: &mut [f32]) {
         let send = data.to_vec();
-        self.comm
-            .lock()
-            .unwrap()
-            .all_reduce_into(&send[..], data, SystemOperation::sum());
+        super::timed(|| {
+            self.comm
+                .lock()
+                .unwrap()
+                .all_reduce_into(&send[..], data, SystemOperation::sum())
+        });
     }
 
     fn all_reduce_sum_f64(&self, data: &mut [f64]) {
         let send = data.to_vec();
-        self.comm
-            .lock()
-            .unwrap()
-            .all_reduce_into(&send[..], data, SystemOperation::sum());
+        super::timed(|| {
+            self.comm
+                .lock()
+                .unwrap()
+                .all_reduce_into(&send[..], data, SystemOperation::sum())
+        });
     }
 
     fn all_gather(&self, data: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; data.len() * self.size];
-        self.comm
-            .lock()
-            .unwrap()
-            .all_gather_into(data, &mut out[..]);
+        super::timed(|| {
+            self.comm
+                .lock()
+                .unwrap()
+                .all_gather_into(data, &mut out[..])
+        });
         out
     }
 
     fn all_gather_u64(&self, value: u64) -> Vec<u64> {
         let mut out = vec![0u64; self.size];
-        self.comm
-            .lock()
-            .unwrap()
-            .all_gather_into(&value, &mut out[..]);
+        super::timed(|| {
+            self.comm
+                .lock()
+                .unwrap()
+                .all_gather_into(&value, &mut out[..])
+        });
         out
     }
 

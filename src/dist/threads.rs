@@ -38,6 +38,10 @@ impl ThreadGroup {
 
     /// Every member's bytes, in rank order.
     fn exchange(&self, data: Vec<u8>) -> Vec<Vec<u8>> {
+        super::timed(|| self.exchange_untimed(data))
+    }
+
+    fn exchange_untimed(&self, data: Vec<u8>) -> Vec<Vec<u8>> {
         self.shared.slots.lock().unwrap()[self.rank] = data;
         self.shared.barrier.wait();
         let all = self.shared.slots.lock().unwrap().clone();

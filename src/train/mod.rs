@@ -353,7 +353,7 @@ impl<'a> Trainer<'a> {
             let (mut sums, mut loss_sum, mut micro) = (Vec::<(&str, f64)>::new(), 0f64, 0usize);
             let mut step_loss = 0f32;
             let mut kept: Vec<Tensor<2>> = vec![];
-            let started = Instant::now();
+            let (started, collectives) = (Instant::now(), crate::dist::collective_seconds());
             let mut images = 0usize;
             // The first view of the epoch's last batch: what the end-of-epoch check feeds.
             let mut probe: Option<Tensor<4>> = None;
@@ -442,6 +442,11 @@ impl<'a> Trainer<'a> {
             let mut line = serde_json::json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "loss": mean_loss, "img_per_s": images as f64 / started.elapsed().as_secs_f64()});
             for (name, s) in &sums {
                 line[*name] = serde_json::json!(s / micro.max(1) as f64);
+            }
+            if world > 1 {
+                let share = (crate::dist::collective_seconds() - collectives)
+                    / started.elapsed().as_secs_f64();
+                line["collective_share"] = serde_json::json!(share);
             }
             if let Some(x) = probe {
                 finite_features(&method, x, &self.out, state.epoch)?;
