@@ -42,7 +42,7 @@ fn throughput(
 fn main() {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     let cifar = Dataset::open(shared.join("cifar10-jpeg.tar.gz"), &LoadOptions::default()).unwrap();
-    let cifar = cifar.split("train").unwrap().subset(10_000);
+    let cifar = cifar.split("train").unwrap().subset(10_000, 0);
     let photos = Dataset::open(
         shared.join("photos"),
         &LoadOptions {

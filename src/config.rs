@@ -286,10 +286,8 @@ impl Recipe {
             self.model.check_input(view.size, &key)?;
         }
         self.model.check_input(self.augment.size, "augment.size")?;
+        crate::dist::check_batch("train.batch_size", self.train.batch_size)?;
         let world = crate::dist::world().size();
-        if self.train.batch_size % world != 0 {
-            bail!("train.batch_size = {}: the global batch is shared by the {world} ranks of this run, so {world} must divide it", self.train.batch_size);
-        }
         self.method.check(&Feed {
             model: &self.model,
             view_sizes: pipeline.view_sizes(),

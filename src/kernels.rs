@@ -209,7 +209,7 @@ pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: us
     // Across W ranks, each holding rows r, r+W, ... of the global batch, the global groups
     // (i mod groups) are the local groups (k mod groups/W) when W divides `groups` (recipes
     // check it): no communication but the running statistics'.
-    let groups = match groups > 1 && groups % world == 0 {
+    let groups = match groups > 1 && groups.is_multiple_of(world) {
         true => groups / world,
         false => groups,
     };

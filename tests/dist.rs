@@ -16,7 +16,7 @@ use selfsup::methods::METHODS;
 /// [`dist::check::compare`] on `world` ranks (threads) with `pieces`: rank 0's gaps.
 fn gaps(recipe: &Recipe, split: &Split, world: usize, steps: usize, pieces: Pieces) -> [f32; 3] {
     let ranks: Vec<Gaps> = std::thread::scope(|s| {
-        let ranks: Vec<_> = ThreadGroup::new(world)
+        let ranks: Vec<_> = ThreadGroup::group(world)
             .into_iter()
             .map(|comm| {
                 s.spawn(move || {
@@ -85,7 +85,7 @@ fn each_piece_is_needed() {
 #[test]
 fn a_batch_the_ranks_cannot_share_is_refused() {
     let recipe = common::small_recipe("simclr");
-    let comms = ThreadGroup::new(5);
+    let comms = ThreadGroup::group(5);
     let errors: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
@@ -99,7 +99,7 @@ fn a_batch_the_ranks_cannot_share_is_refused() {
         errors[0]
     );
     let moco = common::small_recipe("moco");
-    let comms = ThreadGroup::new(4);
+    let comms = ThreadGroup::group(4);
     let errors: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()

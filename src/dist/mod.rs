@@ -174,6 +174,16 @@ pub fn rank_size() -> (usize, usize) {
     (w.rank(), w.size())
 }
 
+/// Refuses a global batch of `batch` (from the recipe key `key`) that the ranks cannot share
+/// equally.
+pub fn check_batch(key: &str, batch: usize) -> Result<()> {
+    let world = world().size();
+    if !batch.is_multiple_of(world) {
+        bail!("{key} = {batch}: the global batch is shared by the {world} ranks of this run, so {world} must divide it");
+    }
+    Ok(())
+}
+
 /// Waits until every rank is here.
 pub fn barrier() {
     world().all_gather_u64(0);

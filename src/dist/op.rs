@@ -55,9 +55,9 @@ pub trait Collective: Backend {
         let scale: Vec<f64> = (0..c)
             .map(|ch| gamma[ch] as f64 / (variance[ch] + epsilon).sqrt())
             .collect();
-        for i in 0..x.len() {
+        for (i, v) in x.iter_mut().enumerate() {
             let ch = channel(i);
-            x[i] = ((x[i] as f64 - mean[ch]) * scale[ch] + beta[ch] as f64) as f32;
+            *v = ((*v as f64 - mean[ch]) * scale[ch] + beta[ch] as f64) as f32;
         }
         let f32s = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect::<Vec<f32>>();
         (

@@ -5,7 +5,7 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use super::Communicator;
 
-/// One member of a group of `size` threads; [`ThreadGroup::new`] makes them all.
+/// One member of a group of `size` threads; [`ThreadGroup::group`] makes them all.
 pub struct ThreadGroup {
     rank: usize,
     shared: Arc<Shared>,
@@ -20,7 +20,7 @@ struct Shared {
 impl ThreadGroup {
     /// The `size` members of a new group, in rank order: give member r to thread r (through
     /// [`super::with_world`]).
-    pub fn new(size: usize) -> Vec<Arc<dyn Communicator>> {
+    pub fn group(size: usize) -> Vec<Arc<dyn Communicator>> {
         let shared = Arc::new(Shared {
             size,
             barrier: Barrier::new(size),

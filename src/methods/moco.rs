@@ -96,7 +96,7 @@ impl MocoConfig {
                 feed.batch
             );
         }
-        if self.bn_splits > 1 && self.bn_splits % feed.world != 0 {
+        if self.bn_splits > 1 && !self.bn_splits.is_multiple_of(feed.world) {
             anyhow::bail!(
                 "method.bn_splits = {}: each of the {} ranks of this run normalises its own groups, so the rank count must divide it",
                 self.bn_splits,

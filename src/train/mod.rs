@@ -282,9 +282,7 @@ impl<'a> Trainer<'a> {
         c.check()?;
         loader.check("train.batch_size")?;
         let (rank, world) = crate::dist::rank_size();
-        if c.batch_size % world != 0 {
-            bail!("train.batch_size = {}: the global batch is shared by the {world} ranks of this run, so {world} must divide it", c.batch_size);
-        }
+        crate::dist::check_batch("train.batch_size", c.batch_size)?;
         let main = rank == 0;
         let local = loader.clone().sharded(rank, world);
         let n = c.batch_size / world;
