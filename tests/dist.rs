@@ -13,20 +13,21 @@ use selfsup::dist::check::{compare, Gaps};
 use selfsup::dist::{self, Pieces, ThreadGroup};
 use selfsup::methods::METHODS;
 
-/// [`dist::check::compare`] on `world` ranks (threads) with `pieces`: rank 0's gaps.
-fn gaps(recipe: &Recipe, split: &Split, world: usize, steps: usize, pieces: Pieces) -> [f32; 3] {
-    let ranks: Vec<Gaps> = std::thread::scope(|s| {
+/// `f` on each rank of a group of `world` threads: each rank's result.
+fn on_ranks<R: Send>(world: usize, f: impl Fn() -> R + Sync) -> Vec<R> {
+    std::thread::scope(|s| {
         let ranks: Vec<_> = ThreadGroup::group(world)
             .into_iter()
-            .map(|comm| {
-                s.spawn(move || {
-                    dist::with_world(comm, || {
-                        dist::with_pieces(pieces, || compare(recipe, split, steps).unwrap())
-                    })
-                })
-            })
+            .map(|comm| s.spawn(|| dist::with_world(comm, &f)))
             .collect();
         ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+/// [`dist::check::compare`] on `world` ranks (threads) with `pieces`: rank 0's gaps.
+fn gaps(recipe: &Recipe, split: &Split, world: usize, steps: usize, pieces: Pieces) -> [f32; 3] {
+    let ranks: Vec<Gaps> = on_ranks(world, || {
+        dist::with_pieces(pieces, || compare(recipe, split, steps).unwrap())
     });
     [ranks[0].loss, ranks[0].grads, ranks[0].weights]
 }
@@ -85,28 +86,14 @@ fn each_piece_is_needed() {
 #[test]
 fn a_batch_the_ranks_cannot_share_is_refused() {
     let recipe = common::small_recipe("simclr");
-    let comms = ThreadGroup::group(5);
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| s.spawn(|| dist::with_world(c, || recipe.check().unwrap_err().to_string())))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errors = on_ranks(5, || recipe.check().unwrap_err().to_string());
     assert!(
         errors[0].contains("train.batch_size = 12") && errors[0].contains("5 ranks"),
         "{}",
         errors[0]
     );
     let moco = common::small_recipe("moco");
-    let comms = ThreadGroup::group(4);
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| s.spawn(|| dist::with_world(c, || moco.check().unwrap_err().to_string())))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errors = on_ranks(4, || moco.check().unwrap_err().to_string());
     assert!(errors[0].contains("method.bn_splits = 6"), "{}", errors[0]);
 }
 

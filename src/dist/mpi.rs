@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use mpi::collective::SystemOperation;
 use mpi::environment::{Threading, Universe};
 use mpi::topology::{Communicator as _, SimpleCommunicator};
-use mpi::traits::CommunicatorCollectives;
+use mpi::traits::{CommunicatorCollectives, Equivalence};
 
 use super::Communicator;
 
@@ -20,9 +20,6 @@ pub struct MpiWorld {
     comm: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
-    /// The rank among the processes of this node (`MPI_Comm_split_type` shared memory): which
-    /// of the node's GPUs this process takes.
-    pub local_rank: usize,
 }
 
 // SAFETY: every MPI call goes through the mutex, and MPI was initialised for calls from any
@@ -50,18 +47,29 @@ pub fn init() -> Result<MpiGuard> {
     }
     let comm = universe.world();
     let (rank, size) = (comm.rank() as usize, comm.size() as usize);
-    let local_rank = comm.split_shared(rank as i32).rank() as usize;
     let world = Arc::new(MpiWorld {
         comm: Mutex::new(comm),
         rank,
         size,
-        local_rank,
     });
     super::set_process_world(world.clone())?;
     Ok(MpiGuard {
         _universe: universe,
         world,
     })
+}
+
+impl MpiWorld {
+    /// MPI_Allreduce with MPI_SUM of `data`, in place.
+    fn sum<T: Equivalence + Clone>(&self, data: &mut [T]) {
+        let send = data.to_vec();
+        super::timed(|| {
+            self.comm
+                .lock()
+                .unwrap()
+                .all_reduce_into(&send[..], data, SystemOperation::sum())
+        });
+    }
 }
 
 impl Communicator for MpiWorld {
@@ -74,23 +82,11 @@ impl Communicator for MpiWorld {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) {
-        let send = data.to_vec();
-        super::timed(|| {
-            self.comm
-                .lock()
-                .unwrap()
-                .all_reduce_into(&send[..], data, SystemOperation::sum())
-        });
+        self.sum(data)
     }
 
     fn all_reduce_sum_f64(&self, data: &mut [f64]) {
-        let send = data.to_vec();
-        super::timed(|| {
-            self.comm
-                .lock()
-                .unwrap()
-                .all_reduce_into(&send[..], data, SystemOperation::sum())
-        });
+        self.sum(data)
     }
 
     fn all_gather(&self, data: &[f32]) -> Vec<f32> {
