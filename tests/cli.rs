@@ -130,10 +130,11 @@ fn a_test_class_the_training_split_lacks_is_named_before_any_work() {
     let (ok, _, err) = selfsup(&["finetune", "--recipe", recipe, "--data", data]);
     assert!(!ok && err.contains("'d' (3 images)"), "{err}");
     let run = tmp.path().join("run");
-    let (ok, _, err) = pretrain(
+    let (ok, _, err) = common::pretrain(
         std::path::Path::new(recipe),
         std::path::Path::new(data),
         &run,
+        &[],
     );
     assert!(!ok && err.contains("'d' (3 images)"), "{err}");
     assert!(!run.join("checkpoints").exists());
@@ -308,23 +309,6 @@ fn every_shipped_recipe_loads_and_checks() {
     assert!(n >= 9, "{n} recipes");
 }
 
-/// `selfsup pretrain` of a recipe on some data into a run folder: (ok, stdout, stderr).
-fn pretrain(
-    recipe: &std::path::Path,
-    data: &std::path::Path,
-    run: &std::path::Path,
-) -> (bool, String, String) {
-    selfsup(&[
-        "pretrain",
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ])
-}
-
 /// A tiny generated CIFAR-10 (20 images per file), a shipped recipe with `edits` applied, and
 /// `selfsup pretrain` of it: (temporary folder, data, recipe path, run folder, stdout).
 fn tiny_run(
@@ -354,7 +338,7 @@ fn tiny_run(
     let recipe_path = tmp.path().join(recipe);
     std::fs::write(&recipe_path, text + extra).unwrap();
     let run = tmp.path().join("run");
-    let (ok, stdout, stderr) = pretrain(&recipe_path, &data, &run);
+    let (ok, stdout, stderr) = common::pretrain(&recipe_path, &data, &run, &[]);
     assert!(ok, "{stderr}");
     // Logs keep no colour codes when they do not go to a terminal.
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
@@ -505,7 +489,7 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
     assert!(text.contains("base_lr = 1e-12"), "{text}");
     std::fs::write(&recipe, text).unwrap();
     let second = tmp.path().join("second");
-    let (ok, _, stderr) = pretrain(&recipe, &data, &second);
+    let (ok, _, stderr) = common::pretrain(&recipe, &data, &second, &[]);
     assert!(ok, "{stderr}");
     let started = common::safetensors_by_name(&second.join("backbone.safetensors"));
     let conv = |t: &[(String, (String, Vec<usize>, Vec<u8>))]| -> Vec<f32> {
@@ -623,7 +607,7 @@ fn inpainting_pretrains_and_reconstructs_through_the_cli() {
 
     // The same pretrain again: the run is complete, and says so instead of training or
     // measuring again.
-    let (ok, again, stderr) = pretrain(&recipe_path, &data, &run);
+    let (ok, again, stderr) = common::pretrain(&recipe_path, &data, &run, &[]);
     assert!(ok, "{stderr}");
     assert!(again.contains("is complete: 1/1 epochs"), "{again}");
     assert!(

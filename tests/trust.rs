@@ -220,20 +220,6 @@ fn tiny_recipe(dir: &Path, batch: usize) -> PathBuf {
     path
 }
 
-fn pretrain(recipe: &Path, data: &Path, run: &Path, more: &[&str]) -> (bool, String, String) {
-    let mut args = vec![
-        "pretrain",
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ];
-    args.extend(more);
-    selfsup(&args)
-}
-
 #[test]
 fn a_resume_continues_its_run_or_names_every_difference() {
     let tmp = tempfile::tempdir().unwrap();
@@ -241,12 +227,13 @@ fn a_resume_continues_its_run_or_names_every_difference() {
     common::write_cifar10(&data, 8);
     let run = tmp.path().join("run");
     // The first of two epochs, as a run killed after its first checkpoint leaves it.
-    let (ok, _, err) = pretrain(&tiny_recipe(tmp.path(), 4), &data, &run, &["--epochs", "1"]);
+    let (ok, _, err) =
+        common::pretrain(&tiny_recipe(tmp.path(), 4), &data, &run, &["--epochs", "1"]);
     assert!(ok, "{err}");
     let saved = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
 
     // The same recipe at batch 16: refused, naming the key, the run folder untouched.
-    let (ok, _, err) = pretrain(&tiny_recipe(tmp.path(), 16), &data, &run, &[]);
+    let (ok, _, err) = common::pretrain(&tiny_recipe(tmp.path(), 16), &data, &run, &[]);
     assert!(!ok && err.contains("train.batch_size: 4 → 16"), "{err}");
     assert!(err.contains("--change-recipe"), "{err}");
     assert_eq!(
@@ -256,11 +243,11 @@ fn a_resume_continues_its_run_or_names_every_difference() {
 
     // More images than the run trained on: refused, naming the counts.
     common::write_cifar10(&data, 10);
-    let (ok, _, err) = pretrain(&tiny_recipe(tmp.path(), 4), &data, &run, &[]);
+    let (ok, _, err) = common::pretrain(&tiny_recipe(tmp.path(), 4), &data, &run, &[]);
     assert!(!ok && err.contains("the training images: 40 → 50"), "{err}");
 
     // Asked for on purpose, the run carries on under the new recipe.
-    let (ok, out, err) = pretrain(
+    let (ok, out, err) = common::pretrain(
         &tiny_recipe(tmp.path(), 16),
         &data,
         &run,
@@ -310,7 +297,7 @@ fn a_device_this_build_lacks_is_refused_before_the_data_is_read() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe(tmp.path(), 4);
     let missing = tmp.path().join("no-such-data");
-    let (ok, _, err) = pretrain(
+    let (ok, _, err) = common::pretrain(
         &recipe,
         &missing,
         &tmp.path().join("run"),

@@ -294,65 +294,56 @@ pub fn average_gradients<M: Module>(grads: GradientsParams, module: &M) -> Gradi
     let mut bucket = Bucket {
         grads,
         values: vec![],
-        shapes: vec![],
+        taken: vec![],
+        returning: false,
+        next: 0,
+        at: 0,
     };
     module.visit(&mut bucket);
-    let Bucket {
-        mut grads,
-        mut values,
-        shapes,
-    } = bucket;
-    world().all_reduce_sum(&mut values);
+    world().all_reduce_sum(&mut bucket.values);
     let scale = 1.0 / w as f32;
-    let mut at = 0;
-    for (id, shape, device) in shapes {
-        let len: usize = shape.iter().product();
-        let mean: Vec<f32> = values[at..at + len].iter().map(|v| v * scale).collect();
-        at += len;
-        grads.register(
-            id,
-            Tensor::<1>::from_data(TensorData::new(mean, [len]), &device),
-        );
-        grads = reshape_registered(grads, id, &shape);
-    }
-    grads
+    bucket.values.iter_mut().for_each(|v| *v *= scale);
+    bucket.returning = true;
+    module.visit(&mut bucket);
+    bucket.grads
 }
 
-/// `grads[id]`, registered flat, put back in its parameter's shape.
-fn reshape_registered(
-    mut grads: GradientsParams,
-    id: burn::module::ParamId,
-    shape: &[usize],
-) -> GradientsParams {
-    let flat: Tensor<1> = grads.remove(id).expect("registered above");
-    match shape.len() {
-        1 => grads.register(id, flat),
-        2 => grads.register(id, flat.reshape([shape[0], shape[1]])),
-        3 => grads.register(id, flat.reshape([shape[0], shape[1], shape[2]])),
-        4 => grads.register(id, flat.reshape([shape[0], shape[1], shape[2], shape[3]])),
-        d => panic!("a parameter of {d} dimensions"),
-    }
-    grads
-}
-
-/// Collects a module's gradients, flat, in parameter order.
+/// A module's gradients, taken out flat in parameter order, then (`returning`) put back from
+/// `values` in the same order and shapes.
 struct Bucket {
     grads: GradientsParams,
     values: Vec<f32>,
-    shapes: Vec<(burn::module::ParamId, Vec<usize>, burn::tensor::Device)>,
+    /// The parameters taken, in order, with their gradient's device.
+    taken: Vec<(burn::module::ParamId, burn::tensor::Device)>,
+    returning: bool,
+    /// While returning: the next of `taken`, and where its values start.
+    next: usize,
+    at: usize,
 }
 
 impl ModuleVisitor for Bucket {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.remove::<D>(param.id) {
-            let shape = grad.dims().to_vec();
-            let device = grad.device();
-            self.values.extend(
-                grad.try_into_vec_as::<f32>()
-                    .expect("a gradient read from the device"),
-            );
-            self.shapes.push((param.id, shape, device));
+        if !self.returning {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                self.taken.push((param.id, grad.device()));
+                let values = grad.try_into_vec_as::<f32>();
+                self.values
+                    .extend(values.expect("a gradient read from the device"));
+            }
+            return;
         }
+        let Some((id, device)) = self.taken.get(self.next) else {
+            return;
+        };
+        if *id != param.id {
+            return;
+        }
+        let shape = param.shape();
+        let len = shape.num_elements();
+        let values = self.values[self.at..self.at + len].to_vec();
+        let grad = Tensor::<D>::from_data(TensorData::new(values, shape), device);
+        self.grads.register(param.id, grad);
+        (self.next, self.at) = (self.next + 1, self.at + len);
     }
 }
 

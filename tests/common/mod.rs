@@ -19,6 +19,21 @@ pub fn selfsup(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `selfsup pretrain --recipe RECIPE --data DATA --out RUN MORE...`: (success, stdout, stderr).
+pub fn pretrain(recipe: &Path, data: &Path, run: &Path, more: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "pretrain",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    args.extend(more);
+    selfsup(&args)
+}
+
 /// `tests/data`: the small real files committed with the tests (a few hundred CIFAR-10 images
 /// in `cifar10/{train,test}/<class>/`, three photos in `photos/`; see its README.md).
 pub fn test_data() -> PathBuf {
