@@ -1,6 +1,6 @@
 //! Losses, each written once with its formula.
 
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Int, Tensor, TensorData};
 
 /// Rows scaled to unit l2 norm (ε keeps a zero row finite).
@@ -127,4 +127,54 @@ pub fn mean_entropy(p: Tensor<2>) -> Tensor<1> {
         .sum_dim(1)
         .mean()
         .neg()
+}
+
+/// SimSiam's D(p, z) = −cos(p, stopgrad(z)), the mean over rows of the cosine between row i of
+/// the prediction `p` and row i of `z` (Chen & He 2021, eq. 1; `nn.CosineSimilarity` in
+/// `main_simsiam.py`). `z` gets no gradient. `[1]`.
+pub fn negative_cosine(p: Tensor<2>, z: Tensor<2>) -> Tensor<1> {
+    (l2_normalize(p) * l2_normalize(z.detach()))
+        .sum_dim(1)
+        .mean()
+        .neg()
+}
+
+/// BYOL's regression loss (Grill et al. 2020, eq. 2; `regression_loss` of deepmind-research's
+/// `byol/utils/helpers.py`): the mean over rows of ‖p̄ − z̄‖² = 2 − 2·cos(p, z), p̄ and z̄
+/// l2-normalised, `z` the target network's projection (no gradient). `[1]`.
+pub fn byol_loss(p: Tensor<2>, z: Tensor<2>) -> Tensor<1> {
+    negative_cosine(p, z).mul_scalar(2.0).add_scalar(2.0)
+}
+
+/// Barlow Twins' loss (Zbontar et al. 2021, eq. 1) on the cross-correlation `c` `[d, d]` of the
+/// two views' batch-standardised embeddings: Σ_i (1 − C_ii)² + λ·Σ_{i≠j} C_ij². `[1]`.
+pub fn barlow_twins_loss(c: Tensor<2>, lambda: f64) -> Tensor<1> {
+    let [d, _] = c.dims();
+    let eye = Tensor::<2>::eye(d, &c.device());
+    let weight = eye.clone().mul_scalar(1.0 - lambda).add_scalar(lambda);
+    ((c - eye).square() * weight).sum()
+}
+
+/// VICReg's variance term (Bardes et al. 2022, eq. 1; `main_vicreg.py`): the mean over the d
+/// dimensions of max(0, 1 − √(Var(z_j) + 1e-4)), the variance unbiased over the n ≥ 2 rows of
+/// `z` `[n, d]`. `[1]`.
+pub fn vicreg_variance(z: Tensor<2>) -> Tensor<1> {
+    let [n, _] = z.dims();
+    let centred = z.clone() - z.mean_dim(0);
+    let var = centred.square().sum_dim(0).div_scalar((n - 1) as f64);
+    relu(var.add_scalar(1e-4).sqrt().neg().add_scalar(1.0)).mean()
+}
+
+/// VICReg's covariance term (eq. 4): Σ_{i≠j} C_ij² / d for the covariance C = z̃ᵀz̃/(n − 1) of
+/// the centred rows z̃ of `z` `[n, d]`. `[1]`.
+pub fn vicreg_covariance(z: Tensor<2>) -> Tensor<1> {
+    let [n, d] = z.dims();
+    let centred = z.clone() - z.mean_dim(0);
+    let cov = centred
+        .clone()
+        .transpose()
+        .matmul(centred)
+        .div_scalar((n - 1) as f64);
+    let off = Tensor::<2>::eye(d, &cov.device()).neg().add_scalar(1.0);
+    (cov.square() * off).sum().div_scalar(d as f64)
 }

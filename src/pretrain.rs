@@ -20,8 +20,9 @@ use crate::train::{self, Method, Scalars, Trainer, Which};
 
 /// The device named on the command line: `cpu` (burn's flex backend, always built),
 /// `cuda[:N]` (an NVIDIA GPU; cargo feature `cuda`) or `vulkan[:N]` (any Vulkan GPU through wgpu,
-/// N counting discrete GPUs; feature `wgpu`). A device this build lacks is named with the
-/// feature to build with.
+/// N counting discrete GPUs; feature `wgpu`). A GPU named without N is the one of this process's
+/// node-local rank (GPU r for the r-th process on a host under `mpirun`; GPU 0 alone). A device
+/// this build lacks is named with the feature to build with.
 pub fn device(name: &str) -> Result<Device> {
     let (kind, index) = match name.split_once(':') {
         Some((kind, i)) => match i.parse::<usize>() {
@@ -33,10 +34,15 @@ pub fn device(name: &str) -> Result<Device> {
     match kind {
         "cpu" if index.is_none() => Ok(Device::flex()),
         "cpu" => bail!("--device {name}: the CPU device takes no index"),
-        "cuda" => gpu::cuda(index.unwrap_or(0)),
-        "vulkan" | "wgpu" => gpu::vulkan(index.unwrap_or(0)),
+        "cuda" => gpu::cuda(index.unwrap_or_else(local_rank)),
+        "vulkan" | "wgpu" => gpu::vulkan(index.unwrap_or_else(local_rank)),
         other => bail!("--device {name}: unknown device '{other}' (cpu, cuda[:N], vulkan[:N])"),
     }
+}
+
+/// This process's rank among the processes on its node.
+fn local_rank() -> usize {
+    crate::dist::world().local_rank()
 }
 
 /// The GPU devices, present only in builds with their cargo feature.
@@ -213,9 +219,6 @@ pub fn pretrain(
     // Every rank has read the run folder; from here on rank 0 alone writes it.
     crate::dist::barrier();
     let main = crate::dist::is_main();
-    if crate::dist::world().size() > 1 && !crate::kernels::on_flex(device) {
-        bail!("data-parallel training runs on the CPU backend only for now (its differentiable all-reduce is built for flex); on GPUs train with one process per run");
-    }
     if main {
         std::fs::write(&saved, text)?;
     }

@@ -70,8 +70,11 @@ fn a_recipe_may_leave_out_any_key() {
     let err = refused("[augment]\nviews = [{ count = \"a\" }]\n");
     assert!(err.contains("augment.views.count = \"a\""), "{err}");
     assert!(refused("[train]\nwieght_decay = 0.1\n").contains("wieght_decay"));
-    let err = refused("[method]\nname = \"byol\"\n");
-    assert!(err.contains("method.name") && err.contains("byol"), "{err}");
+    let err = refused("[method]\nname = \"nnclr\"\n");
+    assert!(
+        err.contains("method.name") && err.contains("nnclr"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -17,17 +17,21 @@ use crate::data::{Loader, Split};
 use crate::methods::{with_method, MethodUser};
 use crate::train::{Method, Progress, Trainer};
 
-/// The learning rate of the steps compared: small enough that a step stays close to linear in
-/// the gradient. These small networks amplify rounding: at 5e-3, SimCLR's loss after 3 SGD
-/// steps moves 1e-5 between runs whose first gradients agree to 1e-6, and a lone process moves
-/// as much when only its batch-norm kernel changes (fused or composed).
+/// The largest weight change of the first step compared: its SGD learning rate is this over the
+/// first step's largest gradient (when above 1), so that a step stays close to linear in the
+/// gradient whatever the loss's scale. These small networks amplify rounding: at 5e-3, SimCLR's
+/// loss after 3 SGD steps moves 1e-5 between runs whose first gradients agree to 1e-6, and a
+/// lone process moves as much when only its batch-norm kernel changes (fused or composed);
+/// Barlow Twins' loss, 20 at the start, moved the weights 1e-3 apart in 3 steps at a fixed 1e-3
+/// (1.5e-7 with steps 10 times smaller).
 pub const CHECK_LR: f64 = 1e-3;
 
 /// How far a launch is from one process, each relative.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Gaps {
     pub world: usize,
-    /// The largest gap of a step's mean loss, to one process's.
+    /// The largest gap of a step's mean loss, to one process's loss or to 1, whichever is
+    /// larger: a loss that passes near 0 (SimSiam's, a mean of cosines) has no relative error.
     pub loss: f32,
     /// The first step's averaged gradients: the largest gap to the largest gradient (a bias
     /// that batch norm cancels has a true gradient of 0, and one of float noise in any run).
@@ -46,7 +50,7 @@ struct Outcome {
     weights: Vec<f32>,
 }
 
-/// `steps` steps of `recipe` on `split` (SGD at [`CHECK_LR`]) on the current world and as a
+/// `steps` steps of `recipe` on `split` (SGD, steps of [`CHECK_LR`] at most) on the current world and as a
 /// lone process, on every rank; how far apart they are.
 ///
 /// # Errors
@@ -75,7 +79,7 @@ pub fn compare(recipe: &Recipe, split: &Split, steps: usize) -> Result<Gaps> {
         .losses
         .iter()
         .zip(&single.losses)
-        .map(|(a, b)| ((a - b) / b).abs())
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
         .fold(0f32, f32::max);
     let norm = |a: &[f32], b: &[f32]| {
         a.iter()
@@ -146,6 +150,7 @@ impl MethodUser<Result<Outcome>> for Steps<'_> {
             start: flat_weights(&method)?,
             weights: vec![],
         };
+        let mut lr = CHECK_LR;
         for step in 0..self.steps {
             let batch = self.loader.batch(0, step);
             let views: Vec<Tensor<4>> = batch
@@ -167,9 +172,11 @@ impl MethodUser<Result<Outcome>> for Steps<'_> {
             let grads = super::average_gradients(grads, &method);
             if step == 0 {
                 outcome.grads = flat_grads(&grads, &method)?;
+                let largest = outcome.grads.iter().fold(1f32, |m, g| m.max(g.abs()));
+                lr = CHECK_LR / largest as f64;
             }
             method = trainer.step(
-                method, &mut optim, &mut aux, grads, out.keep, n, CHECK_LR, &progress,
+                method, &mut optim, &mut aux, grads, out.keep, n, lr, &progress,
             );
         }
         outcome.weights = flat_weights(&method)?;

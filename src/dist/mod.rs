@@ -41,6 +41,11 @@ pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     /// The number of members W.
     fn size(&self) -> usize;
+    /// This member's index among the members on its own node (host), which picks its GPU.
+    /// Every member on one node by default.
+    fn local_rank(&self) -> usize {
+        self.rank()
+    }
     /// Replaces `data` by its element-wise sum over the members (identical on every member).
     fn all_reduce_sum(&self, data: &mut [f32]);
     /// [`all_reduce_sum`](Self::all_reduce_sum) in f64 (batch-norm statistics and their

@@ -20,6 +20,8 @@ pub struct MpiWorld {
     comm: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
+    /// The rank among this node's processes (`MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)`).
+    local_rank: usize,
 }
 
 // SAFETY: every MPI call goes through the mutex, and MPI was initialised for calls from any
@@ -47,10 +49,12 @@ pub fn init() -> Result<MpiGuard> {
     }
     let comm = universe.world();
     let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+    let local_rank = comm.split_shared(comm.rank()).rank() as usize;
     let world = Arc::new(MpiWorld {
         comm: Mutex::new(comm),
         rank,
         size,
+        local_rank,
     });
     super::set_process_world(world.clone())?;
     Ok(MpiGuard {
@@ -79,6 +83,10 @@ impl Communicator for MpiWorld {
 
     fn size(&self) -> usize {
         self.size
+    }
+
+    fn local_rank(&self) -> usize {
+        self.local_rank
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) {

@@ -15,9 +15,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
 use burn::tensor::{try_read_sync, Tensor, TensorData};
 
-/// The collectives, for `flex` and, with their backward passes, autodiff over it. Each stages
-/// through host memory; the `*_backward` op is the inner backend's, called by autodiff.
-#[backend_extension(Flex, Autodiff)]
+/// The collectives, for `flex`, the GPU backends (cubecl's CUDA and wgpu, fused or not) and,
+/// with their backward passes, autodiff over them. Each stages through host memory, so one
+/// body serves every backend; the `*_backward` op is the inner backend's, called by autodiff.
+#[backend_extension(Flex, Cube: cfg(any(feature = "cuda", feature = "wgpu")), Autodiff)]
 pub trait Collective: Backend {
     /// Σ over ranks of `x` (every rank passes the same shape).
     fn all_reduce_sum(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -157,6 +158,9 @@ fn to_host<B: Backend>(x: FloatTensor<B>) -> (Vec<f32>, Like<B>) {
 
 impl Collective for Flex {}
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl Collective for burn::backend::Cube {}
+
 impl<B: Backend + Collective, C: CheckpointStrategy> Collective for Autodiff<B, C> {
     fn all_reduce_sum(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
@@ -197,7 +201,7 @@ impl<B: Backend + Collective, C: CheckpointStrategy> Collective for Autodiff<B, 
 }
 
 /// Batch norm of `x` `[n, C, ...]` in training over every rank's rows, differentiable:
-/// (output, mean, biased variance). On `flex` only for now.
+/// (output, mean, biased variance).
 pub fn sync_batch_norm<const D: usize>(
     x: Tensor<D>,
     gamma: Tensor<1>,
@@ -218,8 +222,7 @@ pub fn sync_batch_norm<const D: usize>(
 }
 
 /// Σ over ranks of `x`, differentiable: the gradient of `x` is the sum over ranks of the
-/// gradients of the result. The identity at world size 1. On `flex` (the CPU backend) only for
-/// now: a GPU run with several ranks refuses at start (see `pretrain`).
+/// gradients of the result. The identity at world size 1.
 pub fn all_reduce<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if super::world().size() == 1 {
         return x;

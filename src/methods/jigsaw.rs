@@ -21,7 +21,7 @@ use crate::augment::pretext::JigsawTiles;
 use crate::augment::{Augment, Pipeline};
 use crate::losses::{accuracy, cross_entropy};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
-use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
+use crate::models::{Backbone, BackboneConfig, OutputNorm, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
 /// Tiles per image: a 3×3 grid.
@@ -118,7 +118,7 @@ impl JigsawConfig {
                 output: self.permutations,
                 layers: 2,
                 batch_norm: true,
-                output_norm: false,
+                output_norm: OutputNorm::Off,
             }
             .init(device),
             permutations: Param::initialized(ParamId::new(), table).set_require_grad(false),

@@ -32,7 +32,8 @@ use crate::config::{at_least_one, positive};
 use crate::losses::{embedding_std, info_nce, l2_normalize};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{
-    ema_update, momentum_copy, Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig,
+    ema_update, momentum_copy, Backbone, BackboneConfig, OutputNorm, ProjectionHead,
+    ProjectionHeadConfig,
 };
 use crate::train::optim::cosine_ramp;
 use crate::train::{Method, Progress, StepOutput};
@@ -118,7 +119,7 @@ impl MocoConfig {
                 output: self.proj_dim,
                 layers: 2,
                 batch_norm: false,
-                output_norm: false,
+                output_norm: OutputNorm::Off,
             },
         };
         let (backbone, projector) = (model.init(device), head.init(device));

@@ -13,6 +13,8 @@
 //! - here: `pub mod NAME;`, its `pub use`, and its line in `methods!`;
 //! - `config.rs`'s `KEYS`: one line of help for each of its recipe keys that no other method has.
 
+pub mod barlow_twins;
+pub mod byol;
 pub mod dino;
 pub mod inpainting;
 pub mod jigsaw;
@@ -20,6 +22,8 @@ pub mod mae;
 pub mod moco;
 pub mod rotation;
 pub mod simclr;
+pub mod simsiam;
+pub mod vicreg;
 
 use std::sync::Arc;
 
@@ -31,6 +35,8 @@ use crate::augment::{Augment, Pipeline};
 use crate::config::Recipe;
 use crate::models::{init_seeded, Backbone, BackboneConfig};
 use crate::train::{Method, Which};
+pub use barlow_twins::{BarlowTwins, BarlowTwinsConfig};
+pub use byol::{Byol, ByolConfig};
 pub use dino::{Dino, DinoConfig};
 pub use inpainting::{Inpainting, InpaintingConfig};
 pub use jigsaw::{Jigsaw, JigsawConfig};
@@ -38,6 +44,8 @@ pub use mae::{Mae, MaeConfig};
 pub use moco::{Moco, MocoConfig};
 pub use rotation::{Rotation, RotationConfig};
 pub use simclr::{SimClr, SimclrConfig};
+pub use simsiam::{SimSiam, SimsiamConfig};
+pub use vicreg::{Vicreg, VicregConfig};
 
 /// A method's settings (the `[method]` of a recipe), as the registry uses them. Each method's
 /// config keeps its own `check`, `augment` and `init` with the arguments it needs (tests and
@@ -186,10 +194,14 @@ methods! {
     "rotation" => Rotation(RotationConfig),
     "jigsaw" => Jigsaw(JigsawConfig),
     "inpainting" => Inpainting(InpaintingConfig),
+    "byol" => Byol(ByolConfig),
+    "simsiam" => Simsiam(SimsiamConfig),
+    "barlow_twins" => BarlowTwins(BarlowTwinsConfig),
+    "vicreg" => Vicreg(VicregConfig),
 }
 
 impl MethodConfig {
-    /// Whether the method keeps a momentum encoder beside the trained one (DINO, MoCo).
+    /// Whether the method keeps a momentum encoder beside the trained one (DINO, MoCo, BYOL).
     pub fn has_teacher(&self) -> bool {
         self.encoders().is_some()
     }

@@ -18,7 +18,7 @@ use crate::config::{at_least_one, positive};
 use crate::dist::all_gather_rows;
 use crate::losses::{embedding_std, nt_xent};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
-use crate::models::{Backbone, BackboneConfig, ProjectionHead, ProjectionHeadConfig};
+use crate::models::{Backbone, BackboneConfig, OutputNorm, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +72,10 @@ impl SimclrConfig {
             output: self.proj_dim,
             layers: self.proj_layers,
             batch_norm: true,
-            output_norm: self.proj_output_norm,
+            output_norm: match self.proj_output_norm {
+                true => OutputNorm::NoShift,
+                false => OutputNorm::Off,
+            },
         };
         SimClr {
             backbone: model.init(device),

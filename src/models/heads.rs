@@ -6,11 +6,11 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
-/// An MLP projection head g(·): `layers` linear layers, each but the last followed by batch
-/// norm and ReLU (MoCo v2's is the same without batch norm). With `batch_norm`, linear layers
-/// followed by batch norm have no bias; with `output_norm` the last one too, and its output is
-/// batch-normalised without a shift (β fixed at 0): SimCLR's head (`tf2/model.py`,
-/// `ProjectionHead`: `LinearLayer(use_bias=False, use_bn=True)` last).
+/// An MLP projection head g(·) (or a predictor q(·)): `layers` linear layers, each but the last
+/// followed by batch norm and ReLU (MoCo v2's is the same without batch norm). With
+/// `batch_norm`, linear layers followed by batch norm have no bias (batch norm removes it); with
+/// an `output_norm` the last one too, and its output is batch-normalised: SimCLR's head
+/// (`tf2/model.py`, `LinearLayer(use_bias=False, use_bn=True)` last), SimSiam's projector.
 #[derive(Debug, Clone)]
 pub struct ProjectionHeadConfig {
     pub input: usize,
@@ -19,8 +19,19 @@ pub struct ProjectionHeadConfig {
     pub layers: usize,
     /// Batch norm after each hidden layer.
     pub batch_norm: bool,
-    /// Batch norm without shift on the output (SimCLR).
-    pub output_norm: bool,
+    /// Batch norm on the output, and which of its affine parameters learn.
+    pub output_norm: OutputNorm,
+}
+
+/// Batch norm on a head's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputNorm {
+    /// None: the last linear layer's output, with its bias.
+    Off,
+    /// A learned scale γ, no shift (β fixed at 0): SimCLR's head.
+    NoShift,
+    /// Neither γ nor β (`BatchNorm1d(dim, affine=False)`): SimSiam's projector.
+    Plain,
 }
 
 impl ProjectionHeadConfig {
@@ -32,7 +43,7 @@ impl ProjectionHeadConfig {
             output,
             layers: 1,
             batch_norm: false,
-            output_norm: false,
+            output_norm: OutputNorm::Off,
         }
     }
 
@@ -51,7 +62,7 @@ impl ProjectionHeadConfig {
                 .enumerate()
                 .map(|(i, d)| {
                     let normed = if i == last {
-                        self.output_norm
+                        self.output_norm != OutputNorm::Off
                     } else {
                         self.batch_norm
                     };
@@ -68,21 +79,37 @@ impl ProjectionHeadConfig {
             } else {
                 vec![]
             },
-            output_norm: self.output_norm.then(|| {
-                let mut bn = BatchNormConfig::new(self.output).init(device);
-                bn.beta = Param::from_tensor(Tensor::zeros([self.output], device))
-                    .set_require_grad(false);
-                bn
-            }),
+            output_norm: match self.output_norm {
+                OutputNorm::Off => None,
+                OutputNorm::NoShift => {
+                    let mut bn = BatchNormConfig::new(self.output).init(device);
+                    bn.beta = frozen(Tensor::zeros([self.output], device));
+                    Some(bn)
+                }
+                OutputNorm::Plain => Some(plain_batch_norm(self.output, device)),
+            },
         }
     }
+}
+
+/// Batch norm of `dim` channels without affine parameters (γ = 1 and β = 0, not learned):
+/// PyTorch's `BatchNorm1d(dim, affine=False)`.
+pub fn plain_batch_norm(dim: usize, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(dim).init(device);
+    bn.gamma = frozen(Tensor::ones([dim], device));
+    bn.beta = frozen(Tensor::zeros([dim], device));
+    bn
+}
+
+fn frozen(x: Tensor<1>) -> Param<Tensor<1>> {
+    Param::from_tensor(x).set_require_grad(false)
 }
 
 #[derive(Module, Debug)]
 pub struct ProjectionHead {
     layers: Vec<Linear>,
     norms: Vec<BatchNorm>,
-    /// Batch norm of the output, its β fixed at 0 (SimCLR).
+    /// Batch norm of the output (SimCLR's without β, SimSiam's without γ and β).
     output_norm: Option<BatchNorm>,
 }
 

@@ -14,7 +14,9 @@ pub use context::{
     Bottleneck, ContextDecoder, ContextDecoderConfig, Discriminator, DiscriminatorConfig,
 };
 pub use ema::{ema_update, momentum_copy};
-pub use heads::{DinoHead, DinoHeadConfig, ProjectionHead, ProjectionHeadConfig};
+pub use heads::{
+    plain_batch_norm, DinoHead, DinoHeadConfig, OutputNorm, ProjectionHead, ProjectionHeadConfig,
+};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub(crate) use vit::zero_bias_linear;
 pub(crate) use vit::{block as vit_block, linear as vit_linear, xavier_linear};

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::module::Module;
+use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
+use burn::module::{Module, ParamGroup};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,12 @@ pub trait Method: Module + Sized {
         _optim: &mut ModuleOptimizer,
     ) -> Self {
         self
+    }
+
+    /// Parameters trained at the peak learning rate throughout, outside the schedule (SimSiam's
+    /// predictor, the official `--fix-pred-lr`). `None`: every parameter follows the schedule.
+    fn constant_lr(&self) -> Option<ParamGroup> {
+        None
     }
 
     /// Looks at a step's scalars once read (DINO warns of a collapsing teacher).
@@ -492,7 +499,13 @@ impl Trainer<'_> {
     ) -> M {
         let c = &self.config;
         let grads = crate::dist::average_gradients(grads, &method);
-        let mut method = optim.step(lr, method, grads);
+        let rate: ModuleLearningRate = match method.constant_lr() {
+            Some(group) => ModuleLrScheduler::new(lr)
+                .with_group(group, c.peak_lr())
+                .step(),
+            None => lr.into(),
+        };
+        let mut method = optim.step(rate, method, grads);
         if c.optim.final_weight_decay.is_some() {
             let wd = c.optim.weight_decay_at(progress.step, progress.total_steps);
             method = optim::decay_matrices(method, lr * wd);

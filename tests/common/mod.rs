@@ -214,6 +214,15 @@ pub fn small_recipe(method: &str) -> selfsup::config::Recipe {
     text = text.replace("width = 1.0", "width = 0.125");
     text = text.replace("dim = 192", "dim = 48");
     text = text.replace("depth = 12", "depth = 2");
+    for wide in [
+        "proj_hidden = 2048",
+        "proj_dim = 2048",
+        "proj_hidden = 4096",
+        "pred_hidden = 4096",
+    ] {
+        let key = wide.split(" = ").next().unwrap();
+        text = text.replace(wide, &format!("{key} = 256"));
+    }
     let mut recipe = selfsup::config::Recipe::parse(&text).unwrap();
     recipe.train.batch_size = 12;
     if let selfsup::methods::MethodConfig::Moco(m) = &mut recipe.method {
