@@ -229,12 +229,6 @@ pub fn small_recipe(method: &str) -> selfsup::config::Recipe {
         m.bn_splits = 6;
         m.queue_size = 48;
     }
-    // At the recipe's 4,000, the encoder's first layers' gradients differ from one process's
-    // by up to 1.2e-3 of the largest gradient at 2 and 4 ranks (loss and weights agree to
-    // 1e-7): unexplained, BENCHMARKS.md.
-    if let selfsup::methods::MethodConfig::Inpainting(m) = &mut recipe.method {
-        m.bottleneck_dim = 64;
-    }
     if let selfsup::methods::MethodConfig::Dino(d) = &mut recipe.method {
         (d.out_dim, d.hidden, d.bottleneck) = (256, 128, 64);
     }
