@@ -513,6 +513,66 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
     );
 }
 
+#[test]
+fn byol_simsiam_barlow_twins_and_vicreg_pretrain_resume_export_and_evaluate() {
+    for (recipe, epochs, encoder) in [
+        (
+            "byol_cifar10_cpu.toml",
+            "epochs = 5",
+            Some("the online encoder"),
+        ),
+        ("simsiam_cifar10_cpu.toml", "epochs = 10", None),
+        ("barlow_twins_cifar10_cpu.toml", "epochs = 10", None),
+        ("vicreg_cifar10_cpu.toml", "epochs = 10", None),
+    ] {
+        let (_tmp, data, recipe_path, run, stdout) = tiny_run(
+            recipe,
+            &[
+                (epochs, "epochs = 1"),
+                ("batch_size = 256", "batch_size = 20"),
+                ("proj_hidden = 512", "proj_hidden = 32"),
+            ],
+            "",
+        );
+        // BYOL's official evaluation takes the online encoder.
+        if let Some(encoder) = encoder {
+            assert!(stdout.contains(encoder), "{recipe}: {stdout}");
+        }
+        // A second epoch resumes the first's checkpoint rather than training it again.
+        let (ok, _, stderr) = common::pretrain(&recipe_path, &data, &run, &["--epochs", "2"]);
+        assert!(ok, "{recipe}: {stderr}");
+        assert!(stderr.contains("resuming from"), "{recipe}: {stderr}");
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let epochs = metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"epoch\""))
+            .count();
+        assert_eq!(epochs, 2, "{recipe}: {metrics}");
+        // The released encoder is exported; BYOL's target network is its teacher.
+        let student = export(&run, "student");
+        assert_eq!(
+            student,
+            common::safetensors_by_name(&run.join("backbone.safetensors"))
+        );
+        if recipe.starts_with("byol") {
+            assert_ne!(
+                export(&run, "teacher"),
+                student,
+                "the target lags the online network"
+            );
+        }
+        let (ok, stdout, stderr) = selfsup(&[
+            "eval",
+            "knn",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        assert!(ok && stdout.contains("top-1"), "{recipe}: {stdout}{stderr}");
+    }
+}
+
 /// `selfsup reconstruct` of `count` images into a PNG; its (width, height).
 fn reconstruct(run: &std::path::Path, data: &std::path::Path, count: usize) -> (u32, u32) {
     let png = run.join("recon.png");
