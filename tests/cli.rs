@@ -521,9 +521,9 @@ fn byol_simsiam_barlow_twins_and_vicreg_pretrain_resume_export_and_evaluate() {
             "epochs = 5",
             Some("the online encoder"),
         ),
-        ("simsiam_cifar10_cpu.toml", "epochs = 10", None),
-        ("barlow_twins_cifar10_cpu.toml", "epochs = 10", None),
-        ("vicreg_cifar10_cpu.toml", "epochs = 10", None),
+        ("simsiam_cifar10_cpu.toml", "epochs = 7", None),
+        ("barlow_twins_cifar10_cpu.toml", "epochs = 7", None),
+        ("vicreg_cifar10_cpu.toml", "epochs = 7", None),
     ] {
         let (_tmp, data, recipe_path, run, stdout) = tiny_run(
             recipe,

@@ -242,6 +242,52 @@ fn published_recipes_follow_the_sources_they_cite() {
     };
     assert_eq!((c.momentum, c.final_momentum), (0.99, Some(0.999)));
     assert_eq!(r.augment.build().unwrap().views[0].scale, [0.08, 1.0]);
+    // solo-learn's CIFAR recipes (scripts/pretrain/cifar/*.yaml), batch 256.
+    let solarize = |r: &Recipe| -> Vec<f32> {
+        let views = r.augment.build().unwrap().views;
+        views.iter().map(|v| v.solarize).collect()
+    };
+    let r = Recipe::defaults("byol").unwrap();
+    let MethodConfig::Byol(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!(
+        (c.proj_hidden, c.proj_dim, c.pred_hidden),
+        (4096, 256, 4096)
+    );
+    assert_eq!((c.momentum, c.final_momentum), (0.99, 1.0));
+    assert_eq!((r.train.base_lr, r.train.optim.weight_decay), (1.0, 1e-5));
+    assert_eq!(solarize(&r), [0.0, 0.2], "asymmetric.yaml");
+    let r = Recipe::defaults("simsiam").unwrap();
+    let MethodConfig::Simsiam(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!(
+        (c.proj_hidden, c.proj_dim, c.pred_hidden),
+        (2048, 2048, 512)
+    );
+    assert!(c.fix_pred_lr);
+    assert_eq!((r.train.base_lr, r.train.optim.weight_decay), (0.5, 1e-5));
+    assert!(r
+        .augment
+        .build()
+        .unwrap()
+        .views
+        .iter()
+        .all(|v| v.blur.p == 0.5));
+    let r = Recipe::defaults("barlow_twins").unwrap();
+    let MethodConfig::BarlowTwins(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!((c.proj_dim, c.lambda, c.scale_loss), (2048, 0.0051, 0.1));
+    assert_eq!((r.train.base_lr, r.train.optim.weight_decay), (0.3, 1e-4));
+    let r = Recipe::defaults("vicreg").unwrap();
+    let MethodConfig::Vicreg(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!((c.sim_coeff, c.std_coeff, c.cov_coeff), (25.0, 25.0, 1.0));
+    assert_eq!(solarize(&r), [0.1]);
+    assert_eq!(r.augment.build().unwrap().views[0].scale, [0.2, 1.0]);
 }
 
 #[test]
