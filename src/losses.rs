@@ -178,3 +178,11 @@ pub fn vicreg_covariance(z: Tensor<2>) -> Tensor<1> {
     let off = Tensor::<2>::eye(d, &cov.device()).neg().add_scalar(1.0);
     (cov.square() * off).sum().div_scalar(d as f64)
 }
+
+/// MoCo v3's contrastive loss (Chen, Xie & He 2021; `contrastive_loss` of moco-v3's
+/// `builder.py`): InfoNCE of each query against every key of the global batch, the key of its
+/// own image the positive (`positives[i]` for row i), scaled by 2τ:
+/// L = 2τ · CE(q̄·k̄ᵀ / τ, positives), q̄ and k̄ l2-normalised; the keys get no gradient. `[1]`.
+pub fn moco_v3_loss(q: Tensor<2>, k: Tensor<2>, positives: &[usize], tau: f64) -> Tensor<1> {
+    info_nce(cosine_logits(q, k.detach(), tau), positives).mul_scalar(2.0 * tau)
+}

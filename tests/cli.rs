@@ -514,7 +514,7 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
 }
 
 #[test]
-fn byol_simsiam_barlow_twins_and_vicreg_pretrain_resume_export_and_evaluate() {
+fn byol_simsiam_barlow_twins_vicreg_and_moco_v3_pretrain_resume_export_and_evaluate() {
     for (recipe, epochs, encoder) in [
         (
             "byol_cifar10_cpu.toml",
@@ -524,6 +524,11 @@ fn byol_simsiam_barlow_twins_and_vicreg_pretrain_resume_export_and_evaluate() {
         ("simsiam_cifar10_cpu.toml", "epochs = 7", None),
         ("barlow_twins_cifar10_cpu.toml", "epochs = 7", None),
         ("vicreg_cifar10_cpu.toml", "epochs = 7", None),
+        (
+            "moco_v3_cifar10_cpu.toml",
+            "epochs = 5",
+            Some("the query encoder"),
+        ),
     ] {
         let (_tmp, data, recipe_path, run, stdout) = tiny_run(
             recipe,
@@ -534,7 +539,7 @@ fn byol_simsiam_barlow_twins_and_vicreg_pretrain_resume_export_and_evaluate() {
             ],
             "",
         );
-        // BYOL's official evaluation takes the online encoder.
+        // BYOL's and MoCo v3's official evaluations take the online / query encoder.
         if let Some(encoder) = encoder {
             assert!(stdout.contains(encoder), "{recipe}: {stdout}");
         }
@@ -548,7 +553,8 @@ fn byol_simsiam_barlow_twins_and_vicreg_pretrain_resume_export_and_evaluate() {
             .filter(|l| l.contains("\"kind\":\"epoch\""))
             .count();
         assert_eq!(epochs, 2, "{recipe}: {metrics}");
-        // The released encoder is exported; BYOL's target network is its teacher.
+        // The released encoder is exported; BYOL's target network and MoCo v3's momentum
+        // encoder are the teachers.
         let student = export(&run, "student");
         assert_eq!(
             student,

@@ -1,4 +1,4 @@
-//! BYOL, SimSiam, Barlow Twins and VICReg (issue 29): each loss against PyTorch's value (and
+//! BYOL, SimSiam, Barlow Twins, VICReg and MoCo v3 (issue 29): each loss against PyTorch's value (and
 //! gradient) from the official formula, computed in f64 by `torch` 2.15 on the inputs below
 //! and written here as numbers; each method's wiring (what trains and what does not).
 
@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::dist::weights_hash;
 use selfsup::losses::{
-    barlow_twins_loss, byol_loss, negative_cosine, vicreg_covariance, vicreg_variance,
+    barlow_twins_loss, byol_loss, moco_v3_loss, negative_cosine, vicreg_covariance, vicreg_variance,
 };
 use selfsup::methods::vicreg::vicreg_terms;
 use selfsup::methods::{InitContext, MethodConfig, MethodSpec};
@@ -150,6 +150,40 @@ fn vicreg_terms_and_gradient_equal_the_official_codes() {
     );
 }
 
+#[test]
+fn moco_v3_loss_and_gradient_equal_the_official_codes() {
+    // builder.py's contrastive_loss: CE(normalize(q)·normalize(k)ᵀ / T, arange(N) + N·rank)·2T.
+    let device = Device::flex().autodiff();
+    let q = z(Z1, &device).require_grad();
+    let loss = moco_v3_loss(q.clone(), z(Z2, &device), &[0, 1, 2, 3], 0.2);
+    assert_close(&values(loss.clone()), &[0.07589657], 1e-6, "moco v3");
+    let want = [
+        0.03153743,
+        0.01671894,
+        0.00047511,
+        0.01257894,
+        -0.01316727,
+        0.03115318,
+        0.01237884,
+        0.00928413,
+        -0.01039435,
+        -0.00747258,
+        -0.01528399,
+        0.00730316,
+    ];
+    assert_close(
+        &values(q.grad(&loss.backward()).unwrap()),
+        &want,
+        1e-6,
+        "∂L/∂q",
+    );
+    // Rank 1 of 2 holds rows 1 and 3 of the global batch: its queries against every key.
+    let d = Device::flex();
+    let rows = |t: Tensor<2>| t.select(0, Tensor::from_ints([1, 3], &d));
+    let local = moco_v3_loss(rows(z(Z1, &d)), z(Z2, &d), &[1, 3], 0.2);
+    assert_close(&values(local), &[0.06922051], 1e-6, "rank 1's share");
+}
+
 /// Two random views `[4, 3, 32, 32]`, seeded.
 fn views(device: &Device) -> Vec<Tensor<4>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -255,4 +289,73 @@ fn param_ids<M: Module>(module: &M) -> Vec<ParamId> {
     let mut ids = Ids(Vec::new());
     module.visit(&mut ids);
     ids.0
+}
+
+#[test]
+fn moco_v3s_momentum_encoder_gets_no_gradient_and_a_vits_patch_projection_is_frozen() {
+    let device = Device::flex().autodiff();
+    let mut recipe = common::small_recipe("moco_v3");
+    let MethodConfig::MocoV3(config) = recipe.method.clone() else {
+        unreachable!()
+    };
+    let moco = init_seeded(&device, 0, || {
+        config.init(&InitContext::of(&recipe, &device))
+    });
+    let out = moco.loss(&views(&device), &progress());
+    let grads = GradientsParams::from_grads(out.loss.backward(), &moco);
+    let momentum = moco.teacher().unwrap().clone();
+    let online = weights_hash(moco.backbone());
+    let moco = SgdConfig::new().init().step(0.1, moco, grads);
+    assert_ne!(weights_hash(moco.backbone()), online);
+    assert_eq!(
+        weights_hash(moco.teacher().unwrap()),
+        weights_hash(&momentum)
+    );
+    let p = progress();
+    let m = cosine_ramp(
+        p.step,
+        p.total_steps,
+        config.momentum,
+        config.final_momentum,
+    );
+    let expected = ema_update(momentum, moco.backbone(), m);
+    let moco = moco.after_step(None, &p);
+    assert_eq!(
+        weights_hash(moco.teacher().unwrap()),
+        weights_hash(&expected)
+    );
+
+    // A ViT (`--stop-grad-conv1`): the patch projection gets no gradient, the blocks do.
+    recipe.model = selfsup::models::BackboneConfig::default_for("vit").unwrap();
+    if let selfsup::models::BackboneConfig::Vit(v) = &mut recipe.model {
+        (v.image_size, v.patch_size, v.dim, v.depth, v.heads) = (32, 8, 48, 1, 3);
+    }
+    let moco = init_seeded(&device, 0, || {
+        config.init(&InitContext::of(&recipe, &device))
+    });
+    let grads = GradientsParams::from_grads(
+        moco.loss(&views(&device), &progress()).loss.backward(),
+        &moco,
+    );
+    let (frozen, trained) = param_ids(moco.backbone())
+        .into_iter()
+        .partition::<Vec<_>, _>(|id| !has_grad(&grads, moco.backbone(), *id));
+    assert!(!trained.is_empty());
+    // The patch projection (weight and bias) and the fixed sin-cos position embeddings.
+    assert_eq!(frozen.len(), 3, "{frozen:?}");
+}
+
+/// Whether `grads` holds a gradient for parameter `id` of `module`.
+fn has_grad<M: Module>(grads: &GradientsParams, module: &M, id: ParamId) -> bool {
+    struct Find<'a>(&'a GradientsParams, ParamId, bool);
+    impl ModuleVisitor for Find<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.id == self.1 {
+                self.2 = self.0.get::<D>(param.id).is_some();
+            }
+        }
+    }
+    let mut find = Find(grads, id, false);
+    module.visit(&mut find);
+    find.2
 }

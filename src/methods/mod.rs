@@ -20,6 +20,7 @@ pub mod inpainting;
 pub mod jigsaw;
 pub mod mae;
 pub mod moco;
+pub mod moco_v3;
 pub mod rotation;
 pub mod simclr;
 pub mod simsiam;
@@ -42,6 +43,7 @@ pub use inpainting::{Inpainting, InpaintingConfig};
 pub use jigsaw::{Jigsaw, JigsawConfig};
 pub use mae::{Mae, MaeConfig};
 pub use moco::{Moco, MocoConfig};
+pub use moco_v3::{MocoV3, MocoV3Config};
 pub use rotation::{Rotation, RotationConfig};
 pub use simclr::{SimClr, SimclrConfig};
 pub use simsiam::{SimSiam, SimsiamConfig};
@@ -198,6 +200,7 @@ methods! {
     "simsiam" => Simsiam(SimsiamConfig),
     "barlow_twins" => BarlowTwins(BarlowTwinsConfig),
     "vicreg" => Vicreg(VicregConfig),
+    "moco_v3" => MocoV3(MocoV3Config),
 }
 
 impl MethodConfig {

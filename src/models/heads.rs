@@ -28,6 +28,9 @@ pub struct ProjectionHeadConfig {
 pub enum OutputNorm {
     /// None: the last linear layer's output, with its bias.
     Off,
+    /// None, and no bias on the last linear layer either (MoCo v3's ResNet predictor: its
+    /// `_build_mlp` makes every linear layer with `bias=False`).
+    OffUnbiased,
     /// A learned scale γ, no shift (β fixed at 0): SimCLR's head.
     NoShift,
     /// Neither γ nor β (`BatchNorm1d(dim, affine=False)`): SimSiam's projector.
@@ -61,13 +64,13 @@ impl ProjectionHeadConfig {
                 .windows(2)
                 .enumerate()
                 .map(|(i, d)| {
-                    let normed = if i == last {
+                    let unbiased = if i == last {
                         self.output_norm != OutputNorm::Off
                     } else {
                         self.batch_norm
                     };
                     LinearConfig::new(d[0], d[1])
-                        .with_bias(!normed)
+                        .with_bias(!unbiased)
                         .init(device)
                 })
                 .collect(),
@@ -80,7 +83,7 @@ impl ProjectionHeadConfig {
                 vec![]
             },
             output_norm: match self.output_norm {
-                OutputNorm::Off => None,
+                OutputNorm::Off | OutputNorm::OffUnbiased => None,
                 OutputNorm::NoShift => {
                     let mut bn = BatchNormConfig::new(self.output).init(device);
                     bn.beta = frozen(Tensor::zeros([self.output], device));

@@ -509,6 +509,13 @@ impl Vit {
         self.pool
     }
 
+    /// The patch projection frozen (no gradient): MoCo v3's `--stop-grad-conv1`, which keeps
+    /// the random projection for the stability of ViT training.
+    pub fn freeze_patch_embed(mut self) -> Vit {
+        self.patch_embed = self.patch_embed.no_grad();
+        self
+    }
+
     /// The encoder as official MAE initialises it: positional embeddings fixed to the 2-D
     /// sin-cos table (no gradient; the class token's row zero), the patch projection xavier-uniform
     /// on its flattened `[dim, 3·p·p]` weight, every linear layer xavier-uniform with zero
