@@ -333,6 +333,14 @@ pub fn probability<T: Into<f64> + Display + Copy>(key: &str, value: T) -> Result
 }
 
 /// Refuses `key = 0`: a count that must be at least 1.
+/// Refuses an EMA momentum outside [0, 1], naming `key`.
+pub fn momentum(key: &str, value: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&value) {
+        bail!("{key} = {value}: an EMA momentum lies in [0, 1]");
+    }
+    Ok(())
+}
+
 pub fn at_least_one(key: &str, value: usize) -> Result<()> {
     if value == 0 {
         bail!("{key} = 0: must be at least 1");

@@ -20,7 +20,6 @@ use crate::config::{at_least_one, not_negative, positive};
 use crate::dist::{all_reduce, global_batch};
 use crate::kernels::batch_norm;
 use crate::losses::{barlow_twins_loss, embedding_std};
-use crate::methods::byol::check_pair;
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{plain_batch_norm, Backbone, OutputNorm, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
@@ -63,19 +62,18 @@ impl MethodSpec for BarlowTwinsConfig {
         at_least_one("method.proj_layers", self.proj_layers)?;
         not_negative("method.lambda", self.lambda)?;
         positive("method.scale_loss", self.scale_loss)?;
-        check_pair("barlow_twins", feed)
+        feed.pair("barlow_twins")
     }
 
     fn init(&self, ctx: &InitContext) -> BarlowTwins {
         let (model, device) = (ctx.model, ctx.device);
-        let projector = ProjectionHeadConfig {
-            input: model.feature_dim(),
-            hidden: self.proj_hidden,
-            output: self.proj_dim,
-            layers: self.proj_layers,
-            batch_norm: true,
-            output_norm: OutputNorm::Off,
-        };
+        let projector = ProjectionHeadConfig::mlp(
+            model.feature_dim(),
+            self.proj_hidden,
+            self.proj_dim,
+            self.proj_layers,
+            OutputNorm::Off,
+        );
         BarlowTwins {
             backbone: model.init(device),
             projector: projector.init(device),

@@ -15,12 +15,11 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::config::at_least_one;
+use crate::config::{at_least_one, momentum};
 use crate::losses::{byol_loss, embedding_std};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
-use crate::models::{
-    ema_update, momentum_copy, Backbone, OutputNorm, ProjectionHead, ProjectionHeadConfig,
-};
+use crate::models::OutputNorm::Off;
+use crate::models::{ema_update, momentum_copy, Backbone, ProjectionHead, ProjectionHeadConfig};
 use crate::train::optim::cosine_ramp;
 use crate::train::{Method, Progress, StepOutput};
 
@@ -52,36 +51,6 @@ impl Default for ByolConfig {
     }
 }
 
-/// Linear → BN → ReLU → Linear: BYOL's projector and predictor, SimSiam's predictor.
-pub(crate) fn mlp(input: usize, hidden: usize, output: usize) -> ProjectionHeadConfig {
-    ProjectionHeadConfig {
-        input,
-        hidden,
-        output,
-        layers: 2,
-        batch_norm: true,
-        output_norm: OutputNorm::Off,
-    }
-}
-
-/// Refuses an EMA momentum outside [0, 1], naming `method.KEY`.
-pub(crate) fn check_momentum(pairs: &[(&str, f64)]) -> anyhow::Result<()> {
-    for &(key, m) in pairs {
-        if !(0.0..=1.0).contains(&m) {
-            anyhow::bail!("method.{key} = {m}: an EMA momentum lies in [0, 1]");
-        }
-    }
-    Ok(())
-}
-
-/// The checks of the two-view methods without negatives (BYOL, SimSiam, Barlow Twins, VICReg):
-/// two views of one size, and a batch of two images or more for batch norm's statistics.
-pub(crate) fn check_pair(method: &str, feed: &Feed) -> anyhow::Result<()> {
-    feed.views(method, 2, "one view predicts or matches the other")?;
-    feed.same_size(method, 0..2)?;
-    feed.min_batch(method, 2, "batch norm normalises over the batch")
-}
-
 impl MethodSpec for ByolConfig {
     type Method = Byol;
     const PUBLISHED: (&'static str, &'static str) = recipe_file!("byol_cifar10");
@@ -91,24 +60,31 @@ impl MethodSpec for ByolConfig {
         at_least_one("method.proj_hidden", self.proj_hidden)?;
         at_least_one("method.proj_dim", self.proj_dim)?;
         at_least_one("method.pred_hidden", self.pred_hidden)?;
-        check_momentum(&[
-            ("momentum", self.momentum),
-            ("final_momentum", self.final_momentum),
-        ])?;
-        check_pair("byol", feed)
+        momentum("method.momentum", self.momentum)?;
+        momentum("method.final_momentum", self.final_momentum)?;
+        feed.pair("byol")
     }
 
     /// Online network, and the target network as its copy.
     fn init(&self, ctx: &InitContext) -> Byol {
         let (model, device) = (ctx.model, ctx.device);
-        let head = mlp(model.feature_dim(), self.proj_hidden, self.proj_dim);
+        // Linear → BN → ReLU → Linear, as the projector so the predictor.
+        let head =
+            ProjectionHeadConfig::mlp(model.feature_dim(), self.proj_hidden, self.proj_dim, 2, Off);
         let (backbone, projector) = (model.init(device), head.init(device));
         Byol {
             target_backbone: momentum_copy(model.init(device), &backbone),
             target_projector: momentum_copy(head.init(device), &projector),
             backbone,
             projector,
-            predictor: mlp(self.proj_dim, self.pred_hidden, self.proj_dim).init(device),
+            predictor: ProjectionHeadConfig::mlp(
+                self.proj_dim,
+                self.pred_hidden,
+                self.proj_dim,
+                2,
+                Off,
+            )
+            .init(device),
             momentum: self.momentum,
             final_momentum: self.final_momentum,
         }

@@ -18,10 +18,9 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{at_least_one, positive};
+use crate::config::{at_least_one, momentum, positive};
 use crate::dist::{gather_kept, global_batch, local_rows};
 use crate::losses::{embedding_std, moco_v3_loss};
-use crate::methods::byol::{check_momentum, check_pair};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{
     ema_update, momentum_copy, Backbone, BackboneConfig, OutputNorm, ProjectionHead,
@@ -69,27 +68,15 @@ impl MocoV3Config {
     /// The projector and the predictor for `model`: `MoCo_ResNet`'s or `MoCo_ViT`'s.
     fn heads(&self, model: &BackboneConfig) -> (ProjectionHeadConfig, ProjectionHeadConfig) {
         let vit = matches!(model, BackboneConfig::Vit(_));
-        let projector = ProjectionHeadConfig {
-            input: model.feature_dim(),
-            hidden: self.proj_hidden,
-            output: self.proj_dim,
-            layers: if vit { 3 } else { 2 },
-            batch_norm: true,
-            output_norm: OutputNorm::Plain,
+        let (input, dim) = (model.feature_dim(), self.proj_dim);
+        let (layers, last) = match vit {
+            true => (3, OutputNorm::Plain),
+            false => (2, OutputNorm::OffUnbiased),
         };
-        let predictor = ProjectionHeadConfig {
-            input: self.proj_dim,
-            hidden: self.pred_hidden,
-            output: self.proj_dim,
-            layers: 2,
-            batch_norm: true,
-            output_norm: if vit {
-                OutputNorm::Plain
-            } else {
-                OutputNorm::OffUnbiased
-            },
-        };
-        (projector, predictor)
+        (
+            ProjectionHeadConfig::mlp(input, self.proj_hidden, dim, layers, OutputNorm::Plain),
+            ProjectionHeadConfig::mlp(dim, self.pred_hidden, dim, 2, last),
+        )
     }
 }
 
@@ -103,11 +90,9 @@ impl MethodSpec for MocoV3Config {
         at_least_one("method.proj_hidden", self.proj_hidden)?;
         at_least_one("method.proj_dim", self.proj_dim)?;
         at_least_one("method.pred_hidden", self.pred_hidden)?;
-        check_momentum(&[
-            ("momentum", self.momentum),
-            ("final_momentum", self.final_momentum),
-        ])?;
-        check_pair("moco_v3", feed)
+        momentum("method.momentum", self.momentum)?;
+        momentum("method.final_momentum", self.final_momentum)?;
+        feed.pair("moco_v3")
     }
 
     /// Query encoder and heads, the momentum encoder as their copy.

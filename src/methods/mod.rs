@@ -282,6 +282,14 @@ impl Feed<'_> {
         Ok(())
     }
 
+    /// The checks of the two-view methods without negatives (BYOL, SimSiam, Barlow Twins,
+    /// VICReg, MoCo v3): two views of one size, and two images or more for batch norm.
+    pub fn pair(&self, method: &str) -> anyhow::Result<()> {
+        self.views(method, 2, "one view predicts or matches the other")?;
+        self.same_size(method, 0..2)?;
+        self.min_batch(method, 2, "batch norm normalises over the batch")
+    }
+
     /// Refuses a batch smaller than `n` images.
     pub fn min_batch(&self, method: &str, n: usize, why: &str) -> anyhow::Result<()> {
         if self.batch < n {

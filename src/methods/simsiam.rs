@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::at_least_one;
 use crate::losses::{embedding_std, negative_cosine};
-use crate::methods::byol::{check_pair, mlp};
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
-use crate::models::{Backbone, OutputNorm, ProjectionHead, ProjectionHeadConfig};
+use crate::models::OutputNorm::{Off, Plain};
+use crate::models::{Backbone, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,23 +58,18 @@ impl MethodSpec for SimsiamConfig {
         at_least_one("method.proj_dim", self.proj_dim)?;
         at_least_one("method.proj_layers", self.proj_layers)?;
         at_least_one("method.pred_hidden", self.pred_hidden)?;
-        check_pair("simsiam", feed)
+        feed.pair("simsiam")
     }
 
     fn init(&self, ctx: &InitContext) -> SimSiam {
         let (model, device) = (ctx.model, ctx.device);
-        let projector = ProjectionHeadConfig {
-            input: model.feature_dim(),
-            hidden: self.proj_hidden,
-            output: self.proj_dim,
-            layers: self.proj_layers,
-            batch_norm: true,
-            output_norm: OutputNorm::Plain,
-        };
+        let (input, hidden, dim) = (model.feature_dim(), self.proj_hidden, self.proj_dim);
+        let projector = ProjectionHeadConfig::mlp(input, hidden, dim, self.proj_layers, Plain);
+        let predictor = ProjectionHeadConfig::mlp(dim, self.pred_hidden, dim, 2, Off);
         SimSiam {
             backbone: model.init(device),
             projector: projector.init(device),
-            predictor: mlp(self.proj_dim, self.pred_hidden, self.proj_dim).init(device),
+            predictor: predictor.init(device),
             fix_pred_lr: self.fix_pred_lr,
         }
     }

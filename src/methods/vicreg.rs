@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::{at_least_one, not_negative};
 use crate::dist::all_gather_rows;
 use crate::losses::{embedding_std, vicreg_covariance, vicreg_variance};
-use crate::methods::byol::check_pair;
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, OutputNorm, ProjectionHead, ProjectionHeadConfig};
 use crate::train::{Method, Progress, StepOutput};
@@ -63,19 +62,18 @@ impl MethodSpec for VicregConfig {
         not_negative("method.sim_coeff", self.sim_coeff)?;
         not_negative("method.std_coeff", self.std_coeff)?;
         not_negative("method.cov_coeff", self.cov_coeff)?;
-        check_pair("vicreg", feed)
+        feed.pair("vicreg")
     }
 
     fn init(&self, ctx: &InitContext) -> Vicreg {
         let (model, device) = (ctx.model, ctx.device);
-        let projector = ProjectionHeadConfig {
-            input: model.feature_dim(),
-            hidden: self.proj_hidden,
-            output: self.proj_dim,
-            layers: self.proj_layers,
-            batch_norm: true,
-            output_norm: OutputNorm::Off,
-        };
+        let projector = ProjectionHeadConfig::mlp(
+            model.feature_dim(),
+            self.proj_hidden,
+            self.proj_dim,
+            self.proj_layers,
+            OutputNorm::Off,
+        );
         Vicreg {
             backbone: model.init(device),
             projector: projector.init(device),

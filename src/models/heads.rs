@@ -50,6 +50,25 @@ impl ProjectionHeadConfig {
         }
     }
 
+    /// `layers` linear layers with batch norm and ReLU between them, then `output_norm`: the
+    /// projectors and predictors of BYOL, SimSiam, Barlow Twins, VICReg and MoCo v3.
+    pub fn mlp(
+        input: usize,
+        hidden: usize,
+        output: usize,
+        layers: usize,
+        output_norm: OutputNorm,
+    ) -> Self {
+        ProjectionHeadConfig {
+            input,
+            hidden,
+            output,
+            layers,
+            batch_norm: true,
+            output_norm,
+        }
+    }
+
     pub fn init(&self, device: &Device) -> ProjectionHead {
         let dims: Vec<usize> = std::iter::once(self.input)
             .chain(std::iter::repeat_n(
