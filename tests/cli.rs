@@ -282,8 +282,8 @@ fn recipe_prints_a_complete_recipe_to_start_from() {
         selfsup::config::Recipe::load(&path).unwrap(),
         selfsup::config::Recipe::defaults("dino").unwrap()
     );
-    let (ok, _, err) = selfsup(&["recipe", "byol"]);
-    assert!(!ok && err.contains("unknown method 'byol'"), "{err}");
+    let (ok, _, err) = selfsup(&["recipe", "nnclr"]);
+    assert!(!ok && err.contains("unknown method 'nnclr'"), "{err}");
 }
 
 #[test]
