@@ -120,6 +120,44 @@ pub fn dino_loss(teacher: &[Tensor<2>], student: &[Tensor<2>], student_temp: f64
     Tensor::cat(pairs, 0).mean()
 }
 
+/// SwAV's swapped prediction (Caron et al. 2020, eq. 1 with the multi-crop sum): the code q_i of
+/// each crop i that has one (`assignments`, no gradient) is predicted from every other crop
+/// j ≠ i by the softmax of its prototype scores over τ (`scores`, crop i of each list the same
+/// view), averaged over the pairs (`main_swav.py`: the mean over the other crops, then over
+/// the crops with codes):
+///
+///   L = 1/|pairs| Σ_{i ∈ coded} Σ_{j ≠ i} mean_batch( −Σ_k q_i(k) · log softmax(s_j / τ)(k) ).
+///
+/// The same cross-entropy as DINO's, with Sinkhorn codes in place of the teacher's outputs.
+pub fn swav_loss(assignments: &[Tensor<2>], scores: &[Tensor<2>], tau: f64) -> Tensor<1> {
+    dino_loss(assignments, scores, tau)
+}
+
+/// Sinkhorn-Knopp (Cuturi 2013) as SwAV computes its codes (`distributed_sinkhorn` in
+/// `main_swav.py`): from prototype scores `[B, K]` (B samples, K prototypes), Q = exp(s/ε)
+/// scaled to sum 1, then `iterations` times each prototype's column scaled to total 1/K and each
+/// sample's row to 1/B; returned ×B, so each row is a sample's soft assignment (sums to 1) and the
+/// prototypes share the samples equally. `[B, K]`, no gradient. Computed on log Q (each scaling a
+/// subtraction of a log-sum-exp), the same numbers without exp(s/ε)'s overflow or underflow at
+/// small ε: in f32, exp(1/ε) overflows below ε = 0.0114, and a prototype whose every entry
+/// underflows would divide 0 by 0.
+pub fn sinkhorn(scores: Tensor<2>, epsilon: f64, iterations: usize) -> Tensor<2> {
+    let [b, k] = scores.dims();
+    let log_q = scores.detach().div_scalar(epsilon);
+    let mut log_q = log_q.clone() - log_sum_exp(log_q.reshape([1, b * k]), 1).reshape([1, 1]);
+    for _ in 0..iterations {
+        log_q = log_q.clone() - log_sum_exp(log_q, 0).add_scalar((k as f64).ln());
+        log_q = log_q.clone() - log_sum_exp(log_q, 1).add_scalar((b as f64).ln());
+    }
+    log_q.add_scalar((b as f64).ln()).exp()
+}
+
+/// log Σ exp(x) along `dim`, kept as a size-1 dimension; the maximum taken out first.
+fn log_sum_exp(x: Tensor<2>, dim: usize) -> Tensor<2> {
+    let max = x.clone().max_dim(dim);
+    (x - max.clone()).exp().sum_dim(dim).log() + max
+}
+
 /// Mean over rows of the entropy −Σ p log p of each row's distribution: `[1]`, no gradient.
 pub fn mean_entropy(p: Tensor<2>) -> Tensor<1> {
     let p = p.detach();

@@ -514,7 +514,7 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
 }
 
 #[test]
-fn byol_simsiam_barlow_twins_vicreg_and_moco_v3_pretrain_resume_export_and_evaluate() {
+fn byol_simsiam_barlow_twins_vicreg_moco_v3_and_swav_pretrain_resume_export_and_evaluate() {
     for (recipe, epochs, encoder) in [
         (
             "byol_cifar10_cpu.toml",
@@ -529,6 +529,7 @@ fn byol_simsiam_barlow_twins_vicreg_and_moco_v3_pretrain_resume_export_and_evalu
             "epochs = 5",
             Some("the query encoder"),
         ),
+        ("swav_cifar10_cpu.toml", "epochs = 10", None),
     ] {
         let (_tmp, data, recipe_path, run, stdout) = tiny_run(
             recipe,

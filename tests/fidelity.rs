@@ -288,6 +288,29 @@ fn published_recipes_follow_the_sources_they_cite() {
     assert_eq!((c.sim_coeff, c.std_coeff, c.cov_coeff), (25.0, 25.0, 1.0));
     assert_eq!(solarize(&r), [0.1]);
     assert_eq!(r.augment.build().unwrap().views[0].scale, [0.2, 1.0]);
+    // swav.yaml; main_swav.py's ε, iterations and τ.
+    let r = Recipe::defaults("swav").unwrap();
+    let MethodConfig::Swav(c) = &r.method else {
+        panic!()
+    };
+    assert_eq!((c.proj_hidden, c.proj_dim, c.prototypes), (2048, 128, 3000));
+    assert_eq!(
+        (c.epsilon, c.sinkhorn_iterations, c.temperature),
+        (0.05, 3, 0.1)
+    );
+    assert_eq!(
+        (
+            c.queue_size,
+            c.epoch_queue_starts,
+            c.freeze_prototypes_epochs
+        ),
+        (3840, 50, 2)
+    );
+    assert_eq!((r.train.base_lr, r.train.optim.weight_decay), (0.6, 1e-6));
+    let views = r.augment.build().unwrap().views;
+    assert!(views
+        .iter()
+        .all(|v| v.jitter.brightness == 0.8 && v.blur.p == 0.5));
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! BYOL, SimSiam, Barlow Twins, VICReg and MoCo v3 (issue 29): each loss against PyTorch's value (and
-//! gradient) from the official formula, computed in f64 by `torch` 2.15 on the inputs below
+//! BYOL, SimSiam, Barlow Twins, VICReg, MoCo v3 and SwAV (issue 29): each loss against PyTorch's
+//! value (and gradient) from the official formula, computed in f64 by `torch` 2.15 on the inputs below
 //! and written here as numbers; each method's wiring (what trains and what does not).
 
 mod common;
@@ -10,10 +10,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::dist::weights_hash;
 use selfsup::losses::{
-    barlow_twins_loss, byol_loss, moco_v3_loss, negative_cosine, vicreg_covariance, vicreg_variance,
+    barlow_twins_loss, byol_loss, moco_v3_loss, negative_cosine, sinkhorn, swav_loss,
+    vicreg_covariance, vicreg_variance,
 };
 use selfsup::methods::vicreg::vicreg_terms;
-use selfsup::methods::{InitContext, MethodConfig, MethodSpec};
+use selfsup::methods::{InitContext, MethodConfig, MethodSpec, Swav};
 use selfsup::models::{ema_update, init_seeded, plain_batch_norm};
 use selfsup::train::optim::cosine_ramp;
 use selfsup::train::{Method, Progress};
@@ -358,4 +359,182 @@ fn has_grad<M: Module>(grads: &GradientsParams, module: &M, id: ParamId) -> bool
     let mut find = Find(grads, id, false);
     module.visit(&mut find);
     find.2
+}
+
+/// z₃ `[4, 3]`: a third crop for SwAV.
+const Z3: [f32; 12] = [
+    1.0, 0.0, -0.5, 0.5, -1.5, 0.25, 0.0, 0.75, -1.0, -0.25, 1.0, 0.5,
+];
+
+#[test]
+fn sinkhorn_codes_and_the_swapped_prediction_equal_the_official_codes() {
+    // main_swav.py at world size 1, on prototype scores s = 0.1·z: q = distributed_sinkhorn(s)
+    // (ε 0.05, 3 iterations) for crops 0 and 1 under no_grad; loss = mean over the coded crops
+    // of the mean over the other crops of −mean(Σ q·log softmax(s/0.1)).
+    let device = Device::flex().autodiff();
+    let s: Vec<Tensor<2>> = [Z1, Z2, Z3]
+        .into_iter()
+        .map(|v| z(v, &device).mul_scalar(0.1).detach().require_grad())
+        .collect();
+    let codes: Vec<Tensor<2>> = (0..2).map(|i| sinkhorn(s[i].clone(), 0.05, 3)).collect();
+    let want_q0 = [
+        0.02504869, 0.0101615, 0.96478981, 0.58686866, 0.39251901, 0.02061233, 0.00357882,
+        0.96566409, 0.03075709, 0.7607895, 0.04176842, 0.19744208,
+    ];
+    let want_q1 = [
+        0.22976739, 0.05799914, 0.71223347, 0.46817515, 0.52964299, 0.00218187, 0.03468209,
+        0.7880678, 0.17725011, 0.57208791, 0.03222213, 0.39568997,
+    ];
+    assert_close(&values(codes[0].clone()), &want_q0, 1e-6, "q₀");
+    assert_close(&values(codes[1].clone()), &want_q1, 1e-6, "q₁");
+    let loss = swav_loss(&codes, &s, 0.1);
+    assert_close(&values(loss.clone()), &[1.10081933], 1e-6, "swav");
+    // The codes carry no gradient: crop 0's gradient is its prediction of q₁ alone.
+    let grads = loss.backward();
+    let want_g0 = [
+        -0.03404812,
+        -0.0118041,
+        0.04585222,
+        0.14696177,
+        -0.2050876,
+        0.05812583,
+        0.0487732,
+        -0.08713348,
+        0.03836028,
+        0.07349011,
+        0.0152435,
+        -0.08873362,
+    ];
+    let want_g2 = [
+        0.6264046,
+        0.24642948,
+        -0.87283407,
+        -0.00636625,
+        -0.48797242,
+        0.49433867,
+        0.3347794,
+        -0.33673048,
+        0.00195108,
+        -0.64386492,
+        0.61407106,
+        0.02979386,
+    ];
+    assert_close(
+        &values(s[0].grad(&grads).unwrap()),
+        &want_g0,
+        1e-6,
+        "∂L/∂s₀",
+    );
+    assert_close(
+        &values(s[2].grad(&grads).unwrap()),
+        &want_g2,
+        1e-6,
+        "∂L/∂s₂",
+    );
+    // Scores of up to 20 over ε = 0.05: exp(400) overflows f32 and exp(−600) underflows, yet
+    // the codes are assignments (each row sums to 1).
+    let large = sinkhorn(z(Z1, &Device::flex()).mul_scalar(10.0), 0.05, 3);
+    let rows = values(large.sum_dim(1));
+    assert_close(&rows, &[1.0; 4], 1e-5, "row sums");
+}
+
+#[test]
+fn swavs_prototypes_are_frozen_for_their_epochs_then_learn_and_stay_unit() {
+    let device = Device::flex().autodiff();
+    let recipe = common::small_recipe("swav");
+    let MethodConfig::Swav(mut config) = recipe.method.clone() else {
+        unreachable!()
+    };
+    config.freeze_prototypes_epochs = 1;
+    let swav = init_seeded(&device, 0, || {
+        config.init(&InitContext::of(&recipe, &device))
+    });
+    let column_norms = |c: Tensor<2>| values(c.square().sum_dim(0).sqrt());
+    let k = config.prototypes;
+    assert_close(
+        &column_norms(swav.prototypes()),
+        &vec![1.0; k],
+        1e-6,
+        "init",
+    );
+    // One SGD step from the gradients of a batch at `epoch`: the prototypes after it.
+    let stepped = |swav: Swav, epoch: usize| {
+        let p = Progress {
+            epoch,
+            ..progress()
+        };
+        let loss = swav.loss(&views(&device), &p).loss;
+        let grads = GradientsParams::from_grads(loss.backward(), &swav);
+        SgdConfig::new().init().step(0.5, swav, grads)
+    };
+    let before = values(swav.prototypes());
+    let frozen = stepped(swav.clone(), 0);
+    assert_eq!(values(frozen.prototypes()), before, "frozen in epoch 0");
+    assert_ne!(
+        weights_hash(frozen.backbone()),
+        weights_hash(swav.backbone()),
+        "the encoder learns meanwhile"
+    );
+    let swav = stepped(swav, 1).after_step(None, &progress());
+    assert_ne!(values(swav.prototypes()), before, "learning from epoch 1");
+    assert_close(
+        &column_norms(swav.prototypes()),
+        &vec![1.0; k],
+        1e-6,
+        "after a step",
+    );
+}
+
+#[test]
+fn swavs_queue_fills_from_its_epoch_and_joins_the_codes_once_full() {
+    let device = Device::flex();
+    let recipe = common::small_recipe("swav");
+    let MethodConfig::Swav(mut config) = recipe.method.clone() else {
+        unreachable!()
+    };
+    (
+        config.proj_dim,
+        config.queue_size,
+        config.epoch_queue_starts,
+    ) = (3, 8, 3);
+    let swav = init_seeded(&device, 0, || {
+        config.init(&InitContext::of(&recipe, &device))
+    });
+    let scores = swav.scores(z(Z1, &device).mul_scalar(0.3), false);
+    let alone = sinkhorn(scores.clone(), config.epsilon, config.sinkhorn_iterations);
+    assert_eq!(values(swav.codes(scores.clone(), 0)), values(alone.clone()));
+    // Steps of epochs 0-2 enqueue nothing; from epoch 3 (step 30 of 10 a epoch) each step
+    // enqueues its 4 images of each global crop, so the queue of 8 is full after two steps.
+    let kept = |v: [f32; 12]| Tensor::cat(vec![z(v, &device), z(Z3, &device)], 1);
+    let at = |step: usize| Progress {
+        step,
+        epoch: step / 10,
+        ..progress()
+    };
+    let swav = swav.after_step(Some(kept(Z2)), &at(29));
+    assert_eq!(values(swav.codes(scores.clone(), 0)), values(alone.clone()));
+    let swav = swav.after_step(Some(kept(Z2)), &at(30));
+    assert_eq!(
+        values(swav.codes(scores.clone(), 0)),
+        values(alone.clone()),
+        "not yet full"
+    );
+    let swav = swav.after_step(Some(kept(Z1)), &at(31));
+    let queued = Tensor::cat(vec![z(Z2, &device), z(Z1, &device)], 0);
+    let samples = Tensor::cat(vec![swav.scores(queued, true), scores.clone()], 0);
+    let with_queue = sinkhorn(samples, config.epsilon, config.sinkhorn_iterations).narrow(0, 8, 4);
+    let codes = values(swav.codes(scores, 0));
+    assert_close(
+        &codes,
+        &values(with_queue)
+            .iter()
+            .map(|&v| v as f64)
+            .collect::<Vec<_>>(),
+        1e-6,
+        "with the queue",
+    );
+    assert!(codes
+        .iter()
+        .zip(values(alone))
+        .any(|(a, b)| (a - b).abs() > 1e-3));
 }

@@ -9,7 +9,8 @@
 //! bucket ([`average_gradients`]); batch norm in training normalises over the global batch
 //! ([`crate::kernels::batch_norm`] through [`all_reduce`]); SimCLR gathers its projections with
 //! their gradient ([`all_gather_rows`]); MoCo's keys and DINO's teacher outputs reach
-//! `after_step` from every rank ([`gather_kept`]). Rank 0 alone writes the run folder.
+//! `after_step` from every rank ([`gather_kept`]); SwAV's Sinkhorn runs over every rank's scores
+//! ([`local_part`]). Rank 0 alone writes the run folder.
 //!
 //! The collectives sit behind [`Communicator`]: [`Single`] (a lone process, no MPI at all),
 //! [`ThreadGroup`] (ranks as threads of one process: the tests), and, with the cargo feature
@@ -222,6 +223,19 @@ pub fn local_share<T: Clone>(global: &[T]) -> Vec<T> {
         .into_iter()
         .map(|i| global[i].clone())
         .collect()
+}
+
+/// This rank's rows ([`local_rows`]) of `x` `[W·n, d]`, rows of the global batch in order:
+/// `[n, d]` (SwAV's codes, computed over the global batch on every rank).
+pub fn local_part(x: Tensor<2>) -> Tensor<2> {
+    let [rows, _] = x.dims();
+    if world().size() == 1 {
+        return x;
+    }
+    let idx: Vec<i64> = local_rows(rows).into_iter().map(|i| i as i64).collect();
+    let len = idx.len();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [len]), &x.device());
+    x.select(0, idx)
 }
 
 /// The global batch size for a local one of `n` rows (every rank holds as many).

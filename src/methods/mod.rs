@@ -24,6 +24,7 @@ pub mod moco_v3;
 pub mod rotation;
 pub mod simclr;
 pub mod simsiam;
+pub mod swav;
 pub mod vicreg;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use moco_v3::{MocoV3, MocoV3Config};
 pub use rotation::{Rotation, RotationConfig};
 pub use simclr::{SimClr, SimclrConfig};
 pub use simsiam::{SimSiam, SimsiamConfig};
+pub use swav::{Swav, SwavConfig};
 pub use vicreg::{Vicreg, VicregConfig};
 
 /// A method's settings (the `[method]` of a recipe), as the registry uses them. Each method's
@@ -201,6 +203,7 @@ methods! {
     "barlow_twins" => BarlowTwins(BarlowTwinsConfig),
     "vicreg" => Vicreg(VicregConfig),
     "moco_v3" => MocoV3(MocoV3Config),
+    "swav" => Swav(SwavConfig),
 }
 
 impl MethodConfig {

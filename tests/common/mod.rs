@@ -235,6 +235,11 @@ pub fn small_recipe(method: &str) -> selfsup::config::Recipe {
     if let selfsup::methods::MethodConfig::MocoV3(m) = &mut recipe.method {
         m.temperature = 1.0;
     }
+    // SwAV's queue in use from the second step, its prototypes learning from the first.
+    if let selfsup::methods::MethodConfig::Swav(s) = &mut recipe.method {
+        (s.prototypes, s.queue_size, s.epoch_queue_starts) = (300, 24, 0);
+        s.freeze_prototypes_epochs = 0;
+    }
     if let selfsup::methods::MethodConfig::Dino(d) = &mut recipe.method {
         (d.out_dim, d.hidden, d.bottleneck) = (256, 128, 64);
     }
