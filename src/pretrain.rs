@@ -673,11 +673,13 @@ pub fn attention(
         );
         let attn = vit.last_attention(x);
         let [_, heads, t, _] = attn.dims();
-        // The class token's row, without its attention to itself: [heads, g·g].
+        // The class token's row, without its attention to itself and the registers:
+        // [heads, g·g].
+        let prefix = vit.prefix_tokens();
         let cls: Vec<f32> = attn
             .narrow(2, 0, 1)
-            .narrow(3, 1, t - 1)
-            .reshape([heads * (t - 1)])
+            .narrow(3, prefix, t - prefix)
+            .reshape([heads * (t - prefix)])
             .into_data()
             .try_to_vec()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;

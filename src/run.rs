@@ -154,7 +154,14 @@ pub fn import(file: &Path, out: &Path, opts: &ImportOptions) -> Result<Imported>
         recipe.augment.mean = Some(crate::augment::IMAGENET_MEAN);
         recipe.augment.std = Some(crate::augment::IMAGENET_STD);
     }
-    recipe.augment.local_size = None;
+    // DINO's local crops (unused, but checked): half the size, in whole patches.
+    recipe.augment.local_size = match &recipe.model {
+        BackboneConfig::Vit(v) => {
+            let p = v.patch_size as u32;
+            Some((recipe.augment.size / 2 / p).max(1) * p)
+        }
+        BackboneConfig::Resnet(_) => None,
+    };
     recipe.model.check_input(recipe.augment.size, "--size")?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     if train::checkpoint::latest(out)?.is_some() {

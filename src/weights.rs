@@ -146,9 +146,12 @@ impl StateDict {
             }
             match name.strip_prefix(prefix.as_str()) {
                 Some(rest) if !not_backbone(rest) => {
+                    // torchvision's downsample Sequential; DINOv2's own name for timm's
+                    // `reg_token`.
                     let rest = rest
                         .replace("downsample.0.", "downsample.conv.")
-                        .replace("downsample.1.", "downsample.bn.");
+                        .replace("downsample.1.", "downsample.bn.")
+                        .replace("register_tokens", "reg_token");
                     t.name = rest.clone();
                     tensors.insert(rest, t);
                 }
@@ -199,14 +202,16 @@ impl StateDict {
 
     /// The architecture the shapes describe. A ViT's head count is not in its weights: `heads`,
     /// else that of the published ViT of the same width ([`VIT_HEADS`]); a width none has is
-    /// refused, asking for `--heads`. The image size is the one `pos_embed` was trained at.
+    /// refused, asking for `--heads`. The image size is the one `pos_embed` was trained at; its
+    /// rows tell whether the class token has one (a square number of rows: timm's
+    /// `no_embed_class`); `reg_token` gives the registers, `ls1.gamma` LayerScale.
     pub fn architecture(&self, heads: Option<usize>) -> Result<BackboneConfig> {
         let origin = &self.origin;
         if let Some(w) = self.shape("patch_embed.proj.weight") {
             let (dim, patch) = (w[0], w[2]);
             let depth = self.count(|i| format!("blocks.{i}.norm1.weight"));
             let tokens = match self.shape("pos_embed") {
-                Some(&[1, t, _]) if t >= 2 => t,
+                Some(&[1, t, _]) if t >= 1 => t,
                 Some(other) => {
                     bail!("{origin}: pos_embed has shape {other:?}, not [1, tokens, dim]")
                 }
@@ -215,12 +220,33 @@ impl StateDict {
             if self.shape("cls_token").is_none() {
                 bail!("{origin}: a ViT without cls_token; selfsup's ViT has a class token");
             }
-            let grid = ((tokens - 1) as f64).sqrt().round() as usize;
-            if grid * grid + 1 != tokens {
-                bail!(
-                    "{origin}: pos_embed has {tokens} tokens: not a class token and a square grid"
-                );
+            if self.tensors.contains_key("blocks.0.mlp.w12.weight") {
+                bail!("{origin}: a ViT with SwiGLU MLPs (blocks.N.mlp.w12: DINOv2's ViT-g); selfsup's blocks have a GELU MLP (fc1, fc2)");
             }
+            let registers = match self.shape("reg_token") {
+                Some(&[1, r, d]) if d == dim => r,
+                Some(other) => {
+                    bail!("{origin}: reg_token has shape {other:?}, not [1, registers, {dim}]")
+                }
+                None => 0,
+            };
+            let square = |t: usize| {
+                let g = (t as f64).sqrt().round() as usize;
+                (g > 0 && g * g == t).then_some(g)
+            };
+            let (grid, no_embed_class) = match (square(tokens), square(tokens - 1)) {
+                (Some(g), _) => (g, true),
+                (None, Some(g)) => (g, false),
+                _ if registers > 0 && square(tokens - 1 - registers.min(tokens - 1)).is_some() => {
+                    bail!("{origin}: pos_embed has rows for the {registers} registers too (timm's reg_tokens without no_embed_class); selfsup's registers have no position, as DINOv2's")
+                }
+                _ => bail!("{origin}: pos_embed has {tokens} rows: neither a square grid of patches nor a class token and one"),
+            };
+            // The weights hold γ; its starting value (DINOv2's) only names LayerScale on.
+            let layer_scale = self
+                .tensors
+                .contains_key("blocks.0.ls1.gamma")
+                .then_some(1e-5);
             let hidden = self
                 .shape("blocks.0.mlp.fc1.weight")
                 .map_or(4 * dim, |s| s[0]);
@@ -237,6 +263,9 @@ impl StateDict {
                 heads,
                 mlp_ratio: hidden as f32 / dim as f32,
                 pool: Pool::Cls,
+                registers,
+                layer_scale,
+                no_embed_class,
                 init: None,
             };
             config

@@ -67,6 +67,9 @@ fn a_timm_vit_imports_with_pytorchs_features_from_safetensors_and_a_dino_checkpo
             heads: 1,
             mlp_ratio: 4.0,
             pool: selfsup::models::Pool::Cls,
+            registers: 0,
+            layer_scale: None,
+            no_embed_class: false,
             init: None,
         });
         assert_eq!(imported.recipe.model, expected, "{file}");
@@ -320,4 +323,112 @@ fn attention_draws_the_maps_of_an_imported_vit() {
     // A size below one 16-px patch is refused, not rounded up to it.
     let (ok, _, stderr) = attention("8");
     assert!(!ok && stderr.contains("--size 8"), "{stderr}");
+}
+
+#[test]
+fn dinov2_and_deit3_vits_import_with_pytorchs_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    // (fixture, io name, registers, no_embed_class, image size, patch): DINOv2 as its hub
+    // checkpoints and as timm has it with registers, DeiT-III as timm has it; all LayerScale.
+    for (file, name, registers, no_embed_class, size, patch) in [
+        ("vit_dinov2_layout.pth", "dinov2", 0, false, 42, 14),
+        ("vit_dinov2_reg.pth", "dinov2_reg", 4, false, 42, 14),
+        (
+            "vit_dinov2_reg_timm.safetensors",
+            "dinov2_reg",
+            4,
+            true,
+            42,
+            14,
+        ),
+        ("vit_deit3_layout.safetensors", "deit3", 0, true, 32, 16),
+    ] {
+        let out = tmp.path().join(file.replace('.', "_"));
+        let imported = run::import(&fixture(file), &out, &one_head()).unwrap();
+        let BackboneConfig::Vit(v) = &imported.recipe.model else {
+            panic!("{file}: not a ViT")
+        };
+        assert_eq!(
+            (v.registers, v.no_embed_class, v.image_size, v.patch_size),
+            (registers, no_embed_class, size, patch),
+            "{file}"
+        );
+        assert!(v.layer_scale.is_some(), "{file}");
+        // DINOv2's mask token (for iBOT's masked patches) is no part of the encoder.
+        if file.ends_with(".pth") {
+            assert_eq!(imported.left_out, ["mask_token"], "{file}");
+        }
+        let err = feature_error(&out, name);
+        assert!(err < 1e-5, "{file}: features differ from timm's by {err}");
+    }
+    // The class token attends to the patches, not the registers: one map a head.
+    let png = tmp.path().join("attn.png");
+    let (ok, stdout, stderr) = selfsup(&[
+        "attention",
+        "--checkpoint",
+        tmp.path().join("vit_dinov2_reg_pth").to_str().unwrap(),
+        "--image",
+        common::test_data()
+            .join("photos/astronaut.png")
+            .to_str()
+            .unwrap(),
+        "--size",
+        "42",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("1 rows"), "{stdout}");
+}
+
+#[test]
+fn vit_layouts_selfsup_cannot_run_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("vit_dinov2_reg_timm.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // Rewrites the fixture with `edit` applied to its (name, shape, data) list.
+    let rewrite = |path: &Path, edit: &dyn Fn(&mut Vec<(String, Vec<usize>, Vec<u8>)>)| {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec()))
+            .collect();
+        edit(&mut tensors);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, s, d)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                        .unwrap();
+                (n.clone(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    };
+    let refusal = |path: &Path| {
+        let out = tmp.path().join("out");
+        let _ = std::fs::remove_dir_all(&out);
+        format!("{:#}", run::import(path, &out, &one_head()).unwrap_err())
+    };
+    // timm's registers with positions of their own (reg_tokens without no_embed_class).
+    let positioned = tmp.path().join("positioned.safetensors");
+    rewrite(&positioned, &|t| {
+        let pos = t.iter_mut().find(|(n, _, _)| n == "pos_embed").unwrap();
+        pos.1[1] += 5;
+        pos.2.extend(vec![0u8; 5 * 64 * 4]);
+    });
+    let err = refusal(&positioned);
+    assert!(
+        err.contains("registers") && err.contains("pos_embed"),
+        "{err}"
+    );
+    // DINOv2's ViT-g: SwiGLU MLPs.
+    let swiglu = tmp.path().join("swiglu.safetensors");
+    rewrite(&swiglu, &|t| {
+        for (n, _, _) in t.iter_mut() {
+            *n = n.replace("mlp.fc1", "mlp.w12");
+        }
+    });
+    let err = refusal(&swiglu);
+    assert!(err.contains("SwiGLU"), "{err}");
 }

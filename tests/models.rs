@@ -85,6 +85,9 @@ fn vit_has_timm_names_and_exposes_attention() {
         heads: 3,
         mlp_ratio: 4.0,
         pool: Pool::Cls,
+        registers: 0,
+        layer_scale: None,
+        no_embed_class: false,
         init: None,
     };
     let dev = Device::flex();
@@ -116,6 +119,48 @@ fn vit_has_timm_names_and_exposes_attention() {
     assert_eq!(shape("blocks.0.mlp.fc1.weight"), [192, 48]);
     assert_eq!(shape("blocks.0.norm1.weight"), [48]);
     assert_eq!(shape("norm.bias"), [48]);
+}
+
+#[test]
+fn a_vit_with_registers_and_layer_scale_trains_them_and_leaves_the_registers_out() {
+    let c = VitConfig {
+        image_size: 32,
+        patch_size: 8,
+        dim: 48,
+        depth: 2,
+        heads: 3,
+        mlp_ratio: 4.0,
+        pool: Pool::Mean,
+        registers: 2,
+        layer_scale: Some(1e-5),
+        no_embed_class: true,
+        init: None,
+    };
+    let st = exported(&BackboneConfig::Vit(c.clone()));
+    let shape = |name: &str| st.tensor(name).unwrap().shape().to_vec();
+    assert_eq!(shape("reg_token"), [1, 2, 48]);
+    assert_eq!(shape("pos_embed"), [1, 16, 48], "patches only");
+    assert_eq!(shape("blocks.1.ls2.gamma"), [48]);
+    let dev = Device::flex().autodiff();
+    let vit = init_seeded(&dev, 0, || c.init(&dev));
+    let x = input([2, 3, 32, 32], 1).to_device(&dev);
+    assert_eq!(vit.prefix_tokens(), 3);
+    // Class token, 2 registers, 16 patches; the feature map holds the patches alone.
+    assert_eq!(vit.last_attention(x.clone()).dims(), [2, 3, 19, 19]);
+    assert_eq!(vit.feature_map(x.clone()).dims(), [2, 48, 4, 4]);
+    let grads = vit.forward(x).sum().backward();
+    struct Count<'a>(&'a burn::tensor::Gradients, usize);
+    impl burn::module::ModuleVisitor for Count<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+            self.1 += usize::from(p.val().grad(self.0).is_some());
+        }
+    }
+    let mut learned = Count(&grads, 0);
+    burn::module::Module::visit(&vit, &mut learned);
+    // Every parameter learns: the registers and both γ of each block among them (patch
+    // projection 2, class token, registers, positions, 2 × (2 norms × 2, qkv 2, proj 2, fc 2 × 2,
+    // γ 2), final norm 2).
+    assert_eq!(learned.1, 2 + 1 + 1 + 1 + 2 * (4 + 2 + 2 + 4 + 2) + 2);
 }
 
 #[test]

@@ -159,6 +159,9 @@ fn timm_vit(dir: &Path, dim: usize, heads: usize) -> PathBuf {
         heads,
         mlp_ratio: 2.0,
         pool: Pool::Cls,
+        registers: 0,
+        layer_scale: None,
+        no_embed_class: false,
         init: None,
     });
     let vit = init_seeded(&dev(), 0, || config.init(&dev()));

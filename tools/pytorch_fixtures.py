@@ -14,6 +14,18 @@ included) are made non-trivial, and a fixed input with the features PyTorch comp
 - resnet50_moco: torchvision ResNet-50 (Bottleneck) at 1/16 width with the ImageNet stem, as
   MoCo's official checkpoint lays it out (.pth: {"state_dict": {"module.encoder_q.*",
   "module.encoder_k.*", "module.queue"}}).
+- vit_dinov2_layout.pth: a timm ViT with LayerScale on 14-px patches (vit_small_patch14_dinov2's
+  layout, narrowed), saved as facebookresearch/dinov2's hub checkpoints are (a flat state dict
+  with its `mask_token`).
+- vit_dinov2_reg_timm.safetensors: timm's DINOv2 with 4 registers (vit_small_patch14_reg4_dinov2:
+  `reg_token`, `no_embed_class`, LayerScale), narrowed; vit_dinov2_reg.pth: the same
+  network as facebookresearch/dinov2 lays it out (`register_tokens`, `pos_embed` with a class
+  row: zero, so the class token is the same), the inverse of timm's `_convert_dinov2`. (Named
+  `vit_dinov2_reg_layout.pth`, this file is one that burn's PyTorch reader (zip 9.8.2) refuses,
+  "Invalid Central Directory header", though torch reads it: its entries' offsets depend on
+  the name.)
+- vit_deit3_layout.safetensors: timm's DeiT-III layout (deit3_small_patch16_224: LayerScale,
+  `no_embed_class`), narrowed.
 - io.safetensors: `<name>.input` and `<name>.features` (the pooled features, before any head).
 """
 import pathlib
@@ -108,6 +120,40 @@ def main():
     torch.save({"state_dict": state, "epoch": 200}, OUT / "resnet50_moco.pth")
     x = torch.randn(2, 3, 64, 64)
     io["resnet50.input"], io["resnet50.features"] = x, features(r50, x, False)
+
+    def narrow_vit(seed, **kw):
+        vit = timm.models.vision_transformer.VisionTransformer(
+            embed_dim=64, depth=2, num_heads=1, num_classes=0, **kw
+        )
+        return perturb(vit, seed)
+
+    dinov2 = narrow_vit(5, img_size=42, patch_size=14, init_values=1e-5)
+    sd = {k: v.contiguous() for k, v in dinov2.state_dict().items()}
+    sd["mask_token"] = torch.zeros(1, 64)
+    torch.save(sd, OUT / "vit_dinov2_layout.pth")
+    x = torch.randn(2, 3, 42, 42)
+    io["dinov2.input"], io["dinov2.features"] = x, features(dinov2, x, True)
+
+    reg = narrow_vit(
+        6, img_size=42, patch_size=14, init_values=1e-5, reg_tokens=4, no_embed_class=True
+    )
+    sd = {k: v.contiguous() for k, v in reg.state_dict().items()}
+    save_file(sd, OUT / "vit_dinov2_reg_timm.safetensors")
+    original = {k: v for k, v in sd.items() if k not in ("reg_token", "pos_embed")}
+    original["register_tokens"] = sd["reg_token"]
+    original["pos_embed"] = torch.cat([torch.zeros(1, 1, 64), sd["pos_embed"]], 1)
+    original["mask_token"] = torch.zeros(1, 64)
+    torch.save(original, OUT / "vit_dinov2_reg.pth")
+    x = torch.randn(2, 3, 42, 42)
+    io["dinov2_reg.input"], io["dinov2_reg.features"] = x, features(reg, x, True)
+
+    deit3 = narrow_vit(7, img_size=32, patch_size=16, init_values=1e-6, no_embed_class=True)
+    save_file(
+        {k: v.contiguous() for k, v in deit3.state_dict().items()},
+        OUT / "vit_deit3_layout.safetensors",
+    )
+    x = torch.randn(2, 3, 32, 32)
+    io["deit3.input"], io["deit3.features"] = x, features(deit3, x, True)
 
     save_file({k: v.contiguous() for k, v in io.items()}, OUT / "io.safetensors")
     for p in sorted(OUT.iterdir()):

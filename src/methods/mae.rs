@@ -64,6 +64,12 @@ impl MaeConfig {
             anyhow::bail!("method mae needs model.arch = \"vit\"");
         };
         feed.views("mae", 1, "it masks one view of each image")?;
+        if vit.registers > 0 {
+            anyhow::bail!(
+                "model.registers = {}: MAE's decoder takes the class token and the patches, no registers",
+                vit.registers
+            );
+        }
         // The decoder's positions are fixed for the model's image size; the training view and
         // the reconstructions (at augment.size) go through it.
         for (key, size) in [

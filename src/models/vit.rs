@@ -1,7 +1,11 @@
 //! Vision Transformer (Dosovitskiy et al. 2021) with timm's parameter names (`cls_token`,
 //! `pos_embed`, `patch_embed.proj`, `blocks.0.attn.qkv`, `blocks.0.mlp.fc1`, `norm`), pre-norm
 //! blocks, a class token, learned positional embeddings, and attention weights on request
-//! (DINO's attention maps need the last block's).
+//! (DINO's attention maps need the last block's). The layouts of today's released weights
+//! too, as timm has them: LayerScale (`blocks.0.ls1.gamma`; CaiT, DeiT-III, DINOv2), register
+//! tokens after the class token (`reg_token`; Darcet et al. 2024, DINOv2 with registers), and
+//! position embeddings without a class slot (`no_embed_class`; DeiT-III, timm's DINOv2 with
+//! registers).
 
 use crate::kernels::{conv2d, gelu, layer_norm};
 use burn::module::{Module, Param, ParamGroup};
@@ -27,10 +31,26 @@ pub struct VitConfig {
     /// The features `forward` returns: the class token, or the mean of the patch tokens.
     #[serde(default)]
     pub pool: Pool,
+    /// Register tokens after the class token (DINOv2 with registers: 4), learned, without
+    /// position embedding, dropped from every output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub registers: usize,
+    /// LayerScale (Touvron et al. 2021, CaiT): each residual branch scaled by a learned γ per
+    /// channel, starting at this value (DINOv2 1e-5, DeiT-III 1e-6); unset: no LayerScale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_scale: Option<f64>,
+    /// Position embeddings for the patches only (timm's `no_embed_class`: DeiT-III, timm's
+    /// DINOv2 with registers); otherwise `pos_embed` has a first row for the class token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_embed_class: bool,
     /// Start from these weights instead of a random init: a run folder or a PyTorch file
     /// (see [`BackboneConfig::weights`](crate::models::BackboneConfig::weights)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<std::path::PathBuf>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The features a ViT returns.
@@ -66,6 +86,9 @@ impl VitConfig {
             heads,
             mlp_ratio: 4.0,
             pool: Pool::Cls,
+            registers: 0,
+            layer_scale: None,
+            no_embed_class: false,
             init: None,
         })
     }
@@ -91,6 +114,9 @@ impl VitConfig {
             }
         }
         crate::config::positive("model.mlp_ratio", self.mlp_ratio)?;
+        if let Some(gamma) = self.layer_scale {
+            crate::config::positive("model.layer_scale", gamma)?;
+        }
         if self.dim as f32 * self.mlp_ratio < 1.0 {
             anyhow::bail!(
                 "model.mlp_ratio = {}: leaves the blocks' MLP of model.dim = {} no unit",
@@ -112,9 +138,17 @@ impl VitConfig {
         (self.image_size / self.patch_size).pow(2)
     }
 
+    /// Rows of `pos_embed`: one a patch, and the class token's unless `no_embed_class`.
+    pub fn positions(&self) -> usize {
+        self.num_patches() + usize::from(!self.no_embed_class)
+    }
+
     pub fn init(&self, device: &Device) -> Vit {
         let blocks = (0..self.depth)
-            .map(|_| block(self.dim, self.heads, self.mlp_ratio, linear, device))
+            .map(|_| {
+                block(self.dim, self.heads, self.mlp_ratio, linear, device)
+                    .with_layer_scale(self.layer_scale, device)
+            })
             .collect();
         let norm = LayerNormConfig::new(self.dim)
             .with_epsilon(LAYER_NORM_EPS)
@@ -128,14 +162,23 @@ impl VitConfig {
                     .init(device),
             },
             cls_token: Param::from_tensor(Tensor::random([1, 1, self.dim], trunc, device)),
+            // timm: normal_(reg_token, std=1e-6).
+            reg_token: (self.registers > 0).then(|| {
+                Param::from_tensor(Tensor::random(
+                    [1, self.registers, self.dim],
+                    Distribution::Normal(0.0, 1e-6),
+                    device,
+                ))
+            }),
             pos_embed: Param::from_tensor(Tensor::random(
-                [1, 1 + self.num_patches(), self.dim],
+                [1, self.positions(), self.dim],
                 trunc,
                 device,
             )),
             blocks,
             norm,
             pool: self.pool,
+            no_embed_class: self.no_embed_class,
         }
     }
 }
@@ -201,6 +244,22 @@ pub(crate) fn block(
             fc1: linear(dim, hidden, device),
             fc2: linear(hidden, dim, device),
         },
+        ls1: None,
+        ls2: None,
+    }
+}
+
+/// LayerScale: a residual branch times a learned γ per channel (timm's `LayerScale`).
+#[derive(Module, Debug)]
+pub struct LayerScale {
+    /// γ `[dim]`.
+    gamma: Param<Tensor<1>>,
+}
+
+impl LayerScale {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let d = self.gamma.dims()[0];
+        x * self.gamma.val().reshape([1, 1, d])
     }
 }
 
@@ -249,11 +308,27 @@ pub struct Mlp {
 pub struct VitBlock {
     norm1: LayerNorm,
     attn: Attention,
+    /// LayerScale of the attention branch (none in the original ViT).
+    ls1: Option<LayerScale>,
     norm2: LayerNorm,
     mlp: Mlp,
+    /// LayerScale of the MLP branch.
+    ls2: Option<LayerScale>,
 }
 
 impl VitBlock {
+    /// The block with LayerScale on both branches, γ starting at `init` (`None`: as it is).
+    fn with_layer_scale(mut self, init: Option<f64>, device: &Device) -> Self {
+        if let Some(value) = init {
+            let dim = self.norm1.gamma.dims()[0];
+            let scale = || LayerScale {
+                gamma: Param::from_tensor(Tensor::full([dim], value, device)),
+            };
+            (self.ls1, self.ls2) = (Some(scale()), Some(scale()));
+        }
+        self
+    }
+
     pub(crate) fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         self.forward_masked(x, None)
     }
@@ -264,9 +339,16 @@ impl VitBlock {
         x: Tensor<3>,
         keep: Option<&[Tensor<3>; 2]>,
     ) -> (Tensor<3>, Tensor<4>) {
-        let branch = |y: Tensor<3>, i: usize| match keep {
-            Some(masks) => y * masks[i].clone(),
-            None => y,
+        let scales = [&self.ls1, &self.ls2];
+        let branch = |y: Tensor<3>, i: usize| {
+            let y = match scales[i] {
+                Some(ls) => ls.forward(y),
+                None => y,
+            };
+            match keep {
+                Some(masks) => y * masks[i].clone(),
+                None => y,
+            }
         };
         let (a, attn) = self
             .attn
@@ -365,11 +447,16 @@ fn bicubic_weights(input: usize, output: usize) -> Vec<f32> {
 pub struct Vit {
     patch_embed: PatchEmbed,
     cls_token: Param<Tensor<3>>,
+    /// Register tokens `[1, registers, dim]`, if any.
+    reg_token: Option<Param<Tensor<3>>>,
+    /// `[1, (1 +) patches, dim]`: a class row first unless `no_embed_class`.
     pos_embed: Param<Tensor<3>>,
     blocks: Vec<VitBlock>,
     norm: LayerNorm,
     #[module(skip)]
     pool: Pool,
+    #[module(skip)]
+    no_embed_class: bool,
 }
 
 impl Vit {
@@ -380,10 +467,9 @@ impl Vit {
         let grid = conv2d(&self.patch_embed.proj, x);
         let [_, d, gh, gw] = grid.dims();
         let tokens = grid.flatten::<3>(2, 3).swap_dims(1, 2);
-        let pos = self.pos_embed.val();
-        let n = pos.dims()[1] - 1;
+        let pos = self.patch_positions();
+        let n = pos.dims()[1];
         let side = (n as f64).sqrt().round() as usize;
-        let pos = pos.narrow(1, 1, n);
         let pos = if (gh, gw) == (side, side) {
             pos
         } else {
@@ -392,8 +478,23 @@ impl Vit {
         tokens + pos
     }
 
-    /// Prepends the class token and runs the blocks and final norm: `[n, 1 + l, dim]`, and the
-    /// last block's attention weights `[n, heads, 1 + l, 1 + l]`.
+    /// The patches' rows of `pos_embed`, `[1, patches, dim]`.
+    fn patch_positions(&self) -> Tensor<3> {
+        let pos = self.pos_embed.val();
+        let class = usize::from(!self.no_embed_class);
+        let n = pos.dims()[1] - class;
+        pos.narrow(1, class, n)
+    }
+
+    /// The tokens before the patches: the class token and the registers (timm's
+    /// `num_prefix_tokens`).
+    pub fn prefix_tokens(&self) -> usize {
+        1 + self.reg_token.as_ref().map_or(0, |r| r.dims()[1])
+    }
+
+    /// Prepends the class token (and registers) and runs the blocks and final norm:
+    /// `[n, prefix + l, dim]`, and the last block's attention weights
+    /// `[n, heads, prefix + l, prefix + l]` ([`Self::prefix_tokens`]).
     pub fn encode_tokens(&self, tokens: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let (x, attn) = self.run_blocks(tokens, None);
         (layer_norm(&self.norm, x, LAYER_NORM_EPS), attn)
@@ -417,11 +518,20 @@ impl Vit {
         (x, last.expect("a ViT has at least one block"))
     }
 
-    /// The class token (with its position) prepended to `tokens`: `[n, 1 + l, dim]`.
+    /// The class token (with its position, unless `no_embed_class`) and the registers (no
+    /// position) prepended to `tokens`: `[n, prefix + l, dim]`, as timm's `_pos_embed`.
     fn with_cls(&self, tokens: Tensor<3>) -> Tensor<3> {
         let [n, _, d] = tokens.dims();
-        let cls = (self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1)).expand([n, 1, d]);
-        Tensor::cat(vec![cls, tokens], 1)
+        let cls = match self.no_embed_class {
+            true => self.cls_token.val(),
+            false => self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1),
+        };
+        let mut prefix = vec![cls.expand([n, 1, d])];
+        if let Some(registers) = &self.reg_token {
+            let r = registers.dims()[1];
+            prefix.push(registers.val().expand([n, r, d]));
+        }
+        Tensor::cat(prefix.into_iter().chain([tokens]).collect(), 1)
     }
 
     /// DINO's linear-evaluation features (`eval_linear.py`, `get_intermediate_layers`): the
@@ -453,8 +563,9 @@ impl Vit {
         let p = self.patch_size();
         let tokens = self.encode_tokens(self.patch_tokens(x)).0;
         let [n, t, d] = tokens.dims();
+        let prefix = self.prefix_tokens();
         tokens
-            .narrow(1, 1, t - 1)
+            .narrow(1, prefix, t - prefix)
             .swap_dims(1, 2)
             .reshape([n, d, h / p, w / p])
     }
@@ -486,13 +597,17 @@ impl Vit {
 
     /// The features of the blocks' output `tokens` (before the final norm): the normalised
     /// class token, or the mean of the normalised patch tokens (timm's `global_pool='avg'`
-    /// without `fc_norm`).
+    /// without `fc_norm`; registers left out).
     fn pool(&self, tokens: Tensor<3>) -> Tensor<2> {
         let [n, t, d] = tokens.dims();
         let tokens = layer_norm(&self.norm, tokens, LAYER_NORM_EPS);
+        let prefix = self.prefix_tokens();
         match self.pool {
             Pool::Cls => tokens.narrow(1, 0, 1).reshape([n, d]),
-            Pool::Mean => tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d]),
+            Pool::Mean => tokens
+                .narrow(1, prefix, t - prefix)
+                .mean_dim(1)
+                .reshape([n, d]),
         }
     }
 
@@ -502,7 +617,11 @@ impl Vit {
     pub fn mean_patch_token(&self, x: Tensor<4>, rate: f64, rng: &mut impl rand::Rng) -> Tensor<2> {
         let tokens = self.blocks_dropping_paths(x, rate, rng);
         let [n, t, d] = tokens.dims();
-        tokens.narrow(1, 1, t - 1).mean_dim(1).reshape([n, d])
+        let prefix = self.prefix_tokens();
+        tokens
+            .narrow(1, prefix, t - prefix)
+            .mean_dim(1)
+            .reshape([n, d])
     }
 
     pub fn pool_kind(&self) -> Pool {
@@ -522,10 +641,12 @@ impl Vit {
     /// biases (`models_mae.py`, `initialize_weights`).
     pub fn mae_init(self, device: &Device) -> Vit {
         let [d, c, p, _] = self.patch_embed.proj.weight.dims();
-        let n = self.pos_embed.dims()[1] - 1;
+        let rows = self.pos_embed.dims()[1];
+        let n = self.patch_positions().dims()[1];
         let grid = (n as f64).sqrt().round() as usize;
         let bound = (6.0 / (c * p * p + d) as f64).sqrt();
         let pos = crate::methods::mae::sincos_2d(d, grid);
+        let pos = &pos[(1 + n - rows) * d..];
         let mut proj = self.patch_embed.proj;
         proj.weight = Param::from_tensor(Tensor::random(
             [d, c, p, p],
@@ -537,11 +658,18 @@ impl Vit {
         Vit {
             patch_embed: PatchEmbed { proj },
             pos_embed: Param::from_tensor(
-                Tensor::<1>::from_floats(pos.as_slice(), device).reshape([1, 1 + n, d]),
+                Tensor::<1>::from_floats(pos, device).reshape([1, rows, d]),
             )
             .set_require_grad(false),
-            blocks: (0..self.blocks.len())
-                .map(|_| block(d, heads, hidden as f32 / d as f32, xavier_linear, device))
+            // Fresh xavier linear layers; norms and LayerScale as they were.
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(|b| VitBlock {
+                    ls1: b.ls1,
+                    ls2: b.ls2,
+                    ..block(d, heads, hidden as f32 / d as f32, xavier_linear, device)
+                })
                 .collect(),
             ..self
         }
@@ -564,9 +692,10 @@ impl Vit {
     /// Parameter groups from shallow to deep, for layer-wise learning rates: the embeddings
     /// (patches, class token, positions), each block, the final norm.
     pub fn layer_groups(&self) -> Vec<ParamGroup> {
-        let embeddings = ParamGroup::ids_from_module(self.patch_embed.clone()).fuse(
-            &ParamGroup::from_ids(vec![self.cls_token.id, self.pos_embed.id]),
-        );
+        let mut ids = vec![self.cls_token.id, self.pos_embed.id];
+        ids.extend(self.reg_token.as_ref().map(|r| r.id));
+        let embeddings =
+            ParamGroup::ids_from_module(self.patch_embed.clone()).fuse(&ParamGroup::from_ids(ids));
         std::iter::once(embeddings)
             .chain(
                 self.blocks
@@ -579,7 +708,8 @@ impl Vit {
             .collect()
     }
 
-    /// The last block's attention weights for `x`: `[n, heads, 1 + patches, 1 + patches]`.
+    /// The last block's attention weights for `x`: `[n, heads, t, t]` over the
+    /// [`Self::prefix_tokens`] and then the patches.
     pub fn last_attention(&self, x: Tensor<4>) -> Tensor<4> {
         self.encode_tokens(self.patch_tokens(x)).1
     }

@@ -183,6 +183,9 @@ pub fn tiny_vit() -> selfsup::models::BackboneConfig {
         heads: 2,
         mlp_ratio: 2.0,
         pool: selfsup::models::Pool::Cls,
+        registers: 0,
+        layer_scale: None,
+        no_embed_class: false,
         init: None,
     })
 }
