@@ -154,3 +154,36 @@ fn synchronised_batch_norm_alone_is_batch_norm() {
     check([6, 5, 1, 1], 3.0, 2.0);
     check([4, 3, 5, 7], -1.0, 0.5);
 }
+
+#[test]
+fn linear_evaluation_trains_the_same_at_two_and_three_ranks() {
+    // Each rank classifies its rows of every batch through the shared supervised epoch, which
+    // averages the gradients: the head, so the accuracy on 300 images, of one process.
+    let (train, test) = (common::cifar10_train(96), common::cifar10_train(300));
+    let recipe = common::small_recipe("simclr");
+    let device = burn::tensor::Device::flex();
+    let backbone = selfsup::models::init_seeded(&device, 0, || recipe.model.init(&device));
+    let config = selfsup::eval::LinearEvalConfig {
+        epochs: 4,
+        batch_size: 24,
+        ..recipe.linear_eval.clone()
+    };
+    let eval = recipe.augment.eval_pipeline().unwrap();
+    let accuracy = || {
+        let a = selfsup::eval::linear_eval(
+            &backbone, &train, &test, 10, &eval, &eval, &config, &device,
+        )
+        .unwrap();
+        (a.top1, a.top5)
+    };
+    let alone = accuracy();
+    for world in [2, 3] {
+        for (rank, got) in on_ranks(world, accuracy).into_iter().enumerate() {
+            assert_eq!(got, alone, "rank {rank} of {world}");
+        }
+    }
+    eprintln!(
+        "linear evaluation: top-1 {:.4}, top-5 {:.4}",
+        alone.0, alone.1
+    );
+}

@@ -9,22 +9,22 @@
 //! through a fresh fc_norm of its mean token ([`crate::models::Vit::mean_patch_token`]). The
 //! same call on a randomly initialised encoder is the from-scratch baseline.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+use super::supervised::Supervised;
 use super::{classifier_head, Accuracy};
 use crate::augment::mix::{mixup_targets, random_erase, Mix};
 use crate::augment::randaugment::RandAugment;
 use crate::augment::Pipeline;
 use crate::config::{at_least_one, fraction, not_negative, positive, probability};
-use crate::data::{Loader, Split};
+use crate::data::{Batch, Loader, Split};
 use crate::kernels::layer_norm;
 use crate::losses::{cross_entropy_smoothed, soft_cross_entropy};
 use crate::models::{Backbone, Pool, LAYER_NORM_EPS};
@@ -200,23 +200,25 @@ pub fn finetune(
         0,
     )?;
     loader.check("finetune.batch_size")?;
+    if train.labels.is_none() {
+        bail!("split '{}' has no labels to fine-tune on", train.name);
+    }
+    // Not sharded: random erasing, mixing and drop path draw image by image from one generator,
+    // so every rank fine-tunes on the whole batch (the same steps) until they draw for the
+    // global batch.
     let steps_per_epoch = loader.batches_per_epoch();
     let total = steps_per_epoch * config.epochs;
     let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let peak = config.base_lr * config.batch_size as f64 / 256.0;
-    let bar = crate::data::progress_bar(total as u64, "fine-tune");
+    let mut run = Supervised::new("fine-tuning", "", config.epochs, steps_per_epoch);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut step = 0;
     for epoch in 0..config.epochs {
-        for batch in loader.epoch(epoch as u64, 0) {
+        let loss = |model: &Classifier, batch: Batch| {
             let labels: Vec<usize> = batch
                 .labels
                 .as_ref()
                 .map(|l| l.iter().map(|&c| c as usize).collect())
                 .unwrap_or_default();
-            if labels.is_empty() {
-                bail!("split '{}' has no labels to fine-tune on", train.name);
-            }
             let mut images = batch.views[0].clone();
             let [_, c, h, w] = images.shape;
             for image in images.data.chunks_mut(c * h * w) {
@@ -237,34 +239,20 @@ pub fn finetune(
             let logits = model
                 .head
                 .forward(model.features(x, config.drop_path, &mut rng));
-            let loss = match &mix {
+            Ok(match &mix {
                 Some(mix) => {
                     let targets =
                         mixup_targets(&labels, classes, mix.lam(), config.label_smoothing, &ad);
                     soft_cross_entropy(logits, targets)
                 }
                 None => cross_entropy_smoothed(logits, &labels, config.label_smoothing),
-            };
-            let value: f32 = loss
-                .clone()
-                .try_into_scalar()
-                .with_context(|| format!("fine-tuning step {step}: the device failed"))?;
-            if !value.is_finite() {
-                bail!("fine-tuning loss became {value} at step {step}");
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = warmup_cosine(step, warmup, total, peak, 0.0);
-            model = optim.step(lr_at(lr), model, grads);
-            step += 1;
-            bar.set_message(format!(
-                "epoch {}/{} loss {value:.3}",
-                epoch + 1,
-                config.epochs
-            ));
-            bar.inc(1);
-        }
+            })
+        };
+        let lr = |step| lr_at(warmup_cosine(step, warmup, total, peak, 0.0));
+        let batches = loader.epoch(epoch as u64, 0);
+        model = run.epoch(epoch, model, batches, &mut optim, loss, lr)?;
     }
-    bar.finish_and_clear();
+    drop(run);
     let model = model.valid().to_device(device);
     let accuracy = super::classify(
         test,

@@ -14,18 +14,19 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::module::Module;
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use super::supervised::Supervised;
 use super::{accuracy, classifier_head, Accuracy, EvalConfig, Features};
 use crate::augment::{sample_rng, Pipeline};
 use crate::config::{at_least_one, not_negative, positive};
-use crate::data::{Loader, Split};
+use crate::data::{Batch, Loader, Split};
 use crate::kernels::batch_norm;
 use crate::losses::cross_entropy;
 use crate::models::{init_seeded, Backbone};
@@ -230,16 +231,29 @@ pub fn linear_eval(
     device: &Device,
 ) -> Result<Accuracy> {
     config.check()?;
+    if train.labels.is_none() {
+        bail!(
+            "split '{}' has no labels to train a classifier on",
+            train.name
+        );
+    }
     let frozen = backbone.valid().to_device(device);
+    // Each rank classifies its rows of every batch (the features and the head's batch norm
+    // see no other randomness than the loader's, which is per image).
+    crate::dist::check_batch("linear_eval.batch_size", config.batch_size)?;
+    let (rank, world) = crate::dist::rank_size();
     let loader = Loader::new(
         train.clone(),
         Arc::new(augment.clone()),
         config.batch_size,
         0,
-    )?;
+    )?
+    .sharded(rank, world);
     loader.check("linear_eval.batch_size")?;
     let ad = device.clone().autodiff();
-    let mut head: Option<ProbeHead> = None;
+    let side = augment.views[0].size as usize;
+    let dim = probe_features(&frozen, Tensor::zeros([1, 3, side, side], device), config).dims()[1];
+    let mut head = ProbeHead::new(dim, classes, config.batch_norm, &ad);
     let mut optim = OptimConfig {
         optimizer: config.optimizer,
         weight_decay: config.weight_decay,
@@ -248,49 +262,22 @@ pub fn linear_eval(
     }
     .init();
     let steps_per_epoch = loader.batches_per_epoch();
-    let total = steps_per_epoch * config.epochs;
-    let bar = crate::data::progress_bar(total as u64, "linear eval");
-    let mut step = 0;
+    let hint = " (lower linear_eval.base_lr)";
+    let mut run = Supervised::new("linear eval", hint, config.epochs, steps_per_epoch);
     for epoch in 0..config.epochs {
-        for batch in loader.epoch(epoch as u64, 0) {
-            let Some(labels) = batch.labels.as_ref() else {
-                bail!(
-                    "split '{}' has no labels to train a classifier on",
-                    train.name
-                );
-            };
+        let batches = loader.epoch(epoch as u64, 0);
+        let loss = |head: &ProbeHead, batch: Batch| {
+            let labels = batch.labels.unwrap_or_default();
             let labels: Vec<usize> = labels.iter().map(|&c| c as usize).collect();
-            let x = batch.views[0].to_tensor(device);
-            let features = probe_features(&frozen, x, config);
-            let [n, dim] = features.dims();
+            let features = probe_features(&frozen, batch.views[0].to_tensor(device), config);
             let features = Tensor::<2>::from_data(features.into_data(), &ad);
-            let model = head
-                .take()
-                .unwrap_or_else(|| ProbeHead::new(dim, classes, config.batch_norm, &ad));
-            let loss = cross_entropy(model.forward(features), &labels);
-            let value: f32 = loss
-                .clone()
-                .try_into_scalar()
-                .with_context(|| format!("linear-eval step {step}: the device failed"))?;
-            if !value.is_finite() {
-                bail!("linear-eval loss became {value} at step {step} (batch of {n}; lower linear_eval.base_lr)");
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = config.lr(step, epoch, steps_per_epoch);
-            head = Some(optim.step(lr, model, grads));
-            step += 1;
-            bar.set_message(format!(
-                "epoch {}/{} loss {value:.3}",
-                epoch + 1,
-                config.epochs
-            ));
-            bar.inc(1);
-        }
+            Ok(cross_entropy(head.forward(features), &labels))
+        };
+        let lr = |step| config.lr(step, epoch, steps_per_epoch);
+        head = run.epoch(epoch, head, batches, &mut optim, loss, lr)?;
     }
-    bar.finish_and_clear();
-    let head = head
-        .expect("at least one step: the loader checked the batch size")
-        .valid();
+    drop(run);
+    let head = head.valid();
     super::classify(test, eval, config.batch_size, device, &frozen, |b, x| {
         head.forward(probe_features(b, x, config))
     })
@@ -337,27 +324,25 @@ pub fn linear_probe(
     let mut model = init_seeded(&ad, 0, || LinearConfig::new(d, classes).init(&ad));
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let bar = crate::data::progress_bar(config.linear_epochs as u64, "linear probe");
-    for epoch in 0..config.linear_epochs {
+    let steps_per_epoch = train.len().div_ceil(config.batch_size);
+    let epochs = config.linear_epochs;
+    let mut run = Supervised::new("linear probe", "", epochs, steps_per_epoch);
+    for epoch in 0..epochs {
         order.shuffle(&mut sample_rng(0, epoch as u64, u64::MAX));
-        let lr = warmup_cosine(epoch, 0, config.linear_epochs, config.linear_lr, 0.0);
-        for chunk in order.chunks(config.batch_size) {
+        let lr = warmup_cosine(epoch, 0, epochs, config.linear_lr, 0.0);
+        let loss = |model: &Linear, chunk: &[usize]| {
             let x: Vec<f32> = chunk
                 .iter()
                 .flat_map(|&i| xtr[i * d..(i + 1) * d].iter().copied())
                 .collect();
             let targets: Vec<usize> = chunk.iter().map(|&i| train.labels[i] as usize).collect();
-            let logits = model.forward(Tensor::<2>::from_data(
-                TensorData::new(x, [chunk.len(), d]),
-                &ad,
-            ));
-            let grads =
-                GradientsParams::from_grads(cross_entropy(logits, &targets).backward(), &model);
-            model = optim.step(lr, model, grads);
-        }
-        bar.inc(1);
+            let x = Tensor::<2>::from_data(TensorData::new(x, [chunk.len(), d]), &ad);
+            Ok(cross_entropy(model.forward(x), &targets))
+        };
+        let batches = order.chunks(config.batch_size);
+        model = run.epoch(epoch, model, batches, &mut optim, loss, |_| lr)?;
     }
-    bar.finish_and_clear();
+    drop(run);
     let model = model.valid();
     let logits = model.forward(Tensor::<2>::from_data(
         TensorData::new(xte, [test.len(), d]),

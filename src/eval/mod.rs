@@ -1,9 +1,11 @@
 //! Evaluation of a frozen backbone: feature extraction, weighted kNN, and linear evaluation
-//! ([`linear`]); fine-tuning ([`finetune`]) and features for other tools ([`embed`]).
+//! ([`linear`]); fine-tuning ([`finetune`]) and features for other tools ([`embed`]). The
+//! classifiers train through one supervised epoch ([`supervised`]).
 
 pub mod embed;
 pub mod finetune;
 pub mod linear;
+mod supervised;
 
 pub use linear::{linear_eval, linear_probe, LinearEvalConfig, LinearSchedule};
 
