@@ -290,14 +290,27 @@ impl<'a> Trainer<'a> {
         loader.check("train.batch_size")?;
         let (rank, world) = crate::dist::rank_size();
         crate::dist::check_batch("train.batch_size", c.batch_size)?;
-        let main = rank == 0;
         let local = loader.clone().sharded(rank, world);
-        let n = c.batch_size / world;
-        if main {
+        if rank == 0 {
             std::fs::create_dir_all(&self.out)
                 .with_context(|| format!("cannot create {}", self.out.display()))?;
         }
-        let (mut method, mut optim, mut aux, mut state) = match checkpoint::latest(&self.out)? {
+        let (mut method, mut run) = self.resume(method, loader)?;
+        crate::dist::check_same_weights(&method, "at the start")?;
+        while run.state.epoch < until.min(c.epochs) {
+            let epoch = self.train_one_epoch(method, &local, &mut run)?;
+            method = epoch.method;
+            self.end_epoch(&method, &mut run, epoch.stats, until)?;
+        }
+        run.report.state = run.state;
+        Ok((method, run.report))
+    }
+
+    /// The method, its optimisers and its position from the latest checkpoint in `out`, else
+    /// fresh ones; the schedule's lengths; the metrics writer on rank 0.
+    fn resume<M: Method>(&self, method: M, loader: &Loader) -> Result<(M, Run)> {
+        let c = &self.config;
+        let (method, optim, aux, mut state) = match checkpoint::latest(&self.out)? {
             Some(dir) => {
                 tracing::info!("resuming from {}", dir.display());
                 checkpoint::load(&dir, method, c.optim.init(), c.optim.init())?
@@ -329,11 +342,8 @@ impl<'a> Trainer<'a> {
                 loader.batches_per_epoch()
             );
         }
-        let total_steps = steps_per_epoch * c.epochs;
-        let warmup = (c.warmup_epochs * steps_per_epoch as f64).round() as usize;
-        crate::dist::check_same_weights(&method, "at the start")?;
         // Rank 0 alone writes the run folder: metrics, events, checkpoints.
-        let mut metrics = match main {
+        let metrics = match crate::dist::is_main() {
             true => {
                 let events = match &self.events {
                     Some(e) => e.clone(),
@@ -343,140 +353,237 @@ impl<'a> Trainer<'a> {
             }
             false => None,
         };
-        let mut report = Report::default();
+        let run = Run {
+            optim,
+            aux,
+            state,
+            metrics,
+            report: Report::default(),
+            steps_per_epoch,
+            total_steps: steps_per_epoch * c.epochs,
+            warmup: (c.warmup_epochs * steps_per_epoch as f64).round() as usize,
+        };
+        Ok((method, run))
+    }
 
-        while state.epoch < until.min(c.epochs) {
-            let epoch = state.epoch;
-            let bar = crate::data::progress_bar(
-                steps_per_epoch as u64,
-                &format!("epoch {}/{}", epoch + 1, c.epochs),
-            );
-            if !self.progress || !main {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            let mut accumulator = GradientsAccumulator::<M>::new();
-            let (mut sums, mut loss_sum, mut micro) = (Vec::<(&str, f64)>::new(), 0f64, 0usize);
-            let mut step_loss = 0f32;
-            let mut kept: Vec<Tensor<2>> = vec![];
-            let (started, collectives) = (Instant::now(), crate::dist::collective_seconds());
-            let mut images = 0usize;
-            // The first view of the epoch's last batch: what the end-of-epoch check feeds.
-            let mut probe: Option<Tensor<4>> = None;
-            for batch in local
-                .epoch(epoch as u64, 0)
-                .take(steps_per_epoch * c.accumulate)
-            {
-                let progress = Progress {
-                    epoch,
-                    step: state.step,
-                    total_steps,
-                    steps_per_epoch,
-                };
-                let views: Vec<Tensor<4>> = batch
-                    .views
-                    .iter()
-                    .map(|v| v.to_tensor(&self.device))
-                    .collect();
-                probe = Some(views[0].clone().inner());
-                let StepOutput {
-                    loss,
-                    scalars,
-                    keep,
-                } = method.loss(&views, &progress);
-                kept.extend(keep);
-                // The loss and scalars averaged over ranks: every rank sees the same values.
-                let (value, scalars) = read_step(loss.clone(), scalars).with_context(|| {
-                    format!("epoch {} step {}: the device failed", epoch + 1, state.step)
-                })?;
-                method.watch(&scalars, &progress);
-                if !value.is_finite() {
-                    let kept = last_good(&self.out)?;
-                    bail!("the loss became {value} at epoch {} step {} (batch {}): training stopped; last good checkpoint: {kept}", epoch + 1, state.step, batch.index);
-                }
-                let grads =
-                    GradientsParams::from_grads((loss / c.accumulate as f64).backward(), &method);
-                accumulator.accumulate(&method, grads);
-                micro += 1;
-                images += batch.samples.len() * world;
-                loss_sum += value as f64;
-                step_loss += value / c.accumulate as f32;
-                for (name, v) in &scalars {
-                    match sums.iter_mut().find(|(n, _)| n == name) {
-                        Some(s) => s.1 += *v as f64,
-                        None => sums.push((name, *v as f64)),
-                    }
-                }
-                if micro % c.accumulate != 0 {
-                    continue;
-                }
-                let lr =
-                    optim::warmup_cosine(state.step, warmup, total_steps, c.peak_lr(), c.final_lr);
-                let kept = (!kept.is_empty()).then(|| Tensor::cat(std::mem::take(&mut kept), 0));
-                method = self.step(
-                    method,
-                    &mut optim,
-                    &mut aux,
-                    accumulator.grads(),
-                    kept,
-                    n,
-                    lr,
-                    &progress,
-                );
-                state.step += 1;
-                report.step_losses.push(step_loss);
-                let rate = images as f64 / started.elapsed().as_secs_f64();
-                bar.set_message(format!(
-                    "epoch {}/{} loss {step_loss:.4} lr {lr:.2e} {rate:.0} img/s",
-                    epoch + 1,
-                    c.epochs
-                ));
-                bar.inc(1);
-                let mut line = serde_json::json!({"kind": "step", "epoch": epoch + 1, "step": state.step, "loss": step_loss, "lr": lr, "img_per_s": rate});
-                for (name, v) in &scalars {
-                    line[*name] = serde_json::json!(v);
-                }
-                if let Some(metrics) = &mut metrics {
-                    metrics.write(&line)?;
-                }
-                step_loss = 0.0;
-            }
-            bar.finish_and_clear();
-            let mean_loss = (loss_sum / micro.max(1) as f64) as f32;
-            state.epoch += 1;
-            state.epoch_losses.push(mean_loss);
-            let mut line = serde_json::json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "loss": mean_loss, "img_per_s": images as f64 / started.elapsed().as_secs_f64()});
-            for (name, s) in &sums {
-                line[*name] = serde_json::json!(s / micro.max(1) as f64);
-            }
-            if world > 1 {
-                let share = (crate::dist::collective_seconds() - collectives)
-                    / started.elapsed().as_secs_f64();
-                line["collective_share"] = serde_json::json!(share);
-            }
-            if let Some(x) = probe {
-                finite_features(&method, x, &self.out, state.epoch)?;
-            }
-            crate::dist::check_same_weights(&method, &format!("after epoch {}", state.epoch))?;
-            let Some(metrics) = &mut metrics else {
-                continue;
+    /// One epoch of `local` (this rank's rows of every batch): per batch the method's loss, its
+    /// gradient accumulated, and every `accumulate` batches one [`step`](Self::step), each
+    /// step's line in the metrics. Stops on a non-finite loss, naming the last good checkpoint.
+    fn train_one_epoch<M: Method>(
+        &self,
+        mut method: M,
+        local: &Loader,
+        run: &mut Run,
+    ) -> Result<Trained<M>> {
+        let c = &self.config;
+        let (epoch, steps_per_epoch) = (run.state.epoch, run.steps_per_epoch);
+        let bar = crate::data::progress_bar(
+            steps_per_epoch as u64,
+            &format!("epoch {}/{}", epoch + 1, c.epochs),
+        );
+        if !self.progress || !crate::dist::is_main() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let world = crate::dist::rank_size().1;
+        let n = c.batch_size / world;
+        let mut accumulator = GradientsAccumulator::<M>::new();
+        let mut stats = EpochStats::start();
+        let mut step_loss = 0f32;
+        let mut kept: Vec<Tensor<2>> = vec![];
+        for batch in local
+            .epoch(epoch as u64, 0)
+            .take(steps_per_epoch * c.accumulate)
+        {
+            let progress = Progress {
+                epoch,
+                step: run.state.step,
+                total_steps: run.total_steps,
+                steps_per_epoch,
             };
-            let last = state.epoch == c.epochs || state.epoch == until;
-            if let Some(monitor) = self
-                .monitor
-                .filter(|_| c.monitor_every > 0 && (state.epoch % c.monitor_every == 0 || last))
-            {
-                for (name, v) in monitor(&released(&method.valid()).clone())? {
-                    line[name] = serde_json::json!(v);
-                }
+            let views: Vec<Tensor<4>> = batch
+                .views
+                .iter()
+                .map(|v| v.to_tensor(&self.device))
+                .collect();
+            stats.probe = Some(views[0].clone().inner());
+            let StepOutput {
+                loss,
+                scalars,
+                keep,
+            } = method.loss(&views, &progress);
+            kept.extend(keep);
+            // The loss and scalars averaged over ranks: every rank sees the same values.
+            let (value, scalars) = read_step(loss.clone(), scalars).with_context(|| {
+                format!(
+                    "epoch {} step {}: the device failed",
+                    epoch + 1,
+                    run.state.step
+                )
+            })?;
+            method.watch(&scalars, &progress);
+            if !value.is_finite() {
+                let kept = last_good(&self.out)?;
+                bail!("the loss became {value} at epoch {} step {} (batch {}): training stopped; last good checkpoint: {kept}", epoch + 1, run.state.step, batch.index);
             }
-            tracing::info!("{}", line);
-            metrics.write(&line)?;
-            if state.epoch % c.checkpoint_every == 0 || last {
-                checkpoint::save(&self.out, &method, &optim, &aux, &state)?;
+            let grads =
+                GradientsParams::from_grads((loss / c.accumulate as f64).backward(), &method);
+            accumulator.accumulate(&method, grads);
+            stats.add(value, &scalars, batch.samples.len() * world);
+            step_loss += value / c.accumulate as f32;
+            if stats.micro % c.accumulate != 0 {
+                continue;
+            }
+            let lr = optim::warmup_cosine(
+                run.state.step,
+                run.warmup,
+                run.total_steps,
+                c.peak_lr(),
+                c.final_lr,
+            );
+            let kept = (!kept.is_empty()).then(|| Tensor::cat(std::mem::take(&mut kept), 0));
+            let grads = accumulator.grads();
+            method = self.step(
+                method,
+                &mut run.optim,
+                &mut run.aux,
+                grads,
+                kept,
+                n,
+                lr,
+                &progress,
+            );
+            run.state.step += 1;
+            run.report.step_losses.push(step_loss);
+            let rate = stats.rate();
+            bar.set_message(format!(
+                "epoch {}/{} loss {step_loss:.4} lr {lr:.2e} {rate:.0} img/s",
+                epoch + 1,
+                c.epochs
+            ));
+            bar.inc(1);
+            let mut line = serde_json::json!({"kind": "step", "epoch": epoch + 1, "step": run.state.step, "loss": step_loss, "lr": lr, "img_per_s": rate});
+            for (name, v) in &scalars {
+                line[*name] = serde_json::json!(v);
+            }
+            if let Some(metrics) = &mut run.metrics {
+                metrics.write(&line)?;
+            }
+            step_loss = 0.0;
+        }
+        bar.finish_and_clear();
+        Ok(Trained { method, stats })
+    }
+
+    /// The end of an epoch: its line in the metrics (with the monitor's scalars every
+    /// `monitor_every` epochs), the checks (finite features, the same weights on every rank),
+    /// a checkpoint every `checkpoint_every` epochs and at the last one.
+    fn end_epoch<M: Method>(
+        &self,
+        method: &M,
+        run: &mut Run,
+        stats: EpochStats,
+        until: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let state = &mut run.state;
+        let mean_loss = (stats.loss_sum / stats.micro.max(1) as f64) as f32;
+        state.epoch += 1;
+        state.epoch_losses.push(mean_loss);
+        let mut line = serde_json::json!({"kind": "epoch", "epoch": state.epoch, "step": state.step, "loss": mean_loss, "img_per_s": stats.rate()});
+        for (name, s) in &stats.sums {
+            line[*name] = serde_json::json!(s / stats.micro.max(1) as f64);
+        }
+        if crate::dist::rank_size().1 > 1 {
+            let share = (crate::dist::collective_seconds() - stats.collectives)
+                / stats.started.elapsed().as_secs_f64();
+            line["collective_share"] = serde_json::json!(share);
+        }
+        if let Some(x) = stats.probe {
+            finite_features(method, x, &self.out, state.epoch)?;
+        }
+        crate::dist::check_same_weights(method, &format!("after epoch {}", state.epoch))?;
+        let Some(metrics) = &mut run.metrics else {
+            return Ok(());
+        };
+        let last = state.epoch == c.epochs || state.epoch == until;
+        if let Some(monitor) = self
+            .monitor
+            .filter(|_| c.monitor_every > 0 && (state.epoch % c.monitor_every == 0 || last))
+        {
+            for (name, v) in monitor(&released(&method.valid()).clone())? {
+                line[name] = serde_json::json!(v);
             }
         }
-        report.state = state;
-        Ok((method, report))
+        tracing::info!("{}", line);
+        metrics.write(&line)?;
+        if state.epoch % c.checkpoint_every == 0 || last {
+            checkpoint::save(&self.out, method, &run.optim, &run.aux, state)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a run carries from epoch to epoch: optimiser states, its position, the metrics writer
+/// (rank 0), what this call reports, and the schedule's lengths in optimiser steps.
+struct Run {
+    optim: ModuleOptimizer,
+    aux: ModuleOptimizer,
+    state: TrainState,
+    metrics: Option<Metrics>,
+    report: Report,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    warmup: usize,
+}
+
+/// The method after an epoch, and what the epoch measured.
+struct Trained<M> {
+    method: M,
+    stats: EpochStats,
+}
+
+/// An epoch's sums: losses and scalars over its forward passes, images over every rank, its
+/// time and its time in collectives, and the first view of its last batch (what the
+/// end-of-epoch check feeds).
+struct EpochStats {
+    loss_sum: f64,
+    sums: Vec<(&'static str, f64)>,
+    micro: usize,
+    images: usize,
+    started: Instant,
+    collectives: f64,
+    probe: Option<Tensor<4>>,
+}
+
+impl EpochStats {
+    fn start() -> Self {
+        EpochStats {
+            loss_sum: 0.0,
+            sums: vec![],
+            micro: 0,
+            images: 0,
+            started: Instant::now(),
+            collectives: crate::dist::collective_seconds(),
+            probe: None,
+        }
+    }
+
+    /// One forward pass: its loss, its scalars, its images over every rank.
+    fn add(&mut self, loss: f32, scalars: &Scalars, images: usize) {
+        self.micro += 1;
+        self.images += images;
+        self.loss_sum += loss as f64;
+        for (name, v) in scalars {
+            match self.sums.iter_mut().find(|(n, _)| n == name) {
+                Some(s) => s.1 += *v as f64,
+                None => self.sums.push((name, *v as f64)),
+            }
+        }
+    }
+
+    /// Images a second so far.
+    fn rate(&self) -> f64 {
+        self.images as f64 / self.started.elapsed().as_secs_f64()
     }
 }
 
