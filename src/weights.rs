@@ -237,7 +237,7 @@ impl StateDict {
             let (grid, no_embed_class) = match (square(tokens), square(tokens - 1)) {
                 (Some(g), _) => (g, true),
                 (None, Some(g)) => (g, false),
-                _ if registers > 0 && square(tokens - 1 - registers.min(tokens - 1)).is_some() => {
+                _ if registers > 0 && tokens.checked_sub(1 + registers).and_then(square).is_some() => {
                     bail!("{origin}: pos_embed has rows for the {registers} registers too (timm's reg_tokens without no_embed_class); selfsup's registers have no position, as DINOv2's")
                 }
                 _ => bail!("{origin}: pos_embed has {tokens} rows: neither a square grid of patches nor a class token and one"),
