@@ -8,17 +8,21 @@
 # BINARY defaults to target/gpu/selfsup-cuda (or its .xz); OUTDIR to $OUT, else gpu-check/.
 # Environment: DEVICE (default cuda; cuda:N, vulkan, or cpu to try the script itself),
 # STEPS_SIMCLR (default 20) and STEPS_DINO (default 8) batches in each timed epoch, CASES
-# (default "parity simclr dino") the cases to run, CASE_TIMEOUT (seconds; default none) a limit on
-# each run, so that a lease's last minutes still give the cases before.
+# (default "parity simclr dino") the cases to run, PRECISIONS (default "f32 bf16") the
+# `train.precision` of each throughput case (f16 too; PyTorch's reference runs f32 and bf16),
+# CASE_TIMEOUT (seconds; default none) a limit on each run, so that a lease's last minutes still
+# give the cases before.
 # It writes there, and prints:
 #   parity.jsonl      `check-device --case parity`: SimCLR (ResNet-18) and DINO (ViT) losses of
 #                     3 steps on the GPU against the CPU's, same weights and batches (within
 #                     1e-3, or 10× the CPU's own drift from TF32-rounded weights: src/device_check.rs)
-#   simclr.jsonl      SimCLR ResNet-18 (full width, CIFAR stem), batch 256, 32 px: img/s
-#   dino.jsonl        DINO ViT-S/16, 2 × 224 px + 8 × 96 px crops, batch 64: img/s
+#   simclr.jsonl      SimCLR ResNet-18 (full width, CIFAR stem), batch 256, 32 px: img/s and the
+#                     timed epoch's mean loss (simclr-bf16.jsonl: the same in bf16)
+#   dino.jsonl        DINO ViT-S/16, 2 × 224 px + 8 × 96 px crops, batch 64 (dino-bf16.jsonl)
 #   <case>-torch.jsonl  the same recipe in PyTorch (benches/reference/gpu_check_torch.py), on
 #                     the same device in the same run, where python3 has torch, timm and
-#                     torchvision (TORCH=0 skips it)
+#                     torchvision (TORCH=0 skips it); <case>-bf16-torch.jsonl under
+#                     torch.autocast(bfloat16)
 #   memory.txt        the GPU memory in use at its peak during each case (nvidia-smi every
 #                     100 ms, minus what was in use before; burn's memory pool included)
 #   summary.md        all of it as a table, with the GPU and driver
@@ -55,9 +59,11 @@ used() {
 # measure NAME COMMAND...: runs COMMAND with its stdout in NAME.jsonl, its stderr in NAME.log, and
 # the GPU memory sampled beside it.
 status=0
+names=()
 measure() {
   local name="$1" base sampler start peak
   shift
+  names+=("$name")
   base="$(used)"; base="${base:-0}"
   ( while sleep 0.1; do used; done ) > "$out/$name.mem" 2>/dev/null &
   sampler=$!
@@ -82,13 +88,16 @@ case "$device" in
     && torch_ok=yes ;;
 esac
 
-# run CASE STEPS: one check-device case, then (for a throughput case) the PyTorch reference of
-# benches/reference/gpu_check_torch.py as CASE-torch.
+# run CASE STEPS [PRECISION]: one check-device case (named CASE, or CASE-PRECISION below f32),
+# then (for a throughput case in f32 or bf16) the PyTorch reference of
+# benches/reference/gpu_check_torch.py as NAME-torch.
 run() {
-  local case="$1" steps="$2"
-  measure "$case" "$bin" check-device --device "$device" --case "$case" --steps "$steps"
-  if [ "$case" != parity ] && [ -n "$torch_ok" ]; then
-    measure "$case-torch" env DEVICE="$device" PYTHONUNBUFFERED=1 \
+  local case="$1" steps="$2" precision="${3:-f32}" name="$1"
+  [ "$precision" = f32 ] || name="$case-$precision"
+  measure "$name" "$bin" check-device --device "$device" --case "$case" --steps "$steps" \
+    --precision "$precision"
+  if [ "$case" != parity ] && [ -n "$torch_ok" ] && [ "$precision" != f16 ]; then
+    measure "$name-torch" env DEVICE="$device" AMP="$precision" PYTHONUNBUFFERED=1 \
       python3 "$root/benches/reference/gpu_check_torch.py" "$case" "$steps"
   fi
 }
@@ -97,8 +106,8 @@ cases="${CASES:-parity simclr dino}"
 for case in $cases; do
   case "$case" in
     parity) run parity 3 ;;
-    simclr) run simclr "$steps_simclr" ;;
-    dino) run dino "$steps_dino" ;;
+    simclr) for p in ${PRECISIONS:-f32 bf16}; do run simclr "$steps_simclr" "$p"; done ;;
+    dino) for p in ${PRECISIONS:-f32 bf16}; do run dino "$steps_dino" "$p"; done ;;
     *) echo "unknown case $case (parity, simclr, dino)" >&2; status=2 ;;
   esac
 done
@@ -107,14 +116,11 @@ done
   echo
   echo "| case | result | peak GPU memory |"
   echo "|---|---|---|"
-  for case in $cases; do
-    for name in "$case" "$case-torch"; do
-      [ -e "$out/$name.jsonl" ] || continue
-      mem="$(grep "^$name:" "$out/memory.txt" | tail -1 | sed 's/.*peak GPU memory \([0-9-]*\) MiB.*/\1 MiB/')"
-      while read -r line; do
-        [ -n "$line" ] && echo "| $name | \`$line\` | $mem |"
-      done < "$out/$name.jsonl"
-    done
+  for name in "${names[@]}"; do
+    mem="$(grep "^$name:" "$out/memory.txt" | tail -1 | sed 's/.*peak GPU memory \([0-9-]*\) MiB.*/\1 MiB/')"
+    while read -r line; do
+      [ -n "$line" ] && echo "| $name | \`$line\` | $mem |"
+    done < "$out/$name.jsonl"
   done
 } | tee -a "$out/summary.md"
 exit $status

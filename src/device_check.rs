@@ -10,7 +10,9 @@
 //!   [`tolerance`] of the CPU's: 1e-3 (relative), or ten times the most that rounding the
 //!   initial weights to TF32 has moved the CPU's own loss by that step, whichever is larger.
 //! - `simclr`: SimCLR ResNet-18 (full width, CIFAR stem) at batch 256 on 32 px images;
-//! - `dino`: DINO ViT-S/16 with 2 global crops at 224 px and 8 local at 96 px, batch 64.
+//! - `dino`: DINO ViT-S/16 with 2 global crops at 224 px and 8 local at 96 px, batch 64;
+//!   both in the `--precision` given (`train.precision`), reporting the timed epoch's mean loss
+//!   beside the throughput, so that a bf16 run can be set beside the f32 one.
 //!
 //! Throughput is the whole training loop (augmentation on the CPU threads, the step on the
 //! device), timed over one epoch of `steps` batches after a warm-up epoch (kernel compilation,
@@ -29,6 +31,7 @@ use crate::config::Recipe;
 use crate::data::{Loader, Split};
 use crate::methods::{with_method, MethodUser};
 use crate::models::{BackboneConfig, VitConfig};
+use crate::precision::Precision;
 use crate::train::{Method, Trainer};
 
 /// One case's outcome, printed as a JSON line.
@@ -51,18 +54,26 @@ pub struct Outcome {
     /// Training throughput, for `simclr` and `dino`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub images_per_s: Option<f64>,
+    /// `train.precision` of a throughput case.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<&'static str>,
+    /// The mean loss of the timed epoch, for `simclr` and `dino`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_loss: Option<f32>,
     /// Parity held (always true for a throughput case that ran).
     pub ok: bool,
 }
 
 /// Runs `case` (`parity`, `simclr` or `dino`) on `device`, `steps` batches (each parity run,
-/// or the timed epoch), and hands each outcome to `emit` as soon as it is known (a parity case
-/// gives two, so that a time limit keeps the first).
+/// or the timed epoch; a throughput case in `precision`, parity always in f32), and hands each
+/// outcome to `emit` as soon as it is known (a parity case gives two, so that a time limit keeps
+/// the first).
 pub fn run(
     case: &str,
     device_name: &str,
     device: &Device,
     steps: usize,
+    precision: Precision,
     mut emit: impl FnMut(Outcome) -> Result<()>,
 ) -> Result<()> {
     let cpu = Device::flex();
@@ -106,14 +117,18 @@ pub fn run(
                     ok: diff.iter().zip(&spread).all(|(&d, &s)| d <= tolerance(s)),
                     rounding_spread: spread,
                     images_per_s: None,
+                    precision: None,
+                    mean_loss: None,
                 })?;
             }
             Ok(())
         }
         "simclr" | "dino" => {
-            let (recipe, side) = throughput_recipe(case)?;
+            let (mut recipe, side) = throughput_recipe(case)?;
+            recipe.train.precision = precision;
             let split = noise(recipe.train.batch_size * steps, side, 2);
-            let (_, rate) = losses(&recipe, &split, device, 2, false)?;
+            let (losses, rate) = losses(&recipe, &split, device, 2, false)?;
+            let timed = &losses[losses.len().saturating_sub(steps)..];
             emit(Outcome {
                 case: case.into(),
                 device: device_name.into(),
@@ -121,6 +136,8 @@ pub fn run(
                 max_rel_diff: None,
                 rounding_spread: vec![],
                 images_per_s: Some(rate),
+                precision: Some(precision.name()),
+                mean_loss: Some(timed.iter().sum::<f32>() / timed.len().max(1) as f32),
                 ok: true,
             })
         }

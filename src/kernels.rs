@@ -157,21 +157,28 @@ impl ConvGeometry {
 }
 
 /// `conv.forward(x)` (`x` `[N, C, H, W]`) with the fused kernels on `flex`, for one-group
-/// convolutions with explicit or no padding; burn's own forward otherwise.
+/// convolutions with explicit or no padding; burn's own forward otherwise; in the autocast's
+/// dtype inside one ([`crate::precision`]).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let padding = match conv.padding {
         PaddingConfig2d::Valid => [0; 4],
         PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
         PaddingConfig2d::Same => return conv.forward(x),
     };
-    if conv.groups != 1 || !on_flex(&x.device()) {
-        return conv.forward(x);
-    }
     let geometry = ConvGeometry {
         stride: conv.stride,
         padding,
         dilation: conv.dilation,
     };
+    if crate::precision::active() {
+        let mut options = geometry.options();
+        options.groups = conv.groups;
+        let bias = conv.bias.as_ref().map(|b| b.val());
+        return crate::precision::conv2d(x, conv.weight.val(), bias, options);
+    }
+    if conv.groups != 1 || !on_flex(&x.device()) {
+        return conv.forward(x);
+    }
     let output = Tensor::<4>::from_dispatch(<Dispatch as CpuKernels>::conv2d(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),

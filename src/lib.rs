@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod losses;
 pub mod methods;
 pub mod models;
+pub mod precision;
 pub mod pretrain;
 pub mod run;
 pub mod train;

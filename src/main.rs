@@ -218,6 +218,9 @@ enum Command {
         /// Batches of each parity run, or of the timed epoch.
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// `train.precision` of the throughput cases (parity runs in f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: selfsup::precision::Precision,
     },
     /// Check that this launch trains as one process (run it as `mpirun -np N selfsup
     /// dist-check ...`): a few steps of the recipe on every rank's share of the global batches
@@ -717,6 +720,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             case,
             steps,
+            precision,
         } => {
             at_least_one("--steps", steps)?;
             let mut failed = vec![];
@@ -725,6 +729,7 @@ fn run(cli: Cli) -> Result<()> {
                 &device,
                 &pretrain::device(&device)?,
                 steps,
+                precision,
                 |outcome| {
                     println!("{}", serde_json::to_string(&outcome)?);
                     if !outcome.ok {

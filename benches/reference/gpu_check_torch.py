@@ -12,8 +12,9 @@ as a plain PyTorch user would write them.
   0.04; 2 global 224 px crops (scale 0.4-1) + 8 local 96 px crops (0.05-0.4), DINO's blur and
   solarisation; backbone once per resolution, head once over all crops; AdamW lr 5e-4 x 64/256,
   weight decay 0.04, gradient clipping 3.0, batch 64.
-Both in float32 (PyTorch's defaults: cuDNN may use TF32 for convolutions; official DINO uses fp16
-autocast, which selfsup does not have).
+In float32 (PyTorch's defaults: cuDNN may use TF32 for convolutions), or with AMP=bf16 the
+networks' forward passes under torch.autocast(bfloat16) (as solo-learn's `precision: bf16-mixed`;
+official DINO uses fp16 autocast) and the losses in float32 (selfsup's `train.precision = "bf16"`).
 
 Timing as check-device: one epoch of STEPS batches to warm up (cuDNN autotuning, worker start),
 then one timed epoch; img/s = images / wall time of the timed epoch, loading included (a
@@ -39,6 +40,14 @@ from torchvision import transforms as T
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def autocast(device):
+    """The forward passes' autocast: bfloat16 with AMP=bf16, none with AMP=f32 or unset."""
+    amp = os.environ.get("AMP") or "f32"
+    if amp not in ("f32", "bf16"):
+        sys.exit(f"AMP={amp}: this reference runs f32 or bf16 (f16 needs a GradScaler)")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def noise(n, side, seed):
@@ -97,7 +106,9 @@ def simclr(device):
     def step(views):
         a, b = (v.to(device, non_blocking=True) for v in views)
         n = a.shape[0]
-        z = F.normalize(model(torch.cat([a, b])), dim=1)
+        with autocast(device):
+            z = model(torch.cat([a, b]))
+        z = F.normalize(z.float(), dim=1)
         logits = z @ z.t() / 0.5 - torch.eye(2 * n, device=device) * 1e9
         targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
         loss = 2 * F.cross_entropy(logits, targets)
@@ -143,10 +154,11 @@ def dino(device):
     views += [crop(96, (0.05, 0.4), 0.5)] * 8
 
     def forward(model, crops):
-        feats = [model["backbone"](torch.cat(crops[:2]))]
-        if len(crops) > 2:
-            feats.append(model["backbone"](torch.cat(crops[2:])))
-        return model["head"](torch.cat(feats))
+        with autocast(device):
+            feats = [model["backbone"](torch.cat(crops[:2]))]
+            if len(crops) > 2:
+                feats.append(model["backbone"](torch.cat(crops[2:])))
+            return model["head"](torch.cat(feats)).float()
 
     def step(crops):
         nonlocal center
@@ -198,8 +210,9 @@ def main():
         sync()
         rates.append(images / (time.perf_counter() - start))
     print(json.dumps(dict(case=case, framework=f"pytorch {torch.__version__}",
-                          device=name, images_per_s=rates[-1],
-                          warmup_images_per_s=rates[0], last_loss=losses[-1],
+                          device=name, precision=os.environ.get("AMP") or "f32",
+                          images_per_s=rates[-1], warmup_images_per_s=rates[0],
+                          last_loss=losses[-1], mean_loss=float(np.mean(losses[-steps:])),
                           peak_allocated_mib=torch.cuda.max_memory_allocated() // 2**20 if device.type == "cuda" else None,
                           ok=all(np.isfinite(losses)))))
 

@@ -176,8 +176,8 @@ impl MethodUser<Result<Outcome>> for Steps<'_> {
                 lr = CHECK_LR / largest as f64;
             }
             method = trainer.step(
-                method, &mut optim, &mut aux, grads, out.keep, n, lr, &progress,
-            );
+                method, &mut optim, &mut aux, grads, None, out.keep, n, lr, &progress,
+            )?;
         }
         outcome.weights = flat_weights(&method)?;
         Ok(outcome)

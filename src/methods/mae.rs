@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::kernels::layer_norm;
 use crate::methods::{recipe_file, Feed, InitContext, MethodSpec};
 use crate::models::{Backbone, BackboneConfig, Vit, VitBlock, LAYER_NORM_EPS};
+use crate::precision;
 use crate::train::{Method, Progress, StepOutput};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,7 +285,7 @@ impl Mae {
 
     /// Predicted pixels of every patch `[n, L, p·p·3]` (in the target's space).
     pub fn decode(&self, encoded: Tensor<3>, masking: &Masking) -> Tensor<3> {
-        let x = self.decoder_embed.forward(encoded);
+        let x = precision::linear(&self.decoder_embed, encoded);
         let [n, t, d] = x.dims();
         let l = masking.restore[0].len();
         let mut shuffled = vec![x.clone().narrow(1, 1, t - 1)];
@@ -297,9 +298,8 @@ impl Mae {
         for block in &self.decoder_blocks {
             x = block.forward(x).0;
         }
-        let x = self
-            .decoder_pred
-            .forward(layer_norm(&self.decoder_norm, x, LAYER_NORM_EPS));
+        let x = layer_norm(&self.decoder_norm, x, LAYER_NORM_EPS);
+        let x = precision::linear(&self.decoder_pred, x);
         x.narrow(1, 1, l)
     }
 

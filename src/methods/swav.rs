@@ -171,7 +171,7 @@ impl Swav {
     /// Prototype scores zᵀC `[rows, K]`; `frozen`: the prototypes take no gradient.
     pub fn scores(&self, z: Tensor<2>, frozen: bool) -> Tensor<2> {
         let c = self.prototypes.val();
-        z.matmul(if frozen { c.detach() } else { c })
+        crate::precision::matmul(z, if frozen { c.detach() } else { c })
     }
 
     /// The codes of one global crop from this rank's scores `[n, K]`: Sinkhorn over the global

@@ -3,6 +3,7 @@
 //! 2016; Radford et al. 2016).
 
 use crate::kernels::{batch_norm, conv2d};
+use crate::precision;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
@@ -186,24 +187,24 @@ impl ContextDecoder {
         let [width, side] = self.start;
         let x = match &self.start_layer {
             Start::Conv(s) => {
-                let code = s.bottleneck.forward(map.reshape([n, c * g * g]));
+                let code = precision::linear(&s.bottleneck, map.reshape([n, c * g * g]));
                 let code = leaky_relu(batch_norm(&s.bn, code), 0.2);
-                s.fc.forward(code).reshape([n, width, side, side])
+                precision::linear(&s.fc, code).reshape([n, width, side, side])
             }
             Start::ChannelWise(s) => {
                 // [C, n, g²] · [C, g², g²]: one fully connected layer per channel.
                 let per_channel = map.reshape([n, c, g * g]).swap_dims(0, 1);
-                let mapped = per_channel.matmul(s.weight.val()) + s.bias.val();
+                let mapped = precision::matmul(per_channel, s.weight.val()) + s.bias.val();
                 conv2d(&s.mix, mapped.swap_dims(0, 1).reshape([n, c, g, g]))
             }
             Start::Pooled(fc) => {
                 let pooled = map.mean_dims(&[2, 3]).reshape([n, c]);
-                fc.forward(pooled).reshape([n, width, side, side])
+                precision::linear(fc, pooled).reshape([n, width, side, side])
             }
         };
         let mut x = relu(batch_norm(&self.start_bn, x));
         for (i, up) in self.up.iter().enumerate() {
-            x = up.forward(x);
+            x = precision::conv_transpose2d(up, x);
             if let Some(bn) = self.bns.get(i) {
                 x = relu(batch_norm(bn, x));
             }
@@ -270,10 +271,8 @@ impl Discriminator {
                     b
                 }
             });
-            x = leaky_relu(
-                burn::tensor::module::conv2d(x, hold(conv.weight.val()), bias, options),
-                0.2,
-            );
+            let weight = hold(conv.weight.val());
+            x = leaky_relu(precision::conv2d(x, weight, bias, options), 0.2);
         }
         let [n, c, h, w] = x.dims();
         let (weight, bias) = (self.fc.weight.val(), self.fc.bias.as_ref().map(|b| b.val()));
@@ -282,6 +281,6 @@ impl Discriminator {
         } else {
             (weight, bias)
         };
-        burn::tensor::module::linear(x.reshape([n, c * h * w]), weight, bias)
+        precision::linear_with(x.reshape([n, c * h * w]), weight, bias)
     }
 }

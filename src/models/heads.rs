@@ -139,7 +139,7 @@ impl ProjectionHead {
     pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x);
+            x = crate::precision::linear(layer, x);
             if i < last {
                 if let Some(bn) = self.norms.get(i) {
                     x = batch_norm(bn, x);
@@ -217,7 +217,7 @@ impl DinoHead {
         let last = self.mlp.len() - 1;
         let mut x = x;
         for (i, layer) in self.mlp.iter().enumerate() {
-            x = layer.forward(x);
+            x = crate::precision::linear(layer, x);
             if i < last {
                 if let Some(bn) = self.norms.get(i) {
                     x = batch_norm(bn, x);
@@ -235,6 +235,6 @@ impl DinoHead {
         if freeze_last {
             w = w.detach();
         }
-        x.matmul(w)
+        crate::precision::matmul(x, w)
     }
 }

@@ -8,6 +8,7 @@
 //! registers).
 
 use crate::kernels::{conv2d, gelu, layer_norm};
+use crate::precision;
 use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -280,21 +281,20 @@ impl Attention {
     fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [n, t, d] = x.dims();
         let h = self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = precision::linear(&self.qkv, x)
             .reshape([n, t, 3, h, d / h])
             .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).reshape([n, h, t, d / h]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([n, h, t, d / h]);
         let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d / h]);
         let attn = softmax(
-            q.matmul(k.swap_dims(2, 3))
-                .mul_scalar(((d / h) as f64).powf(-0.5)),
+            precision::matmul(q, k.swap_dims(2, 3)).mul_scalar(((d / h) as f64).powf(-0.5)),
             3,
         );
-        let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([n, t, d]);
-        (self.proj.forward(out), attn)
+        let out = precision::matmul(attn.clone(), v)
+            .swap_dims(1, 2)
+            .reshape([n, t, d]);
+        (precision::linear(&self.proj, out), attn)
     }
 }
 
@@ -354,11 +354,8 @@ impl VitBlock {
             .attn
             .forward(layer_norm(&self.norm1, x.clone(), LAYER_NORM_EPS));
         let x = x + branch(a, 0);
-        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(layer_norm(
-            &self.norm2,
-            x.clone(),
-            LAYER_NORM_EPS,
-        ))));
+        let m = layer_norm(&self.norm2, x.clone(), LAYER_NORM_EPS);
+        let m = precision::linear(&self.mlp.fc2, gelu(precision::linear(&self.mlp.fc1, m)));
         (x + branch(m, 1), attn)
     }
 }

@@ -28,6 +28,9 @@ pub struct TrainState {
     /// checkpoint written before it was).
     #[serde(default)]
     pub images: usize,
+    /// f16's loss scale where the run trains in f16 ([`crate::precision::LossScale`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::precision::LossScale>,
 }
 
 const MODEL: &str = "model.bpk";

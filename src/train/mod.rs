@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{at_least_one, not_negative, positive};
 use crate::data::Loader;
 use crate::models::Backbone;
+use crate::precision::{autocast, LossScale, Precision};
 pub use checkpoint::TrainState;
 use metrics::Metrics;
 pub use optim::{LrScaling, OptimConfig, OptimizerKind};
@@ -196,6 +197,16 @@ pub struct TrainConfig {
     /// Run the online kNN monitor every this many epochs (0: never).
     #[serde(default)]
     pub monitor_every: usize,
+    /// The dtype of matmuls and convolutions ([`crate::precision`]); f32 for the rest.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+    /// f16's starting loss scale (GradScaler's `init_scale`; unset: 2^16); f16 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 fn one() -> usize {
@@ -217,6 +228,15 @@ impl TrainConfig {
         at_least_one("train.checkpoint_every", self.checkpoint_every)?;
         positive("train.base_lr", self.base_lr)?;
         not_negative("train.final_lr", self.final_lr)?;
+        if let Some(scale) = self.loss_scale {
+            positive("train.loss_scale", scale)?;
+            if self.precision != Precision::F16 {
+                bail!(
+                    "train.loss_scale = {scale}: only f16 scales its loss, and train.precision = \"{}\"",
+                    self.precision.name()
+                );
+            }
+        }
         if !(0.0..=self.epochs as f64).contains(&self.warmup_epochs) {
             bail!(
                 "train.warmup_epochs = {}: must lie in [0, epochs = {}]",
@@ -287,6 +307,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<(M, Report)> {
         let c = &self.config;
         c.check()?;
+        c.precision.check_device(&self.device)?;
         loader.check("train.batch_size")?;
         let (rank, world) = crate::dist::rank_size();
         crate::dist::check_batch("train.batch_size", c.batch_size)?;
@@ -321,6 +342,8 @@ impl<'a> Trainer<'a> {
                 c.optim.init(),
                 TrainState {
                     seed: loader.seed,
+                    loss_scale: (c.precision == Precision::F16)
+                        .then(|| LossScale::new(c.loss_scale.unwrap_or(LossScale::INITIAL))),
                     ..TrainState::default()
                 },
             ),
@@ -410,7 +433,7 @@ impl<'a> Trainer<'a> {
                 loss,
                 scalars,
                 keep,
-            } = method.loss(&views, &progress);
+            } = autocast(c.precision, || method.loss(&views, &progress));
             kept.extend(keep);
             // The loss and scalars averaged over ranks: every rank sees the same values.
             let (value, scalars) = read_step(loss.clone(), scalars).with_context(|| {
@@ -425,8 +448,11 @@ impl<'a> Trainer<'a> {
                 let kept = last_good(&self.out)?;
                 bail!("the loss became {value} at epoch {} step {} (batch {}): training stopped; last good checkpoint: {kept}", epoch + 1, run.state.step, batch.index);
             }
-            let grads =
-                GradientsParams::from_grads((loss / c.accumulate as f64).backward(), &method);
+            let scale = run.state.loss_scale.map_or(1.0, |s| s.scale);
+            let grads = GradientsParams::from_grads(
+                (loss * (scale / c.accumulate as f64)).backward(),
+                &method,
+            );
             accumulator.accumulate(&method, grads);
             stats.add(value, &scalars, batch.samples.len() * world);
             step_loss += value / c.accumulate as f32;
@@ -447,11 +473,12 @@ impl<'a> Trainer<'a> {
                 &mut run.optim,
                 &mut run.aux,
                 grads,
+                run.state.loss_scale.as_mut(),
                 kept,
                 n,
                 lr,
                 &progress,
-            );
+            )?;
             run.state.step += 1;
             run.report.step_losses.push(step_loss);
             let rate = stats.rate();
@@ -464,6 +491,10 @@ impl<'a> Trainer<'a> {
             let mut line = serde_json::json!({"kind": "step", "epoch": epoch + 1, "step": run.state.step, "loss": step_loss, "lr": lr, "img_per_s": rate});
             for (name, v) in &scalars {
                 line[*name] = serde_json::json!(v);
+            }
+            if let Some(s) = run.state.loss_scale {
+                line["loss_scale"] = serde_json::json!(s.scale);
+                line["skipped_steps"] = serde_json::json!(s.skipped);
             }
             if let Some(metrics) = &mut run.metrics {
                 metrics.write(&line)?;
@@ -588,38 +619,47 @@ impl EpochStats {
 }
 
 impl Trainer<'_> {
-    /// One optimiser step on the step's summed gradients: averaged over ranks, the update at
-    /// rate `lr` (with the weight-decay schedule, where the recipe has one), the method's second
-    /// update on this rank's `kept` rows (a discriminator), then its after-step (teacher,
-    /// queue, centre) on every rank's `kept` rows, `n` a rank's images per pass.
+    /// One optimiser step on the step's summed gradients: averaged over ranks (and divided by
+    /// f16's `loss_scale`: a step with an inf or a NaN among them updates no weight, as
+    /// GradScaler's), the update at rate `lr` (with the weight-decay schedule, where the recipe
+    /// has one), the method's second update on this rank's `kept` rows (a discriminator), then
+    /// its after-step (teacher, queue, centre) on every rank's `kept` rows, `n` a rank's images
+    /// per pass. Errors: the device failed.
     #[allow(clippy::too_many_arguments)]
     pub fn step<M: Method>(
         &self,
-        method: M,
+        mut method: M,
         optim: &mut ModuleOptimizer,
         aux: &mut ModuleOptimizer,
         grads: GradientsParams,
+        loss_scale: Option<&mut LossScale>,
         kept: Option<Tensor<2>>,
         n: usize,
         lr: f64,
         progress: &Progress,
-    ) -> M {
+    ) -> Result<M> {
         let c = &self.config;
         let grads = crate::dist::average_gradients(grads, &method);
-        let rate: ModuleLearningRate = match method.constant_lr() {
-            Some(group) => ModuleLrScheduler::new(lr)
-                .with_group(group, c.peak_lr())
-                .step(),
-            None => lr.into(),
+        let grads = match loss_scale {
+            Some(s) => s.unscale(grads, &method)?,
+            None => Some(grads),
         };
-        let mut method = optim.step(rate, method, grads);
-        if c.optim.final_weight_decay.is_some() {
-            let wd = c.optim.weight_decay_at(progress.step, progress.total_steps);
-            method = optim::decay_matrices(method, lr * wd);
+        if let Some(grads) = grads {
+            let rate: ModuleLearningRate = match method.constant_lr() {
+                Some(group) => ModuleLrScheduler::new(lr)
+                    .with_group(group, c.peak_lr())
+                    .step(),
+                None => lr.into(),
+            };
+            method = optim.step(rate, method, grads);
+            if c.optim.final_weight_decay.is_some() {
+                let wd = c.optim.weight_decay_at(progress.step, progress.total_steps);
+                method = optim::decay_matrices(method, lr * wd);
+            }
         }
         let method = method.auxiliary_step(kept.as_ref(), lr, aux);
         let kept = kept.map(|k| crate::dist::gather_kept(k, n));
-        method.after_step(kept, progress)
+        Ok(method.after_step(kept, progress))
     }
 }
 
