@@ -17,6 +17,7 @@ use selfsup::augment::{Pipeline, Sizes};
 use selfsup::data::{Loader, Split};
 use selfsup::methods::{SimClr, SimclrConfig};
 use selfsup::models::{init_seeded, Backbone, BackboneConfig, ResNetConfig, Stem};
+use selfsup::methods::{with_method, MethodUser};
 use selfsup::precision::{self, autocast, LossScale, Precision};
 use selfsup::train::events::{read_events, Kind, SessionStatus, What};
 use selfsup::train::{checkpoint, Method, Progress, Report, StepOutput, TrainConfig, Trainer};
@@ -757,4 +758,37 @@ fn a_loss_scale_without_f16_is_refused_by_name() {
         toml::to_string(&config(1)).unwrap()
     ))
     .is_err());
+}
+
+#[test]
+fn every_method_trains_in_bf16_and_f16() {
+    struct Train<'a>(&'a Trainer<'a>, &'a Loader);
+    impl MethodUser<(Vec<DType>, Report)> for Train<'_> {
+        fn call<M: Method>(self, method: M) -> (Vec<DType>, Report) {
+            let (method, report) = self.0.run(method, self.1).unwrap();
+            (dtypes(&method), report)
+        }
+    }
+    let split = common::cifar10_train(24);
+    for name in selfsup::methods::METHODS {
+        for p in [Precision::Bf16, Precision::F16] {
+            let mut recipe = common::small_recipe(name);
+            (recipe.train.epochs, recipe.train.warmup_epochs) = (1, 0.0);
+            recipe.train.precision = p;
+            recipe.train.loss_scale = (p == Precision::F16).then_some(256.0);
+            let augment = recipe.method.augment(recipe.augment.build().unwrap());
+            let loader = Loader::new(split.clone(), augment, recipe.train.batch_size, 0).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let trainer = trainer(recipe.train.clone(), dir.path());
+            let dev = Device::flex().autodiff();
+            let (dtypes, report) = with_method(&recipe, None, &dev, Train(&trainer, &loader));
+            assert_eq!(report.step_losses.len(), 2, "{name} {p:?}");
+            assert!(
+                report.step_losses.iter().all(|l| l.is_finite()),
+                "{name} {p:?}: {:?}",
+                report.step_losses
+            );
+            assert!(dtypes.iter().all(|t| *t == DType::F32), "{name} {p:?}");
+        }
+    }
 }
