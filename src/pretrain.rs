@@ -271,9 +271,19 @@ pub fn pretrain(
         let Some((bank, queries)) = &monitored else {
             return Ok(vec![]);
         };
-        let acc = knn_accuracy(recipe, backbone, bank, queries, classes, device)
+        let (bank, queries) = features(recipe, backbone, bank, queries, classes, device)
             .context("the online kNN monitor")?;
-        Ok(vec![("knn_top1", acc.top1)])
+        let acc = eval::knn(
+            &bank,
+            &queries,
+            classes.len(),
+            recipe.eval.knn_k,
+            recipe.eval.knn_t,
+            device,
+        )
+        .context("the online kNN monitor")?;
+        let rank = eval::rank_me(&queries, device).context("the online kNN monitor")?;
+        Ok(vec![("knn_top1", acc.top1), ("feature_rank", rank as f32)])
     };
     let ad = device.clone().autodiff();
     let mut trainer = Trainer::new(recipe.train.clone(), out, ad.clone());

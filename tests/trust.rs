@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor};
 use common::selfsup;
-use selfsup::eval::{accuracy, knn, linear_probe, EvalConfig};
+use selfsup::eval::{accuracy, knn, linear_probe, rank_me, EvalConfig, Features};
 use selfsup::models::{init_seeded, BackboneConfig, Pool, ResNetConfig, Stem, VitConfig};
 
 fn dev() -> Device {
@@ -45,6 +45,35 @@ fn knn_of_a_collapsed_encoder_is_chance_not_100_percent() {
     let bank = common::features(&[[1.0, 0.5], [1.0, 0.5]], &[0, 1]);
     let acc = knn(&bank, &bank, 2, 2, 0.1, &dev()).unwrap();
     assert_eq!(acc.top1, 0.5);
+}
+
+#[test]
+fn rank_me_counts_the_dimensions_the_features_use() {
+    let rows = |data: Vec<f32>, dim: usize| Features {
+        labels: vec![0; data.len() / dim],
+        data,
+        dim,
+    };
+    // Every image on one line: rank 1; four orthogonal directions of equal weight: rank 4.
+    let line = rows(
+        (1..=5)
+            .flat_map(|k| [k as f32, 2.0 * k as f32, -k as f32])
+            .collect(),
+        3,
+    );
+    assert!((rank_me(&line, &dev()).unwrap() - 1.0).abs() < 1e-4);
+    let mut eye = vec![0f32; 16];
+    (0..4).for_each(|i| eye[i * 5] = 2.0);
+    assert!((rank_me(&rows(eye, 4), &dev()).unwrap() - 4.0).abs() < 1e-4);
+    // numpy: σ = 3.891, 1.442, 1.016 -> exp(entropy of σ / Σσ + 1e-7) = 2.534485.
+    let m = rows(
+        vec![3.0, 1.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0],
+        3,
+    );
+    assert!((rank_me(&m, &dev()).unwrap() - 2.534485).abs() < 1e-4);
+    // Nothing to rank, or NaN features: an error, not a number.
+    assert!(rank_me(&rows(vec![], 3), &dev()).is_err());
+    assert!(rank_me(&rows(vec![1.0, f32::NAN], 2), &dev()).is_err());
 }
 
 #[test]

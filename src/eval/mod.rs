@@ -228,6 +228,28 @@ pub fn accuracy(scores: &[Vec<f32>], labels: &[u32]) -> Result<Accuracy> {
     })
 }
 
+/// RankMe (Garrido et al. 2023, eq. 1): the effective rank exp(−Σ p_k log p_k) of the features
+/// `[n, d]`, p_k = σ_k / Σσ + 1e-7 over their singular values σ (uncentred, as the paper): from 1
+/// (every image on one line) to min(n, d) (the variance spread evenly). A representation that
+/// collapses into a few dimensions has a low rank, and its kNN and linear accuracy follow it.
+/// Errors: non-finite features, or an SVD that does not converge.
+pub fn rank_me(features: &Features, device: &Device) -> Result<f64> {
+    let (n, d) = (features.len(), features.dim);
+    if n == 0 || d == 0 || features.data.iter().any(|v| !v.is_finite()) {
+        bail!("RankMe of {n} features of {d} dimensions: none, or not finite");
+    }
+    let z = Tensor::<2>::from_data(TensorData::new(features.data.clone(), [n, d]), device);
+    let (_, sigma, _) = burn::linalg::svd::<2, 1>(z, 100);
+    let sigma = sigma.try_into_vec_as::<f32>()?;
+    let total: f64 = sigma.iter().map(|s| *s as f64).sum();
+    let entropy: f64 = sigma
+        .iter()
+        .map(|s| *s as f64 / total.max(f64::MIN_POSITIVE) + 1e-7)
+        .map(|p| -p * p.ln())
+        .sum();
+    Ok(entropy.exp())
+}
+
 /// Weighted kNN (Wu et al. 2018): cosine similarity s between l2-normalised features, the k
 /// nearest training samples vote for their class with weight exp(s / T); equal votes rank by
 /// class index ([`accuracy`]). Non-finite features are refused.
