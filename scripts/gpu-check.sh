@@ -8,7 +8,7 @@
 # BINARY defaults to target/gpu/selfsup-cuda (or its .xz); OUTDIR to $OUT, else gpu-check/.
 # Environment: DEVICE (default cuda; cuda:N, vulkan, or cpu to try the script itself),
 # STEPS_SIMCLR (default 20) and STEPS_DINO (default 8) batches in each timed epoch, CASES
-# (default "parity profile simclr dino") the cases to run, PRECISIONS (default "f32 bf16") the
+# (default "parity simclr dino profile") the cases to run, PRECISIONS (default "f32 bf16") the
 # `train.precision` of each throughput case (f16 too; PyTorch's reference runs f32 and bf16),
 # CASE_TIMEOUT (seconds; default none) a limit on each run, so that a lease's last minutes still
 # give the cases before.
@@ -23,15 +23,15 @@
 #                     the same device in the same run, where python3 has torch, timm and
 #                     torchvision (TORCH=0 skips it); <case>-bf16-torch.jsonl under
 #                     torch.autocast(bfloat16)
-#   profile-<case>-<precision>.log  CubeCL's own per-kernel profile (`[profiling.logger]` of a
-#                     cubecl.toml, level "basic") of 2 + 2 steps of SimCLR and of DINO in f32
-#                     and bf16: one table of kernels, launches, time and share per step
-#                     (after each sync); the last table is one whole training step. CUDA and
-#                     Vulkan only (the CPU backend has no CubeCL).
+#   profile-<case>-<precision>/cubecl-profile.log  CubeCL's own per-kernel profile
+#                     (`[profiling.logger]` of a cubecl.toml, level "basic") of 2 + 2 steps of
+#                     SimCLR and of DINO in each precision: one table of kernels, launches, time
+#                     and share per step (after each sync); the last table is one whole training
+#                     step. CUDA and Vulkan only (the CPU backend has no CubeCL: skipped there).
 #   memory.txt        the GPU memory in use at its peak during each case (nvidia-smi every
 #                     100 ms, minus what was in use before; burn's memory pool included)
 #   summary.md        all of it as a table, with the GPU and driver
-# Every run's log goes to <case>.log. Exit status: non-zero if parity fails or a case errs.
+# Every run's log goes to <name>.log (simclr.log, simclr-bf16.log, simclr-bf16-torch.log, ...). Exit status: non-zero if parity fails or a case errs.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="$(realpath -m "${1:-$root/target/gpu/selfsup-cuda}")"
@@ -112,18 +112,21 @@ run() {
 profile() {
   local case="$1" precision="$2" dir="$out/profile-$1-$2"
   mkdir -p "$dir"
-  printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' "$dir.log" > "$dir/cubecl.toml"
+  printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' \
+    "$dir/cubecl-profile.log" > "$dir/cubecl.toml"
   pushd "$dir" > /dev/null || return
   measure "profile-$case-$precision" "$bin" check-device --device "$device" --case "$case" \
     --steps 2 --precision "$precision"
   popd > /dev/null || return
 }
 
-cases="${CASES:-parity profile simclr dino}"
+cases="${CASES:-parity simclr dino profile}"
 for case in $cases; do
   case "$case" in
     parity) run parity 3 ;;
-    profile) for c in simclr dino; do for p in ${PRECISIONS:-f32 bf16}; do profile "$c" "$p"; done; done ;;
+    profile)
+      [ "$device" = cpu ] && { echo "profile: CubeCL's profiler needs cuda or vulkan, skipped"; continue; }
+      for c in simclr dino; do for p in ${PRECISIONS:-f32 bf16}; do profile "$c" "$p"; done; done ;;
     simclr) for p in ${PRECISIONS:-f32 bf16}; do run simclr "$steps_simclr" "$p"; done ;;
     dino) for p in ${PRECISIONS:-f32 bf16}; do run dino "$steps_dino" "$p"; done ;;
     *) echo "unknown case $case (parity, profile, simclr, dino)" >&2; status=2 ;;
@@ -134,7 +137,7 @@ done
   echo
   echo "| case | result | peak GPU memory |"
   echo "|---|---|---|"
-  for name in "${names[@]}"; do
+  for name in ${names[@]+"${names[@]}"}; do
     mem="$(grep "^$name:" "$out/memory.txt" | tail -1 | sed 's/.*peak GPU memory \([0-9-]*\) MiB.*/\1 MiB/')"
     while read -r line; do
       [ -n "$line" ] && echo "| $name | \`$line\` | $mem |"

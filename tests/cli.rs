@@ -523,13 +523,13 @@ fn byol_simsiam_barlow_twins_vicreg_moco_v3_and_swav_pretrain_resume_export_and_
         ),
         ("simsiam_cifar10_cpu.toml", "epochs = 7", None),
         ("barlow_twins_cifar10_cpu.toml", "epochs = 7", None),
-        ("vicreg_cifar10_cpu.toml", "epochs = 7", None),
+        ("vicreg_cifar10_cpu.toml", "epochs = 6", None),
         (
             "moco_v3_cifar10_cpu.toml",
             "epochs = 5",
             Some("the query encoder"),
         ),
-        ("swav_cifar10_cpu.toml", "epochs = 10", None),
+        ("swav_cifar10_cpu.toml", "epochs = 6", None),
     ] {
         let (_tmp, data, recipe_path, run, stdout) = tiny_run(
             recipe,

@@ -701,6 +701,19 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
     );
     assert!(learned(&model) != before);
     assert!(dtypes(&model).iter().all(|t| *t == DType::F32));
+    // A run carried on from f32 into f16 (`--change-recipe`) starts scaling there.
+    let dir = tempfile::tempdir().unwrap();
+    trainer(config(2), dir.path())
+        .run_until(simclr(&dev), &loader(&split), 1)
+        .unwrap();
+    let (_, carried) = trainer(in_precision(2, Precision::F16, Some(1024.0)), dir.path())
+        .run(simclr(&dev), &loader(&split))
+        .unwrap();
+    let scale = carried.state.loss_scale.unwrap();
+    assert_eq!(
+        (scale.scale, scale.skipped, scale.good_steps),
+        (1024.0, 0, 2)
+    );
 }
 
 #[test]
@@ -789,6 +802,8 @@ fn every_method_trains_in_bf16_and_f16() {
                 report.step_losses
             );
             assert!(dtypes.iter().all(|t| *t == DType::F32), "{name} {p:?}");
+            let skipped = report.state.loss_scale.map_or(0, |s| s.skipped);
+            assert!(skipped < 2, "{name} {p:?}: every step skipped");
         }
     }
 }

@@ -190,6 +190,7 @@ def dino(device):
 
 def main():
     case, steps = sys.argv[1], int(sys.argv[2])
+    autocast(torch.device("cpu"))  # refuses an AMP it does not run, before any work
     device = torch.device(os.environ.get("DEVICE", "cuda"))  # DEVICE=cpu to try the script
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -15,6 +15,7 @@ use super::{world, Single};
 use crate::config::Recipe;
 use crate::data::{Loader, Split};
 use crate::methods::{with_method, MethodUser};
+use crate::precision::{autocast, LossScale, Precision};
 use crate::train::{Method, Progress, Trainer};
 
 /// The largest weight change of the first step compared: its SGD learning rate is this over the
@@ -151,6 +152,9 @@ impl MethodUser<Result<Outcome>> for Steps<'_> {
             weights: vec![],
         };
         let mut lr = CHECK_LR;
+        // In the recipe's precision: f16's loss scaled as the trainer scales it.
+        let mut scale = (train.precision == Precision::F16)
+            .then(|| LossScale::new(train.loss_scale.unwrap_or(LossScale::INITIAL)));
         for step in 0..self.steps {
             let batch = self.loader.batch(0, step);
             let views: Vec<Tensor<4>> = batch
@@ -164,19 +168,32 @@ impl MethodUser<Result<Outcome>> for Steps<'_> {
                 total_steps: 10 * self.steps,
                 steps_per_epoch: 10 * self.steps,
             };
-            let out = method.loss(&views, &progress);
+            let out = autocast(train.precision, || method.loss(&views, &progress));
             let mut loss = out.loss.clone().try_into_vec_as::<f32>()?;
             super::mean_over_ranks(&mut loss);
             outcome.losses.push(loss[0]);
-            let grads = GradientsParams::from_grads(out.loss.backward(), &method);
+            let factor = scale.map_or(1.0, |s| s.scale);
+            let grads = GradientsParams::from_grads((out.loss * factor).backward(), &method);
             let grads = super::average_gradients(grads, &method);
             if step == 0 {
-                outcome.grads = flat_grads(&grads, &method)?;
+                let unscale = |g: f32| g / factor as f32;
+                outcome.grads = flat_grads(&grads, &method)?
+                    .into_iter()
+                    .map(unscale)
+                    .collect();
                 let largest = outcome.grads.iter().fold(1f32, |m, g| m.max(g.abs()));
                 lr = CHECK_LR / largest as f64;
             }
             method = trainer.step(
-                method, &mut optim, &mut aux, grads, None, out.keep, n, lr, &progress,
+                method,
+                &mut optim,
+                &mut aux,
+                grads,
+                scale.as_mut(),
+                out.keep,
+                n,
+                lr,
+                &progress,
             )?;
         }
         outcome.weights = flat_weights(&method)?;

@@ -232,19 +232,35 @@ pub fn accuracy(scores: &[Vec<f32>], labels: &[u32]) -> Result<Accuracy> {
 /// `[n, d]`, p_k = σ_k / Σσ + 1e-7 over their singular values σ (uncentred, as the paper): from 1
 /// (every image on one line) to min(n, d) (the variance spread evenly). A representation that
 /// collapses into a few dimensions has a low rank, and its kNN and linear accuracy follow it.
+/// It grows with `n` up to the rank the features hold: compare values over as many images.
 /// Errors: non-finite features, or an SVD that does not converge.
 pub fn rank_me(features: &Features, device: &Device) -> Result<f64> {
     let (n, d) = (features.len(), features.dim);
     if n == 0 || d == 0 || features.data.iter().any(|v| !v.is_finite()) {
         bail!("RankMe of {n} features of {d} dimensions: none, or not finite");
     }
-    let z = Tensor::<2>::from_data(TensorData::new(features.data.clone(), [n, d]), device);
-    let (_, sigma, _) = burn::linalg::svd::<2, 1>(z, 100);
-    let sigma = sigma.try_into_vec_as::<f32>()?;
-    let total: f64 = sigma.iter().map(|s| *s as f64).sum();
+    let z = Tensor::<2>::from_data(TensorData::new(features.data.clone(), [n, d]), device)
+        .cast(burn::tensor::FloatDType::F64);
+    // σ(Z)² are the eigenvalues (= singular values) of the Gram matrix of Z's shorter side,
+    // taken in f64 so that squaring loses none of the small σ.
+    let gram = match n >= d {
+        true => z.clone().transpose().matmul(z),
+        false => z.clone().matmul(z.transpose()),
+    };
+    // burn's SVD panics where it does not converge.
+    let eigenvalues = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        burn::linalg::svd::<2, 1>(gram, 100)
+            .1
+            .try_into_vec_as::<f64>()
+    }));
+    let Ok(eigenvalues) = eigenvalues else {
+        bail!("RankMe of {n} features of {d} dimensions: their SVD did not converge");
+    };
+    let sigma: Vec<f64> = eigenvalues?.iter().map(|l| l.max(0.0).sqrt()).collect();
+    let total: f64 = sigma.iter().sum();
     let entropy: f64 = sigma
         .iter()
-        .map(|s| *s as f64 / total.max(f64::MIN_POSITIVE) + 1e-7)
+        .map(|s| s / total.max(f64::MIN_POSITIVE) + 1e-7)
         .map(|p| -p * p.ln())
         .sum();
     Ok(entropy.exp())

@@ -342,11 +342,17 @@ impl<'a> Trainer<'a> {
                 c.optim.init(),
                 TrainState {
                     seed: loader.seed,
-                    loss_scale: (c.precision == Precision::F16)
-                        .then(|| LossScale::new(c.loss_scale.unwrap_or(LossScale::INITIAL))),
                     ..TrainState::default()
                 },
             ),
+        };
+        // f16 scales its loss, from the checkpoint's scale where it trained in f16 too (a run
+        // carried on under another precision, `--change-recipe`, starts or drops the scale).
+        state.loss_scale = match c.precision {
+            Precision::F16 => state
+                .loss_scale
+                .or_else(|| Some(LossScale::new(c.loss_scale.unwrap_or(LossScale::INITIAL)))),
+            _ => None,
         };
         state.images = loader.split().len();
         if state.seed != loader.seed {
@@ -620,11 +626,13 @@ impl EpochStats {
 
 impl Trainer<'_> {
     /// One optimiser step on the step's summed gradients: averaged over ranks (and divided by
-    /// f16's `loss_scale`: a step with an inf or a NaN among them updates no weight, as
-    /// GradScaler's), the update at rate `lr` (with the weight-decay schedule, where the recipe
-    /// has one), the method's second update on this rank's `kept` rows (a discriminator), then
-    /// its after-step (teacher, queue, centre) on every rank's `kept` rows, `n` a rank's images
-    /// per pass. Errors: the device failed.
+    /// f16's `loss_scale`: with an inf or a NaN among them the optimiser's update and the
+    /// weight-decay schedule are skipped, as GradScaler's `step`), the update at rate `lr` (with
+    /// the weight-decay schedule, where the recipe has one), the method's second update on this
+    /// rank's `kept` rows (a discriminator, in f32), then its after-step (teacher, queue,
+    /// centre) on every rank's `kept` rows, `n` a rank's images per pass: these two run on a
+    /// skipped step too, as the EMA and queue updates of the official DINO and MoCo loops do.
+    /// Errors: the device failed.
     #[allow(clippy::too_many_arguments)]
     pub fn step<M: Method>(
         &self,
