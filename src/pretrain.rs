@@ -274,15 +274,8 @@ pub fn pretrain(
         };
         let (bank, queries) = features(recipe, backbone, bank, queries, classes, device)
             .context("the online kNN monitor")?;
-        let acc = eval::knn(
-            &bank,
-            &queries,
-            classes.len(),
-            recipe.eval.knn_k,
-            recipe.eval.knn_t,
-            device,
-        )
-        .context("the online kNN monitor")?;
+        let acc =
+            knn_of(recipe, &bank, &queries, classes, device).context("the online kNN monitor")?;
         let mut scalars = vec![("knn_top1", acc.top1)];
         match eval::rank_me(&queries, device) {
             Ok(rank) => scalars.push(("feature_rank", rank as f32)),
@@ -435,9 +428,20 @@ pub fn knn_accuracy(
     device: &Device,
 ) -> Result<Accuracy> {
     let (tr, te) = features(recipe, backbone, train, test, classes, device)?;
+    knn_of(recipe, &tr, &te, classes, device)
+}
+
+/// kNN accuracy of features `te` with `tr` as the memory bank (the recipe's k and T).
+fn knn_of(
+    recipe: &Recipe,
+    tr: &Features,
+    te: &Features,
+    classes: &[String],
+    device: &Device,
+) -> Result<Accuracy> {
     eval::knn(
-        &tr,
-        &te,
+        tr,
+        te,
         classes.len(),
         recipe.eval.knn_k,
         recipe.eval.knn_t,
