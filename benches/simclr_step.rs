@@ -29,6 +29,7 @@ fn main() {
         stem: Stem::Cifar,
         width: 1.0,
         init: None,
+        conv_init: Default::default(),
     });
     let mut method = init_seeded(&dev, 0, || {
         SimclrConfig {

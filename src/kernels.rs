@@ -89,6 +89,28 @@ pub trait CpuKernels: Backend {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
 
+    /// Multi-head self-attention from the qkv projection `[n, t, 3·d]` (timm's layout: q, then
+    /// k, then v, each `heads` × d/heads): (softmax(q kᵀ · `scale`) v with the heads side by
+    /// side `[n, t, d]`, the softmax weights `[n, heads, t, t]`). Only the first output carries
+    /// a gradient.
+    fn attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradient of the qkv projection of [`CpuKernels::attention`], given its weights and
+    /// its first output's gradient.
+    fn attention_backward(
+        _qkv: FloatTensor<Self>,
+        _weights: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+        _heads: usize,
+        _scale: f64,
+    ) -> FloatTensor<Self> {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
+
     /// Training-mode batch norm over dim 1 of `x` (`[N, C, ...]`): (output, batch mean `[C]`,
     /// biased batch variance `[C]`), as burn's `ModuleOps::batch_norm_train`.
     fn batch_norm_train(
@@ -319,6 +341,54 @@ pub fn layer_norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>, epsilon: f64) ->
     Tensor::from_dispatch(output)
 }
 
+/// Multi-head self-attention of a ViT block from its qkv projection `[n, t, 3·d]` (timm's
+/// `Attention`: q, k and v, each `heads` heads of d/heads, scale (d/heads)^−½): (the heads'
+/// outputs side by side `[n, t, d]`, before the output projection; the softmax weights
+/// `[n, heads, t, t]`). On `flex` in f32 outside an autocast one fused kernel each way
+/// ([`CpuKernels::attention`]: no copies of q, k, v or the output, the weights kept for the
+/// backward pass, no gradient through them); elsewhere burn's composition in the autocast's
+/// precision.
+pub fn attention(qkv: Tensor<3>, heads: usize) -> (Tensor<3>, Tensor<4>) {
+    let [n, t, d3] = qkv.dims();
+    let (d, dh) = (d3 / 3, d3 / (3 * heads).max(1));
+    let scale = (dh as f64).powf(-0.5);
+    let fused = on_flex(&qkv.device())
+        && qkv.dtype() == burn::tensor::DType::F32
+        && !crate::precision::active()
+        && dh > 0
+        && d3 == 3 * heads * dh
+        && n * t > 0;
+    if fused {
+        let (out, weights) =
+            <Dispatch as CpuKernels>::attention(qkv.into_dispatch(), heads, scale);
+        return (Tensor::from_dispatch(out), Tensor::from_dispatch(weights));
+    }
+    let qkv = qkv.reshape([n, t, 3, heads, dh]).permute([2, 0, 3, 1, 4]);
+    let q = qkv.clone().narrow(0, 0, 1).reshape([n, heads, t, dh]);
+    let k = qkv.clone().narrow(0, 1, 1).reshape([n, heads, t, dh]);
+    let v = qkv.narrow(0, 2, 1).reshape([n, heads, t, dh]);
+    let scores = crate::precision::matmul(q, k.swap_dims(2, 3)).mul_scalar(scale);
+    let weights = burn::tensor::activation::softmax(scores, 3);
+    let out = crate::precision::matmul(weights.clone(), v)
+        .swap_dims(1, 2)
+        .reshape([n, t, d]);
+    (out, weights)
+}
+
+/// Softmax of each row of `t` values, in place.
+fn softmax_rows(x: &mut [f32], t: usize) {
+    for row in x.chunks_mut(t) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f64;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v as f64;
+        }
+        let inverse = (1.0 / sum) as f32;
+        row.iter_mut().for_each(|v| *v *= inverse);
+    }
+}
+
 /// erf(z) by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), with exp(−z²) passed in.
 fn erf(z: f32, exp_minus_z2: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.327_591_1 * z.abs());
@@ -463,13 +533,26 @@ fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: 
 /// `c (+)= a · b` for an m×k `a` and a k×n `b` given as (values, row stride, column stride),
 /// into the row-major m×n `c`, on the calling thread.
 fn gemm(
-    [m, k, n]: [usize; 3],
+    dims: [usize; 3],
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
     c: &mut [f32],
     accumulate: bool,
 ) {
-    assert!(c.len() >= m * n);
+    let n = dims[2];
+    gemm_into(dims, a, b, (c, n), accumulate, 1.0);
+}
+
+/// `c (+)= scale · a · b` as [`gemm`], into an m×n `c` given as (values, row stride).
+fn gemm_into(
+    [m, k, n]: [usize; 3],
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (c, c_row): (&mut [f32], usize),
+    accumulate: bool,
+    scale: f32,
+) {
+    assert!(m == 0 || n == 0 || (c_row >= n && c.len() >= (m - 1) * c_row + n));
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
     // SAFETY: the asserts keep every index the strides reach inside its slice.
@@ -480,7 +563,7 @@ fn gemm(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            c_row as isize,
             accumulate,
             a.0.as_ptr(),
             a.2 as isize,
@@ -489,7 +572,7 @@ fn gemm(
             b.2 as isize,
             b.1 as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -666,6 +749,74 @@ fn rows_per_task(d: usize) -> usize {
 }
 
 impl CpuKernels for Flex {
+    fn attention(qkv: FlexTensor, heads: usize, scale: f64) -> (FlexTensor, FlexTensor) {
+        let shape = qkv.shape();
+        let (n, t, d3) = (shape[0], shape[1], shape[2]);
+        let (d, dh) = (d3 / 3, d3 / (3 * heads));
+        let x = values(&qkv);
+        let mut out = vec![0f32; n * t * d];
+        let mut weights = vec![0f32; n * heads * t * t];
+        // One image a task; its heads in turn, each three products reading q, k and v in place.
+        out.par_chunks_mut(t * d)
+            .zip(weights.par_chunks_mut(heads * t * t))
+            .enumerate()
+            .for_each(|(i, (out, weights))| {
+                let x = &x[i * t * d3..(i + 1) * t * d3];
+                for (h, p) in weights.chunks_mut(t * t).enumerate() {
+                    let (q, k, v) = (&x[h * dh..], &x[d + h * dh..], &x[2 * d + h * dh..]);
+                    // S = scale · q kᵀ, then P = softmax(S) row by row.
+                    gemm_into([t, dh, t], (q, d3, 1), (k, 1, d3), (p, t), false, scale as f32);
+                    softmax_rows(p, t);
+                    // This head's output columns: P v.
+                    let o = &mut out[h * dh..];
+                    gemm_into([t, t, dh], (p, t, 1), (v, d3, 1), (o, d), false, 1.0);
+                }
+            });
+        (
+            flex_tensor(out, Shape::new([n, t, d])),
+            flex_tensor(weights, Shape::new([n, heads, t, t])),
+        )
+    }
+
+    fn attention_backward(
+        qkv: FlexTensor,
+        weights: FlexTensor,
+        output_grad: FlexTensor,
+        heads: usize,
+        scale: f64,
+    ) -> FlexTensor {
+        let shape = qkv.shape();
+        let (n, t, d3) = (shape[0], shape[1], shape[2]);
+        let (d, dh) = (d3 / 3, d3 / (3 * heads));
+        let (x, p_all, g_all) = (values(&qkv), values(&weights), values(&output_grad));
+        let mut grad = vec![0f32; n * t * d3];
+        grad.par_chunks_mut(t * d3).enumerate().for_each(|(i, grad)| {
+            let x = &x[i * t * d3..(i + 1) * t * d3];
+            let g = &g_all[i * t * d..(i + 1) * t * d];
+            let mut ds = vec![0f32; t * t];
+            for h in 0..heads {
+                let p = &p_all[(i * heads + h) * t * t..(i * heads + h + 1) * t * t];
+                let (q, k, v) = (h * dh, d + h * dh, 2 * d + h * dh);
+                let go = &g[h * dh..];
+                // dv = Pᵀ dO.
+                gemm_into([t, t, dh], (p, 1, t), (go, d, 1), (&mut grad[v..], d3), false, 1.0);
+                // dP = dO vᵀ, then dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale.
+                gemm_into([t, dh, t], (go, d, 1), (&x[v..], 1, d3), (&mut ds, t), false, 1.0);
+                for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot: f64 = ds.iter().zip(p).map(|(a, b)| (a * b) as f64).sum();
+                    let dot = dot as f32;
+                    for (s, &p) in ds.iter_mut().zip(p) {
+                        *s = p * (*s - dot) * scale as f32;
+                    }
+                }
+                // dq = dS k, dk = dSᵀ q.
+                gemm_into([t, t, dh], (&ds, t, 1), (&x[k..], d3, 1), (&mut grad[q..], d3), false, 1.0);
+                gemm_into([t, t, dh], (&ds, 1, t), (&x[q..], d3, 1), (&mut grad[k..], d3), false, 1.0);
+            }
+        });
+        flex_tensor(grad, shape)
+    }
+
     fn gelu(x: FlexTensor) -> FlexTensor {
         if x.dtype() != DType::F32 {
             return <Flex as ActivationOps<Flex>>::gelu(x);
@@ -1082,6 +1233,54 @@ pub(crate) fn normalization<B: Backend, C: CheckpointStrategy>(
 }
 
 impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, C> {
+    fn attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        /// The backward step: the qkv gradient from the checkpointed qkv and the kept weights.
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 1> for AttentionBackward {
+            /// qkv as a checkpointed node, the softmax weights, heads, scale.
+            type State = (NodeId, FloatTensor<B>, usize, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (qkv, weights, heads, scale) = ops.state;
+                let qkv = checkpointer.retrieve_node_output::<FloatTensor<B>>(qkv);
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    <B as CpuKernels>::attention_backward(qkv, weights, grad, heads, scale)
+                });
+            }
+        }
+
+        let weights_only = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+        match AttentionBackward
+            .prepare::<C>([qkv.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let qkv_state = prep.checkpoint(&qkv);
+                let (out, weights) =
+                    <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale);
+                let state = (qkv_state, weights.clone(), heads, scale);
+                (prep.finish(state, out), weights_only(weights))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, weights) =
+                    <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale);
+                (prep.finish(out), weights_only(weights))
+            }
+        }
+    }
+
     fn gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         /// The backward step: the fused kernel's derivative at the checkpointed input.
         #[derive(Debug)]

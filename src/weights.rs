@@ -299,6 +299,7 @@ impl StateDict {
             stem,
             width: w[0] as f32 / 64.0,
             init: None,
+            conv_init: Default::default(),
         }))
     }
 

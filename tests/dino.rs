@@ -162,6 +162,7 @@ fn resnet_dino_with_batch_norm_in_the_head_trains_the_student_only() {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     let config = DinoConfig {
         head_batch_norm: true,

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::config::Recipe;
 use selfsup::methods::{DinoConfig, MaeConfig, MethodConfig, SimclrConfig};
-use selfsup::models::{init_seeded, BackboneConfig, ResNetConfig, Stem};
+use selfsup::models::{init_seeded, BackboneConfig, ConvInit, ResNetConfig, Stem};
 use selfsup::train::{Method, Progress};
 
 fn images(n: usize, size: usize, seed: u64, device: &Device) -> Tensor<4> {
@@ -34,6 +34,7 @@ fn resnet() -> BackboneConfig {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     })
 }
 
@@ -161,6 +162,54 @@ fn vit_and_dino_head_initialise_as_timm_and_dino() {
                 (std - bound / 3f32.sqrt()).abs() < 0.01 * bound,
                 "{path}: {std}"
             );
+        }
+    }
+}
+
+/// `model.conv_init`: torchvision's Kaiming normal (fan-out) or `nn.Conv2d`'s default
+/// U(±1/√fan_in), checked on every convolution of a ResNet-18 by its bound and standard deviation.
+#[test]
+fn resnet_convolutions_initialise_as_torchvision_or_pytorch() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    /// Every 4-d weight (a convolution's): its shape and values.
+    struct Convs(Vec<([usize; 4], Vec<f32>)>);
+    impl ModuleVisitor for Convs {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if D == 4 {
+                let dims = p.val().dims();
+                let values = p.val().into_data().try_to_vec::<f32>().unwrap();
+                self.0.push(([dims[0], dims[1], dims[2], dims[3]], values));
+            }
+        }
+    }
+    let dev = Device::flex();
+    for conv_init in [ConvInit::Torchvision, ConvInit::Pytorch] {
+        let BackboneConfig::Resnet(mut config) = resnet() else {
+            unreachable!()
+        };
+        config.width = 0.5;
+        config.conv_init = conv_init;
+        let model = init_seeded(&dev, 0, || BackboneConfig::Resnet(config).init(&dev));
+        let mut convs = Convs(vec![]);
+        model.visit(&mut convs);
+        assert_eq!(convs.0.len(), 20, "ResNet-18: 17 convolutions and 3 shortcuts");
+        for ([c_out, c_in, kh, kw], values) in convs.0 {
+            let n = values.len() as f64;
+            let std = (values.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n).sqrt();
+            let max = values.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+            let (fan_in, fan_out) = ((c_in * kh * kw) as f64, (c_out * kh * kw) as f64);
+            let (want_std, bound) = match conv_init {
+                ConvInit::Torchvision => ((2.0 / fan_out).sqrt(), f64::INFINITY),
+                ConvInit::Pytorch => (1.0 / (3.0 * fan_in).sqrt(), 1.0 / fan_in.sqrt()),
+            };
+            // The sample's standard deviation is within ~4/√(2n) of the true one.
+            let within = 4.0 / (2.0 * n).sqrt() + 1e-6;
+            let shape = [c_out, c_in, kh, kw];
+            assert!(
+                (std / want_std - 1.0).abs() < within,
+                "{conv_init:?} {shape:?}: std {std}, want {want_std}"
+            );
+            assert!(max <= bound, "{conv_init:?} {shape:?}: {max} > {bound}");
         }
     }
 }

@@ -102,6 +102,7 @@ fn torchvision_resnets_import_with_pytorchs_features() {
             stem: Stem::Cifar,
             width: 0.0625,
             init: None,
+            conv_init: Default::default(),
         })
     );
     assert_eq!(imported.recipe.augment.size, 32);
@@ -131,6 +132,7 @@ fn torchvision_resnets_import_with_pytorchs_features() {
             stem: Stem::Imagenet,
             width: 0.0625,
             init: None,
+            conv_init: Default::default(),
         })
     );
     assert_eq!(
@@ -203,6 +205,7 @@ fn weights_that_do_not_fit_are_named_with_both_shapes() {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     let err = run::weights(&fixture("resnet18_cifar.safetensors"), &wider, &dev)
         .err()
@@ -218,6 +221,7 @@ fn weights_that_do_not_fit_are_named_with_both_shapes() {
         stem: Stem::Cifar,
         width: 0.0625,
         init: None,
+        conv_init: Default::default(),
     });
     let err = run::weights(&fixture("resnet18_cifar.safetensors"), &deeper, &dev)
         .err()

@@ -45,6 +45,7 @@ fn moco(config: MocoConfig, device: &Device) -> Moco {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     init_seeded(device, 5, || config.init(&model, device))
 }

@@ -33,6 +33,7 @@ fn resnets_have_torchvision_shapes_and_names() {
             stem: Stem::Imagenet,
             width: 0.25,
             init: None,
+            conv_init: Default::default(),
         };
         assert_eq!(c.feature_dim(), dim / 4);
         let m = init_seeded(&dev, 0, || c.init(&dev));
@@ -44,6 +45,7 @@ fn resnets_have_torchvision_shapes_and_names() {
         stem: Stem::Cifar,
         width: 1.0,
         init: None,
+        conv_init: Default::default(),
     }));
     let shape = |name: &str| {
         st.tensor(name)
@@ -62,6 +64,7 @@ fn resnets_have_torchvision_shapes_and_names() {
         stem: Stem::Imagenet,
         width: 1.0,
         init: None,
+        conv_init: Default::default(),
     }));
     assert_eq!(
         st.tensor("layer1.0.conv3.weight").unwrap().shape(),
@@ -171,6 +174,7 @@ fn same_seed_same_weights() {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     let x = input([1, 3, 32, 32], 2);
     let a = init_seeded(&dev, 5, || c.init(&dev))

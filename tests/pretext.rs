@@ -24,6 +24,7 @@ fn model() -> BackboneConfig {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     })
 }
 

@@ -37,6 +37,7 @@ fn simclr(device: &Device) -> SimClr {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     init_seeded(device, 1, || {
         SimclrConfig {

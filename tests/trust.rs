@@ -121,6 +121,7 @@ fn weights_that_cannot_compute_are_refused_by_name_on_every_way_in() {
         stem: Stem::Cifar,
         width: 4.0 / 64.0,
         init: None,
+        conv_init: Default::default(),
     });
     for (name, value, says) in [
         ("conv1.weight", f32::NAN, "NaN or infinite"),
@@ -162,6 +163,7 @@ fn a_checkpoint_with_non_finite_weights_is_refused_by_name() {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     let backbone = init_seeded(&dev(), 0, || config.init(&dev())).map(&mut FirstToNan(false));
     let train: selfsup::train::TrainConfig = toml::from_str(
@@ -372,6 +374,7 @@ fn a_diverged_run_keeps_no_checkpoint_that_computes_non_finite_features() {
         stem: Stem::Cifar,
         width: 0.125,
         init: None,
+        conv_init: Default::default(),
     });
     let simclr = selfsup::methods::SimclrConfig {
         proj_hidden: Some(32),

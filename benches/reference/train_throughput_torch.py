@@ -17,7 +17,15 @@ Cases (as in the Rust bench):
 - dino_vit_tiny4_2+4crops_b64: ViT-Tiny/4, DINO head 2048-2048-256 -> 4096, EMA teacher,
   2 global crops of 32 px + 4 local crops of 16 px, AdamW, grad clip 3, batch 64.
 
-Run: python3 benches/reference/train_throughput_torch.py [CASE...]   (needs torch, torchvision)
+Two ways to make the views, both kept:
+- workers (the default): torchvision transforms per image in a DataLoader with 2 worker
+  processes, as the PyTorch tutorials do; on these 2 cores about a third of the CPU goes to the
+  kernel (process switches, shared-memory batches).
+- --lean: the whole batch's views as tensor ops in the main process (`lean_views.py`: crops by
+  affine_grid / grid_sample, jitter, grayscale, blur and solarize on the batch), the fastest
+  PyTorch we could write for 32 px images here. Issue 30 compares selfsup with this one.
+
+Run: python3 benches/reference/train_throughput_torch.py [--lean] [CASE...]   (needs torch, torchvision)
 """
 import copy
 import io
@@ -29,6 +37,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -261,6 +270,21 @@ class DINO(nn.Module):
             pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
 
+def lean_views(name):
+    """The case's views for --lean: functions of a uint8 batch [B, 3, 32, 32]."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from lean_views import view
+    if name.startswith("simclr"):
+        simclr = lambda x: view(x, 32, (0.08, 1.0), (0.8, 0.8, 0.8, 0.8, 0.2), 0.2, 0.5)
+        return [simclr, simclr]
+    if name.startswith("mae"):
+        return [lambda x: view(x, 32, (0.2, 1.0))]
+    jitter = (0.8, 0.4, 0.4, 0.2, 0.1)
+    return [lambda x: view(x, 32, (0.4, 1.0), jitter, 0.2, 1.0),
+            lambda x: view(x, 32, (0.4, 1.0), jitter, 0.2, 0.1, 0.2)] + \
+        [lambda x: view(x, 16, (0.05, 0.4), jitter, 0.2, 0.5)] * 4
+
+
 def case(name):
     if name == "simclr_r18w0.25_b256":
         model, batch, steps = SimCLR(0.25), 256, 8
@@ -291,11 +315,24 @@ def cpu_seconds():
     return (int(fields[0]) + int(fields[1])) / ticks, int(fields[2]) / ticks
 
 
-def run(name, images):
+def lean_batches(images, views, batch):
+    """Endless batches of views drawn in the main process from a uint8 tensor of the images."""
+    data = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).contiguous()
+    while True:
+        order = torch.randperm(len(data))
+        for s in range(0, len(data) - batch + 1, batch):
+            x = data[order[s:s + batch]]
+            yield [v(x) for v in views]
+
+
+def run(name, images, lean):
     model, batch, steps, views, opt = case(name)
-    loader = torch.utils.data.DataLoader(Views(images, views), batch_size=batch, shuffle=True,
-                                         drop_last=True, num_workers=2, persistent_workers=True)
-    it = iter(loader)
+    if lean:
+        it = lean_batches(images, lean_views(name), batch)
+    else:
+        loader = torch.utils.data.DataLoader(Views(images, views), batch_size=batch, shuffle=True,
+                                             drop_last=True, num_workers=2, persistent_workers=True)
+        it = iter(loader)
     for step in range(2 + steps):
         if step == 2:
             cpu0, wall0 = cpu_seconds(), time.perf_counter()
@@ -315,13 +352,17 @@ def run(name, images):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--case"]:
-        run(sys.argv[2], cifar_train())
+    args = sys.argv[1:]
+    lean = "--lean" in args
+    args = [a for a in args if a != "--lean"]
+    if args[:1] == ["--case"]:
+        run(args[1], cifar_train(), lean)
         raise SystemExit
-    names = sys.argv[1:] or ["simclr_r18w0.25_b256", "simclr_r18_b128", "mae_vit_tiny4_b64", "dino_vit_tiny4_2+4crops_b64"]
-    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, DataLoader with 2 workers")
+    names = args or ["simclr_r18w0.25_b256", "simclr_r18_b128", "mae_vit_tiny4_b64", "dino_vit_tiny4_2+4crops_b64"]
+    how = "lean: batched views in the main process" if lean else "DataLoader with 2 workers"
+    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {how}")
     print("| case | steps | img/s | user s | sys s | cores busy | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for n in names:
         # One process per case, so that each peak RSS is the case's own.
-        subprocess.run([sys.executable, __file__, "--case", n], check=True)
+        subprocess.run([sys.executable, __file__, "--case", n] + (["--lean"] if lean else []), check=True)

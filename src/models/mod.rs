@@ -17,7 +17,7 @@ pub use ema::{ema_update, momentum_copy};
 pub use heads::{
     plain_batch_norm, DinoHead, DinoHeadConfig, OutputNorm, ProjectionHead, ProjectionHeadConfig,
 };
-pub use resnet::{ResNet, ResNetConfig, Stem};
+pub use resnet::{ConvInit, ResNet, ResNetConfig, Stem};
 pub(crate) use vit::zero_bias_linear;
 pub(crate) use vit::{block as vit_block, linear as vit_linear, xavier_linear};
 pub use vit::{drop_path_masks, resize_positions, Pool, Vit, VitBlock, VitConfig, LAYER_NORM_EPS};

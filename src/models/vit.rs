@@ -7,12 +7,11 @@
 //! position embeddings without a class slot (`no_embed_class`; DeiT-III, timm's DINOv2 with
 //! registers).
 
-use crate::kernels::{conv2d, gelu, layer_norm};
+use crate::kernels::{attention, conv2d, gelu, layer_norm};
 use crate::precision;
 use burn::module::{Module, Param, ParamGroup};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -279,22 +278,8 @@ pub struct Attention {
 impl Attention {
     /// Multi-head self-attention; also returns the attention weights `[n, heads, t, t]`.
     fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let [n, t, d] = x.dims();
-        let h = self.heads;
-        let qkv = precision::linear(&self.qkv, x)
-            .reshape([n, t, 3, h, d / h])
-            .permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().narrow(0, 0, 1).reshape([n, h, t, d / h]);
-        let k = qkv.clone().narrow(0, 1, 1).reshape([n, h, t, d / h]);
-        let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d / h]);
-        let attn = softmax(
-            precision::matmul(q, k.swap_dims(2, 3)).mul_scalar(((d / h) as f64).powf(-0.5)),
-            3,
-        );
-        let out = precision::matmul(attn.clone(), v)
-            .swap_dims(1, 2)
-            .reshape([n, t, d]);
-        (precision::linear(&self.proj, out), attn)
+        let (out, weights) = attention(precision::linear(&self.qkv, x), self.heads);
+        (precision::linear(&self.proj, out), weights)
     }
 }
 
