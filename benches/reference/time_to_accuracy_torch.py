@@ -18,7 +18,9 @@ Cases:
 - simclr_cpu_tvinit: the same with torchvision's ResNet init of the convolutions (Kaiming normal,
   fan-out, for ReLU), which selfsup uses, instead of PyTorch's default.
 Both with solo-learn's CIFAR views (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at p 0.8,
-grayscale 0.2, no blur), as selfsup's CPU recipe.
+grayscale 0.2, no blur), as selfsup's CPU recipe. A case name ending in `_lean` (say
+`simclr_cpu_lean`) draws the same views batched in the main process (`lean_views.py`) instead of
+a DataLoader with 2 worker processes: the fastest PyTorch for these 2 cores (issue 30).
 
 Run: python3 benches/reference/time_to_accuracy_torch.py CASE [CPU_MINUTES=45]
 """
@@ -35,7 +37,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_throughput_torch import ARCHIVE, SimCLR, Views, cpu_seconds, normalize  # noqa: E402
+from lean_views import view  # noqa: E402
+from train_throughput_torch import ARCHIVE, SimCLR, Views, cpu_seconds, lean_batches, normalize  # noqa: E402
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -80,6 +83,8 @@ def knn(train, train_labels, test, test_labels, k=200, t=0.1, classes=10):
 
 
 def main(name, budget_minutes):
+    lean = name.endswith("_lean")
+    name = name.removesuffix("_lean")
     if name == "simclr_w0.25_sgd":
         model = SimCLR(0.25)
         opt = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-5)
@@ -95,10 +100,12 @@ def main(name, budget_minutes):
     peak_lr, batch, budget = opt.param_groups[0]["lr"], 256, 60 * budget_minutes
     train, train_labels = cifar("train")
     test, test_labels = cifar("test")
-    loader = torch.utils.data.DataLoader(Views(train, [solo_view(), solo_view()]), batch_size=batch, shuffle=True,
-                                         drop_last=True, num_workers=2, persistent_workers=True)
-
     def batches():
+        if lean:
+            solo = lambda x: view(x, 32, (0.08, 1.0), (0.8, 0.4, 0.4, 0.2, 0.1), 0.2)
+            yield from lean_batches(train, [solo, solo], batch)
+        loader = torch.utils.data.DataLoader(Views(train, [solo_view(), solo_view()]), batch_size=batch,
+                                             shuffle=True, drop_last=True, num_workers=2, persistent_workers=True)
         while True:
             yield from loader
 
@@ -130,7 +137,7 @@ def main(name, budget_minutes):
             print(f"step {step}/{total} loss {loss.item():.3f} lr {lr:.4f} {used / 60:.1f} CPU-min", flush=True)
     cpu, wall = sum(cpu_seconds()) - cpu0, time.perf_counter() - wall0
     accuracy = knn(features(model.backbone, train), train_labels, features(model.backbone, test), test_labels)
-    print(f"| PyTorch {torch.__version__} {name} | {step} steps ({step * batch / 50000:.2f} epochs) | "
+    print(f"| PyTorch {torch.__version__} {name}{' (lean)' if lean else ''} | {step} steps ({step * batch / 50000:.2f} epochs) | "
           f"{cpu / 60:.1f} CPU-min ({wall / 60:.1f} min wall) | kNN top-1 {accuracy:.2f}% |", flush=True)
 
 
