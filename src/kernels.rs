@@ -359,8 +359,7 @@ pub fn attention(qkv: Tensor<3>, heads: usize) -> (Tensor<3>, Tensor<4>) {
         && d3 == 3 * heads * dh
         && n * t > 0;
     if fused {
-        let (out, weights) =
-            <Dispatch as CpuKernels>::attention(qkv.into_dispatch(), heads, scale);
+        let (out, weights) = <Dispatch as CpuKernels>::attention(qkv.into_dispatch(), heads, scale);
         return (Tensor::from_dispatch(out), Tensor::from_dispatch(weights));
     }
     let qkv = qkv.reshape([n, t, 3, heads, dh]).permute([2, 0, 3, 1, 4]);
@@ -765,7 +764,14 @@ impl CpuKernels for Flex {
                 for (h, p) in weights.chunks_mut(t * t).enumerate() {
                     let (q, k, v) = (&x[h * dh..], &x[d + h * dh..], &x[2 * d + h * dh..]);
                     // S = scale · q kᵀ, then P = softmax(S) row by row.
-                    gemm_into([t, dh, t], (q, d3, 1), (k, 1, d3), (p, t), false, scale as f32);
+                    gemm_into(
+                        [t, dh, t],
+                        (q, d3, 1),
+                        (k, 1, d3),
+                        (p, t),
+                        false,
+                        scale as f32,
+                    );
                     softmax_rows(p, t);
                     // This head's output columns: P v.
                     let o = &mut out[h * dh..];
@@ -790,30 +796,60 @@ impl CpuKernels for Flex {
         let (d, dh) = (d3 / 3, d3 / (3 * heads));
         let (x, p_all, g_all) = (values(&qkv), values(&weights), values(&output_grad));
         let mut grad = vec![0f32; n * t * d3];
-        grad.par_chunks_mut(t * d3).enumerate().for_each(|(i, grad)| {
-            let x = &x[i * t * d3..(i + 1) * t * d3];
-            let g = &g_all[i * t * d..(i + 1) * t * d];
-            let mut ds = vec![0f32; t * t];
-            for h in 0..heads {
-                let p = &p_all[(i * heads + h) * t * t..(i * heads + h + 1) * t * t];
-                let (q, k, v) = (h * dh, d + h * dh, 2 * d + h * dh);
-                let go = &g[h * dh..];
-                // dv = Pᵀ dO.
-                gemm_into([t, t, dh], (p, 1, t), (go, d, 1), (&mut grad[v..], d3), false, 1.0);
-                // dP = dO vᵀ, then dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale.
-                gemm_into([t, dh, t], (go, d, 1), (&x[v..], 1, d3), (&mut ds, t), false, 1.0);
-                for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f64 = ds.iter().zip(p).map(|(a, b)| (a * b) as f64).sum();
-                    let dot = dot as f32;
-                    for (s, &p) in ds.iter_mut().zip(p) {
-                        *s = p * (*s - dot) * scale as f32;
+        grad.par_chunks_mut(t * d3)
+            .enumerate()
+            .for_each(|(i, grad)| {
+                let x = &x[i * t * d3..(i + 1) * t * d3];
+                let g = &g_all[i * t * d..(i + 1) * t * d];
+                let mut ds = vec![0f32; t * t];
+                for h in 0..heads {
+                    let p = &p_all[(i * heads + h) * t * t..(i * heads + h + 1) * t * t];
+                    let (q, k, v) = (h * dh, d + h * dh, 2 * d + h * dh);
+                    let go = &g[h * dh..];
+                    // dv = Pᵀ dO.
+                    gemm_into(
+                        [t, t, dh],
+                        (p, 1, t),
+                        (go, d, 1),
+                        (&mut grad[v..], d3),
+                        false,
+                        1.0,
+                    );
+                    // dP = dO vᵀ, then dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale.
+                    gemm_into(
+                        [t, dh, t],
+                        (go, d, 1),
+                        (&x[v..], 1, d3),
+                        (&mut ds, t),
+                        false,
+                        1.0,
+                    );
+                    for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                        let dot: f64 = ds.iter().zip(p).map(|(a, b)| (a * b) as f64).sum();
+                        let dot = dot as f32;
+                        for (s, &p) in ds.iter_mut().zip(p) {
+                            *s = p * (*s - dot) * scale as f32;
+                        }
                     }
+                    // dq = dS k, dk = dSᵀ q.
+                    gemm_into(
+                        [t, t, dh],
+                        (&ds, t, 1),
+                        (&x[k..], d3, 1),
+                        (&mut grad[q..], d3),
+                        false,
+                        1.0,
+                    );
+                    gemm_into(
+                        [t, t, dh],
+                        (&ds, 1, t),
+                        (&x[q..], d3, 1),
+                        (&mut grad[k..], d3),
+                        false,
+                        1.0,
+                    );
                 }
-                // dq = dS k, dk = dSᵀ q.
-                gemm_into([t, t, dh], (&ds, t, 1), (&x[k..], d3, 1), (&mut grad[q..], d3), false, 1.0);
-                gemm_into([t, t, dh], (&ds, 1, t), (&x[q..], d3, 1), (&mut grad[k..], d3), false, 1.0);
-            }
-        });
+            });
         flex_tensor(grad, shape)
     }
 

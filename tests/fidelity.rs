@@ -192,7 +192,11 @@ fn resnet_convolutions_initialise_as_torchvision_or_pytorch() {
         let model = init_seeded(&dev, 0, || BackboneConfig::Resnet(config).init(&dev));
         let mut convs = Convs(vec![]);
         model.visit(&mut convs);
-        assert_eq!(convs.0.len(), 20, "ResNet-18: 17 convolutions and 3 shortcuts");
+        assert_eq!(
+            convs.0.len(),
+            20,
+            "ResNet-18: 17 convolutions and 3 shortcuts"
+        );
         for ([c_out, c_in, kh, kw], values) in convs.0 {
             let n = values.len() as f64;
             let std = (values.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n).sqrt();

@@ -497,7 +497,10 @@ fn attention_matches_burn() {
     // Outside autodiff (attention maps, features): the same kernel, forward only.
     let device = Device::flex();
     let qkv = Tensor::<3>::from_data(random([2, 7, 24], 3, 1.0, 0.0), &device);
-    let (fused, reference) = (kernels::attention(qkv.clone(), 2), attention_composed(qkv, 2));
+    let (fused, reference) = (
+        kernels::attention(qkv.clone(), 2),
+        attention_composed(qkv, 2),
+    );
     assert_close("eval attention", fused.0, reference.0);
     assert_close("eval attention weights", fused.1, reference.1);
 }

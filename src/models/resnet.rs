@@ -153,7 +153,14 @@ impl ResNetConfig {
 }
 
 /// A bias-free k×k convolution with padding k / 2, its weights drawn by `init`.
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, init: ConvInit, device: &Device) -> Conv2d {
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    init: ConvInit,
+    device: &Device,
+) -> Conv2d {
     let p = k / 2;
     Conv2dConfig::new([cin, cout], [k, k])
         .with_stride([stride, stride])
