@@ -16,6 +16,10 @@
 //!   scalar `erf` per element, both on one thread below 256K elements (a ViT-Tiny block at
 //!   batch 64). Here each is one parallel pass forward and one backward, GELU's `erf` by
 //!   Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7).
+//! - [`attention`]: burn runs a ViT's attention as copies of the qkv projection (reshape,
+//!   permute, narrow), two batched matmuls, a softmax and a copy back, each a whole-tensor pass
+//!   with its own backward. Here one pass over each image's heads, reading q, k and v in place
+//!   with strided products, and one pass back from the kept softmax weights.
 //!
 //! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).

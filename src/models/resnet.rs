@@ -47,7 +47,8 @@ pub enum ConvInit {
     #[default]
     Torchvision,
     /// PyTorch's default for a bare `nn.Conv2d`: `kaiming_uniform_(a = √5)`, that is
-    /// U(±1/√(C_in·k²)); 1.5-2.4× smaller weights than torchvision's in a ResNet-18.
+    /// U(±1/√(C_in·k²)): a standard deviation √(6·C_in/C_out) times smaller than torchvision's
+    /// (2.4× in a ResNet's blocks, 1.7× where the width doubles; the stem's is larger).
     Pytorch,
 }
 

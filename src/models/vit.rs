@@ -276,7 +276,8 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Multi-head self-attention; also returns the attention weights `[n, heads, t, t]`.
+    /// Multi-head self-attention; also returns the attention weights `[n, heads, t, t]`
+    /// (without a gradient on `flex` in f32: [`attention`]).
     fn forward(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let (out, weights) = attention(precision::linear(&self.qkv, x), self.heads);
         (precision::linear(&self.proj, out), weights)
