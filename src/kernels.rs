@@ -20,6 +20,10 @@
 //!   permute, narrow), two batched matmuls, a softmax and a copy back, each a whole-tensor pass
 //!   with its own backward. Here one pass over each image's heads, reading q, k and v in place
 //!   with strided products, and one pass back from the kept softmax weights.
+//! - [`linear`]: burn-flex allocates every matmul's output zero-filled and then copies it
+//!   (its `Bytes` takes a `Vec<u8>` and re-aligns it), adds the bias in another pass and sums
+//!   the bias gradient on one thread. Here gemm writes onto the bias rows of the output, and
+//!   the gradients are two gemms into fresh buffers and a threaded column sum.
 //!
 //! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
@@ -69,6 +73,23 @@ pub trait CpuKernels: Backend {
 
     /// The gradient of [`CpuKernels::gelu`] at `x` given its output's.
     fn gelu_backward(_x: FloatTensor<Self>, _output_grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
+
+    /// `x · weight + bias` over the last dim of `x` (`[..., k]`), `weight` `[k, n]`, `bias`
+    /// `[n]`: output `[..., n]`, as burn's `linear`.
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Gradients (x, weight, bias) of [`CpuKernels::linear`] given its output's.
+    fn linear_backward(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
 
@@ -317,6 +338,43 @@ fn sync_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     output
 }
 
+/// `x · weight + bias` (`x` `[..., k]`, `weight` `[k, n]`, `bias` `[n]`): output `[..., n]`,
+/// as `burn::tensor::module::linear`. On `flex` in f32 one threaded gemm writes the product
+/// onto the bias rows of the output, and the backward pass is two gemms into fresh buffers and
+/// a threaded column sum ([`CpuKernels::linear`]); burn's own path zero-fills each product's
+/// buffer and copies it once more, then adds the bias and sums its gradient on one thread.
+/// Elsewhere burn's `linear`.
+pub fn linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    let [k, n] = weight.dims();
+    let f32s = [
+        Some(x.dtype()),
+        Some(weight.dtype()),
+        bias.as_ref().map(|b| b.dtype()),
+    ]
+    .into_iter()
+    .flatten()
+    .all(|t| t == burn::tensor::DType::F32);
+    let fused = f32s
+        && D >= 2
+        && x.dims()[D - 1] == k
+        && bias.as_ref().is_none_or(|b| b.dims() == [n])
+        && on_flex(&x.device());
+    if !fused {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    // Without a bias, a constant zero one: its gradient is computed but reaches no parameter.
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([n], &x.device()));
+    Tensor::from_dispatch(<Dispatch as CpuKernels>::linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
 /// GELU (exact), with the fused kernel on `flex`, burn's `gelu` elsewhere.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     match on_flex(&x.device()) {
@@ -556,15 +614,45 @@ fn gemm_into(
     scale: f32,
 ) {
     assert!(m == 0 || n == 0 || (c_row >= n && c.len() >= (m - 1) * c_row + n));
+    // SAFETY: the assert keeps every element of c inside its slice.
+    unsafe {
+        gemm_raw(
+            [m, k, n],
+            a,
+            b,
+            (c.as_mut_ptr(), c_row),
+            accumulate,
+            scale,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `c (+)= scale · a · b` into an m×n `c` at a pointer with a row stride, the product split
+/// over threads by `parallelism` (gemm splits the output, never the sum over k: the bits do not
+/// depend on the thread count).
+///
+/// # Safety
+/// `c` must be valid for writes of every element (m − 1)·row + n it spans, and for reads too
+/// when `accumulate`; without `accumulate` gemm only writes it, so it may be uninitialised.
+unsafe fn gemm_raw(
+    [m, k, n]: [usize; 3],
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (c, c_row): (*mut f32, usize),
+    accumulate: bool,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-    // SAFETY: the asserts keep every index the strides reach inside its slice.
+    // SAFETY: the asserts keep every index the strides reach inside a and b; c is the caller's.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             c_row as isize,
             accumulate,
@@ -579,9 +667,44 @@ fn gemm_into(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
+}
+
+/// `a · b` (m×k by k×n, each as (values, row stride, column stride)) into a new row-major
+/// m×n buffer, never zero-filled: gemm without `accumulate` writes every element.
+fn product(dims: [usize; 3], a: (&[f32], usize, usize), b: (&[f32], usize, usize)) -> Vec<f32> {
+    let [m, k, n] = dims;
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    if k == 0 {
+        out.resize(m * n, 0.0);
+        return out;
+    }
+    // SAFETY: `out` has room for m·n values, m rows of n; gemm writes all of them.
+    unsafe {
+        gemm_raw(dims, a, b, (out.as_mut_ptr(), n), false, 1.0, threads(dims));
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// gemm's threads for an m×k×n product: all of rayon's from 192³ multiply-adds (burn-flex's
+/// matmul's threshold), none below, where waking them costs more than they save.
+fn threads([m, k, n]: [usize; 3]) -> gemm::Parallelism {
+    match m.saturating_mul(k).saturating_mul(n) >= 192 * 192 * 192 {
+        true => gemm::Parallelism::Rayon(0),
+        false => gemm::Parallelism::None,
+    }
+}
+
+/// `shape` with its last dim set to `n`.
+fn with_last(shape: &Shape, n: usize) -> Shape {
+    let mut dims: Vec<usize> = (0..shape.num_dims()).map(|i| shape[i]).collect();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
 }
 
 /// The shapes of one convolution: input `[C, H, W]` per image, kernel, output grid.
@@ -855,6 +978,70 @@ impl CpuKernels for Flex {
                 }
             });
         flex_tensor(grad, shape)
+    }
+
+    fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let shape = x.shape();
+        let (k, n) = (weight.shape()[0], weight.shape()[1]);
+        let m = shape.num_elements() / k.max(1);
+        let (xs, w, b) = (values(&x), values(&weight), values(&bias));
+        // The output starts as the bias in every row; gemm adds the product onto it.
+        let mut out = Vec::with_capacity(m * n);
+        out.par_extend((0..m * n).into_par_iter().map(|i| b[i % n]));
+        let dims = [m, k, n];
+        if k > 0 {
+            // SAFETY: `out` holds m·n initialised values, m rows of n.
+            unsafe {
+                gemm_raw(
+                    dims,
+                    (&xs, k, 1),
+                    (&w, n, 1),
+                    (out.as_mut_ptr(), n),
+                    true,
+                    1.0,
+                    threads(dims),
+                )
+            };
+        }
+        flex_tensor(out, with_last(&shape, n))
+    }
+
+    fn linear_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (k, n) = (weight.shape()[0], weight.shape()[1]);
+        let m = shape.num_elements() / k.max(1);
+        let (xs, w, dy) = (values(&x), values(&weight), values(&output_grad));
+        // dx = dy · weightᵀ, d weight = xᵀ · dy (weightᵀ and xᵀ read in place by their strides).
+        let x_grad = product([m, n, k], (&dy, n, 1), (&w, 1, n));
+        let weight_grad = product([k, m, n], (&xs, 1, k), (&dy, n, 1));
+        // d bias = the column sums of dy, in f64: 8 row blocks in parallel, added in block order.
+        let rows = m.div_ceil(8).max(1);
+        let partials: Vec<Vec<f64>> = dy
+            .par_chunks(rows * n.max(1))
+            .map(|block| {
+                let mut sums = vec![0f64; n];
+                for row in block.chunks(n.max(1)) {
+                    sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+                }
+                sums
+            })
+            .collect();
+        let mut bias_grad = vec![0f64; n];
+        for partial in partials {
+            bias_grad.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+        }
+        (
+            flex_tensor(x_grad, shape),
+            flex_tensor(weight_grad, Shape::new([k, n])),
+            flex_tensor(
+                bias_grad.into_iter().map(|v| v as f32).collect(),
+                Shape::new([n]),
+            ),
+        )
     }
 
     fn gelu(x: FlexTensor) -> FlexTensor {
@@ -1318,6 +1505,65 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                     <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale);
                 (prep.finish(out), weights_only(weights))
             }
+        }
+    }
+
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        /// The backward step: the three gradients from the checkpointed x and weight.
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 3> for LinearBackward {
+            /// x and the weight as checkpointed nodes.
+            type State = (NodeId, NodeId);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight, node_bias] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state.0);
+                let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state.1);
+                let (x_grad, weight_grad, bias_grad) =
+                    <B as CpuKernels>::linear_backward(x, weight, grad);
+                for (node, grad) in [
+                    (node_x, x_grad),
+                    (node_weight, weight_grad),
+                    (node_bias, bias_grad),
+                ] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        match LinearBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                let output = <B as CpuKernels>::linear(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                );
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as CpuKernels>::linear(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
         }
     }
 

@@ -107,7 +107,8 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     linear_with(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
-/// `x · weight + bias` (`weight` `[d_in, d_out]`), as `burn::tensor::module::linear`.
+/// `x · weight + bias` (`weight` `[d_in, d_out]`), as `burn::tensor::module::linear` (in f32 on
+/// `flex`, the fused [`crate::kernels::linear`]).
 pub fn linear_with<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
@@ -115,7 +116,7 @@ pub fn linear_with<const D: usize>(
 ) -> Tensor<D> {
     use burn::tensor::module::linear;
     match lower() {
-        None => linear(x, weight, bias),
+        None => crate::kernels::linear(x, weight, bias),
         Some(t) => linear(x.cast(t), weight.cast(t), bias.map(|b| b.cast(t))).cast(FloatDType::F32),
     }
 }

@@ -402,7 +402,7 @@ fn layer_norm_outside_training_matches_burn() {
 
 #[test]
 fn gradients_are_the_same_bits_on_every_run() {
-    // Parallel reductions (batch norm's statistics, the weight and γ gradients) add their
+    // Parallel reductions (batch norm's statistics, the weight, γ and linear gradients) add their
     // partial sums in a fixed order: a resumed run must repeat the uninterrupted one exactly.
     let device = Device::flex().autodiff();
     let conv = convolution(
@@ -416,10 +416,13 @@ fn gradients_are_the_same_bits_on_every_run() {
     );
     let bn = layer(8, &device);
     let ln = layer_norm_module(8, &device);
+    // 9,216 rows of 8 into 128: over gemm's threading threshold both ways.
+    let fc = Tensor::<2>::from_data(random([8, 128], 2, 1.0, 0.0), &device).require_grad();
     let x = Tensor::<4>::from_data(random([64, 3, 12, 12], 1, 1.0, 0.5), &device);
     let grads = || {
         let y = kernels::batch_norm(&bn, kernels::conv2d(&conv, x.clone()));
         let z = kernels::layer_norm(&ln, kernels::gelu(y.swap_dims(1, 3)), 1e-6);
+        let z = kernels::linear(z, fc.clone(), None);
         let grads = z.powi_scalar(2).sum().backward();
         let bits = |t: Tensor<1>| {
             t.into_data()
@@ -433,6 +436,7 @@ fn gradients_are_the_same_bits_on_every_run() {
             bits(conv.weight.val().grad(&grads).unwrap().flatten(0, 3)),
             bits(bn.gamma.val().grad(&grads).unwrap()),
             bits(ln.gamma.val().grad(&grads).unwrap()),
+            bits(fc.grad(&grads).unwrap().flatten(0, 1)),
         ]
     };
     let first = grads();
@@ -503,4 +507,74 @@ fn attention_matches_burn() {
     );
     assert_close("eval attention", fused.0, reference.0);
     assert_close("eval attention weights", fused.1, reference.1);
+}
+
+#[test]
+fn linear_matches_burn() {
+    let device = Device::flex().autodiff();
+    // MAE's qkv projection over a batch of visible tokens (large enough for gemm's threads), a
+    // small 2-D one, one without a bias, and a strided input (a transposed copy's view).
+    for (shape, n, bias, strided) in [
+        ([64, 17, 192], 576, true, false),
+        ([1, 5, 7], 3, true, false),
+        ([2, 9, 16], 40, false, false),
+        ([3, 4, 10], 6, true, true),
+    ] {
+        let x = match strided {
+            false => Tensor::<3>::from_data(random(shape, 1, 2.0, 0.0), &device),
+            true => {
+                let [a, b, k] = shape;
+                Tensor::<3>::from_data(random([b, a, k], 1, 2.0, 0.0), &device).swap_dims(0, 1)
+            }
+        }
+        .require_grad();
+        let k = shape[2];
+        let weight = Tensor::<2>::from_data(random([k, n], 2, 0.5, 0.0), &device).require_grad();
+        let b =
+            bias.then(|| Tensor::<1>::from_data(random([n], 3, 1.0, 0.0), &device).require_grad());
+        let upstream =
+            Tensor::<3>::from_data(random([shape[0], shape[1], n], 4, 1.0, 0.0), &device);
+        let run = |fused: bool| {
+            let y = match fused {
+                true => kernels::linear(x.clone(), weight.clone(), b.clone()),
+                false => burn::tensor::module::linear(x.clone(), weight.clone(), b.clone()),
+            };
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let bias_grad = b.as_ref().map(|b| b.grad(&grads).unwrap());
+            (
+                y,
+                x.grad(&grads).unwrap(),
+                weight.grad(&grads).unwrap(),
+                bias_grad,
+            )
+        };
+        let (fused, reference) = (run(true), run(false));
+        assert_close("linear", fused.0, reference.0);
+        assert_close("linear x grad", fused.1, reference.1);
+        assert_close("linear weight grad", fused.2, reference.2);
+        // The bias gradient is the upstream gradient's column sums, here in f64 (burn's f32 sum
+        // over 1,088 rows is itself 1e-5 off).
+        if let Some(got) = fused.3 {
+            let up = upstream.clone().into_data().to_vec::<f32>().unwrap();
+            let want: Vec<f32> = (0..n)
+                .map(|j| up.iter().skip(j).step_by(n).map(|&v| v as f64).sum::<f64>() as f32)
+                .collect();
+            assert_close(
+                "linear bias grad",
+                got,
+                Tensor::from_data(TensorData::new(want, [n]), &device),
+            );
+            assert!(reference.3.is_some());
+        }
+    }
+    // Outside autodiff (features, the teacher): the same kernel, forward only.
+    let device = Device::flex();
+    let x = Tensor::<2>::from_data(random([6, 8], 5, 1.0, 0.0), &device);
+    let weight = Tensor::<2>::from_data(random([8, 3], 6, 1.0, 0.0), &device);
+    let bias = Tensor::<1>::from_data(random([3], 7, 1.0, 0.0), &device);
+    assert_close(
+        "eval linear",
+        kernels::linear(x.clone(), weight.clone(), Some(bias.clone())),
+        burn::tensor::module::linear(x, weight, Some(bias)),
+    );
 }

@@ -235,6 +235,6 @@ impl DinoHead {
         if freeze_last {
             w = w.detach();
         }
-        crate::precision::matmul(x, w)
+        crate::precision::linear_with(x, w, None)
     }
 }
