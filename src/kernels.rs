@@ -25,6 +25,10 @@
 //!   the bias gradient on one thread. Here gemm writes onto the bias rows of the output, and
 //!   the gradients are two gemms into fresh buffers and a threaded column sum.
 //!
+//! - [`adamw_step`]: burn's AdamW updates each parameter with thirteen whole-tensor ops, each
+//!   on one thread below 256K values (every tensor of a ViT-Tiny). Here one parallel pass
+//!   updates the parameter and its moments in place, with the same f32 arithmetic.
+//!
 //! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
 
@@ -92,6 +96,16 @@ pub trait CpuKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
+
+    /// One AdamW update of a parameter `w` from its gradient `g` and moments `moment_1`,
+    /// `moment_2` (all of one shape): the new (w, moment_1, moment_2). Not differentiable.
+    fn adamw_step(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// Layer norm over the last dim of `x` (`[..., D]`): (output, mean, variance), the last two
     /// per row `[rows]`.
@@ -375,6 +389,79 @@ pub fn linear<const D: usize>(
     ))
 }
 
+/// The scalars of one AdamW update (Loshchilov & Hutter; burn's `AdamW`, PyTorch's `AdamW`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// The learning rate.
+    pub lr: f64,
+    /// β1, the first moment's decay.
+    pub beta_1: f32,
+    /// β2, the second moment's decay.
+    pub beta_2: f32,
+    /// ε, added to the root of the corrected second moment.
+    pub epsilon: f32,
+    /// Decoupled weight decay: w ← w·(1 − lr·weight_decay) before the update.
+    pub weight_decay: f32,
+    /// The update's number, from 1 (the moments' bias correction).
+    pub time: usize,
+}
+
+impl AdamWStep {
+    /// burn's `AdamW` update of one value w with gradient g and moments (m, v), in its order
+    /// of f32 operations, so the same bits:
+    /// m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², w ← w·(1 − lr·λ) − lr·m̂/(√v̂ + ε) with
+    /// m̂ = m/(1−β1ᵗ), v̂ = v/(1−β2ᵗ).
+    fn update(&self) -> impl Fn(&mut f32, f32, &mut f32, &mut f32) + Sync {
+        let (b1, b2, eps) = (self.beta_1, self.beta_2, self.epsilon);
+        let (f1, f2) = (1.0 - b1, 1.0 - b2);
+        let time = self.time as i32;
+        let (c1, c2) = (1f32 - b1.powi(time), 1f32 - b2.powi(time));
+        let decay = self.lr * self.weight_decay as f64;
+        let keep = (decay != 0.0).then_some((1.0 - decay) as f32);
+        let lr = self.lr as f32;
+        move |w, g, m, v| {
+            *m = *m * b1 + g * f1;
+            *v = *v * b2 + g * g * f2;
+            let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
+            let decayed = keep.map_or(*w, |keep| *w * keep);
+            *w = decayed - delta * lr;
+        }
+    }
+}
+
+/// One AdamW update of `w` (gradient `g`, moments `moment_1` and `moment_2`, all f32 of one
+/// shape on `flex`, outside autodiff): the new (w, moment_1, moment_2), from one parallel pass
+/// that updates them in place ([`AdamWStep::update`]: burn's `AdamW`, bit for bit). burn's own
+/// update is thirteen whole-tensor ops, each on one thread below 256K values.
+///
+/// # Panics
+/// If the four differ in shape or are not f32 tensors on `flex`.
+pub fn adamw_step<const D: usize>(
+    w: Tensor<D>,
+    g: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+    step: AdamWStep,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let shape = w.dims();
+    assert!(
+        [&g, &moment_1, &moment_2].iter().all(|t| t.dims() == shape),
+        "adamw_step: the parameter, its gradient and its moments differ in shape"
+    );
+    let (w, m, v) = <Dispatch as CpuKernels>::adamw_step(
+        w.into_dispatch(),
+        g.into_dispatch(),
+        moment_1.into_dispatch(),
+        moment_2.into_dispatch(),
+        step,
+    );
+    (
+        Tensor::from_dispatch(w),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
 /// GELU (exact), with the fused kernel on `flex`, burn's `gelu` elsewhere.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     match on_flex(&x.device()) {
@@ -489,6 +576,18 @@ fn flex_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
         Layout::contiguous(shape),
         DType::F32,
     )
+}
+
+/// `x` with its values alone in one contiguous buffer from offset 0 (copied when not), so
+/// that `storage_mut` updates exactly its values in row-major order (and in place when the
+/// buffer is not shared).
+fn owned(x: FlexTensor) -> FlexTensor {
+    let n = x.shape().num_elements();
+    let whole = x.layout().contiguous_offsets() == Some((0, n)) && x.storage::<f32>().len() == n;
+    match whole {
+        true => x,
+        false => x.to_contiguous(),
+    }
 }
 
 /// The f32 values of a flex tensor, in row-major order.
@@ -1044,6 +1143,36 @@ impl CpuKernels for Flex {
         )
     }
 
+    fn adamw_step(
+        w: FlexTensor,
+        g: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+        step: AdamWStep,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        assert!(
+            [&w, &g, &moment_1, &moment_2]
+                .iter()
+                .all(|t| t.dtype() == DType::F32),
+            "adamw_step takes f32 tensors"
+        );
+        let (mut w, mut m, mut v) = (owned(w), owned(moment_1), owned(moment_2));
+        let g = values(&g);
+        let update = step.update();
+        const CHUNK: usize = 16 * 1024;
+        w.storage_mut::<f32>()
+            .par_chunks_mut(CHUNK)
+            .zip(m.storage_mut::<f32>().par_chunks_mut(CHUNK))
+            .zip(v.storage_mut::<f32>().par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((w, m), v), g)| {
+                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
+                    update(w, g, m, v);
+                }
+            });
+        (w, m, v)
+    }
+
     fn gelu(x: FlexTensor) -> FlexTensor {
         if x.dtype() != DType::F32 {
             return <Flex as ActivationOps<Flex>>::gelu(x);
@@ -1506,6 +1635,24 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                 (prep.finish(out), weights_only(weights))
             }
         }
+    }
+
+    fn adamw_step(
+        w: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (w, m, v) = <B as CpuKernels>::adamw_step(
+            w.into_primitive(),
+            g.into_primitive(),
+            moment_1.into_primitive(),
+            moment_2.into_primitive(),
+            step,
+        );
+        let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+        (untracked(w), untracked(m), untracked(v))
     }
 
     fn linear(

@@ -1,6 +1,7 @@
 //! Optimisers (LARS, SGD with momentum, AdamW) and the learning-rate schedule.
 //!
-//! burn ships SGD and AdamW; LARS is written here as a burn `Optimizer` (burn has none).
+//! burn ships SGD and AdamW; LARS is written here as a burn `Optimizer` (burn has none), and
+//! AdamW runs as [`FusedAdamW`]: burn's update, one threaded pass per parameter on the CPU.
 //! Bias and normalisation parameters (the rank-1 tensors) are excluded from LARS's adaptation
 //! and from weight decay in LARS and AdamW, as SimCLR, MAE and DINO do; MAE's fine-tuning also
 //! exempts a ViT's class token and position embeddings (`exempt_embeddings`).
@@ -8,11 +9,14 @@
 use burn::grad_clipping::GradientClipping;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::{Momentum, MomentumConfig, MomentumState};
-use burn::optim::{AdamWConfig, ModuleOptimizer, Optimizer, SgdConfig};
-use burn::tensor::{Device, Tensor};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, ModuleOptimizer, Optimizer, SgdConfig,
+};
+use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{fraction, not_negative, positive};
+use crate::kernels::AdamWStep;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +89,79 @@ impl Optimizer for Lars {
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
         state.to_device(device)
+    }
+}
+
+/// burn's `AdamW` (its state, so its checkpoints, and its f32 arithmetic bit for bit), with
+/// each update one parallel pass over the parameter and its moments on `flex`
+/// ([`crate::kernels::adamw_step`]) instead of thirteen single-threaded whole-tensor ops.
+/// Elsewhere (GPUs, other dtypes) burn's `AdamW` itself.
+#[derive(Clone)]
+pub struct FusedAdamW {
+    /// β1, β2, ε and weight decay; `lr` and `time` are set at each step.
+    step: AdamWStep,
+    burn: AdamW,
+}
+
+impl FusedAdamW {
+    /// AdamW with `betas` (β1, β2), `epsilon` and decoupled `weight_decay`.
+    pub fn new(betas: [f32; 2], epsilon: f32, weight_decay: f32) -> Self {
+        let burn = AdamWConfig::new()
+            .with_beta_1(betas[0])
+            .with_beta_2(betas[1])
+            .with_epsilon(epsilon)
+            .with_weight_decay(weight_decay)
+            .build();
+        let step = AdamWStep {
+            lr: 0.0,
+            beta_1: betas[0],
+            beta_2: betas[1],
+            epsilon,
+            weight_decay,
+            time: 0,
+        };
+        FusedAdamW { step, burn }
+    }
+}
+
+impl Optimizer for FusedAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        w: Tensor<D>,
+        g: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let f32s = [w.dtype(), g.dtype()].iter().all(|t| *t == DType::F32);
+        let amsgrad = state
+            .as_ref()
+            .is_some_and(|s| s.momentum.max_moment_2.is_some());
+        if !f32s || amsgrad || !crate::kernels::on_flex(&w.device()) {
+            return self.burn.step(lr, w, g, state);
+        }
+        // The first step's moments are zeros: β·0 + (1−β)·g is burn's (1−β)·g exactly.
+        let (time, m, v) = match state {
+            Some(s) => (
+                s.momentum.time + 1,
+                s.momentum.moment_1,
+                s.momentum.moment_2,
+            ),
+            None => (1, w.zeros_like(), w.zeros_like()),
+        };
+        let step = AdamWStep {
+            lr,
+            time,
+            ..self.step
+        };
+        let (w, m, v) = crate::kernels::adamw_step(w, g, m, v, step);
+        let momentum = AdaptiveMomentumState::new(time, m, v);
+        (w, Some(AdamWState::new(momentum)))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        AdamW::to_device(state, device)
     }
 }
 
@@ -229,14 +306,7 @@ impl OptimConfig {
                 .with_weight_decay(Some(WeightDecayConfig::new(self.weight_decay as f32)))
                 .init(),
             OptimizerKind::Adamw => {
-                let adam = |wd: f64| {
-                    AdamWConfig::new()
-                        .with_beta_1(self.betas[0])
-                        .with_beta_2(self.betas[1])
-                        .with_epsilon(1e-8)
-                        .with_weight_decay(wd as f32)
-                        .build()
-                };
+                let adam = |wd: f64| FusedAdamW::new(self.betas, 1e-8, wd as f32);
                 // A scheduled decay is applied by the trainer (`decay_matrices`).
                 let wd = match self.final_weight_decay {
                     Some(_) => 0.0,
