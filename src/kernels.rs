@@ -27,7 +27,8 @@
 //!
 //! - [`adamw_step`]: burn's AdamW updates each parameter with thirteen whole-tensor ops, each
 //!   on one thread below 256K values (every tensor of a ViT-Tiny). Here one parallel pass
-//!   updates the parameter and its moments in place, with the same f32 arithmetic.
+//!   updates the parameter and its moments in place, with the same f32 arithmetic; [`ema`]
+//!   does the same for a momentum teacher's update.
 //!
 //! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
@@ -106,6 +107,9 @@ pub trait CpuKernels: Backend {
         moment_2: FloatTensor<Self>,
         step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `teacher·m + student·(1 − m)` element-wise (both of one shape). Not differentiable.
+    fn ema(teacher: FloatTensor<Self>, student: FloatTensor<Self>, m: f64) -> FloatTensor<Self>;
 
     /// Layer norm over the last dim of `x` (`[..., D]`): (output, mean, variance), the last two
     /// per row `[rows]`.
@@ -460,6 +464,33 @@ pub fn adamw_step<const D: usize>(
         Tensor::from_dispatch(m),
         Tensor::from_dispatch(v),
     )
+}
+
+/// A momentum teacher's update θt·m + θs·(1 − m) (MoCo, BYOL, DINO), without gradient: on `flex`
+/// in f32 one parallel pass in place, with burn's f32 arithmetic (the same bits); elsewhere
+/// burn's two scaled tensors and their sum (three whole-tensor ops, on one thread on `flex`).
+///
+/// # Panics
+/// If `teacher` and `student` differ in shape.
+pub fn ema<const D: usize>(teacher: Tensor<D>, student: Tensor<D>, m: f64) -> Tensor<D> {
+    assert_eq!(
+        teacher.dims(),
+        student.dims(),
+        "ema: teacher and student differ in shape"
+    );
+    let fused = [teacher.dtype(), student.dtype()]
+        .iter()
+        .all(|t| *t == burn::tensor::DType::F32)
+        && on_flex(&teacher.device());
+    let (teacher, student) = (teacher.detach(), student.detach());
+    match fused {
+        true => Tensor::from_dispatch(<Dispatch as CpuKernels>::ema(
+            teacher.into_dispatch(),
+            student.into_dispatch(),
+            m,
+        )),
+        false => teacher.mul_scalar(m) + student.mul_scalar(1.0 - m),
+    }
 }
 
 /// GELU (exact), with the fused kernel on `flex`, burn's `gelu` elsewhere.
@@ -1173,6 +1204,25 @@ impl CpuKernels for Flex {
         (w, m, v)
     }
 
+    fn ema(teacher: FlexTensor, student: FlexTensor, m: f64) -> FlexTensor {
+        assert!(teacher.dtype() == DType::F32 && student.dtype() == DType::F32);
+        let mut teacher = owned(teacher);
+        let student = values(&student);
+        // burn's mul_scalar takes its f64 scalar as f32.
+        let (keep, take) = (m as f32, (1.0 - m) as f32);
+        const CHUNK: usize = 16 * 1024;
+        teacher
+            .storage_mut::<f32>()
+            .par_chunks_mut(CHUNK)
+            .zip(student.par_chunks(CHUNK))
+            .for_each(|(t, s)| {
+                for (t, &s) in t.iter_mut().zip(s) {
+                    *t = *t * keep + s * take;
+                }
+            });
+        teacher
+    }
+
     fn gelu(x: FlexTensor) -> FlexTensor {
         if x.dtype() != DType::F32 {
             return <Flex as ActivationOps<Flex>>::gelu(x);
@@ -1653,6 +1703,11 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         );
         let untracked = <Autodiff<B, C> as AutodiffBackend>::from_inner;
         (untracked(w), untracked(m), untracked(v))
+    }
+
+    fn ema(teacher: FloatTensor<Self>, student: FloatTensor<Self>, m: f64) -> FloatTensor<Self> {
+        let blended = <B as CpuKernels>::ema(teacher.into_primitive(), student.into_primitive(), m);
+        <Autodiff<B, C> as AutodiffBackend>::from_inner(blended)
     }
 
     fn linear(

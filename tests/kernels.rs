@@ -578,3 +578,26 @@ fn linear_matches_burn() {
         burn::tensor::module::linear(x, weight, Some(bias)),
     );
 }
+
+#[test]
+fn ema_is_burns_blend_bit_for_bit() {
+    let device = Device::flex();
+    let bits = |t: Tensor<2>| {
+        let v = t.into_data().try_to_vec::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    // Several parallel chunks, a small tensor, and a strided (transposed) teacher.
+    for (shape, strided) in [([300, 200], false), ([3, 5], false), ([40, 30], true)] {
+        let teacher = match strided {
+            false => Tensor::<2>::from_data(random(shape, 1, 1.0, 0.0), &device),
+            true => Tensor::<2>::from_data(random([shape[1], shape[0]], 1, 1.0, 0.0), &device)
+                .swap_dims(0, 1),
+        };
+        let student = Tensor::<2>::from_data(random(shape, 2, 1.0, 0.0), &device);
+        for m in [0.996, 0.0] {
+            let want = teacher.clone().mul_scalar(m) + student.clone().mul_scalar(1.0 - m);
+            let got = kernels::ema(teacher.clone(), student.clone(), m);
+            assert_eq!(bits(got), bits(want), "{shape:?}, m = {m}");
+        }
+    }
+}

@@ -67,7 +67,7 @@ fn blend<M: Module>(teacher: M, student: &M, m: f64, buffers: bool) -> M {
             let m = self.m;
             param.map(|t| {
                 let s = s.reshape(t.shape());
-                (t.detach().mul_scalar(m) + s.mul_scalar(1.0 - m)).set_require_grad(false)
+                crate::kernels::ema(t, s, m).set_require_grad(false)
             })
         }
     }
