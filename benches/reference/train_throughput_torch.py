@@ -25,7 +25,12 @@ Two ways to make the views, both kept:
   affine_grid / grid_sample, jitter, grayscale, blur and solarize on the batch), the fastest
   PyTorch we could write for 32 px images here. Issue 30 compares selfsup with this one.
 
+--flops counts each case's GFLOP per image and training step instead (torch.utils.flop_counter:
+matmuls, convolutions, attention; forward and backward): img/s times it is the GFLOP/s of either
+framework, which runs the same recipe.
+
 Run: python3 benches/reference/train_throughput_torch.py [--lean] [CASE...]   (needs torch, torchvision)
+     python3 benches/reference/train_throughput_torch.py --flops [CASE...]
 """
 import copy
 import io
@@ -325,6 +330,18 @@ def lean_batches(images, views, batch):
             yield [v(x) for v in views]
 
 
+def count_flops(name, images):
+    """GFLOP of one training step per image (forward and backward; matmuls, convolutions and
+    attention, as torch.utils.flop_counter counts them): the same recipe costs the same in any
+    framework, so img/s times this is each framework's GFLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, batch, _, _, _ = case(name)
+    it = lean_batches(images, lean_views(name), batch)
+    with FlopCounterMode(display=False) as counter:
+        model(next(it)).backward()
+    print(f"| {name} | {counter.get_total_flops() / batch / 1e9:.3f} |", flush=True)
+
+
 def run(name, images, lean):
     model, batch, steps, views, opt = case(name)
     if lean:
@@ -355,6 +372,11 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     lean = "--lean" in args
     args = [a for a in args if a != "--lean"]
+    if args[:1] == ["--flops"]:
+        print("| case | GFLOP per image and step |\n|---|---|")
+        for n in args[1:] or ["simclr_r18w0.25_b256", "simclr_r18_b128", "mae_vit_tiny4_b64", "dino_vit_tiny4_2+4crops_b64"]:
+            count_flops(n, cifar_train())
+        raise SystemExit
     if args[:1] == ["--case"]:
         run(args[1], cifar_train(), lean)
         raise SystemExit
