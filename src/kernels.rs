@@ -30,7 +30,8 @@
 //!   updates the parameter and its moments in place, with the same f32 arithmetic; [`ema`]
 //!   does the same for a momentum teacher's update.
 //!
-//! Every other backend, and every dtype but f32, takes burn's own op; the results are the same
+//! Every other backend, and every dtype but f32, takes burn's own op (for AdamW, [`crate::train::optim::FusedAdamW`]
+//! takes burn's `AdamW`); the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -406,7 +407,8 @@ pub struct AdamWStep {
     pub epsilon: f32,
     /// Decoupled weight decay: w ← w·(1 − lr·weight_decay) before the update.
     pub weight_decay: f32,
-    /// The update's number, from 1 (the moments' bias correction).
+    /// The update's number, from 1 (the moments' bias correction; at 1 the moments passed in
+    /// are not read).
     pub time: usize,
 }
 
@@ -423,9 +425,14 @@ impl AdamWStep {
         let decay = self.lr * self.weight_decay as f64;
         let keep = (decay != 0.0).then_some((1.0 - decay) as f32);
         let lr = self.lr as f32;
+        let first = self.time == 1;
         move |w, g, m, v| {
-            *m = *m * b1 + g * f1;
-            *v = *v * b2 + g * g * f2;
+            // The first step has no moments: burn's (1−β)·g, not β·0 + (1−β)·g, which would
+            // turn a −0 into +0.
+            (*m, *v) = match first {
+                true => (g * f1, g * g * f2),
+                false => (*m * b1 + g * f1, *v * b2 + g * g * f2),
+            };
             let delta = (*m / c1) / ((*v / c2).sqrt() + eps);
             let decayed = keep.map_or(*w, |keep| *w * keep);
             *w = decayed - delta * lr;
@@ -468,7 +475,8 @@ pub fn adamw_step<const D: usize>(
 
 /// A momentum teacher's update θt·m + θs·(1 − m) (MoCo, BYOL, DINO), without gradient: on `flex`
 /// in f32 one parallel pass in place, with burn's f32 arithmetic (the same bits); elsewhere
-/// burn's two scaled tensors and their sum (three whole-tensor ops, on one thread on `flex`).
+/// burn's two scaled tensors and their sum (three whole-tensor ops; burn-flex runs such ops on
+/// one thread, which is why `flex` takes the kernel).
 ///
 /// # Panics
 /// If `teacher` and `student` differ in shape.
@@ -577,9 +585,11 @@ fn erf(z: f32, exp_minus_z2: f32) -> f32 {
     (1.0 - poly * exp_minus_z2).copysign(z)
 }
 
+/// Values per parallel task of the element-wise kernels (64 KB of f32: a core's L2 holds a few).
+const CHUNK: usize = 16 * 1024;
+
 /// Element-wise `f` over f32 values in parallel chunks (sizes fit a core's L1/L2 cache).
 fn map_parallel(x: &[f32], y: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    const CHUNK: usize = 16 * 1024;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
         let x = &x[i * CHUNK..i * CHUNK + out.len()];
@@ -764,7 +774,9 @@ fn gemm_into(
 ///
 /// # Safety
 /// `c` must be valid for writes of every element (m − 1)·row + n it spans, and for reads too
-/// when `accumulate`; without `accumulate` gemm only writes it, so it may be uninitialised.
+/// when `accumulate`. Without `accumulate` it may be uninitialised: gemm-common 0.19 then sets
+/// its α to 0 and never reads the destination (every path branches on α = 0; k = 0 writes
+/// zeros), as read in its source: recheck on a gemm upgrade.
 unsafe fn gemm_raw(
     [m, k, n]: [usize; 3],
     a: (&[f32], usize, usize),
@@ -826,6 +838,21 @@ fn threads([m, k, n]: [usize; 3]) -> gemm::Parallelism {
         true => gemm::Parallelism::Rayon(0),
         false => gemm::Parallelism::None,
     }
+}
+
+/// (rows m, inputs k, outputs n) of a linear of `x` `[..., k]` by `weight` `[k, n]`.
+///
+/// # Panics
+/// If `x`'s last dim is not the weight's first, or either is not of rank ≥ 2 / 2.
+fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
+    let (shape, w) = (x.shape(), weight.shape());
+    let d = shape.num_dims();
+    assert!(
+        d >= 1 && w.num_dims() == 2 && shape[d - 1] == w[0],
+        "linear: x {shape:?} by weight {w:?}"
+    );
+    let m = (0..d - 1).map(|i| shape[i]).product();
+    (m, w[0], w[1])
 }
 
 /// `shape` with its last dim set to `n`.
@@ -1112,9 +1139,14 @@ impl CpuKernels for Flex {
 
     fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
         let shape = x.shape();
-        let (k, n) = (weight.shape()[0], weight.shape()[1]);
-        let m = shape.num_elements() / k.max(1);
+        let (m, k, n) = linear_dims(&x, &weight);
         let (xs, w, b) = (values(&x), values(&weight), values(&bias));
+        assert_eq!(
+            b.len(),
+            n,
+            "linear: the bias has {} values for {n} outputs",
+            b.len()
+        );
         // The output starts as the bias in every row; gemm adds the product onto it.
         let mut out = Vec::with_capacity(m * n);
         out.spare_capacity_mut()[..m * n]
@@ -1152,9 +1184,13 @@ impl CpuKernels for Flex {
         output_grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let shape = x.shape();
-        let (k, n) = (weight.shape()[0], weight.shape()[1]);
-        let m = shape.num_elements() / k.max(1);
+        let (m, k, n) = linear_dims(&x, &weight);
         let (xs, w, dy) = (values(&x), values(&weight), values(&output_grad));
+        assert_eq!(
+            dy.len(),
+            m * n,
+            "linear_backward: the output gradient's shape"
+        );
         // dx = dy · weightᵀ, d weight = xᵀ · dy (weightᵀ and xᵀ read in place by their strides).
         let x_grad = product([m, n, k], (&dy, n, 1), (&w, 1, n));
         let weight_grad = product([k, m, n], (&xs, 1, k), (&dy, n, 1));
@@ -1205,7 +1241,6 @@ impl CpuKernels for Flex {
         let (mut w, mut m, mut v) = (owned(w), owned(moment_1), owned(moment_2));
         let g = values(&g);
         let update = step.update();
-        const CHUNK: usize = 16 * 1024;
         w.storage_mut::<f32>()
             .par_chunks_mut(CHUNK)
             .zip(m.storage_mut::<f32>().par_chunks_mut(CHUNK))
@@ -1225,7 +1260,6 @@ impl CpuKernels for Flex {
         let student = values(&student);
         // burn's mul_scalar takes its f64 scalar as f32.
         let (keep, take) = (m as f32, (1.0 - m) as f32);
-        const CHUNK: usize = 16 * 1024;
         teacher
             .storage_mut::<f32>()
             .par_chunks_mut(CHUNK)

@@ -569,6 +569,18 @@ fn linear_matches_burn() {
     }
     // Outside autodiff (features, the teacher): the same kernel, forward only.
     let device = Device::flex();
+    // No inputs at all: the output is the bias in every row.
+    let bias = Tensor::<1>::from_data(random([3], 7, 1.0, 0.0), &device);
+    let empty = kernels::linear(
+        Tensor::<2>::zeros([4, 0], &device),
+        Tensor::<2>::zeros([0, 3], &device),
+        Some(bias.clone()),
+    );
+    assert_close(
+        "linear of nothing",
+        empty,
+        bias.unsqueeze::<2>().repeat_dim(0, 4),
+    );
     let x = Tensor::<2>::from_data(random([6, 8], 5, 1.0, 0.0), &device);
     let weight = Tensor::<2>::from_data(random([8, 3], 6, 1.0, 0.0), &device);
     let bias = Tensor::<1>::from_data(random([3], 7, 1.0, 0.0), &device);

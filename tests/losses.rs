@@ -188,6 +188,19 @@ fn fused_adamw_is_burns_adamw_bit_for_bit() {
         // And it moved: a step of lr 1.5e-3 · 4 from the start is far above rounding.
         assert_ne!(bits(&w_fused), bits(&values(1, 1.0)));
     }
+    // A −0 gradient at the first step: burn's first moment (1−β1)·g keeps the sign.
+    let t = |v: [f32; 2]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [1, 2]), &dev());
+    let burn = burn::optim::AdamWConfig::new().with_epsilon(1e-8).build();
+    let fused = FusedAdamW::new([0.9, 0.999], 1e-8, 1e-4);
+    let (w_fused, s_fused) = fused.step(1e-3, t([-0.0, 0.5]), t([-0.0, 0.25]), None);
+    let (w_burn, s_burn) = burn.step(1e-3, t([-0.0, 0.5]), t([-0.0, 0.25]), None);
+    same("weights after a −0 gradient", &w_fused, &w_burn);
+    let moment = |s: Option<burn::optim::AdamWState<2>>| s.unwrap().momentum.moment_1;
+    same(
+        "first moment of a −0 gradient",
+        &moment(s_fused),
+        &moment(s_burn),
+    );
 }
 
 #[test]

@@ -134,14 +134,20 @@ impl Optimizer for FusedAdamW {
         g: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
-        let f32s = [w.dtype(), g.dtype()].iter().all(|t| *t == DType::F32);
-        let amsgrad = state
+        let moments = state
+            .as_ref()
+            .map(|s| [s.momentum.moment_1.dtype(), s.momentum.moment_2.dtype()]);
+        let f32s = [w.dtype(), g.dtype()]
+            .into_iter()
+            .chain(moments.into_iter().flatten())
+            .all(|t| t == DType::F32);
+        let max_moment = state
             .as_ref()
             .is_some_and(|s| s.momentum.max_moment_2.is_some());
-        if !f32s || amsgrad || !crate::kernels::on_flex(&w.device()) {
+        if !f32s || max_moment || !crate::kernels::on_flex(&w.device()) {
             return self.burn.step(lr, w, g, state);
         }
-        // The first step's moments are zeros: β·0 + (1−β)·g is burn's (1−β)·g exactly.
+        // The first step's moments are buffers to write; the kernel does not read them.
         let (time, m, v) = match state {
             Some(s) => (
                 s.momentum.time + 1,
