@@ -493,7 +493,7 @@ pub fn linear_eval_accuracy(
 /// The labelled views of linear evaluation and fine-tuning: random-resized crops (8-100% of the
 /// image, the recipe's first view's filter) at `augment.size`, flips, and `rand_augment` (its
 /// fill the normalisation mean, as timm's `img_mean`).
-fn crop_flip_views(recipe: &Recipe, rand_augment: RandAugment) -> Result<Pipeline> {
+pub fn crop_flip_views(recipe: &Recipe, rand_augment: RandAugment) -> Result<Pipeline> {
     let built = recipe.augment.build()?;
     let fill = built
         .mean

@@ -187,3 +187,72 @@ fn linear_evaluation_trains_the_same_at_two_and_three_ranks() {
         alone.0, alone.1
     );
 }
+
+#[test]
+fn fine_tuning_trains_the_same_at_two_and_three_ranks() {
+    // Each rank fine-tunes on its rows of every batch, with random erasing, mixup/CutMix, drop
+    // path (ViT) and synchronised batch norm (ResNet) drawn and computed for the global batch:
+    // the encoder of one process. Drawn for the local batch instead, it differs.
+    let train = common::cifar10_train(48);
+    let device = burn::tensor::Device::flex();
+    for method in ["mae", "simclr"] {
+        let recipe = common::small_recipe(method);
+        let backbone = selfsup::models::init_seeded(&device, 0, || recipe.model.init(&device));
+        let config = selfsup::eval::finetune::FinetuneConfig {
+            epochs: 2,
+            batch_size: 12,
+            warmup_epochs: 0.0,
+            random_erasing: 0.5,
+            drop_path: 0.2,
+            ..recipe.finetune.clone()
+        };
+        let eval = recipe.augment.eval_pipeline().unwrap();
+        let augment = selfsup::pretrain::crop_flip_views(&recipe, config.rand_augment).unwrap();
+        let weights = || {
+            let tuned = selfsup::eval::finetune::finetune(
+                backbone.clone(),
+                recipe.model.feature_dim(),
+                &train,
+                &train.subset(12, 1),
+                10,
+                &augment,
+                &eval,
+                &config,
+                &device,
+            )
+            .unwrap();
+            dist::check::flat_weights(&tuned.backbone).unwrap()
+        };
+        let before = dist::check::flat_weights(&backbone).unwrap();
+        let alone = weights();
+        let change = gap(&alone, &before);
+        for world in [2, 3] {
+            for (rank, got) in on_ranks(world, weights).into_iter().enumerate() {
+                let off = gap(&got, &alone) / change;
+                eprintln!(
+                    "{method} fine-tuned at rank {rank} of {world}: off by {off:.1e} of the change"
+                );
+                assert!(
+                    off < 1e-3,
+                    "{method}, rank {rank} of {world}: off by {off:e}"
+                );
+            }
+        }
+        let local = Pieces {
+            global_draws: false,
+            ..Pieces::default()
+        };
+        let got = on_ranks(2, || dist::with_pieces(local, weights));
+        let off = gap(&got[0], &alone) / change;
+        assert!(off > 1e-2, "{method} with local draws: off by only {off:e}");
+    }
+}
+
+/// The Euclidean distance of `a` and `b`.
+fn gap(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f32>()
+        .sqrt()
+}

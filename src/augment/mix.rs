@@ -58,6 +58,13 @@ impl Mix {
         }
     }
 
+    /// The targets `[n, classes]` of the mixed batch from those of the batch, `t`:
+    /// λ·t + (1−λ)·t_reversed (timm's `mixup_target`).
+    pub fn apply_targets(&self, t: Tensor<2>) -> Tensor<2> {
+        let lam = self.lam();
+        t.clone().mul_scalar(lam) + t.flip([0]).mul_scalar(1.0 - lam)
+    }
+
     /// The mixed batch of `x` (`[n, c, h, w]`).
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let reversed = x.clone().flip([0]);
@@ -93,8 +100,25 @@ pub fn cutmix_box(
     (span(cy, cut_h, h), span(cx, cut_w, w))
 }
 
-/// Soft targets `[n, classes]` of a mixed batch (timm's `mixup_target`): each label smoothed
-/// (1 − ε + ε/K on it, ε/K elsewhere), weighted λ, plus the reversed batch's weighted 1 − λ.
+/// The label-smoothed targets `[n, classes]` of `labels`: 1 − ε + ε/K on the label, ε/K
+/// elsewhere (timm's `one_hot(.., on_value, off_value)`).
+pub fn smoothed_targets(
+    labels: &[usize],
+    classes: usize,
+    smoothing: f64,
+    device: &Device,
+) -> Tensor<2> {
+    let n = labels.len();
+    let off = smoothing / classes as f64;
+    let mut t = vec![off as f32; n * classes];
+    for (row, &y) in t.chunks_mut(classes).zip(labels) {
+        row[y] = (1.0 - smoothing + off) as f32;
+    }
+    Tensor::from_data(TensorData::new(t, [n, classes]), device)
+}
+
+/// Soft targets `[n, classes]` of a batch mixed with weight `lam` (timm's `mixup_target`): each
+/// label smoothed ([`smoothed_targets`]), weighted λ, plus the reversed batch's weighted 1 − λ.
 pub fn mixup_targets(
     labels: &[usize],
     classes: usize,
@@ -102,17 +126,7 @@ pub fn mixup_targets(
     smoothing: f64,
     device: &Device,
 ) -> Tensor<2> {
-    let n = labels.len();
-    let off = smoothing / classes as f64;
-    let on = 1.0 - smoothing + off;
-    let mut t = vec![off as f32; n * classes];
-    for (i, &y) in labels.iter().enumerate() {
-        let partner = labels[n - 1 - i];
-        let row = &mut t[i * classes..(i + 1) * classes];
-        row[y] += ((on - off) * lam) as f32;
-        row[partner] += ((on - off) * (1.0 - lam)) as f32;
-    }
-    Tensor::from_data(TensorData::new(t, [n, classes]), device)
+    Mix::Mixup { lam }.apply_targets(smoothed_targets(labels, classes, smoothing, device))
 }
 
 /// Random erasing of one normalised `[c, h, w]` image in place, with probability `p`: up to 10

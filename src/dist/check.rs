@@ -202,7 +202,7 @@ impl MethodUser<Result<Outcome>> for Steps<'_> {
 }
 
 /// Every float tensor of `module`, in its order.
-fn flat_weights<M: Module>(module: &M) -> Result<Vec<f32>> {
+pub fn flat_weights<M: Module>(module: &M) -> Result<Vec<f32>> {
     struct Flat(Vec<Tensor<1>>);
     impl ModuleVisitor for Flat {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {

@@ -225,10 +225,17 @@ pub fn local_share<T: Clone>(global: &[T]) -> Vec<T> {
         .collect()
 }
 
-/// This rank's rows ([`local_rows`]) of `x` `[W·n, d]`, rows of the global batch in order:
-/// `[n, d]` (SwAV's codes, computed over the global batch on every rank).
-pub fn local_part(x: Tensor<2>) -> Tensor<2> {
-    let [rows, _] = x.dims();
+/// The row in the global batch of each of this rank's `n` rows: [`local_rows`] of `W·n`
+/// (`0..n` where draws are not global).
+pub fn global_rows(n: usize) -> Vec<usize> {
+    local_share(&(0..global_batch(n)).collect::<Vec<_>>())
+}
+
+/// This rank's rows ([`local_rows`]) of `x` `[W·n, ...]`, rows of the global batch in order:
+/// `[n, ...]` (SwAV's codes, computed over the global batch on every rank; fine-tuning's mixed
+/// batch).
+pub fn local_part<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let rows = x.dims()[0];
     if world().size() == 1 {
         return x;
     }

@@ -15,12 +15,13 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use super::supervised::Supervised;
 use super::{classifier_head, Accuracy};
-use crate::augment::mix::{mixup_targets, random_erase, Mix};
+use crate::augment::mix::{random_erase, smoothed_targets, Mix};
 use crate::augment::randaugment::RandAugment;
 use crate::augment::Pipeline;
 use crate::config::{at_least_one, fraction, not_negative, positive, probability};
@@ -193,25 +194,29 @@ pub fn finetune(
         ..OptimConfig::default()
     }
     .init();
+    // Each rank fine-tunes on its rows of every global batch; every draw is made for the
+    // global batch (random erasing per image, keyed by the step and the image's row; mixing and
+    // drop path per step) and each image is mixed with its partner in the global batch, so the
+    // run is that of one process (crate::dist).
+    crate::dist::check_batch("finetune.batch_size", config.batch_size)?;
+    let (rank, world) = crate::dist::rank_size();
     let loader = Loader::new(
         train.clone(),
         Arc::new(augment.clone()),
         config.batch_size,
         0,
-    )?;
+    )?
+    .sharded(rank, world);
     loader.check("finetune.batch_size")?;
     if train.labels.is_none() {
         bail!("split '{}' has no labels to fine-tune on", train.name);
     }
-    // Not sharded: random erasing, mixing and drop path draw image by image from one generator,
-    // so every rank fine-tunes on the whole batch (the same steps) until they draw for the
-    // global batch.
     let steps_per_epoch = loader.batches_per_epoch();
     let total = steps_per_epoch * config.epochs;
     let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let peak = config.base_lr * config.batch_size as f64 / 256.0;
     let mut run = Supervised::new("fine-tuning", "", config.epochs, steps_per_epoch);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut step = 0u64;
     for epoch in 0..config.epochs {
         let loss = |model: &Classifier, batch: Batch| {
             let labels: Vec<usize> = batch
@@ -220,10 +225,15 @@ pub fn finetune(
                 .map(|l| l.iter().map(|&c| c as usize).collect())
                 .unwrap_or_default();
             let mut images = batch.views[0].clone();
-            let [_, c, h, w] = images.shape;
-            for image in images.data.chunks_mut(c * h * w) {
+            let [n, c, h, w] = images.shape;
+            let rows = crate::dist::global_rows(n);
+            for (image, &row) in images.data.chunks_mut(c * h * w).zip(&rows) {
+                let mut rng = step_rng(step, 1 + row as u64);
                 random_erase(image, [c, h, w], config.random_erasing, &mut rng);
             }
+            // Mixing, then drop path in the forward pass, from the step's stream 0.
+            let mut rng = step_rng(step, 0);
+            step += 1;
             let mix = Mix::draw(
                 config.mixup,
                 config.cutmix,
@@ -232,19 +242,19 @@ pub fn finetune(
                 &mut rng,
             );
             let x = images.to_tensor(&ad);
-            let x = match &mix {
-                Some(mix) => mix.apply(x),
-                None => x,
+            let (x, targets) = match &mix {
+                Some(mix) => {
+                    let smoothed = smoothed_targets(&labels, classes, config.label_smoothing, &ad);
+                    let (x, t) = mix_global(mix, x, smoothed);
+                    (x, Some(t))
+                }
+                None => (x, None),
             };
             let logits = model
                 .head
                 .forward(model.features(x, config.drop_path, &mut rng));
-            Ok(match &mix {
-                Some(mix) => {
-                    let targets =
-                        mixup_targets(&labels, classes, mix.lam(), config.label_smoothing, &ad);
-                    soft_cross_entropy(logits, targets)
-                }
+            Ok(match targets {
+                Some(targets) => soft_cross_entropy(logits, targets),
                 None => cross_entropy_smoothed(logits, &labels, config.label_smoothing),
             })
         };
@@ -261,7 +271,7 @@ pub fn finetune(
         device,
         &model.backbone,
         |_, x| {
-            let mut unused = rand_chacha::ChaCha8Rng::seed_from_u64(0); // no drop path here
+            let mut unused = ChaCha8Rng::seed_from_u64(0); // no drop path here
             model.head.forward(model.features(x, 0.0, &mut unused))
         },
     )?;
@@ -270,4 +280,27 @@ pub fn finetune(
         labelled: train.len(),
         backbone: model.backbone,
     })
+}
+
+/// The generator of fine-tuning step `step`'s draws: stream 0 for the batch's (mixing, drop
+/// path), stream 1 + i for image i of the global batch's (random erasing).
+fn step_rng(step: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x6674 ^ step);
+    rng.set_stream(stream);
+    rng
+}
+
+/// `mix` of the global batch, whose rows are spread over the ranks: this rank's rows of the mixed
+/// images (`x`, `[n, c, h, w]`) and of the mixed targets (`targets`, `[n, classes]`), each image
+/// mixed with its partner in the global batch wherever that is.
+fn mix_global(mix: &Mix, x: Tensor<4>, targets: Tensor<2>) -> (Tensor<4>, Tensor<2>) {
+    use crate::dist::{all_gather_rows, global_batch, local_part};
+    let n = targets.dims()[0];
+    if global_batch(n) == n {
+        return (mix.apply(x), mix.apply_targets(targets));
+    }
+    (
+        local_part(mix.apply(all_gather_rows(x))),
+        local_part(mix.apply_targets(all_gather_rows(targets))),
+    )
 }

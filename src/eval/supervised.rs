@@ -3,7 +3,8 @@
 //! the loss, a stop on a non-finite one, the gradients averaged over ranks, one optimiser step,
 //! progress. Data parallelism lands here for all three: a loader sharded over the ranks
 //! ([`crate::data::Loader::sharded`]) gives each rank its rows of the global batch, and the
-//! averaged gradient is that of the global batch; unsharded, every rank computes the same.
+//! averaged gradient is that of the global batch (the quick probe, unsharded, computes the same
+//! on every rank).
 
 use anyhow::{bail, Context, Result};
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
@@ -41,7 +42,8 @@ impl Supervised {
     }
 
     /// Epoch `epoch` (from 0) over `batches`: for each, `loss(&model, batch)`, then one step of
-    /// `optim` at `lr(step)`. Errors name the step: a failed device read, a non-finite loss.
+    /// `optim` at `lr(step)`. Errors name the step: a failed device read, a non-finite loss (of the
+    /// mean over ranks, so that every rank stops at the same step).
     pub fn epoch<M: Module, B, L: Into<ModuleLearningRate>>(
         &mut self,
         epoch: usize,
@@ -59,6 +61,10 @@ impl Supervised {
                 .clone()
                 .try_into_scalar()
                 .with_context(|| format!("{what} step {step}: the device failed"))?;
+            // The global batch's loss: every rank sees the same value and stops together.
+            let mut value = [value];
+            crate::dist::mean_over_ranks(&mut value);
+            let [value] = value;
             if !value.is_finite() {
                 bail!("{what} loss became {value} at step {step}{}", self.hint);
             }
