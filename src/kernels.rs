@@ -1451,20 +1451,22 @@ impl CpuKernels for Flex {
             .par_chunks_mut(per_task * image)
             .enumerate()
             .map(|(task, dx)| {
-                let mut weight_grad = vec![0f32; co * rows];
+                // Kept transposed, [K, Co]: gemm makes its destination column-major, so the
+                // operand it packs whole is then dy [Co, P], not the K/Co times larger cols.
+                let mut weight_grad_t = vec![0f32; rows * co];
                 let mut cols = shape.column_buffer();
                 let mut col_grad = vec![0f32; rows * positions];
                 for (i, dx) in dx.chunks_mut(image).enumerate() {
                     let b = task * per_task + i;
                     let dy = &dy[b * co * positions..(b + 1) * co * positions];
                     let image = &xs[b * image..(b + 1) * image];
-                    // dW[Co, K] += dy[Co, P] · cols[K, P]ᵀ
+                    // dWᵀ[K, Co] += cols[K, P] · dy[Co, P]ᵀ
                     let cols = shape.columns(image, &mut cols);
                     gemm(
-                        [co, positions, rows],
-                        (dy, positions, 1),
-                        (cols, 1, positions),
-                        &mut weight_grad,
+                        [rows, positions, co],
+                        (cols, positions, 1),
+                        (dy, 1, positions),
+                        &mut weight_grad_t,
                         true,
                     );
                     // dcols[K, P] = W[Co, K]ᵀ · dy[Co, P], folded back onto the image.
@@ -1488,10 +1490,13 @@ impl CpuKernels for Flex {
                         }
                     }
                 }
-                weight_grad
+                weight_grad_t
             })
             .collect();
-        let weight_grad = sum_in_order(weight_grad, co * rows);
+        let weight_grad_t = sum_in_order(weight_grad, co * rows);
+        let weight_grad = (0..co * rows)
+            .map(|i| weight_grad_t[(i % rows) * co + i / rows])
+            .collect();
         (
             flex_tensor(x_grad, x.shape()),
             flex_tensor(weight_grad, weight.shape()),
