@@ -670,12 +670,7 @@ fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec
             (0..c)
                 .map(|ch| {
                     let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
-                    let (mut x, mut xy) = (0f64, 0f64);
-                    for (&a, &b) in a.iter().zip(b) {
-                        x += a as f64;
-                        xy += a as f64 * (b as f64 - shift[ch]);
-                    }
-                    [x, xy]
+                    sums(a, b, shift[ch])
                 })
                 .collect()
         })
@@ -688,6 +683,29 @@ fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec
         }
     }
     (sa, sab)
+}
+
+/// (Σ a, Σ a·(b − `shift`)) in f64, as 8 interleaved partial sums added in a fixed order: one
+/// dependent chain of f64 additions waits on each one's latency (it took 7% of a narrow
+/// ResNet's step).
+fn sums(a: &[f32], b: &[f32], shift: f64) -> [f64; 2] {
+    const LANES: usize = 8;
+    let (mut x, mut xy) = ([0f64; LANES], [0f64; LANES]);
+    let mut add = |l: usize, a: f32, b: f32| {
+        x[l] += a as f64;
+        xy[l] += a as f64 * (b as f64 - shift);
+    };
+    let (a_lanes, b_lanes) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a_lanes.remainder(), b_lanes.remainder());
+    for (a, b) in a_lanes.zip(b_lanes) {
+        for l in 0..LANES {
+            add(l, a[l], b[l]);
+        }
+    }
+    for (l, (&a, &b)) in a_rest.iter().zip(b_rest).enumerate() {
+        add(l, a, b);
+    }
+    [x.iter().sum(), xy.iter().sum()]
 }
 
 /// Adds up per-task partial sums in task order, so that a parallel reduction gives the same
@@ -864,6 +882,20 @@ fn with_last(shape: &Shape, n: usize) -> Shape {
     Shape::from(dims)
 }
 
+/// Copies `rows` rows of `len` values from `from` (row i at i·`from_row`) to `to` (at i·`to_row`).
+fn copy_rows(
+    from: &[f32],
+    from_row: usize,
+    to: &mut [f32],
+    to_row: usize,
+    rows: usize,
+    len: usize,
+) {
+    for i in 0..rows {
+        to[i * to_row..i * to_row + len].copy_from_slice(&from[i * from_row..i * from_row + len]);
+    }
+}
+
 /// The shapes of one convolution: input `[C, H, W]` per image, kernel, output grid.
 #[derive(Clone, Copy)]
 struct ConvShape {
@@ -888,6 +920,64 @@ impl ConvShape {
     /// A 1×1 kernel at stride 1 without padding reads the image itself as its column matrix.
     fn is_pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.geometry.stride == [1, 1] && self.geometry.padding == [0; 4]
+    }
+
+    /// Stride 1 (but the pointwise case): the convolution runs tap by tap on a zero-padded copy
+    /// of the image, with no column matrix. Tap (i, j) reads the padded image `[C, Hp, Wp]`
+    /// from [`ConvShape::tap_offsets`] on as a `[C, OH·Wp]` matrix of row stride Hp·Wp: its
+    /// product with that tap's weights `[Co, C]`, summed over the taps, is the output on a grid
+    /// of OH rows of Wp columns, whose first OW columns are the output (the others read across
+    /// the border and are dropped). gemm reads these matrices in place, where im2col copies the
+    /// image kh·kw times, a copy as long as the product itself for a narrow layer; the wider
+    /// grid costs (Wp − OW)/OW more multiply-adds (6% for a 3×3 kernel at 32 px).
+    fn is_tap_by_tap(&self) -> bool {
+        self.geometry.stride == [1, 1] && !self.is_pointwise()
+    }
+
+    /// The padded image's (Hp, Wp).
+    fn padded(&self) -> [usize; 2] {
+        let [top, left, bottom, right] = self.geometry.padding;
+        [self.input[0] + top + bottom, self.input[1] + left + right]
+    }
+
+    /// A zeroed buffer for the padded image `[C, Hp, Wp]`, with the tail that the last tap's
+    /// matrix reads past its end.
+    fn padded_buffer(&self) -> Vec<f32> {
+        let [hp, wp] = self.padded();
+        vec![0f32; self.channels * hp * wp + (self.kernel[1] - 1) * self.geometry.dilation[1]]
+    }
+
+    /// Where each kernel tap's matrix starts in the padded image, taps in the weight's order.
+    fn tap_offsets(&self) -> impl Iterator<Item = (usize, usize)> {
+        let [_, wp] = self.padded();
+        let ([d0, d1], kw) = (self.geometry.dilation, self.kernel[1]);
+        (0..self.kernel[0] * kw).map(move |t| (t, (t / kw) * d0 * wp + (t % kw) * d1))
+    }
+
+    /// Where each image row starts, in the padded image and in the image `[C, H, W]`: the
+    /// interior that [`ConvShape::pad`] fills, rows of W values.
+    fn interior_rows(&self) -> impl Iterator<Item = (usize, usize)> {
+        let [h, w] = self.input;
+        let [hp, wp] = self.padded();
+        let [top, left, ..] = self.geometry.padding;
+        (0..self.channels * h).map(move |r| (((r / h) * hp + top + r % h) * wp + left, r * w))
+    }
+
+    /// Copies `image` into the interior of `padded` (whose border stays as it is: zero).
+    fn pad(&self, image: &[f32], padded: &mut [f32]) {
+        let w = self.input[1];
+        for (at, from) in self.interior_rows() {
+            padded[at..at + w].copy_from_slice(&image[from..from + w]);
+        }
+    }
+
+    /// Copies the interior of `padded` into `image` (the adjoint of [`ConvShape::pad`] where
+    /// `padded` holds gradients: the border's are dropped).
+    fn unpad(&self, padded: &[f32], image: &mut [f32]) {
+        let w = self.input[1];
+        for (at, to) in self.interior_rows() {
+            image[to..to + w].copy_from_slice(&padded[at..at + w]);
+        }
     }
 
     /// Calls `visit(input, column, count)` for every run of the column matrix that reads the
@@ -940,11 +1030,86 @@ impl ConvShape {
         }
     }
 
-    /// A buffer for [`ConvShape::columns`] (empty when the image is its own column matrix).
+    /// A buffer for [`ConvShape::columns`] (empty when the image is its own column matrix, or
+    /// when the convolution runs tap by tap).
     fn column_buffer(&self) -> Vec<f32> {
-        match self.is_pointwise() {
+        match self.is_pointwise() || self.is_tap_by_tap() {
             true => Vec::new(),
             false => vec![0f32; self.rows() * self.positions()],
+        }
+    }
+
+    /// Buffers for the tap-by-tap path (empty otherwise): the padded image (zero border) and
+    /// `[Co, OH·Wp]` on the wide grid (zero in its dropped columns).
+    fn tap_buffers(&self, co: usize) -> (Vec<f32>, Vec<f32>) {
+        match self.is_tap_by_tap() {
+            true => (
+                self.padded_buffer(),
+                vec![0f32; co * self.output[0] * self.padded()[1]],
+            ),
+            false => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Tap by tap ([`ConvShape::is_tap_by_tap`]): the output of the padded image `padded` for
+    /// weights `ws` `[Co, C, kh, kw]`, into `wide` `[Co, OH·Wp]` on the wide grid.
+    fn forward_taps(&self, ws: &[f32], co: usize, padded: &[f32], wide: &mut [f32]) {
+        let [hp, wp] = self.padded();
+        let (c, taps, n) = (
+            self.channels,
+            self.kernel[0] * self.kernel[1],
+            self.output[0] * wp,
+        );
+        for (t, offset) in self.tap_offsets() {
+            // wide[Co, OH·Wp] (+)= W_t[Co, C] · padded_t[C, OH·Wp]
+            gemm(
+                [co, c, n],
+                (&ws[t..], c * taps, taps),
+                (&padded[offset..], hp * wp, 1),
+                wide,
+                t > 0,
+            );
+        }
+    }
+
+    /// Tap by tap, backwards: from the output gradient `wide_grad` `[Co, OH·Wp]` on the wide
+    /// grid (zero in its dropped columns), adds the weight gradient onto `weight_grad_t`
+    /// (`[C·kh·kw, Co]`, transposed as in the column path) and writes the padded image's
+    /// gradient into `padded_grad`.
+    fn backward_taps(
+        &self,
+        (ws, co): (&[f32], usize),
+        padded: &[f32],
+        wide_grad: &[f32],
+        weight_grad_t: &mut [f32],
+        padded_grad: &mut [f32],
+    ) {
+        let [hp, wp] = self.padded();
+        let (c, taps, n) = (
+            self.channels,
+            self.kernel[0] * self.kernel[1],
+            self.output[0] * wp,
+        );
+        padded_grad.fill(0.0);
+        for (t, offset) in self.tap_offsets() {
+            // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · wide_grad[Co, OH·Wp]ᵀ
+            gemm_into(
+                [c, n, co],
+                (&padded[offset..], hp * wp, 1),
+                (wide_grad, 1, n),
+                (&mut weight_grad_t[t * co..], taps * co),
+                true,
+                1.0,
+            );
+            // padded_grad_t[C, OH·Wp] += W_t[Co, C]ᵀ · wide_grad[Co, OH·Wp]
+            gemm_into(
+                [c, co, n],
+                (&ws[t..], taps, c * taps),
+                (wide_grad, n, 1),
+                (&mut padded_grad[offset..], hp * wp),
+                true,
+                1.0,
+            );
         }
     }
 
@@ -1404,9 +1569,17 @@ impl CpuKernels for Flex {
             .enumerate()
             .for_each(|(task, out)| {
                 let mut cols = shape.column_buffer();
+                let (mut padded, mut wide) = shape.tap_buffers(co);
                 for (i, out) in out.chunks_mut(co * positions).enumerate() {
                     let b = task * per_task + i;
                     let image = &xs[b * image..(b + 1) * image];
+                    if shape.is_tap_by_tap() {
+                        shape.pad(image, &mut padded);
+                        shape.forward_taps(&ws, co, &padded, &mut wide);
+                        let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
+                        copy_rows(&wide, wp, out, ow, co * oh, ow);
+                        continue;
+                    }
                     let cols = shape.columns(image, &mut cols);
                     // out[Co, P] = W[Co, K] · cols[K, P]
                     gemm(
@@ -1455,11 +1628,27 @@ impl CpuKernels for Flex {
                 // operand it packs whole is then dy [Co, P], not the K/Co times larger cols.
                 let mut weight_grad_t = vec![0f32; rows * co];
                 let mut cols = shape.column_buffer();
-                let mut col_grad = vec![0f32; rows * positions];
+                let mut col_grad = cols.clone();
+                let (mut padded, mut wide_grad) = shape.tap_buffers(co);
+                let mut padded_grad = padded.clone();
                 for (i, dx) in dx.chunks_mut(image).enumerate() {
                     let b = task * per_task + i;
                     let dy = &dy[b * co * positions..(b + 1) * co * positions];
                     let image = &xs[b * image..(b + 1) * image];
+                    if shape.is_tap_by_tap() {
+                        shape.pad(image, &mut padded);
+                        let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
+                        copy_rows(dy, ow, &mut wide_grad, wp, co * oh, ow);
+                        shape.backward_taps(
+                            (&ws, co),
+                            &padded,
+                            &wide_grad,
+                            &mut weight_grad_t,
+                            &mut padded_grad,
+                        );
+                        shape.unpad(&padded_grad, dx);
+                        continue;
+                    }
                     // dWᵀ[K, Co] += cols[K, P] · dy[Co, P]ᵀ
                     let cols = shape.columns(image, &mut cols);
                     gemm(

@@ -283,6 +283,10 @@ fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
         false,
     );
     check_conv([2, 2, 3, 3], 3, [5, 5], [1, 1], [2; 4], [1, 1], false);
+    // Stride 1 runs tap by tap on the padded image: asymmetric padding with a dilated, wider
+    // than tall kernel, and a 1×1 kernel with padding.
+    check_conv([2, 3, 7, 6], 4, [2, 3], [1, 1], [0, 1, 2, 0], [2, 1], true);
+    check_conv([2, 3, 4, 5], 2, [1, 1], [1, 1], [1, 0, 0, 2], [1, 1], false);
     check_conv([2, 3, 7, 7], 3, [7, 7], [1, 1], [0; 4], [1, 1], true);
 }
 
@@ -555,7 +559,7 @@ fn linear_matches_burn() {
         // The bias gradient is the upstream gradient's column sums, here in f64 (burn's f32 sum
         // over 1,088 rows is itself 1e-5 off).
         if let Some(got) = fused.3 {
-            let up = upstream.clone().into_data().to_vec::<f32>().unwrap();
+            let up = upstream.clone().into_data().try_to_vec::<f32>().unwrap();
             let want: Vec<f32> = (0..n)
                 .map(|j| up.iter().skip(j).step_by(n).map(|&v| v as f64).sum::<f64>() as f32)
                 .collect();
