@@ -922,16 +922,19 @@ impl ConvShape {
         self.kernel == [1, 1] && self.geometry.stride == [1, 1] && self.geometry.padding == [0; 4]
     }
 
-    /// Stride 1 (but the pointwise case): the convolution runs tap by tap on a zero-padded copy
-    /// of the image, with no column matrix. Tap (i, j) reads the padded image `[C, Hp, Wp]`
-    /// from [`ConvShape::tap_offsets`] on as a `[C, OH·Wp]` matrix of row stride Hp·Wp: its
-    /// product with that tap's weights `[Co, C]`, summed over the taps, is the output on a grid
-    /// of OH rows of Wp columns, whose first OW columns are the output (the others read across
-    /// the border and are dropped). gemm reads these matrices in place, where im2col copies the
-    /// image kh·kw times, a copy as long as the product itself for a narrow layer; the wider
-    /// grid costs (Wp − OW)/OW more multiply-adds (6% for a 3×3 kernel at 32 px).
+    /// Stride 1 (but the pointwise case) on a wide enough output: the convolution runs tap by
+    /// tap on a zero-padded copy of the image, with no column matrix. Tap (i, j) reads the
+    /// padded image `[C, Hp, Wp]` from [`ConvShape::tap_offsets`] on as a `[C, OH·Wp]` matrix
+    /// of row stride Hp·Wp: its product with that tap's weights `[Co, C]`, summed over the taps,
+    /// is the output on a grid of OH rows of Wp columns, whose first OW columns are the output
+    /// (the others read across the border and are dropped). gemm reads these matrices in place,
+    /// where im2col copies the image kh·kw times, a copy as long as the product itself for a
+    /// narrow layer. The wider grid costs (Wp − OW)/OW more multiply-adds: 6% for a 3×3 kernel
+    /// at 32 px but 50% at 4 px, where the column matrix is small against the product; so this
+    /// path takes up to 1/8 (a ResNet-18's 3×3 layers at 32 and 16 px).
     fn is_tap_by_tap(&self) -> bool {
-        self.geometry.stride == [1, 1] && !self.is_pointwise()
+        let extra = self.padded()[1] - self.output[1];
+        self.geometry.stride == [1, 1] && !self.is_pointwise() && extra * 8 <= self.output[1]
     }
 
     /// The padded image's (Hp, Wp).

@@ -257,8 +257,10 @@ fn check_conv(
 
 #[test]
 fn conv_matches_burn_for_resnet_layers() {
-    // 3×3 at stride 1 and 2, the 1×1 downsample, the ImageNet stem.
+    // 3×3 at stride 1 (by columns, and tap by tap on a grid wide enough) and 2, the 1×1
+    // downsample, the ImageNet stem.
     check_conv([3, 4, 9, 8], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([3, 4, 5, 18], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([3, 4, 9, 8], 6, [3, 3], [2, 2], [1; 4], [1, 1], false);
     check_conv([3, 4, 9, 8], 6, [1, 1], [2, 2], [0; 4], [1, 1], false);
     check_conv([2, 3, 16, 15], 4, [7, 7], [2, 2], [3; 4], [1, 1], false);
@@ -285,8 +287,8 @@ fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
     check_conv([2, 2, 3, 3], 3, [5, 5], [1, 1], [2; 4], [1, 1], false);
     // Stride 1 runs tap by tap on the padded image: asymmetric padding with a dilated, wider
     // than tall kernel, and a 1×1 kernel with padding.
-    check_conv([2, 3, 7, 6], 4, [2, 3], [1, 1], [0, 1, 2, 0], [2, 1], true);
-    check_conv([2, 3, 4, 5], 2, [1, 1], [1, 1], [1, 0, 0, 2], [1, 1], false);
+    check_conv([2, 3, 7, 20], 4, [2, 3], [1, 1], [0, 1, 2, 0], [2, 1], true);
+    check_conv([2, 3, 4, 9], 2, [1, 1], [1, 1], [1, 0, 0, 2], [1, 1], false);
     check_conv([2, 3, 7, 7], 3, [7, 7], [1, 1], [0; 4], [1, 1], true);
 }
 
@@ -295,6 +297,7 @@ fn conv_matches_burn_for_batches_of_any_size() {
     // One image, and batches that do not split evenly into the kernel's parallel tasks.
     for n in [1, 5, 13] {
         check_conv([n, 2, 6, 6], 3, [3, 3], [1, 1], [1; 4], [1, 1], false);
+        check_conv([n, 2, 4, 16], 3, [3, 3], [1, 1], [1; 4], [1, 1], false);
     }
 }
 
@@ -420,9 +423,10 @@ fn gradients_are_the_same_bits_on_every_run() {
     );
     let bn = layer(8, &device);
     let ln = layer_norm_module(8, &device);
-    // 9,216 rows of 8 into 128: over gemm's threading threshold both ways.
+    // The convolution runs tap by tap (18 px wide); 9,216 rows of 8 into 128: over gemm's
+    // threading threshold both ways.
     let fc = Tensor::<2>::from_data(random([8, 128], 2, 1.0, 0.0), &device).require_grad();
-    let x = Tensor::<4>::from_data(random([64, 3, 12, 12], 1, 1.0, 0.5), &device);
+    let x = Tensor::<4>::from_data(random([64, 3, 8, 18], 1, 1.0, 0.5), &device);
     let grads = || {
         let y = kernels::batch_norm(&bn, kernels::conv2d(&conv, x.clone()));
         let z = kernels::layer_norm(&ln, kernels::gelu(y.swap_dims(1, 3)), 1e-6);
