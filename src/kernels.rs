@@ -5,8 +5,9 @@
 //!   before its parallel im2col + gemm, and takes its gradients through generic fallbacks (the
 //!   weight gradient a convolution of transposed copies, the input gradient a transposed
 //!   convolution): in a ResNet step, the copies and the idle second core cost more than the
-//!   arithmetic. Here forward and both gradients are Caffe's im2col + gemm on the NCHW layout,
-//!   in parallel over the batch, with no layout copies.
+//!   arithmetic. Here forward and both gradients are gemms on the NCHW layout, in parallel over
+//!   the batch, with no layout copies: at stride 1 one gemm a kernel tap reading the
+//!   zero-padded image in place, else Caffe's im2col + gemm.
 //! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
@@ -950,6 +951,17 @@ impl ConvShape {
         vec![0f32; self.channels * hp * wp + (self.kernel[1] - 1) * self.geometry.dilation[1]]
     }
 
+    /// [Hp·Wp, kh·kw, OH·Wp]: the padded image's channel stride, the kernel taps, the
+    /// positions of the wide grid.
+    fn tap_dims(&self) -> [usize; 3] {
+        let [hp, wp] = self.padded();
+        [
+            hp * wp,
+            self.kernel[0] * self.kernel[1],
+            self.output[0] * wp,
+        ]
+    }
+
     /// Where each kernel tap's matrix starts in the padded image, taps in the weight's order.
     fn tap_offsets(&self) -> impl Iterator<Item = (usize, usize)> {
         let [_, wp] = self.padded();
@@ -1043,7 +1055,8 @@ impl ConvShape {
     }
 
     /// Buffers for the tap-by-tap path (empty otherwise): the padded image (zero border) and
-    /// `[Co, OH·Wp]` on the wide grid (zero in its dropped columns).
+    /// `[Co, OH·Wp]` on the wide grid (zero, as an output gradient must be in its dropped
+    /// columns).
     fn tap_buffers(&self, co: usize) -> (Vec<f32>, Vec<f32>) {
         match self.is_tap_by_tap() {
             true => (
@@ -1057,18 +1070,13 @@ impl ConvShape {
     /// Tap by tap ([`ConvShape::is_tap_by_tap`]): the output of the padded image `padded` for
     /// weights `ws` `[Co, C, kh, kw]`, into `wide` `[Co, OH·Wp]` on the wide grid.
     fn forward_taps(&self, ws: &[f32], co: usize, padded: &[f32], wide: &mut [f32]) {
-        let [hp, wp] = self.padded();
-        let (c, taps, n) = (
-            self.channels,
-            self.kernel[0] * self.kernel[1],
-            self.output[0] * wp,
-        );
+        let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
         for (t, offset) in self.tap_offsets() {
             // wide[Co, OH·Wp] (+)= W_t[Co, C] · padded_t[C, OH·Wp]
             gemm(
                 [co, c, n],
                 (&ws[t..], c * taps, taps),
-                (&padded[offset..], hp * wp, 1),
+                (&padded[offset..], plane, 1),
                 wide,
                 t > 0,
             );
@@ -1087,18 +1095,13 @@ impl ConvShape {
         weight_grad_t: &mut [f32],
         padded_grad: &mut [f32],
     ) {
-        let [hp, wp] = self.padded();
-        let (c, taps, n) = (
-            self.channels,
-            self.kernel[0] * self.kernel[1],
-            self.output[0] * wp,
-        );
+        let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
         padded_grad.fill(0.0);
         for (t, offset) in self.tap_offsets() {
             // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · wide_grad[Co, OH·Wp]ᵀ
             gemm_into(
                 [c, n, co],
-                (&padded[offset..], hp * wp, 1),
+                (&padded[offset..], plane, 1),
                 (wide_grad, 1, n),
                 (&mut weight_grad_t[t * co..], taps * co),
                 true,
@@ -1109,7 +1112,7 @@ impl ConvShape {
                 [c, co, n],
                 (&ws[t..], taps, c * taps),
                 (wide_grad, n, 1),
-                (&mut padded_grad[offset..], hp * wp),
+                (&mut padded_grad[offset..], plane),
                 true,
                 1.0,
             );

@@ -285,9 +285,18 @@ fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
         false,
     );
     check_conv([2, 2, 3, 3], 3, [5, 5], [1, 1], [2; 4], [1, 1], false);
-    // Stride 1 runs tap by tap on the padded image: asymmetric padding with a dilated, wider
-    // than tall kernel, and a 1×1 kernel with padding.
+    // Stride 1 runs tap by tap on the padded image: asymmetric padding with kernels dilated
+    // down and across, and a 1×1 kernel with padding.
     check_conv([2, 3, 7, 20], 4, [2, 3], [1, 1], [0, 1, 2, 0], [2, 1], true);
+    check_conv(
+        [2, 3, 5, 36],
+        4,
+        [1, 3],
+        [1, 1],
+        [1, 2, 0, 2],
+        [1, 2],
+        false,
+    );
     check_conv([2, 3, 4, 9], 2, [1, 1], [1, 1], [1, 0, 0, 2], [1, 1], false);
     check_conv([2, 3, 7, 7], 3, [7, 7], [1, 1], [0; 4], [1, 1], true);
 }

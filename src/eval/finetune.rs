@@ -216,9 +216,9 @@ pub fn finetune(
     let warmup = (config.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let peak = config.base_lr * config.batch_size as f64 / 256.0;
     let mut run = Supervised::new("fine-tuning", "", config.epochs, steps_per_epoch);
-    let mut step = 0u64;
     for epoch in 0..config.epochs {
         let loss = |model: &Classifier, batch: Batch| {
+            let step = (batch.epoch as usize * steps_per_epoch + batch.index) as u64;
             let labels: Vec<usize> = batch
                 .labels
                 .as_ref()
@@ -233,7 +233,6 @@ pub fn finetune(
             }
             // Mixing, then drop path in the forward pass, from the step's stream 0.
             let mut rng = step_rng(step, 0);
-            step += 1;
             let mix = Mix::draw(
                 config.mixup,
                 config.cutmix,
