@@ -630,3 +630,20 @@ fn ema_is_burns_blend_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn exp_is_within_two_ulp_of_f64() {
+    // Every 997th f32 from e^-87 to e^88, and the ends of the clamp.
+    let (lo, hi) = ((-87.0f32).to_bits(), 88.0f32.to_bits());
+    let mut worst = 0f64;
+    for bits in (0x8000_0000..=lo).step_by(997).chain((0..=hi).step_by(997)) {
+        let x = f32::from_bits(bits);
+        let want = (x as f64).exp();
+        let ulp = (want as f32).next_up() as f64 - want as f32 as f64;
+        worst = worst.max((kernels::exp(x) as f64 - want).abs() / ulp);
+    }
+    assert!(worst <= 2.0, "exp is {worst} ulp off");
+    assert!(kernels::exp(f32::NAN).is_nan());
+    assert!(kernels::exp(-1e4) < 1.3e-38 && kernels::exp(-1e4) >= 0.0);
+    assert_eq!(kernels::exp(0.0), 1.0);
+}
