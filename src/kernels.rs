@@ -749,6 +749,7 @@ fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec
 /// (Σ a, Σ a·(b − `shift`)) in f64, as 8 interleaved partial sums added in a fixed order: one
 /// dependent chain of f64 additions waits on each one's latency (it took 7% of a narrow
 /// ResNet's step).
+#[inline(always)]
 fn sums(a: &[f32], b: &[f32], shift: f64) -> [f64; 2] {
     const LANES: usize = 8;
     let (mut x, mut xy) = ([0f64; LANES], [0f64; LANES]);
@@ -1549,16 +1550,22 @@ impl CpuKernels for Flex {
             .enumerate()
             .for_each(|(task, ((out, mean), variance))| {
                 let first = task * per_task * d;
-                for (r, out) in out.chunks_mut(d).enumerate() {
-                    let x = &xs[first + r * d..first + (r + 1) * d];
-                    let mu = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-                    let var = x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / d as f64;
-                    let (mu, rstd) = (mu as f32, (1.0 / (var + epsilon).sqrt()) as f32);
-                    for (((o, x), g), b) in out.iter_mut().zip(x).zip(&*gamma).zip(&*beta) {
-                        *o = (x - mu) * rstd * g + b;
-                    }
-                    (mean[r], variance[r]) = (mu, var as f32);
-                }
+                widest(
+                    #[inline(always)]
+                    || {
+                        for (r, out) in out.chunks_mut(d).enumerate() {
+                            let x = &xs[first + r * d..first + (r + 1) * d];
+                            let mu = sums(x, x, 0.0)[0] / d as f64;
+                            // Σ x·(x − μ) = Σ (x − μ)², as batch norm's variance.
+                            let var = sums(x, x, mu)[1] / d as f64;
+                            let (mu, rstd) = (mu as f32, (1.0 / (var + epsilon).sqrt()) as f32);
+                            for (((o, x), g), b) in out.iter_mut().zip(x).zip(&*gamma).zip(&*beta) {
+                                *o = (x - mu) * rstd * g + b;
+                            }
+                            (mean[r], variance[r]) = (mu, var as f32);
+                        }
+                    },
+                )
             });
         let stats = Shape::new([rows]);
         (
@@ -1587,27 +1594,35 @@ impl CpuKernels for Flex {
             .enumerate()
             .map(|(task, dx)| {
                 let (mut gamma_grad, mut beta_grad) = (vec![0f32; d], vec![0f32; d]);
-                for (r, dx) in dx.chunks_mut(d).enumerate() {
-                    let row = task * per_task + r;
-                    let (x, dy) = (&xs[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
-                    let rstd = (1.0 / (variance[row] as f64 + epsilon).sqrt()) as f32;
-                    let mu = mean[row];
-                    // dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ.
-                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                    for (k, (&x, &dy)) in x.iter().zip(dy).enumerate() {
-                        let xhat = (x - mu) * rstd;
-                        let g = dy * gamma[k];
-                        sum_g += g;
-                        sum_gx += g * xhat;
-                        gamma_grad[k] += dy * xhat;
-                        beta_grad[k] += dy;
-                    }
-                    let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
-                    for (k, (dx, (&x, &dy))) in dx.iter_mut().zip(x.iter().zip(dy)).enumerate() {
-                        let xhat = (x - mu) * rstd;
-                        *dx = rstd * (dy * gamma[k] - mean_g - xhat * mean_gx);
-                    }
-                }
+                let (mut xhat, mut g) = (vec![0f32; d], vec![0f32; d]);
+                widest(
+                    #[inline(always)]
+                    || {
+                        // All d long, so that the loops below check no bounds and vectorise.
+                        let (gamma, xhat, g) = (&gamma[..d], &mut xhat[..d], &mut g[..d]);
+                        let (gamma_grad, beta_grad) = (&mut gamma_grad[..d], &mut beta_grad[..d]);
+                        for (r, dx) in dx.chunks_mut(d).enumerate() {
+                            let row = task * per_task + r;
+                            let (x, dy) =
+                                (&xs[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
+                            let rstd = (1.0 / (variance[row] as f64 + epsilon).sqrt()) as f32;
+                            let mu = mean[row];
+                            for k in 0..d {
+                                xhat[k] = (x[k] - mu) * rstd;
+                                g[k] = dy[k] * gamma[k];
+                                gamma_grad[k] += dy[k] * xhat[k];
+                                beta_grad[k] += dy[k];
+                            }
+                            // dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ.
+                            let [sum_g, sum_gx] = sums(&g, &xhat, 0.0);
+                            let (mean_g, mean_gx) =
+                                ((sum_g / d as f64) as f32, (sum_gx / d as f64) as f32);
+                            for k in 0..d {
+                                dx[k] = rstd * (g[k] - mean_g - xhat[k] * mean_gx);
+                            }
+                        }
+                    },
+                );
                 [gamma_grad, beta_grad].concat()
             })
             .collect();
