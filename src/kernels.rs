@@ -579,30 +579,50 @@ fn softmax_rows(x: &mut [f32], t: usize) {
 }
 
 /// eˣ in f32 without branches or calls, so that loops over it vectorise: Cephes' `expf`
-/// (eˣ = 2ⁿ·eʳ, n = round(x·log₂e), |r| ≤ ln2/2, a degree-6 polynomial; within 1 ulp of eˣ).
-/// x is first clamped to [−87.3, 88.3], where 2ⁿ is a normal f32, so eˣ below e^−87.3 comes
-/// out near 1.2e-38 instead of smaller; NaN stays NaN.
+/// (eˣ = 2ⁿ·eʳ, n = round(x·log₂e), |r| ≤ ln2/2, a degree-6 polynomial; within 1 ulp of eˣ
+/// on [−87.3, 88.3], where 2ⁿ is a normal f32). Below −87.3 it gives 0 (eˣ would be subnormal:
+/// flushed, as with FTZ), above 88.3 +∞ (early: f32's range ends at 88.72); NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    const LOW: f32 = -87.3;
+    const HIGH: f32 = 88.3;
     // Adding 1.5·2²³ rounds to an integer held in the low bits of the sum (|n| < 2²²).
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.3);
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let clamped = x.clamp(LOW, HIGH);
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     // r = x − n·ln2 with ln2 in two parts (0.693359375 − 2.12194440e-4), exact first product.
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 5.000_000_1e-1;
     let e_r = p * (r * r) + r + 1.0;
-    // n + 127 in the exponent field (wrapping: no overflow check to keep the loop vectorised).
+    // n + 127 in the exponent field. n may be negative: wrapping operations, since the dev
+    // profile's overflow checks would panic on the u32 difference and stop the loop vectorising.
     let two_n = shifted
         .to_bits()
         .wrapping_sub(ROUND.to_bits())
         .wrapping_add(127)
         << 23;
-    e_r * f32::from_bits(two_n)
+    let y = e_r * f32::from_bits(two_n);
+    // Selects, not branches.
+    let y = if x < LOW { 0.0 } else { y };
+    if x > HIGH {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// The widest vector instructions [`widest`] may use: 2 AVX-512, 1 AVX2, 0 the baseline.
+static VECTOR_WIDTH_LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Caps the vector instructions of the element-wise kernels for the whole process (2 AVX-512,
+/// 1 AVX2, 0 the x86-64 baseline), so that a test can check every path gives the same bits.
+#[doc(hidden)]
+pub fn limit_vector_width(level: u8) {
+    VECTOR_WIDTH_LIMIT.store(level, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, else AVX2), so
@@ -621,11 +641,12 @@ fn widest<R>(f: impl FnOnce() -> R) -> R {
         fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        let limit = VECTOR_WIDTH_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+        if limit >= 2 && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
             return unsafe { avx512(f) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if limit >= 1 && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
             return unsafe { avx2(f) };
         }
@@ -1553,8 +1574,9 @@ impl CpuKernels for Flex {
                 widest(
                     #[inline(always)]
                     || {
-                        for (r, out) in out.chunks_mut(d).enumerate() {
-                            let x = &xs[first + r * d..first + (r + 1) * d];
+                        for (r, out) in out.chunks_exact_mut(d).enumerate() {
+                            let x = &xs[first + r * d..][..d];
+                            // Only Σx of the two sums.
                             let mu = sums(x, x, 0.0)[0] / d as f64;
                             // Σ x·(x − μ) = Σ (x − μ)², as batch norm's variance.
                             let var = sums(x, x, mu)[1] / d as f64;
@@ -1601,10 +1623,9 @@ impl CpuKernels for Flex {
                         // All d long, so that the loops below check no bounds and vectorise.
                         let (gamma, xhat, g) = (&gamma[..d], &mut xhat[..d], &mut g[..d]);
                         let (gamma_grad, beta_grad) = (&mut gamma_grad[..d], &mut beta_grad[..d]);
-                        for (r, dx) in dx.chunks_mut(d).enumerate() {
+                        for (r, dx) in dx.chunks_exact_mut(d).enumerate() {
                             let row = task * per_task + r;
-                            let (x, dy) =
-                                (&xs[row * d..(row + 1) * d], &dy[row * d..(row + 1) * d]);
+                            let (x, dy) = (&xs[row * d..][..d], &dy[row * d..][..d]);
                             let rstd = (1.0 / (variance[row] as f64 + epsilon).sqrt()) as f32;
                             let mu = mean[row];
                             for k in 0..d {
