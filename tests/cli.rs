@@ -465,7 +465,7 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
         "moco_v2_cifar10_cpu.toml",
         &[
             ("queue_size = 4096", "queue_size = 50"),
-            ("epochs = 8", "epochs = 1"),
+            ("epochs = 10", "epochs = 1"),
             ("batch_size = 256", "batch_size = 24"),
         ],
         "",
