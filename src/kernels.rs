@@ -51,6 +51,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, LayerNorm, PaddingConfig2d};
 use burn::tensor::{Bytes, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The fused ops, implemented for `flex` and, with their backward passes, for autodiff over it.
 /// The `*_backward` ops are the inner backend's: autodiff calls them from its backward steps
@@ -591,7 +592,7 @@ pub fn exp(x: f32) -> f32 {
     let clamped = x.clamp(LOW, HIGH);
     let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
-    // r = x − n·ln2 with ln2 in two parts (0.693359375 − 2.12194440e-4), exact first product.
+    // r = x − n·ln2 (x clamped) with ln2 in two parts (0.693359375 − 2.12194440e-4), exact first product.
     let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
@@ -616,13 +617,13 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// The widest vector instructions [`widest`] may use: 2 AVX-512, 1 AVX2, 0 the baseline.
-static VECTOR_WIDTH_LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+static VECTOR_WIDTH_LIMIT: AtomicU8 = AtomicU8::new(2);
 
 /// Caps the vector instructions of the element-wise kernels for the whole process (2 AVX-512,
 /// 1 AVX2, 0 the x86-64 baseline), so that a test can check every path gives the same bits.
 #[doc(hidden)]
 pub fn limit_vector_width(level: u8) {
-    VECTOR_WIDTH_LIMIT.store(level, std::sync::atomic::Ordering::Relaxed);
+    VECTOR_WIDTH_LIMIT.store(level, Ordering::Relaxed);
 }
 
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, else AVX2), so
@@ -641,7 +642,7 @@ fn widest<R>(f: impl FnOnce() -> R) -> R {
         fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        let limit = VECTOR_WIDTH_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+        let limit = VECTOR_WIDTH_LIMIT.load(Ordering::Relaxed);
         if limit >= 2 && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
             return unsafe { avx512(f) };
