@@ -23,6 +23,15 @@ grayscale 0.2, no blur), as selfsup's CPU recipe. A case name ending in `_lean` 
 a DataLoader with 2 worker processes: the fastest PyTorch for these 2 cores (issue 30).
 
 Run: python3 benches/reference/time_to_accuracy_torch.py CASE [CPU_MINUTES=45]
+
+Or with a fixed schedule instead of a budget, as selfsup's recipe runs it (a warm-up of one
+epoch, cosine to 0 over EPOCHS epochs of 195 steps):
+  python3 benches/reference/time_to_accuracy_torch.py CASE --epochs EPOCHS [--views FILE]
+where FILE holds the views selfsup's own loader drew for its recipe (`cargo run --profile dev
+--example dump_views -- recipes/simclr_cifar10_cpu.toml EPOCHS FILE`): then both frameworks train
+on exactly the same inputs, in the same order. `--save-init FILE.pth` writes the backbone's
+initial weights under torchvision's names, for a selfsup recipe's `model.init`: then both start
+from the same backbone as well.
 """
 import io
 import math
@@ -38,7 +47,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(__file__))
 from lean_views import view  # noqa: E402
-from train_throughput_torch import ARCHIVE, SimCLR, Views, cpu_seconds, lean_batches, normalize  # noqa: E402
+from train_throughput_torch import ARCHIVE, MEAN, STD, SimCLR, Views, cpu_seconds, lean_batches, normalize  # noqa: E402
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -82,7 +91,27 @@ def knn(train, train_labels, test, test_labels, k=200, t=0.1, classes=10):
     return 100.0 * correct / len(test)
 
 
-def main(name, budget_minutes):
+def dumped_batches(path, batch):
+    """The views of `dump_views.rs` (beside this script), `[steps, 2, batch, 3, 32, 32]` u8, normalised."""
+    import numpy as np
+    data = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 2, batch, 3, 32, 32)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    for step in range(data.shape[0]):
+        yield [(torch.from_numpy(np.array(data[step, v])).float() / 255 - mean) / std for v in range(2)]
+
+
+def torchvision_names(backbone):
+    """The backbone's state dict under torchvision's ResNet names (`layer1.0.conv1.weight`, ...),
+    which `model.init` of a selfsup recipe reads."""
+    def rename(key):
+        if key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            key = f"layer{int(i) // 2 + 1}.{int(i) % 2}.{rest.replace('down.', 'downsample.')}"
+        return key
+    return {rename(k): v for k, v in backbone.state_dict().items()}
+
+
+def main(name, budget_minutes, epochs=None, views_file=None, save_init=None):
     lean = name.endswith("_lean")
     name = name.removesuffix("_lean")
     if name == "simclr_w0.25_sgd":
@@ -97,10 +126,15 @@ def main(name, budget_minutes):
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6)
     else:
         raise SystemExit(f"unknown case {name}")
+    if save_init:
+        torch.save(torchvision_names(model.backbone), save_init)
     peak_lr, batch, budget = opt.param_groups[0]["lr"], 256, 60 * budget_minutes
     train, train_labels = cifar("train")
     test, test_labels = cifar("test")
     def batches():
+        if views_file:
+            yield from dumped_batches(views_file, batch)
+            return
         if lean:
             solo = lambda x: view(x, 32, (0.08, 1.0), (0.8, 0.4, 0.4, 0.2, 0.1), 0.2)
             yield from lean_batches(train, [solo, solo], batch)
@@ -110,7 +144,9 @@ def main(name, budget_minutes):
             yield from loader
 
     calibration, total, step, warmup, used_at_start = (10, 30), None, 0, None, 0.0
-    cpu0, wall0 = sum(cpu_seconds()), time.perf_counter()
+    if epochs is not None:
+        calibration, total, warmup, budget = (-1, -1), epochs * (50000 // batch), 50000 // batch, float("inf")
+    cpu0, wall0, recent = sum(cpu_seconds()), time.perf_counter(), []
     model.train()
     for views in batches():
         used = sum(cpu_seconds()) - cpu0
@@ -133,8 +169,10 @@ def main(name, budget_minutes):
         loss.backward()
         opt.step()
         step += 1
+        recent = recent[-9:] + [loss.item()]
         if step % 50 == 0:
-            print(f"step {step}/{total} loss {loss.item():.3f} lr {lr:.4f} {used / 60:.1f} CPU-min", flush=True)
+            print(f"step {step}/{total} loss {sum(recent) / len(recent):.3f} (mean of the last {len(recent)}) "
+                  f"lr {lr:.4f} {used / 60:.1f} CPU-min", flush=True)
     cpu, wall = sum(cpu_seconds()) - cpu0, time.perf_counter() - wall0
     accuracy = knn(features(model.backbone, train), train_labels, features(model.backbone, test), test_labels)
     print(f"| PyTorch {torch.__version__} {name}{' (lean)' if lean else ''} | {step} steps ({step * batch / 50000:.2f} epochs) | "
@@ -142,4 +180,10 @@ def main(name, budget_minutes):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 45.0)
+    args = sys.argv[1:]
+    option = lambda key: args[args.index(key) + 1] if key in args else None
+    keys = ("--epochs", "--views", "--save-init")
+    rest = [a for i, a in enumerate(args) if a not in keys and (i == 0 or args[i - 1] not in keys)]
+    epochs = option("--epochs")
+    main(rest[0], float(rest[1]) if len(rest) > 1 else 45.0, int(epochs) if epochs else None,
+         option("--views"), option("--save-init"))
