@@ -31,7 +31,8 @@ where FILE holds the views selfsup's own loader drew for its recipe (`cargo run 
 --example dump_views -- recipes/simclr_cifar10_cpu.toml EPOCHS FILE`): then both frameworks train
 on exactly the same inputs, in the same order. `--save-init FILE.pth` writes the backbone's
 initial weights under torchvision's names, for a selfsup recipe's `model.init`: then both start
-from the same backbone as well.
+from the same backbone as well. `--seed N` (default 0) seeds PyTorch's generator: the init's
+draws, and the lean views'.
 """
 import io
 import math
@@ -50,7 +51,6 @@ from lean_views import view  # noqa: E402
 from train_throughput_torch import ARCHIVE, MEAN, STD, SimCLR, Views, cpu_seconds, lean_batches, normalize  # noqa: E402
 
 torch.set_num_threads(2)
-torch.manual_seed(0)
 
 
 def cifar(split):
@@ -111,7 +111,8 @@ def torchvision_names(backbone):
     return {rename(k): v for k, v in backbone.state_dict().items()}
 
 
-def main(name, budget_minutes, epochs=None, views_file=None, save_init=None):
+def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0):
+    torch.manual_seed(seed)
     lean = name.endswith("_lean")
     name = name.removesuffix("_lean")
     if name == "simclr_w0.25_sgd":
@@ -182,8 +183,8 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None):
 if __name__ == "__main__":
     args = sys.argv[1:]
     option = lambda key: args[args.index(key) + 1] if key in args else None
-    keys = ("--epochs", "--views", "--save-init")
+    keys = ("--epochs", "--views", "--save-init", "--seed")
     rest = [a for i, a in enumerate(args) if a not in keys and (i == 0 or args[i - 1] not in keys)]
     epochs = option("--epochs")
     main(rest[0], float(rest[1]) if len(rest) > 1 else 45.0, int(epochs) if epochs else None,
-         option("--views"), option("--save-init"))
+         option("--views"), option("--save-init"), int(option("--seed") or 0))
