@@ -24,7 +24,7 @@ fn main() -> Result<()> {
     let dataset = selfsup::pretrain::open_data(&recipe, None)?;
     let split = dataset.split(&recipe.data.train_split)?.clone();
     let pipeline = recipe.augment.build()?;
-    let (mean, std) = (pipeline.mean, pipeline.std);
+    let (mean, std, views) = (pipeline.mean, pipeline.std, pipeline.num_views());
     let loader = Loader::new(
         split,
         recipe.method.augment(pipeline),
@@ -55,7 +55,6 @@ fn main() -> Result<()> {
         eprintln!("epoch {} written ({steps} steps)", epoch + 1);
     }
     file.flush()?;
-    let views = recipe.augment.build()?.num_views();
     println!(
         "{{\"steps\": {steps}, \"views\": {views}, \"batch\": {}, \"size\": {}}}",
         shape[0], shape[2]

@@ -146,7 +146,8 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
 
     calibration, total, step, warmup, used_at_start = (10, 30), None, 0, None, 0.0
     if epochs is not None:
-        calibration, total, warmup, budget = (-1, -1), epochs * (50000 // batch), 50000 // batch, float("inf")
+        steps_per_epoch = 50000 // batch
+        calibration, total, warmup, budget = (-1, -1), epochs * steps_per_epoch, steps_per_epoch, float("inf")
     cpu0, wall0, recent = sum(cpu_seconds()), time.perf_counter(), []
     model.train()
     for views in batches():
@@ -181,10 +182,13 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    option = lambda key: args[args.index(key) + 1] if key in args else None
-    keys = ("--epochs", "--views", "--save-init", "--seed")
-    rest = [a for i, a in enumerate(args) if a not in keys and (i == 0 or args[i - 1] not in keys)]
-    epochs = option("--epochs")
-    main(rest[0], float(rest[1]) if len(rest) > 1 else 45.0, int(epochs) if epochs else None,
-         option("--views"), option("--save-init"), int(option("--seed") or 0))
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case")
+    parser.add_argument("cpu_minutes", nargs="?", type=float, default=45.0)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--views")
+    parser.add_argument("--save-init")
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed)
