@@ -668,9 +668,23 @@ fn erf(z: f32, exp_minus_z2: f32) -> f32 {
 /// Values per parallel task of the element-wise kernels (64 KB of f32: a core's L2 holds a few).
 const CHUNK: usize = 16 * 1024;
 
+/// `len` zeros, written by parallel tasks of [`CHUNK`] values. The kernels' outputs are
+/// activation-sized (MB); zeroing one with `vec!` is a memset on the calling thread while the
+/// other core waits for the parallel op that follows: 3-4% of a ViT step's wall time
+/// (`perf record -a` of `train_throughput --case`, samples where one core idled).
+fn zeros(len: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the tasks above initialised all `len` values.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Element-wise `f` over f32 values in parallel chunks (sizes fit a core's L1/L2 cache).
 fn map_parallel(x: &[f32], y: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeros(x.len());
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
         let x = &x[i * CHUNK..i * CHUNK + out.len()];
         widest(
@@ -810,7 +824,7 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// gradient of a ResNet's first convolution (measured against the f64 synchronised batch norm,
 /// `selfsup dist-check`). `[a, b, m, d]` for each of the `c` channels of `s` positions.
 fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeros(x.len());
     out.par_chunks_mut(c * s).enumerate().for_each(|(n, out)| {
         for ch in 0..c {
             let [a, b, m, d] = coef[ch];
@@ -1291,8 +1305,8 @@ impl CpuKernels for Flex {
         let (n, t, d3) = (shape[0], shape[1], shape[2]);
         let (d, dh) = (d3 / 3, d3 / (3 * heads));
         let x = values(&qkv);
-        let mut out = vec![0f32; n * t * d];
-        let mut weights = vec![0f32; n * heads * t * t];
+        let mut out = zeros(n * t * d);
+        let mut weights = zeros(n * heads * t * t);
         // One image a task; its heads in turn, each three products reading q, k and v in place.
         out.par_chunks_mut(t * d)
             .zip(weights.par_chunks_mut(heads * t * t))
@@ -1333,7 +1347,7 @@ impl CpuKernels for Flex {
         let (n, t, d3) = (shape[0], shape[1], shape[2]);
         let (d, dh) = (d3 / 3, d3 / (3 * heads));
         let (x, p_all, g_all) = (values(&qkv), values(&weights), values(&output_grad));
-        let mut grad = vec![0f32; n * t * d3];
+        let mut grad = zeros(n * t * d3);
         grad.par_chunks_mut(t * d3)
             .enumerate()
             .for_each(|(i, grad)| {
@@ -1561,7 +1575,7 @@ impl CpuKernels for Flex {
         let d = shape[shape.num_dims() - 1];
         let rows = shape.num_elements() / d.max(1);
         let (xs, gamma, beta) = (values(&x), values(&gamma), values(&beta));
-        let mut output = vec![0f32; xs.len()];
+        let mut output = zeros(xs.len());
         let mut mean = vec![0f32; rows];
         let mut variance = vec![0f32; rows];
         let per_task = rows_per_task(d);
@@ -1610,7 +1624,7 @@ impl CpuKernels for Flex {
         let d = shape[shape.num_dims() - 1];
         let (xs, dy, gamma) = (values(&x), values(&output_grad), values(&gamma));
         let (mean, variance) = (values(&mean), values(&variance));
-        let mut x_grad = vec![0f32; xs.len()];
+        let mut x_grad = zeros(xs.len());
         let per_task = rows_per_task(d);
         let partials: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * d)
@@ -1665,7 +1679,7 @@ impl CpuKernels for Flex {
         let (xs, ws) = (values(&x), values(&weight));
         let (n, co) = (x.shape()[0], weight.shape()[0]);
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
-        let mut output = vec![0f32; n * co * positions];
+        let mut output = zeros(n * co * positions);
         let per_task = images_per_task(n);
         output
             .par_chunks_mut(per_task * co * positions)
@@ -1721,7 +1735,7 @@ impl CpuKernels for Flex {
         let (xs, ws, dy) = (values(&x), values(&weight), values(&output_grad));
         let (n, co) = (x.shape()[0], weight.shape()[0]);
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
-        let mut x_grad = vec![0f32; xs.len()];
+        let mut x_grad = zeros(xs.len());
         let per_task = images_per_task(n);
         let weight_grad: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * image)
