@@ -41,7 +41,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::{FlexTensor, Layout};
-use burn::backend::ops::{ActivationOps, ConvOptions, ModuleOps};
+use burn::backend::ops::{ActivationOps, ConvOptions, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     backend_extension, Autodiff, AutodiffBackend, Backend, DType, Dispatch, DispatchDevice, Flex,
@@ -81,6 +81,21 @@ pub trait CpuKernels: Backend {
 
     /// The gradient of [`CpuKernels::gelu`] at `x` given its output's.
     fn gelu_backward(_x: FloatTensor<Self>, _output_grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
+
+    /// ReLU, max(x, 0) with NaN kept (burn-flex's and PyTorch's `relu`).
+    fn relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `relu(x + y)` for `x` and `y` of one shape: the end of a ResNet block, in one pass.
+    fn add_relu(x: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradient through a ReLU given its `output` and the output's gradient: the gradient
+    /// where the output is positive or NaN, 0 elsewhere (burn-flex's `relu_backward`).
+    fn relu_backward(
+        _output: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
 
@@ -511,6 +526,28 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// ReLU with the fused kernel on `flex` (one parallel pass each way: burn-flex runs its
+/// element-wise ops on the calling thread, which left the other core idle through each ReLU of
+/// a ResNet), burn's `relu` elsewhere.
+pub fn relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    match on_flex(&x.device()) {
+        true => Tensor::from_dispatch(<Dispatch as CpuKernels>::relu(x.into_dispatch())),
+        false => burn::tensor::activation::relu(x),
+    }
+}
+
+/// `relu(x + y)` (a ResNet block's residual sum and activation): one fused pass each way on
+/// `flex` when `x` and `y` have one shape, burn's `relu(x + y)` otherwise.
+pub fn add_relu<const D: usize>(x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
+    match on_flex(&x.device()) && x.dims() == y.dims() {
+        true => Tensor::from_dispatch(<Dispatch as CpuKernels>::add_relu(
+            x.into_dispatch(),
+            y.into_dispatch(),
+        )),
+        false => burn::tensor::activation::relu(x + y),
+    }
+}
+
 /// `ln.forward(x)` with the fused kernel on `flex`. burn keeps a `LayerNorm`'s ε private, so the
 /// caller passes the ε it built the layer with.
 pub fn layer_norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>, epsilon: f64) -> Tensor<D> {
@@ -663,6 +700,15 @@ fn erf(z: f32, exp_minus_z2: f32) -> f32 {
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
     (1.0 - poly * exp_minus_z2).copysign(z)
+}
+
+/// max(x, 0) with NaN kept, as burn-flex's and PyTorch's ReLU (`f32::max` would drop it).
+#[inline(always)]
+fn relu_of(x: f32) -> f32 {
+    match x.is_nan() || x > 0.0 {
+        true => x,
+        false => 0.0,
+    }
 }
 
 /// Values per parallel task of the element-wise kernels (64 KB of f32: a core's L2 holds a few).
@@ -1565,6 +1611,40 @@ impl CpuKernels for Flex {
         flex_tensor(output, x.shape())
     }
 
+    fn relu(x: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 {
+            return <Flex as ActivationOps<Flex>>::relu(x);
+        }
+        flex_tensor(
+            map_parallel(&values(&x), None, |x, _| relu_of(x)),
+            x.shape(),
+        )
+    }
+
+    fn add_relu(x: FlexTensor, y: FlexTensor) -> FlexTensor {
+        if x.dtype() != DType::F32 || y.dtype() != DType::F32 || x.shape() != y.shape() {
+            let sum = <Flex as FloatTensorOps<Flex>>::float_add(x, y);
+            return <Flex as ActivationOps<Flex>>::relu(sum);
+        }
+        let output = map_parallel(&values(&x), Some(&values(&y)), |x, y| relu_of(x + y));
+        flex_tensor(output, x.shape())
+    }
+
+    fn relu_backward(output: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
+        if output.dtype() != DType::F32 || output_grad.dtype() != DType::F32 {
+            return <Flex as ActivationOps<Flex>>::relu_backward(output, output_grad);
+        }
+        let grad = map_parallel(
+            &values(&output),
+            Some(&values(&output_grad)),
+            |y, g| match y.is_nan() || y > 0.0 {
+                true => g,
+                false => 0.0,
+            },
+        );
+        flex_tensor(grad, output.shape())
+    }
+
     fn layer_norm(
         x: FlexTensor,
         gamma: FlexTensor,
@@ -1912,6 +1992,24 @@ pub(crate) type NormBackwardFn<B> = fn(
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
 /// The backward step of [`normalization`].
+/// The backward step of [`CpuKernels::relu`] and [`CpuKernels::add_relu`] from their kept
+/// output: the output's gradient where that output is positive (or NaN), to every parent.
+#[derive(Debug)]
+struct ReluBackward;
+
+impl<B: Backend + CpuKernels, const N: usize> Backward<B, N> for ReluBackward {
+    /// The op's output.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let grad = <B as CpuKernels>::relu_backward(ops.state, grad);
+        for node in ops.parents.into_iter().flatten() {
+            grads.register::<B>(node.id, grad.clone());
+        }
+    }
+}
+
 #[derive(Debug)]
 struct NormBackward<B: Backend> {
     backward: NormBackwardFn<B>,
@@ -2160,6 +2258,29 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                 prep.finish(state, <B as CpuKernels>::gelu(x.into_primitive()))
             }
             OpsKind::UnTracked(prep) => prep.finish(<B as CpuKernels>::gelu(x.into_primitive())),
+        }
+    }
+
+    fn relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match ReluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = <B as CpuKernels>::relu(x.into_primitive());
+                prep.finish(output.clone(), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as CpuKernels>::relu(x.into_primitive())),
+        }
+    }
+
+    fn add_relu(x: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [x.node(), y.node()];
+        let output = <B as CpuKernels>::add_relu(x.into_primitive(), y.into_primitive());
+        match ReluBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(output.clone(), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
 

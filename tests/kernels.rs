@@ -4,6 +4,7 @@
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, LayerNorm, LayerNormConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use selfsup::kernels;
@@ -351,6 +352,51 @@ fn gelu_matches_burn() {
     let (fused, reference) = (run(true), run(false));
     assert_close("gelu", fused.0, reference.0);
     assert_close("gelu grad", fused.1, reference.1);
+}
+
+#[test]
+fn relu_and_add_relu_are_burns_bit_for_bit() {
+    let device = Device::flex().autodiff();
+    // Two parallel chunks; exact zeros, -0 and NaN among the values (burn's ReLU keeps NaN and
+    // passes its gradient, masks 0 and -0).
+    let mut data = random([2, 8, 33, 33], 3, 2.0, 0.0);
+    let values = data.as_mut_slice::<f32>().unwrap();
+    for (i, v) in [
+        (0, 0.0),
+        (1, -0.0),
+        (5, f32::NAN),
+        (17_000, f32::NAN),
+        (17_001, 0.0),
+    ] {
+        values[i] = v;
+    }
+    let x = Tensor::<4>::from_data(data, &device).require_grad();
+    let y = Tensor::<4>::from_data(random([2, 8, 33, 33], 4, 2.0, 0.0), &device).require_grad();
+    let weights = Tensor::<4>::from_data(random([2, 8, 33, 33], 5, 1.0, 0.0), &device);
+    let bits = |t: Tensor<4>| -> Vec<u32> {
+        let values = t.into_data().try_to_vec::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
+    };
+    let run = |fused: bool| {
+        // x reaches the sum twice (through y·x too), as a ResNet block's input does.
+        let b = y.clone() * x.clone();
+        let (a, out) = match fused {
+            true => (kernels::relu(x.clone()), kernels::add_relu(x.clone(), b)),
+            false => (relu(x.clone()), relu(x.clone() + b)),
+        };
+        let grads = ((a.clone() + out.clone()) * weights.clone())
+            .sum()
+            .backward();
+        let grad = |t: &Tensor<4>| bits(t.grad(&grads).unwrap());
+        [bits(a), bits(out), grad(&x), grad(&y)]
+    };
+    let names = ["relu", "add_relu", "x grad", "y grad"];
+    for ((name, fused), reference) in names.iter().zip(run(true)).zip(run(false)) {
+        assert!(
+            fused == reference,
+            "{name}: differs from burn's in its bits"
+        );
+    }
 }
 
 /// A layer norm over `d` with non-trivial γ and β on `device`.

@@ -1,9 +1,8 @@
 //! Heads put on a backbone during pre-training.
 
-use crate::kernels::batch_norm;
+use crate::kernels::{batch_norm, relu};
 use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 /// An MLP projection head g(·) (or a predictor q(·)): `layers` linear layers, each but the last

@@ -2,12 +2,11 @@
 //! `layer1.0.conv1`, ...), a CIFAR stem (3×3 stride-1 conv, no max-pool)
 //! or the ImageNet stem (7×7 stride-2 conv + 3×3 max-pool), and a width multiplier.
 
-use crate::kernels::{conv2d, split_batch_norm};
+use crate::kernels::{add_relu, conv2d, relu, split_batch_norm};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -242,7 +241,7 @@ impl Block {
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
             out = bn(bn3, conv2d(conv3, relu(out)));
         }
-        relu(out + identity)
+        add_relu(out, identity)
     }
 }
 
