@@ -730,26 +730,32 @@ fn zeros(len: usize) -> Vec<f32> {
 
 /// Element-wise `f` over f32 values in parallel chunks (sizes fit a core's L1/L2 cache).
 fn map_parallel(x: &[f32], y: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = zeros(x.len());
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
-        let x = &x[i * CHUNK..i * CHUNK + out.len()];
-        widest(
-            #[inline(always)]
-            || match y {
-                Some(y) => {
-                    let y = &y[i * CHUNK..i * CHUNK + out.len()];
-                    for ((o, x), y) in out.iter_mut().zip(x).zip(y) {
-                        *o = f(*x, *y);
+    let mut out = Vec::with_capacity(x.len());
+    // Written once, never zeroed first.
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let x = &x[i * CHUNK..i * CHUNK + out.len()];
+            widest(
+                #[inline(always)]
+                || match y {
+                    Some(y) => {
+                        let y = &y[i * CHUNK..i * CHUNK + out.len()];
+                        for ((o, x), y) in out.iter_mut().zip(x).zip(y) {
+                            o.write(f(*x, *y));
+                        }
                     }
-                }
-                None => {
-                    for (o, x) in out.iter_mut().zip(x) {
-                        *o = f(*x, 0.0);
+                    None => {
+                        for (o, x) in out.iter_mut().zip(x) {
+                            o.write(f(*x, 0.0));
+                        }
                     }
-                }
-            },
-        )
-    });
+                },
+            )
+        });
+    // SAFETY: the tasks above wrote all x.len() values.
+    unsafe { out.set_len(x.len()) };
     out
 }
 
