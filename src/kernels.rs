@@ -25,6 +25,9 @@
 //!   (its `Bytes` takes a `Vec<u8>` and re-aligns it), adds the bias in another pass and sums
 //!   the bias gradient on one thread. Here gemm writes onto the bias rows of the output, and
 //!   the gradients are two gemms into fresh buffers and a threaded column sum.
+//! - [`relu`] and [`add_relu`] (a ResNet block's `relu(out + identity)`): burn-flex runs ReLU,
+//!   its backward and the residual add on the calling thread at any size, the other core idle.
+//!   Here one parallel pass each way, burn's bits.
 //!
 //! - [`adamw_step`]: burn's AdamW updates each parameter with thirteen whole-tensor ops, each
 //!   on one thread below 256K values (every tensor of a ViT-Tiny). Here one parallel pass
@@ -715,8 +718,8 @@ fn relu_of(x: f32) -> f32 {
 const CHUNK: usize = 16 * 1024;
 
 /// `len` zeros, written by parallel tasks of [`CHUNK`] values. The kernels' outputs are
-/// activation-sized (MB); zeroing one with `vec!` is a memset on the calling thread while the
-/// other core waits for the parallel op that follows: 3-4% of a ViT step's wall time
+/// activation-sized (MB); zeroing one with `vec!` (a memset unless the allocator hands out
+/// fresh pages) runs on the calling thread while the other core waits for the parallel op that follows: 3-4% of a ViT step's wall time
 /// (`perf record -a` of `train_throughput --case`, samples where one core idled).
 fn zeros(len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
@@ -729,7 +732,14 @@ fn zeros(len: usize) -> Vec<f32> {
 }
 
 /// Element-wise `f` over f32 values in parallel chunks (sizes fit a core's L1/L2 cache).
+///
+/// # Panics
+/// If `y` is not as long as `x`.
 fn map_parallel(x: &[f32], y: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    assert!(
+        y.is_none_or(|y| y.len() == x.len()),
+        "map_parallel: operands of different lengths"
+    );
     let mut out = Vec::with_capacity(x.len());
     // Written once, never zeroed first.
     out.spare_capacity_mut()[..x.len()]
@@ -1604,7 +1614,8 @@ impl CpuKernels for Flex {
     }
 
     fn gelu_backward(x: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 || output_grad.dtype() != DType::F32 {
+        let f32s = x.dtype() == DType::F32 && output_grad.dtype() == DType::F32;
+        if !f32s || x.shape() != output_grad.shape() {
             return <Flex as ActivationOps<Flex>>::gelu_backward(x, output_grad);
         }
         // d/dx x·Φ(x) = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π): one exp for both.
@@ -1637,7 +1648,8 @@ impl CpuKernels for Flex {
     }
 
     fn relu_backward(output: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
-        if output.dtype() != DType::F32 || output_grad.dtype() != DType::F32 {
+        let f32s = output.dtype() == DType::F32 && output_grad.dtype() == DType::F32;
+        if !f32s || output.shape() != output_grad.shape() {
             return <Flex as ActivationOps<Flex>>::relu_backward(output, output_grad);
         }
         let grad = map_parallel(
@@ -1997,7 +2009,6 @@ pub(crate) type NormBackwardFn<B> = fn(
     FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-/// The backward step of [`normalization`].
 /// The backward step of [`CpuKernels::relu`] and [`CpuKernels::add_relu`] from their kept
 /// output: the output's gradient where that output is positive (or NaN), to every parent.
 #[derive(Debug)]
@@ -2016,6 +2027,7 @@ impl<B: Backend + CpuKernels, const N: usize> Backward<B, N> for ReluBackward {
     }
 }
 
+/// The backward step of [`normalization`].
 #[derive(Debug)]
 struct NormBackward<B: Backend> {
     backward: NormBackwardFn<B>,
@@ -2282,6 +2294,12 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
     }
 
     fn add_relu(x: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        if x.shape() != y.shape() {
+            // A broadcast sum: burn's ops, whose backward sums the gradient to each shape.
+            return <Self as ActivationOps<Self>>::relu(<Self as FloatTensorOps<Self>>::float_add(
+                x, y,
+            ));
+        }
         let nodes = [x.node(), y.node()];
         let output = <B as CpuKernels>::add_relu(x.into_primitive(), y.into_primitive());
         match ReluBackward.prepare::<C>(nodes).compute_bound().stateful() {

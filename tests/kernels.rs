@@ -397,6 +397,18 @@ fn relu_and_add_relu_are_burns_bit_for_bit() {
             "{name}: differs from burn's in its bits"
         );
     }
+    // A parent without a gradient (a constant) gets none; the other its masked gradient.
+    let constant = Tensor::<4>::from_data(random([2, 8, 33, 33], 4, 2.0, 0.0), &device);
+    let x_grad = |out: Tensor<4>| {
+        let grads = (out * weights.clone()).sum().backward();
+        assert!(constant.grad(&grads).is_none(), "a constant got a gradient");
+        bits(x.grad(&grads).unwrap())
+    };
+    assert!(
+        x_grad(kernels::add_relu(x.clone(), constant.clone()))
+            == x_grad(relu(x.clone() + constant.clone())),
+        "x grad beside a constant: differs from burn's in its bits"
+    );
 }
 
 /// A layer norm over `d` with non-trivial γ and β on `device`.
