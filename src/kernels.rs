@@ -705,12 +705,20 @@ fn erf(z: f32, exp_minus_z2: f32) -> f32 {
     (1.0 - poly * exp_minus_z2).copysign(z)
 }
 
-/// max(x, 0) with NaN kept, as burn-flex's and PyTorch's ReLU (`f32::max` would drop it).
+/// Whether ReLU passes `x` (and its gradient) through: x > 0 or NaN, as burn-flex's and
+/// PyTorch's ReLU, which keep NaN (`f32::max` would drop it).
+#[inline(always)]
+fn relu_passes(x: f32) -> bool {
+    x.is_nan() || x > 0.0
+}
+
+/// ReLU of one value.
 #[inline(always)]
 fn relu_of(x: f32) -> f32 {
-    match x.is_nan() || x > 0.0 {
-        true => x,
-        false => 0.0,
+    if relu_passes(x) {
+        x
+    } else {
+        0.0
     }
 }
 
@@ -719,8 +727,9 @@ const CHUNK: usize = 16 * 1024;
 
 /// `len` zeros, written by parallel tasks of [`CHUNK`] values. The kernels' outputs are
 /// activation-sized (MB); zeroing one with `vec!` (a memset unless the allocator hands out
-/// fresh pages) runs on the calling thread while the other core waits for the parallel op that follows: 3-4% of a ViT step's wall time
-/// (`perf record -a` of `train_throughput --case`, samples where one core idled).
+/// fresh pages) ran on the calling thread while the other core waited for the parallel op that
+/// followed: 3-4% of a ViT step's wall time (`perf record -a` of `train_throughput --case`,
+/// the milliseconds where one core idled).
 fn zeros(len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
     out.spare_capacity_mut()[..len]
@@ -1652,14 +1661,13 @@ impl CpuKernels for Flex {
         if !f32s || output.shape() != output_grad.shape() {
             return <Flex as ActivationOps<Flex>>::relu_backward(output, output_grad);
         }
-        let grad = map_parallel(
-            &values(&output),
-            Some(&values(&output_grad)),
-            |y, g| match y.is_nan() || y > 0.0 {
-                true => g,
-                false => 0.0,
-            },
-        );
+        let grad = map_parallel(&values(&output), Some(&values(&output_grad)), |y, g| {
+            if relu_passes(y) {
+                g
+            } else {
+                0.0
+            }
+        });
         flex_tensor(grad, output.shape())
     }
 
