@@ -778,6 +778,26 @@ fn map_parallel(x: &[f32], y: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync
     out
 }
 
+/// `f` element-wise over `x` (and `y`, of `x`'s shape) into a new tensor of `x`'s shape, by
+/// [`map_parallel`]; `None` unless both are f32 of one shape, where the caller takes burn-flex's
+/// own op (which also broadcasts).
+fn elementwise(
+    x: &FlexTensor,
+    y: Option<&FlexTensor>,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Option<FlexTensor> {
+    let f32s = |t: &FlexTensor| t.dtype() == DType::F32;
+    let fits = f32s(x) && y.is_none_or(|y| f32s(y) && y.shape() == x.shape());
+    if !fits {
+        return None;
+    }
+    let y = y.map(values);
+    Some(flex_tensor(
+        map_parallel(&values(x), y.as_deref(), f),
+        x.shape(),
+    ))
+}
+
 /// An f32 tensor of `shape` holding `values`.
 fn flex_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::new(
@@ -1612,63 +1632,42 @@ impl CpuKernels for Flex {
     }
 
     fn gelu(x: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 {
-            return <Flex as ActivationOps<Flex>>::gelu(x);
-        }
-        let output = map_parallel(&values(&x), None, |x, _| {
+        elementwise(&x, None, |x, _| {
             let z = x * std::f32::consts::FRAC_1_SQRT_2;
             0.5 * x * (1.0 + erf(z, exp(-z * z)))
-        });
-        flex_tensor(output, x.shape())
+        })
+        .unwrap_or_else(|| <Flex as ActivationOps<Flex>>::gelu(x))
     }
 
     fn gelu_backward(x: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
-        let f32s = x.dtype() == DType::F32 && output_grad.dtype() == DType::F32;
-        if !f32s || x.shape() != output_grad.shape() {
-            return <Flex as ActivationOps<Flex>>::gelu_backward(x, output_grad);
-        }
         // d/dx x·Φ(x) = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π): one exp for both.
-        let output = map_parallel(&values(&x), Some(&values(&output_grad)), |x, g| {
+        elementwise(&x, Some(&output_grad), |x, g| {
             let z = x * std::f32::consts::FRAC_1_SQRT_2;
             let e = exp(-z * z);
             let cdf = 0.5 * (1.0 + erf(z, e));
             g * (cdf + x * e * 0.398_942_3)
-        });
-        flex_tensor(output, x.shape())
+        })
+        .unwrap_or_else(|| <Flex as ActivationOps<Flex>>::gelu_backward(x, output_grad))
     }
 
     fn relu(x: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 {
-            return <Flex as ActivationOps<Flex>>::relu(x);
-        }
-        flex_tensor(
-            map_parallel(&values(&x), None, |x, _| relu_of(x)),
-            x.shape(),
-        )
+        elementwise(&x, None, |x, _| relu_of(x))
+            .unwrap_or_else(|| <Flex as ActivationOps<Flex>>::relu(x))
     }
 
     fn add_relu(x: FlexTensor, y: FlexTensor) -> FlexTensor {
-        if x.dtype() != DType::F32 || y.dtype() != DType::F32 || x.shape() != y.shape() {
+        elementwise(&x, Some(&y), |x, y| relu_of(x + y)).unwrap_or_else(|| {
             let sum = <Flex as FloatTensorOps<Flex>>::float_add(x, y);
-            return <Flex as ActivationOps<Flex>>::relu(sum);
-        }
-        let output = map_parallel(&values(&x), Some(&values(&y)), |x, y| relu_of(x + y));
-        flex_tensor(output, x.shape())
+            <Flex as ActivationOps<Flex>>::relu(sum)
+        })
     }
 
     fn relu_backward(output: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
-        let f32s = output.dtype() == DType::F32 && output_grad.dtype() == DType::F32;
-        if !f32s || output.shape() != output_grad.shape() {
-            return <Flex as ActivationOps<Flex>>::relu_backward(output, output_grad);
-        }
-        let grad = map_parallel(&values(&output), Some(&values(&output_grad)), |y, g| {
-            if relu_passes(y) {
-                g
-            } else {
-                0.0
-            }
-        });
-        flex_tensor(grad, output.shape())
+        elementwise(&output, Some(&output_grad), |y, g| match relu_passes(y) {
+            true => g,
+            false => 0.0,
+        })
+        .unwrap_or_else(|| <Flex as ActivationOps<Flex>>::relu_backward(output, output_grad))
     }
 
     fn layer_norm(
