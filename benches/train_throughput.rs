@@ -4,7 +4,8 @@
 //! CPU time (user, sys), cores busy and peak RSS; each case runs in a process of its own so that
 //! its peak RSS is its own.
 //!
-//! Run: `cargo bench --profile dev --bench train_throughput [-- CASE...]`; the PyTorch
+//! Run: `cargo bench --profile dev --bench train_throughput [-- [--bf16] CASE...]` (`--bf16`:
+//! `train.precision = "bf16"`, AMX's bf16 products where the CPU has them); the PyTorch
 //! reference for the same cases: `python3 benches/reference/train_throughput_torch.py [CASE...]`.
 
 mod common;
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use selfsup::config::Recipe;
 use selfsup::data::{Dataset, LoadOptions};
+use selfsup::precision::Precision;
 
 #[global_allocator]
 static ALLOCATOR: selfsup::alloc::MiMalloc = selfsup::alloc::MiMalloc;
@@ -77,7 +79,7 @@ fn cpu_seconds() -> (f64, f64) {
 }
 
 /// Runs one case in this process and prints its row.
-fn run_case(name: &str, steps: usize, text: &str) {
+fn run_case(name: &str, steps: usize, text: &str, precision: Precision) {
     let data =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-jpeg.tar.gz");
     let dataset = Dataset::open(&data, &LoadOptions::default()).expect("the CIFAR-10 archive");
@@ -87,6 +89,7 @@ fn run_case(name: &str, steps: usize, text: &str) {
     recipe.train.epochs = 1;
     recipe.train.warmup_epochs = 0.0;
     recipe.train.monitor_every = 0;
+    recipe.train.precision = precision;
     let device = burn::tensor::Device::flex();
     let tmp = std::env::temp_dir().join(format!("selfsup-bench-{}", std::process::id()));
     let run = |dir: &str, steps: usize| {
@@ -118,20 +121,33 @@ fn run_case(name: &str, steps: usize, text: &str) {
 fn main() {
     selfsup::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let bf16 = args.iter().any(|a| a == "--bf16");
+    let precision = match bf16 {
+        true => Precision::Bf16,
+        false => Precision::F32,
+    };
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let name = &args[i + 1];
         let cases = cases();
         let (_, steps, text) = cases.iter().find(|c| c.0 == name).expect("a known case");
-        run_case(name, *steps, text);
+        run_case(name, *steps, text, precision);
         return;
     }
     let chosen: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    println!("selfsup (burn 0.22.1 flex), 2 cores; img/s of the timed steps, CPU seconds of the timed run");
+    println!(
+        "selfsup (burn 0.22.1 flex), 2 cores, products in {} (AMX: {}); img/s of the timed steps, CPU seconds of the timed run",
+        precision.name(),
+        selfsup::amx::available()
+    );
     println!("| case | steps | img/s | user s | sys s | cores busy | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
     for (name, _, _) in cases() {
         if chosen.is_empty() || chosen.iter().any(|c| c.as_str() == name) {
-            let status = Command::new(std::env::current_exe().unwrap())
+            let mut child = Command::new(std::env::current_exe().unwrap());
+            if bf16 {
+                child.arg("--bf16");
+            }
+            let status = child
                 .args(["--case", name])
                 .status()
                 .expect("the bench itself");

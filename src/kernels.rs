@@ -108,6 +108,7 @@ pub trait CpuKernels: Backend {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        products: Products,
     ) -> FloatTensor<Self>;
 
     /// Gradients (x, weight, bias) of [`CpuKernels::linear`] given its output's.
@@ -115,6 +116,7 @@ pub trait CpuKernels: Backend {
         _x: FloatTensor<Self>,
         _weight: FloatTensor<Self>,
         _output_grad: FloatTensor<Self>,
+        _products: Products,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
@@ -161,6 +163,7 @@ pub trait CpuKernels: Backend {
         qkv: FloatTensor<Self>,
         heads: usize,
         scale: f64,
+        products: Products,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// The gradient of the qkv projection of [`CpuKernels::attention`], given its weights and
@@ -171,6 +174,7 @@ pub trait CpuKernels: Backend {
         _output_grad: FloatTensor<Self>,
         _heads: usize,
         _scale: f64,
+        _products: Products,
     ) -> FloatTensor<Self> {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
@@ -206,13 +210,42 @@ pub fn on_flex(device: &burn::tensor::Device) -> bool {
     )
 }
 
+/// How the fused kernels' matrix products compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands and sums (`gemm`).
+    #[default]
+    F32,
+    /// bf16 operands summed in f32 on AMX tiles ([`crate::amx`]), an autocast to bf16 on a CPU
+    /// that has them; a product too small to gain ([`amx_pays`]) stays f32.
+    Bf16,
+}
+
+impl Products {
+    /// The products for an op on `device` under this thread's autocast: f32 outside one, bf16
+    /// inside a bf16 one where AMX is available; `None` where the fused kernels do not run
+    /// (another backend, or an autocast they cannot follow: then burn's ops in its dtype).
+    pub fn for_device(device: &burn::tensor::Device) -> Option<Products> {
+        use crate::precision::Precision;
+        if !on_flex(device) {
+            return None;
+        }
+        match crate::precision::current() {
+            Precision::F32 => Some(Products::F32),
+            Precision::Bf16 if crate::amx::available() => Some(Products::Bf16),
+            _ => None,
+        }
+    }
+}
+
 /// Stride, padding and dilation of a 2-D convolution, in pixels: `padding` is
-/// (top, left, bottom, right), as burn's `PaddingConfig2d::Explicit`.
+/// (top, left, bottom, right), as burn's `PaddingConfig2d::Explicit`; and its products.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ConvGeometry {
     pub stride: [usize; 2],
     pub padding: [usize; 4],
     pub dilation: [usize; 2],
+    pub products: Products,
 }
 
 impl ConvGeometry {
@@ -243,27 +276,26 @@ impl ConvGeometry {
 }
 
 /// `conv.forward(x)` (`x` `[N, C, H, W]`) with the fused kernels on `flex`, for one-group
-/// convolutions with explicit or no padding; burn's own forward otherwise; in the autocast's
-/// dtype inside one ([`crate::precision`]).
+/// convolutions with explicit or no padding ([`Products`]); burn's own forward otherwise, in the
+/// autocast's dtype inside one ([`crate::precision`]).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let padding = match conv.padding {
         PaddingConfig2d::Valid => [0; 4],
         PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
         PaddingConfig2d::Same => return conv.forward(x),
     };
+    let products = Products::for_device(&x.device());
     let geometry = ConvGeometry {
         stride: conv.stride,
         padding,
         dilation: conv.dilation,
+        products: products.unwrap_or_default(),
     };
-    if crate::precision::active() {
+    if products.is_none() || conv.groups != 1 || x.dtype() != burn::tensor::DType::F32 {
         let mut options = geometry.options();
         options.groups = conv.groups;
         let bias = conv.bias.as_ref().map(|b| b.val());
         return crate::precision::conv2d(x, conv.weight.val(), bias, options);
-    }
-    if conv.groups != 1 || !on_flex(&x.device()) {
-        return conv.forward(x);
     }
     let output = Tensor::<4>::from_dispatch(<Dispatch as CpuKernels>::conv2d(
         x.into_dispatch(),
@@ -378,7 +410,8 @@ fn sync_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// `x · weight + bias` (`x` `[..., k]`, `weight` `[k, n]`, `bias` `[n]`): output `[..., n]`,
-/// as `burn::tensor::module::linear`. On `flex` in f32 one threaded gemm writes the product
+/// as `burn::tensor::module::linear`. On `flex` (in f32, or in a bf16 autocast on AMX:
+/// [`Products`]) one threaded gemm writes the product
 /// onto the bias rows of the output, and the backward pass is two gemms into fresh buffers and
 /// a threaded column sum ([`CpuKernels::linear`]); burn's own path zero-fills each product's
 /// buffer and copies it once more, then adds the bias and sums its gradient on one thread.
@@ -397,20 +430,19 @@ pub fn linear<const D: usize>(
     .into_iter()
     .flatten()
     .all(|t| t == burn::tensor::DType::F32);
-    let fused = f32s
-        && D >= 2
-        && x.dims()[D - 1] == k
-        && bias.as_ref().is_none_or(|b| b.dims() == [n])
-        && on_flex(&x.device());
-    if !fused {
+    let products = Products::for_device(&x.device());
+    let fused =
+        f32s && D >= 2 && x.dims()[D - 1] == k && bias.as_ref().is_none_or(|b| b.dims() == [n]);
+    let Some(products) = products.filter(|_| fused) else {
         return burn::tensor::module::linear(x, weight, bias);
-    }
+    };
     // Without a bias, a constant zero one: its gradient is computed but reaches no parameter.
     let bias = bias.unwrap_or_else(|| Tensor::zeros([n], &x.device()));
     Tensor::from_dispatch(<Dispatch as CpuKernels>::linear(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
+        products,
     ))
 }
 
@@ -574,7 +606,7 @@ pub fn layer_norm<const D: usize>(ln: &LayerNorm, x: Tensor<D>, epsilon: f64) ->
 /// Multi-head self-attention of a ViT block from its qkv projection `[n, t, 3·d]` (timm's
 /// `Attention`: q, k and v, each `heads` heads of d/heads, scale (d/heads)^−½): (the heads'
 /// outputs side by side `[n, t, d]`, before the output projection; the softmax weights
-/// `[n, heads, t, t]`). On `flex` in f32 outside an autocast one fused kernel each way
+/// `[n, heads, t, t]`). On `flex` in f32 ([`Products`]) one fused kernel each way
 /// ([`CpuKernels::attention`]: no copies of q, k, v or the output, the weights kept for the
 /// backward pass, no gradient through them); elsewhere burn's composition in the autocast's
 /// precision.
@@ -582,14 +614,11 @@ pub fn attention(qkv: Tensor<3>, heads: usize) -> (Tensor<3>, Tensor<4>) {
     let [n, t, d3] = qkv.dims();
     let (d, dh) = (d3 / 3, d3 / (3 * heads).max(1));
     let scale = (dh as f64).powf(-0.5);
-    let fused = on_flex(&qkv.device())
-        && qkv.dtype() == burn::tensor::DType::F32
-        && !crate::precision::active()
-        && dh > 0
-        && d3 == 3 * heads * dh
-        && n * t > 0;
-    if fused {
-        let (out, weights) = <Dispatch as CpuKernels>::attention(qkv.into_dispatch(), heads, scale);
+    let fused =
+        qkv.dtype() == burn::tensor::DType::F32 && dh > 0 && d3 == 3 * heads * dh && n * t > 0;
+    if let Some(products) = Products::for_device(&qkv.device()).filter(|_| fused) {
+        let (out, weights) =
+            <Dispatch as CpuKernels>::attention(qkv.into_dispatch(), heads, scale, products);
         return (Tensor::from_dispatch(out), Tensor::from_dispatch(weights));
     }
     let qkv = qkv.reshape([n, t, 3, heads, dh]).permute([2, 0, 3, 1, 4]);
@@ -941,6 +970,7 @@ fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: 
 /// `c (+)= a · b` for an m×k `a` and a k×n `b` given as (values, row stride, column stride),
 /// into the row-major m×n `c`, on the calling thread.
 fn gemm(
+    products: Products,
     dims: [usize; 3],
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
@@ -948,11 +978,12 @@ fn gemm(
     accumulate: bool,
 ) {
     let n = dims[2];
-    gemm_into(dims, a, b, (c, n), accumulate, 1.0);
+    gemm_into(products, dims, a, b, (c, n), accumulate, 1.0);
 }
 
 /// `c (+)= scale · a · b` as [`gemm`], into an m×n `c` given as (values, row stride).
 fn gemm_into(
+    products: Products,
     [m, k, n]: [usize; 3],
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
@@ -964,6 +995,7 @@ fn gemm_into(
     // SAFETY: the assert keeps every element of c inside its slice.
     unsafe {
         gemm_raw(
+            products,
             [m, k, n],
             a,
             b,
@@ -985,6 +1017,7 @@ fn gemm_into(
 /// its α to 0 and never reads the destination (every path branches on α = 0; k = 0 writes
 /// zeros), as read in its source: recheck on a gemm upgrade.
 unsafe fn gemm_raw(
+    products: Products,
     [m, k, n]: [usize; 3],
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
@@ -995,6 +1028,12 @@ unsafe fn gemm_raw(
 ) {
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
+    if products == Products::Bf16 && k > 0 && amx_pays([m, k, n]) {
+        let parallel = matches!(parallelism, gemm::Parallelism::Rayon(_));
+        // SAFETY: `Products::Bf16` is only chosen where AMX is available; c is the caller's.
+        unsafe { crate::amx::gemm([m, k, n], a, b, (c, c_row), accumulate, scale, parallel) };
+        return;
+    }
     // SAFETY: the asserts keep every index the strides reach inside a and b; c is the caller's.
     unsafe {
         gemm::gemm(
@@ -1023,7 +1062,12 @@ unsafe fn gemm_raw(
 
 /// `a · b` (m×k by k×n, each as (values, row stride, column stride)) into a new row-major
 /// m×n buffer, never zero-filled: gemm without `accumulate` writes every element.
-fn product(dims: [usize; 3], a: (&[f32], usize, usize), b: (&[f32], usize, usize)) -> Vec<f32> {
+fn product(
+    products: Products,
+    dims: [usize; 3],
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) -> Vec<f32> {
     let [m, k, n] = dims;
     let mut out = Vec::<f32>::with_capacity(m * n);
     if k == 0 {
@@ -1032,10 +1076,27 @@ fn product(dims: [usize; 3], a: (&[f32], usize, usize), b: (&[f32], usize, usize
     }
     // SAFETY: `out` has room for m·n values, m rows of n; gemm writes all of them.
     unsafe {
-        gemm_raw(dims, a, b, (out.as_mut_ptr(), n), false, 1.0, threads(dims));
+        gemm_raw(
+            products,
+            dims,
+            a,
+            b,
+            (out.as_mut_ptr(), n),
+            false,
+            1.0,
+            threads(dims),
+        );
         out.set_len(m * n);
     }
     out
+}
+
+/// Whether an m×k×n product gains from AMX's bf16 tiles: each operand value is converted and
+/// packed once, so a product with under 16 multiply-adds per value, mn/(m + n) < 16 (a narrow
+/// layer's 16 output channels), or k under one tile, spends more on packing than the tiles
+/// save, and stays f32 (as exact or more).
+fn amx_pays([m, k, n]: [usize; 3]) -> bool {
+    m * n >= 16 * (m + n) && k >= 32
 }
 
 /// gemm's threads for an m×k×n product: all of rayon's from 192³ multiply-adds (burn-flex's
@@ -1259,9 +1320,11 @@ impl ConvShape {
     /// weights `ws` `[Co, C, kh, kw]`, into `wide` `[Co, OH·Wp]` on the wide grid.
     fn forward_taps(&self, ws: &[f32], co: usize, padded: &[f32], wide: &mut [f32]) {
         let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
+        let products = self.geometry.products;
         for (t, offset) in self.tap_offsets() {
             // wide[Co, OH·Wp] (+)= W_t[Co, C] · padded_t[C, OH·Wp]
             gemm(
+                products,
                 [co, c, n],
                 (&ws[t..], c * taps, taps),
                 (&padded[offset..], plane, 1),
@@ -1284,10 +1347,12 @@ impl ConvShape {
         padded_grad: &mut [f32],
     ) {
         let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
+        let products = self.geometry.products;
         padded_grad.fill(0.0);
         for (t, offset) in self.tap_offsets() {
             // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · wide_grad[Co, OH·Wp]ᵀ
             gemm_into(
+                products,
                 [c, n, co],
                 (&padded[offset..], plane, 1),
                 (wide_grad, 1, n),
@@ -1297,6 +1362,7 @@ impl ConvShape {
             );
             // padded_grad_t[C, OH·Wp] += W_t[Co, C]ᵀ · wide_grad[Co, OH·Wp]
             gemm_into(
+                products,
                 [c, co, n],
                 (&ws[t..], taps, c * taps),
                 (wide_grad, n, 1),
@@ -1391,7 +1457,12 @@ fn rows_per_task(d: usize) -> usize {
 }
 
 impl CpuKernels for Flex {
-    fn attention(qkv: FlexTensor, heads: usize, scale: f64) -> (FlexTensor, FlexTensor) {
+    fn attention(
+        qkv: FlexTensor,
+        heads: usize,
+        scale: f64,
+        products: Products,
+    ) -> (FlexTensor, FlexTensor) {
         let shape = qkv.shape();
         let (n, t, d3) = (shape[0], shape[1], shape[2]);
         let (d, dh) = (d3 / 3, d3 / (3 * heads));
@@ -1408,6 +1479,7 @@ impl CpuKernels for Flex {
                     let (q, k, v) = (&x[h * dh..], &x[d + h * dh..], &x[2 * d + h * dh..]);
                     // S = scale · q kᵀ, then P = softmax(S) row by row.
                     gemm_into(
+                        products,
                         [t, dh, t],
                         (q, d3, 1),
                         (k, 1, d3),
@@ -1418,7 +1490,15 @@ impl CpuKernels for Flex {
                     softmax_rows(p, t);
                     // This head's output columns: P v.
                     let o = &mut out[h * dh..];
-                    gemm_into([t, t, dh], (p, t, 1), (v, d3, 1), (o, d), false, 1.0);
+                    gemm_into(
+                        products,
+                        [t, t, dh],
+                        (p, t, 1),
+                        (v, d3, 1),
+                        (o, d),
+                        false,
+                        1.0,
+                    );
                 }
             });
         (
@@ -1433,6 +1513,7 @@ impl CpuKernels for Flex {
         output_grad: FlexTensor,
         heads: usize,
         scale: f64,
+        products: Products,
     ) -> FlexTensor {
         let shape = qkv.shape();
         let (n, t, d3) = (shape[0], shape[1], shape[2]);
@@ -1451,6 +1532,7 @@ impl CpuKernels for Flex {
                     let go = &g[h * dh..];
                     // dv = Pᵀ dO.
                     gemm_into(
+                        products,
                         [t, t, dh],
                         (p, 1, t),
                         (go, d, 1),
@@ -1460,6 +1542,7 @@ impl CpuKernels for Flex {
                     );
                     // dP = dO vᵀ, then dS = P ∘ (dP − rowsum(dP ∘ P)), times the scale.
                     gemm_into(
+                        products,
                         [t, dh, t],
                         (go, d, 1),
                         (&x[v..], 1, d3),
@@ -1476,6 +1559,7 @@ impl CpuKernels for Flex {
                     }
                     // dq = dS k, dk = dSᵀ q.
                     gemm_into(
+                        products,
                         [t, t, dh],
                         (&ds, t, 1),
                         (&x[k..], d3, 1),
@@ -1484,6 +1568,7 @@ impl CpuKernels for Flex {
                         1.0,
                     );
                     gemm_into(
+                        products,
                         [t, t, dh],
                         (&ds, 1, t),
                         (&x[q..], d3, 1),
@@ -1496,7 +1581,12 @@ impl CpuKernels for Flex {
         flex_tensor(grad, shape)
     }
 
-    fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+    fn linear(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        products: Products,
+    ) -> FlexTensor {
         let shape = x.shape();
         let (m, k, n) = linear_dims(&x, &weight);
         let (xs, w, b) = (values(&x), values(&weight), values(&bias));
@@ -1524,6 +1614,7 @@ impl CpuKernels for Flex {
             // SAFETY: `out` holds m·n initialised values, m rows of n.
             unsafe {
                 gemm_raw(
+                    products,
                     dims,
                     (&xs, k, 1),
                     (&w, n, 1),
@@ -1541,6 +1632,7 @@ impl CpuKernels for Flex {
         x: FlexTensor,
         weight: FlexTensor,
         output_grad: FlexTensor,
+        products: Products,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let shape = x.shape();
         let (m, k, n) = linear_dims(&x, &weight);
@@ -1551,8 +1643,8 @@ impl CpuKernels for Flex {
             "linear_backward: the output gradient's shape"
         );
         // dx = dy · weightᵀ, d weight = xᵀ · dy (weightᵀ and xᵀ read in place by their strides).
-        let x_grad = product([m, n, k], (&dy, n, 1), (&w, 1, n));
-        let weight_grad = product([k, m, n], (&xs, 1, k), (&dy, n, 1));
+        let x_grad = product(products, [m, n, k], (&dy, n, 1), (&w, 1, n));
+        let weight_grad = product(products, [k, m, n], (&xs, 1, k), (&dy, n, 1));
         // d bias = the column sums of dy: 8 row blocks in parallel, added in block order, each
         // summing 64 rows at a time in f32 (vectorised) into f64 totals.
         let rows = m.div_ceil(8).max(1);
@@ -1784,6 +1876,7 @@ impl CpuKernels for Flex {
         let (xs, ws) = (values(&x), values(&weight));
         let (n, co) = (x.shape()[0], weight.shape()[0]);
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
+        let products = geometry.products;
         let mut output = zeros(n * co * positions);
         let per_task = images_per_task(n);
         output
@@ -1805,6 +1898,7 @@ impl CpuKernels for Flex {
                     let cols = shape.columns(image, &mut cols);
                     // out[Co, P] = W[Co, K] · cols[K, P]
                     gemm(
+                        products,
                         [co, rows, positions],
                         (&ws, rows, 1),
                         (cols, positions, 1),
@@ -1840,6 +1934,7 @@ impl CpuKernels for Flex {
         let (xs, ws, dy) = (values(&x), values(&weight), values(&output_grad));
         let (n, co) = (x.shape()[0], weight.shape()[0]);
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
+        let products = geometry.products;
         let mut x_grad = zeros(xs.len());
         let per_task = images_per_task(n);
         let weight_grad: Vec<Vec<f32>> = x_grad
@@ -1874,6 +1969,7 @@ impl CpuKernels for Flex {
                     // dWᵀ[K, Co] += cols[K, P] · dy[Co, P]ᵀ
                     let cols = shape.columns(image, &mut cols);
                     gemm(
+                        products,
                         [rows, positions, co],
                         (cols, positions, 1),
                         (dy, 1, positions),
@@ -1883,6 +1979,7 @@ impl CpuKernels for Flex {
                     // dcols[K, P] = W[Co, K]ᵀ · dy[Co, P], folded back onto the image.
                     match shape.is_pointwise() {
                         true => gemm(
+                            products,
                             [rows, co, positions],
                             (&ws, 1, rows),
                             (dy, positions, 1),
@@ -1891,6 +1988,7 @@ impl CpuKernels for Flex {
                         ),
                         false => {
                             gemm(
+                                products,
                                 [rows, co, positions],
                                 (&ws, 1, rows),
                                 (dy, positions, 1),
@@ -2126,14 +2224,15 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         qkv: FloatTensor<Self>,
         heads: usize,
         scale: f64,
+        products: Products,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         /// The backward step: the qkv gradient from the checkpointed qkv and the kept weights.
         #[derive(Debug)]
         struct AttentionBackward;
 
         impl<B: Backend + CpuKernels> Backward<B, 1> for AttentionBackward {
-            /// qkv as a checkpointed node, the softmax weights, heads, scale.
-            type State = (NodeId, FloatTensor<B>, usize, f64);
+            /// qkv as a checkpointed node, the softmax weights, heads, scale, products.
+            type State = (NodeId, FloatTensor<B>, usize, f64, Products);
 
             fn backward(
                 self,
@@ -2141,10 +2240,12 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                 grads: &mut Gradients,
                 checkpointer: &mut Checkpointer,
             ) {
-                let (qkv, weights, heads, scale) = ops.state;
+                let (qkv, weights, heads, scale, products) = ops.state;
                 let qkv = checkpointer.retrieve_node_output::<FloatTensor<B>>(qkv);
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    <B as CpuKernels>::attention_backward(qkv, weights, grad, heads, scale)
+                    <B as CpuKernels>::attention_backward(
+                        qkv, weights, grad, heads, scale, products,
+                    )
                 });
             }
         }
@@ -2158,13 +2259,13 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             OpsKind::Tracked(mut prep) => {
                 let qkv_state = prep.checkpoint(&qkv);
                 let (out, weights) =
-                    <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale);
-                let state = (qkv_state, weights.clone(), heads, scale);
+                    <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale, products);
+                let state = (qkv_state, weights.clone(), heads, scale, products);
                 (prep.finish(state, out), weights_only(weights))
             }
             OpsKind::UnTracked(prep) => {
                 let (out, weights) =
-                    <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale);
+                    <B as CpuKernels>::attention(qkv.into_primitive(), heads, scale, products);
                 (prep.finish(out), weights_only(weights))
             }
         }
@@ -2197,14 +2298,15 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        products: Products,
     ) -> FloatTensor<Self> {
         /// The backward step: the three gradients from the checkpointed x and weight.
         #[derive(Debug)]
         struct LinearBackward;
 
         impl<B: Backend + CpuKernels> Backward<B, 3> for LinearBackward {
-            /// x and the weight as checkpointed nodes.
-            type State = (NodeId, NodeId);
+            /// x and the weight as checkpointed nodes, the products.
+            type State = (NodeId, NodeId, Products);
 
             fn backward(
                 self,
@@ -2217,7 +2319,7 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                 let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state.0);
                 let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state.1);
                 let (x_grad, weight_grad, bias_grad) =
-                    <B as CpuKernels>::linear_backward(x, weight, grad);
+                    <B as CpuKernels>::linear_backward(x, weight, grad, ops.state.2);
                 for (node, grad) in [
                     (node_x, x_grad),
                     (node_weight, weight_grad),
@@ -2236,11 +2338,12 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), products);
                 let output = <B as CpuKernels>::linear(
                     x.into_primitive(),
                     weight.into_primitive(),
                     bias.into_primitive(),
+                    products,
                 );
                 prep.finish(state, output)
             }
@@ -2248,6 +2351,7 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                 x.into_primitive(),
                 weight.into_primitive(),
                 bias.into_primitive(),
+                products,
             )),
         }
     }

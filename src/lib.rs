@@ -8,6 +8,7 @@
 //! [`weights`] moves encoders in and out of PyTorch.
 
 pub mod alloc;
+pub mod amx;
 pub mod augment;
 pub mod config;
 pub mod data;

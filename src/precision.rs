@@ -89,6 +89,11 @@ pub fn autocast<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The precision of the autocast in effect on this thread (f32 outside one).
+pub fn current() -> Precision {
+    AUTOCAST.get()
+}
+
 /// The dtype of the autocast in effect; `None` outside one or under f32.
 fn lower() -> Option<FloatDType> {
     match AUTOCAST.get() {
@@ -116,8 +121,10 @@ pub fn linear_with<const D: usize>(
 ) -> Tensor<D> {
     use burn::tensor::module::linear;
     match lower() {
-        None => crate::kernels::linear(x, weight, bias),
-        Some(t) => linear(x.cast(t), weight.cast(t), bias.map(|b| b.cast(t))).cast(FloatDType::F32),
+        Some(t) if crate::kernels::Products::for_device(&x.device()).is_none() => {
+            linear(x.cast(t), weight.cast(t), bias.map(|b| b.cast(t))).cast(FloatDType::F32)
+        }
+        _ => crate::kernels::linear(x, weight, bias),
     }
 }
 
