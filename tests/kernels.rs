@@ -755,3 +755,118 @@ fn every_vector_width_gives_the_same_bits() {
         assert!(narrower == widest, "vector width {level} gives other bits");
     }
 }
+
+/// ‖got − want‖ / ‖want‖ over all values.
+fn relative_error<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f64 {
+    assert_eq!(got.dims(), want.dims());
+    let values = |t: Tensor<D>| t.into_data().try_to_vec::<f32>().unwrap();
+    let (got, want) = (values(got), values(want));
+    let diff: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| ((g - w) as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// Asserts that each of `got` (under a bf16 autocast) is within bf16's rounding of `want` (f32):
+/// a relative error under 1%, and above 1e-5 (bf16 products did run: f32's differ by ~1e-7).
+fn assert_bf16<const D: usize>(what: &str, got: Tensor<D>, want: Tensor<D>) {
+    let error = relative_error(got, want);
+    assert!(
+        (1e-5..1e-2).contains(&error),
+        "{what}: relative error {error:e} from f32's (bf16 rounding gives ~3e-3)"
+    );
+}
+
+/// On a CPU with AMX, a bf16 autocast runs the fused convolutions, linears and attention with
+/// bf16 products on its tiles, forward and backward: values and gradients within bf16's rounding
+/// of the f32 kernels'.
+#[test]
+fn bf16_products_on_amx_follow_f32_within_bf16_rounding() {
+    use selfsup::precision::{autocast, Precision};
+    if !selfsup::amx::available() {
+        eprintln!(
+            "no AMX on this CPU (or not granted): bf16 autocast takes burn's ops, not checked here"
+        );
+        return;
+    }
+    let device = Device::flex().autodiff();
+    let in_bf16 = |bf16: bool, f: &dyn Fn() -> Vec<Tensor<4>>| match bf16 {
+        true => autocast(Precision::Bf16, f),
+        false => f(),
+    };
+    // Convolutions: tap by tap (3×3, stride 1), by columns (stride 2), pointwise.
+    for (input, co, kernel, stride, pad) in [
+        ([4, 32, 16, 16], 32, 3, 1, 1),
+        ([4, 32, 16, 16], 64, 3, 2, 1),
+        ([4, 64, 8, 8], 64, 1, 1, 0),
+    ] {
+        let x = Tensor::<4>::from_data(random(input, 1, 1.0, 0.5), &device).require_grad();
+        let conv = convolution(
+            [input[1], co],
+            [kernel; 2],
+            [stride; 2],
+            PaddingConfig2d::Explicit(pad, pad, pad, pad),
+            [1, 1],
+            false,
+            &device,
+        );
+        let run = |bf16| {
+            in_bf16(bf16, &|| {
+                let y = kernels::conv2d(&conv, x.clone());
+                let w = Tensor::<4>::from_data(random(y.dims(), 2, 1.0, 0.0), &device);
+                let grads = (y.clone() * w).sum().backward();
+                vec![
+                    y,
+                    x.grad(&grads).unwrap(),
+                    conv.weight.val().grad(&grads).unwrap(),
+                ]
+            })
+        };
+        for (what, (low, full)) in ["conv", "conv x grad", "conv weight grad"]
+            .iter()
+            .zip(run(true).into_iter().zip(run(false)))
+        {
+            assert_bf16(
+                &format!("{what} {input:?}→{co}, {kernel}×{kernel}/{stride}"),
+                low,
+                full,
+            );
+        }
+    }
+    // A linear of 96 → 128 over 64 rows, and ViT-Tiny's attention (3 heads of 64, 65 tokens).
+    let x = Tensor::<2>::from_data(random([64, 96], 3, 1.0, 0.0), &device).require_grad();
+    let weight = Tensor::<2>::from_data(random([96, 128], 4, 0.2, 0.0), &device).require_grad();
+    let bias = Tensor::<1>::from_data(random([128], 5, 1.0, 0.0), &device).require_grad();
+    let qkv = Tensor::<3>::from_data(random([2, 65, 576], 6, 2.0, 0.0), &device).require_grad();
+    let run = |bf16| {
+        in_bf16(bf16, &|| {
+            let y = kernels::linear(x.clone(), weight.clone(), Some(bias.clone()));
+            let (a, _) = kernels::attention(qkv.clone(), 3);
+            let wy = Tensor::<2>::from_data(random([64, 128], 7, 1.0, 0.0), &device);
+            let wa = Tensor::<3>::from_data(random(a.dims(), 8, 1.0, 0.0), &device);
+            let grads = ((y.clone() * wy).sum() + (a.clone() * wa).sum()).backward();
+            let as4 = |t: Tensor<2>| t.unsqueeze::<4>();
+            vec![
+                as4(y),
+                as4(x.grad(&grads).unwrap()),
+                as4(weight.grad(&grads).unwrap()),
+                a.unsqueeze(),
+                qkv.grad(&grads).unwrap().unsqueeze(),
+            ]
+        })
+    };
+    let names = [
+        "linear",
+        "linear x grad",
+        "linear weight grad",
+        "attention",
+        "qkv grad",
+    ];
+    for (what, (low, full)) in names.iter().zip(run(true).into_iter().zip(run(false))) {
+        assert_bf16(what, low, full);
+    }
+    // The bias gradient is a column sum, f32 in both: the same within f32 rounding.
+}

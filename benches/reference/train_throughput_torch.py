@@ -25,11 +25,14 @@ Two ways to make the views, both kept:
   affine_grid / grid_sample, jitter, grayscale, blur and solarize on the batch), the fastest
   PyTorch we could write for 32 px images here. Issue 30 compares selfsup with this one.
 
+--bf16 runs each step's forward in `torch.autocast("cpu", dtype=torch.bfloat16)` (oneDNN's bf16
+kernels, on AMX tiles where the CPU has them), the counterpart of selfsup's `--bf16`.
+
 --flops counts each case's GFLOP per image and training step instead (torch.utils.flop_counter:
 matmuls, convolutions, attention; forward and backward): img/s times it is the GFLOP/s of either
 framework, which runs the same recipe.
 
-Run: python3 benches/reference/train_throughput_torch.py [--lean] [CASE...]   (needs torch, torchvision)
+Run: python3 benches/reference/train_throughput_torch.py [--lean] [--bf16] [CASE...]   (needs torch, torchvision)
      python3 benches/reference/train_throughput_torch.py --flops [CASE...]
 """
 import copy
@@ -342,7 +345,7 @@ def count_flops(name, images):
     print(f"| {name} | {counter.get_total_flops() / batch / 1e9:.3f} |", flush=True)
 
 
-def run(name, images, lean):
+def run(name, images, lean, bf16):
     model, batch, steps, views, opt = case(name)
     if lean:
         it = lean_batches(images, lean_views(name), batch)
@@ -353,7 +356,9 @@ def run(name, images, lean):
     for step in range(2 + steps):
         if step == 2:
             cpu0, wall0 = cpu_seconds(), time.perf_counter()
-        loss = model(next(it))
+        views = next(it)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(views)
         opt.zero_grad()
         loss.backward()
         if isinstance(model, DINO):
@@ -370,21 +375,22 @@ def run(name, images, lean):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    lean = "--lean" in args
-    args = [a for a in args if a != "--lean"]
+    lean, bf16 = "--lean" in args, "--bf16" in args
+    flags = [a for a in args if a in ("--lean", "--bf16")]
+    args = [a for a in args if a not in flags]
     if args[:1] == ["--flops"]:
         print("| case | GFLOP per image and step |\n|---|---|")
         for n in args[1:] or ["simclr_r18w0.25_b256", "simclr_r18_b128", "mae_vit_tiny4_b64", "dino_vit_tiny4_2+4crops_b64"]:
             count_flops(n, cifar_train())
         raise SystemExit
     if args[:1] == ["--case"]:
-        run(args[1], cifar_train(), lean)
+        run(args[1], cifar_train(), lean, bf16)
         raise SystemExit
     names = args or ["simclr_r18w0.25_b256", "simclr_r18_b128", "mae_vit_tiny4_b64", "dino_vit_tiny4_2+4crops_b64"]
     how = "lean: batched views in the main process" if lean else "DataLoader with 2 workers"
-    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {how}")
+    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {how}, {'bf16 autocast' if bf16 else 'f32'}")
     print("| case | steps | img/s | user s | sys s | cores busy | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for n in names:
         # One process per case, so that each peak RSS is the case's own.
-        subprocess.run([sys.executable, __file__, "--case", n] + (["--lean"] if lean else []), check=True)
+        subprocess.run([sys.executable, __file__, "--case", n] + flags, check=True)
