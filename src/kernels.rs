@@ -34,6 +34,10 @@
 //!   updates the parameter and its moments in place, with the same f32 arithmetic; [`ema`]
 //!   does the same for a momentum teacher's update.
 //!
+//! Inside a bf16 autocast on a CPU with Intel AMX, [`conv2d`], [`linear`] and [`attention`] keep
+//! these kernels and compute their products on AMX's bf16 tiles, forward and backward
+//! ([`Products`], [`crate::amx`]); inside any other autocast they take burn's ops in its dtype.
+//!
 //! Every other backend, and every dtype but f32, takes burn's own op (for AdamW, [`crate::train::optim::FusedAdamW`]
 //! takes burn's `AdamW`); the results are the same
 //! within float rounding (`tests/kernels.rs` pins values and gradients to burn's ops within 1e-5).
