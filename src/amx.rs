@@ -14,6 +14,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16+), which [`available`] asks once.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Rows and bf16 columns of an operand tile (16 × 64 bytes); an output tile is 16 × 16 f32.
@@ -77,6 +78,7 @@ pub unsafe fn gemm(
 ) {
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
+    assert!(m <= 1 || c_row >= n, "gemm: rows of c overlap");
     if m == 0 || n == 0 {
         return;
     }
@@ -189,17 +191,24 @@ fn pack(
     fill: impl Fn([usize; 2], &mut [u16]) + Sync,
 ) -> Vec<u16> {
     let len = blocks * k_tiles * TILE_VALUES;
-    let mut packed = Vec::with_capacity(len);
-    // SAFETY: u16 has no invalid bits, and `fill` writes every value before any is read.
-    unsafe { packed.set_len(len) };
-    let fill = |(t, tile): (usize, &mut [u16])| fill([t / k_tiles, t % k_tiles], tile);
+    let mut packed = Vec::<u16>::with_capacity(len);
+    // Each tile is zeroed where it is filled (in cache, on the task that fills it), not by one
+    // thread beforehand.
+    let fill = |(t, tile): (usize, &mut [MaybeUninit<u16>])| {
+        tile.iter_mut().for_each(|v| {
+            v.write(0);
+        });
+        // SAFETY: every value of the tile was just written.
+        let tile = unsafe { &mut *(tile as *mut [MaybeUninit<u16>] as *mut [u16]) };
+        fill([t / k_tiles, t % k_tiles], tile)
+    };
+    let spare = &mut packed.spare_capacity_mut()[..len];
     match parallel {
-        true => packed
-            .par_chunks_mut(TILE_VALUES)
-            .enumerate()
-            .for_each(fill),
-        false => packed.chunks_mut(TILE_VALUES).enumerate().for_each(fill),
+        true => spare.par_chunks_mut(TILE_VALUES).enumerate().for_each(fill),
+        false => spare.chunks_mut(TILE_VALUES).enumerate().for_each(fill),
     }
+    // SAFETY: the tiles cover all `len` values, each written above.
+    unsafe { packed.set_len(len) };
     packed
 }
 
@@ -245,7 +254,11 @@ mod imp {
     pub unsafe fn a_tile(a: Operand, [m, k]: [usize; 2], [r0, q0]: [usize; 2], tile: &mut [u16]) {
         let (values, rs, cs) = a;
         let (rows, ks) = (m.saturating_sub(r0).min(TILE), (k - q0).min(TILE_K));
-        // SAFETY: the masks keep every load inside rows < m and k < k; stores stay in `tile`.
+        if rows == 0 {
+            return tile.fill(0);
+        }
+        // SAFETY: the masks keep every load inside rows < m and k < k, and no pointer is formed
+        // past them; stores stay in `tile`.
         unsafe {
             if cs == 1 {
                 for r in 0..TILE {
@@ -281,6 +294,9 @@ mod imp {
     pub unsafe fn b_tile(b: Operand, [k, n]: [usize; 2], [q0, c0]: [usize; 2], tile: &mut [u16]) {
         let (values, rs, cs) = b;
         let (ks, cols) = ((k - q0).min(TILE_K), n.saturating_sub(c0).min(TILE));
+        if cols == 0 {
+            return tile.fill(0);
+        }
         // SAFETY: as in `a_tile`.
         unsafe {
             if cs == 1 {
@@ -322,10 +338,14 @@ mod imp {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn convert32(src: *const f32, len: usize) -> __m512i {
-        // SAFETY: each masked load reads only values below `len`.
+        // SAFETY: each masked load reads only values below `len`; the second half's pointer
+        // is formed only when it has values.
         unsafe {
             let low = load16(src, len.min(TILE));
-            let high = load16(src.add(TILE), len.saturating_sub(TILE));
+            let high = match len > TILE {
+                true => load16(src.add(TILE), len - TILE),
+                false => _mm512_setzero_ps(),
+            };
             std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low))
         }
     }
@@ -414,15 +434,15 @@ mod imp {
         let mut block = [0f32; 4 * TILE * TILE];
         // SAFETY: the configuration is valid (palette 1, tiles 0-7); every load reads one
         // packed tile of 1 KiB inside `a` or `b` (the asserts), or a whole block of c inside
-        // m×n; every store writes 16 rows of 64 bytes inside `block` or such a block of c; the
-        // tiles are released before returning.
+        // m×n; every store writes 16 rows of 64 bytes inside `block` or such a block of c. One
+        // asm block per output block declares all eight tiles clobbered and keeps them to
+        // itself; the tiles are released before returning.
         unsafe {
             asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
             for &[i, j] in blocks {
                 let (a0, b0) = (2 * i * panel, 2 * j * panel);
                 assert!(a0 + 2 * panel <= a.len() && b0 + 2 * panel <= b.len());
                 let (a0, b0) = (a.as_ptr().add(a0), b.as_ptr().add(b0));
-                let (a1, b1) = (a0.add(panel), b0.add(panel));
                 // A whole block of c at scale 1 is summed in place; others go through `block`.
                 let direct =
                     out.scale == 1.0 && (i + 1) * 2 * TILE <= out.m && (j + 1) * 2 * TILE <= out.n;
@@ -430,57 +450,62 @@ mod imp {
                     true => (out.c.0.add(i * 2 * TILE * out.row + j * 2 * TILE), out.row),
                     false => (block.as_mut_ptr(), 2 * TILE),
                 };
-                let tiles = [c, c.add(TILE), c.add(TILE * row), c.add(TILE * row + TILE)];
-                match direct && out.accumulate {
-                    true => asm!(
-                        "tileloadd tmm0, [{c00} + {stride}*1]",
-                        "tileloadd tmm1, [{c01} + {stride}*1]",
-                        "tileloadd tmm2, [{c10} + {stride}*1]",
-                        "tileloadd tmm3, [{c11} + {stride}*1]",
-                        c00 = in(reg) tiles[0],
-                        c01 = in(reg) tiles[1],
-                        c10 = in(reg) tiles[2],
-                        c11 = in(reg) tiles[3],
-                        stride = in(reg) 4 * row,
-                        options(nostack, readonly)
-                    ),
-                    false => asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    ),
-                }
-                for t in 0..k_tiles {
-                    let o = t * TILE_VALUES;
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {stride}*1]",
-                        "tileloadd tmm5, [{a1} + {stride}*1]",
-                        "tileloadd tmm6, [{b0} + {stride}*1]",
-                        "tileloadd tmm7, [{b1} + {stride}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0.add(o),
-                        a1 = in(reg) a1.add(o),
-                        b0 = in(reg) b0.add(o),
-                        b1 = in(reg) b1.add(o),
-                        stride = in(reg) 2 * TILE_K,
-                        options(nostack, readonly)
-                    );
-                }
+                // tmm0-3: the block's four 16×16 quarters (c00 c01 / c10 c11, the right ones
+                // 64 bytes on); tmm4-5: a's two row tiles; tmm6-7: b's two column tiles.
                 asm!(
-                    "tilestored [{c00} + {stride}*1], tmm0",
-                    "tilestored [{c01} + {stride}*1], tmm1",
-                    "tilestored [{c10} + {stride}*1], tmm2",
-                    "tilestored [{c11} + {stride}*1], tmm3",
-                    c00 = in(reg) tiles[0],
-                    c01 = in(reg) tiles[1],
-                    c10 = in(reg) tiles[2],
-                    c11 = in(reg) tiles[3],
-                    stride = in(reg) 4 * row,
+                    "test {load:e}, {load:e}",
+                    "jnz 2f",
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "jmp 3f",
+                    "2:",
+                    "tileloadd tmm0, [{c0} + {c_stride}*1]",
+                    "tileloadd tmm1, [{c0} + {c_stride}*1 + 64]",
+                    "tileloadd tmm2, [{c1} + {c_stride}*1]",
+                    "tileloadd tmm3, [{c1} + {c_stride}*1 + 64]",
+                    "3:",
+                    "test {t}, {t}",
+                    "jz 5f",
+                    "4:",
+                    "tileloadd tmm4, [{a0} + {stride}*1]",
+                    "tileloadd tmm5, [{a1} + {stride}*1]",
+                    "tileloadd tmm6, [{b0} + {stride}*1]",
+                    "tileloadd tmm7, [{b1} + {stride}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "add {a0}, 1024",
+                    "add {a1}, 1024",
+                    "add {b0}, 1024",
+                    "add {b1}, 1024",
+                    "dec {t}",
+                    "jnz 4b",
+                    "5:",
+                    "tilestored [{c0} + {c_stride}*1], tmm0",
+                    "tilestored [{c0} + {c_stride}*1 + 64], tmm1",
+                    "tilestored [{c1} + {c_stride}*1], tmm2",
+                    "tilestored [{c1} + {c_stride}*1 + 64], tmm3",
+                    load = in(reg) (direct && out.accumulate) as u32,
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(TILE * row),
+                    c_stride = in(reg) 4 * row,
+                    a0 = inout(reg) a0 => _,
+                    a1 = inout(reg) a0.add(panel) => _,
+                    b0 = inout(reg) b0 => _,
+                    b1 = inout(reg) b0.add(panel) => _,
+                    stride = in(reg) 2 * TILE_K,
+                    t = inout(reg) k_tiles => _,
+                    out("tmm0") _,
+                    out("tmm1") _,
+                    out("tmm2") _,
+                    out("tmm3") _,
+                    out("tmm4") _,
+                    out("tmm5") _,
+                    out("tmm6") _,
+                    out("tmm7") _,
                     options(nostack)
                 );
                 if !direct {
@@ -494,10 +519,18 @@ mod imp {
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
-    use super::Output;
+    use super::{Operand, Output};
 
     pub fn request() -> bool {
         false
+    }
+
+    pub unsafe fn a_tile(a: Operand, size: [usize; 2], at: [usize; 2], tile: &mut [u16]) {
+        super::a_tile_scalar(a, size, at, tile)
+    }
+
+    pub unsafe fn b_tile(b: Operand, size: [usize; 2], at: [usize; 2], tile: &mut [u16]) {
+        super::b_tile_scalar(b, size, at, tile)
     }
 
     pub unsafe fn blocks(_: &[[usize; 2]], _: &[u16], _: &[u16], _: usize, _: &Output) {

@@ -419,7 +419,7 @@ fn sync_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
 /// onto the bias rows of the output, and the backward pass is two gemms into fresh buffers and
 /// a threaded column sum ([`CpuKernels::linear`]); burn's own path zero-fills each product's
 /// buffer and copies it once more, then adds the bias and sums its gradient on one thread.
-/// Elsewhere burn's `linear`.
+/// Elsewhere burn's `linear`, in the autocast's dtype inside one ([`crate::precision::cast_linear`]).
 pub fn linear<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
@@ -438,7 +438,7 @@ pub fn linear<const D: usize>(
     let fused =
         f32s && D >= 2 && x.dims()[D - 1] == k && bias.as_ref().is_none_or(|b| b.dims() == [n]);
     let Some(products) = products.filter(|_| fused) else {
-        return burn::tensor::module::linear(x, weight, bias);
+        return crate::precision::cast_linear(x, weight, bias);
     };
     // Without a bias, a constant zero one: its gradient is computed but reaches no parameter.
     let bias = bias.unwrap_or_else(|| Tensor::zeros([n], &x.device()));
@@ -1032,7 +1032,7 @@ unsafe fn gemm_raw(
 ) {
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-    if products == Products::Bf16 && k > 0 && amx_pays([m, k, n]) {
+    if products == Products::Bf16 && k > 0 && amx_pays([m, k, n]) && crate::amx::available() {
         let parallel = matches!(parallelism, gemm::Parallelism::Rayon(_));
         // SAFETY: `Products::Bf16` is only chosen where AMX is available; c is the caller's.
         unsafe { crate::amx::gemm([m, k, n], a, b, (c, c_row), accumulate, scale, parallel) };

@@ -114,11 +114,6 @@ fn lower() -> Option<FloatDType> {
     }
 }
 
-/// Whether an autocast to bf16 or f16 is in effect on this thread.
-pub fn active() -> bool {
-    lower().is_some()
-}
-
 /// `x · w + b` of a burn `Linear` (`x` `[..., d_in]`), as `layer.forward(x)`.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     linear_with(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
@@ -131,12 +126,25 @@ pub fn linear_with<const D: usize>(
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
-    use burn::tensor::module::linear;
     match lower() {
-        Some(t) if crate::kernels::Products::for_device(&x.device()).is_none() => {
-            linear(x.cast(t), weight.cast(t), bias.map(|b| b.cast(t))).cast(FloatDType::F32)
+        Some(_) if crate::kernels::Products::for_device(&x.device()).is_none() => {
+            cast_linear(x, weight, bias)
         }
         _ => crate::kernels::linear(x, weight, bias),
+    }
+}
+
+/// burn's `linear` in the autocast's dtype (operands cast, the result back to f32), or in f32
+/// outside one: where the fused kernel does not take a linear.
+pub fn cast_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    use burn::tensor::module::linear;
+    match lower() {
+        None => linear(x, weight, bias),
+        Some(t) => linear(x.cast(t), weight.cast(t), bias.map(|b| b.cast(t))).cast(FloatDType::F32),
     }
 }
 

@@ -57,13 +57,18 @@ fn amx_operands_round_as_to_bf16() {
         .iter()
         .map(|&x| (amx::from_bf16(amx::to_bf16(x))).to_bits())
         .collect();
-    // specials as a column of a (len×1, row stride 1 and column stride 1), as a row of b.
-    for (a, b, rows) in [
-        ((&specials[..], 1, 1), (&one[..], 1, 1), len),
-        ((&one[..], 1, 1), (&specials[..], 1, 1), 1),
-        ((&one[..], 1, 1), (&specials[..], 2, 1), 1),
-    ] {
-        let dims = [rows, 1, len / rows];
+    // specials through each packer's two vector paths: a read by rows (column stride 1) and by
+    // columns (row stride 1, column stride len), b by rows (column stride 1) and by columns
+    // (row stride 1, column stride 2 over every other value).
+    let spaced: Vec<f32> = specials.iter().flat_map(|&x| [x, 0.0]).collect();
+    let pairs = [
+        ((&specials[..], 1, 1), (&one[..], 1, 1), [len, 1, 1]),
+        ((&specials[..], 1, len), (&one[..], 1, 1), [len, 1, 1]),
+        ((&one[..], 1, 1), (&specials[..], len, 1), [1, 1, len]),
+        ((&one[..], 1, 1), (&spaced[..], 1, 2), [1, 1, len]),
+    ];
+    for (a, b, dims) in pairs {
+        let rows = dims[0];
         let mut c = vec![0f32; len];
         unsafe { amx::gemm(dims, a, b, (c.as_mut_ptr(), len / rows), false, 1.0, false) };
         let got: Vec<u32> = c.iter().map(|v| v.to_bits()).collect();
@@ -182,6 +187,7 @@ fn amx_products_are_bf16_products_summed_in_f32() {
         ([64, 64, 64], [Rows, Rows]),
         ([64, 96, 32], [Columns, Columns]),
         ([33, 70, 47], [Rows, Columns]),
+        ([33, 70, 47], [Columns, Rows]),
         ([5, 3, 17], [Spaced, Rows]),
         ([1, 200, 1], [Columns, Spaced]),
         ([100, 31, 40], [Spaced, Spaced]),
