@@ -1096,11 +1096,12 @@ fn product(
 }
 
 /// Whether an m×k×n product gains from AMX's bf16 tiles: each operand value is converted and
-/// packed once, so a product with under 16 multiply-adds per value, mn/(m + n) < 16 (a narrow
-/// layer's 16 output channels), or k under one tile, spends more on packing than the tiles
-/// save, and stays f32 (as exact or more).
+/// packed once, so a product with under 8 multiply-adds per value, mn/(m + n) < 8 (a layer of
+/// 8 output channels), or k under one tile, spends more on packing than the tiles save, and
+/// stays f32 (as exact or more). 8 measured faster than 16 (BENCHMARKS.md, issue 30's seventh
+/// round).
 fn amx_pays([m, k, n]: [usize; 3]) -> bool {
-    m * n >= 16 * (m + n) && k >= 32
+    m * n >= 8 * (m + n) && k >= 32
 }
 
 /// gemm's threads for an m×k×n product: all of rayon's from 192³ multiply-adds (burn-flex's
@@ -1320,17 +1321,27 @@ impl ConvShape {
         }
     }
 
+    /// The weights `ws` `[Co, C, kh, kw]` tap by tap, `[kh·kw, Co, C]`: each tap's `[Co, C]`
+    /// contiguous, so that its products read (and AMX's packers convert) whole rows.
+    fn tap_major(&self, ws: &[f32], co: usize) -> Vec<f32> {
+        let (taps, c) = (self.tap_dims()[1], self.channels);
+        (0..taps * co * c)
+            .map(|i| ws[(i % (co * c)) * taps + i / (co * c)])
+            .collect()
+    }
+
     /// Tap by tap ([`ConvShape::is_tap_by_tap`]): the output of the padded image `padded` for
-    /// weights `ws` `[Co, C, kh, kw]`, into `wide` `[Co, OH·Wp]` on the wide grid.
-    fn forward_taps(&self, ws: &[f32], co: usize, padded: &[f32], wide: &mut [f32]) {
-        let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
+    /// tap-major weights `wt` ([`ConvShape::tap_major`]), into `wide` `[Co, OH·Wp]` on the
+    /// wide grid.
+    fn forward_taps(&self, wt: &[f32], co: usize, padded: &[f32], wide: &mut [f32]) {
+        let ([plane, _, n], c) = (self.tap_dims(), self.channels);
         let products = self.geometry.products;
         for (t, offset) in self.tap_offsets() {
             // wide[Co, OH·Wp] (+)= W_t[Co, C] · padded_t[C, OH·Wp]
             gemm(
                 products,
                 [co, c, n],
-                (&ws[t..], c * taps, taps),
+                (&wt[t * co * c..], c, 1),
                 (&padded[offset..], plane, 1),
                 wide,
                 t > 0,
@@ -1338,13 +1349,14 @@ impl ConvShape {
         }
     }
 
-    /// Tap by tap, backwards: from the output gradient `wide_grad` `[Co, OH·Wp]` on the wide
-    /// grid (zero in its dropped columns), adds the weight gradient onto `weight_grad_t`
+    /// Tap by tap, backwards, with tap-major weights `wt` ([`ConvShape::tap_major`]): from the
+    /// output gradient `wide_grad` `[Co, OH·Wp]` on the wide grid (zero in its dropped
+    /// columns), adds the weight gradient onto `weight_grad_t`
     /// (`[C·kh·kw, Co]`, transposed as in the column path) and writes the padded image's
     /// gradient into `padded_grad`.
     fn backward_taps(
         &self,
-        (ws, co): (&[f32], usize),
+        (wt, co): (&[f32], usize),
         padded: &[f32],
         wide_grad: &[f32],
         weight_grad_t: &mut [f32],
@@ -1368,7 +1380,7 @@ impl ConvShape {
             gemm_into(
                 products,
                 [c, co, n],
-                (&ws[t..], taps, c * taps),
+                (&wt[t * co * c..], 1, c),
                 (wide_grad, n, 1),
                 (&mut padded_grad[offset..], plane),
                 true,
@@ -1883,6 +1895,10 @@ impl CpuKernels for Flex {
         let products = geometry.products;
         let mut output = zeros(n * co * positions);
         let per_task = images_per_task(n);
+        let tap_major = match shape.is_tap_by_tap() {
+            true => shape.tap_major(&ws, co),
+            false => Vec::new(),
+        };
         output
             .par_chunks_mut(per_task * co * positions)
             .enumerate()
@@ -1894,7 +1910,7 @@ impl CpuKernels for Flex {
                     let image = &xs[b * image..(b + 1) * image];
                     if shape.is_tap_by_tap() {
                         shape.pad(image, &mut padded);
-                        shape.forward_taps(&ws, co, &padded, &mut wide);
+                        shape.forward_taps(&tap_major, co, &padded, &mut wide);
                         let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
                         copy_rows(&wide, wp, out, ow, co * oh, ow);
                         continue;
@@ -1941,6 +1957,10 @@ impl CpuKernels for Flex {
         let products = geometry.products;
         let mut x_grad = zeros(xs.len());
         let per_task = images_per_task(n);
+        let tap_major = match shape.is_tap_by_tap() {
+            true => shape.tap_major(&ws, co),
+            false => Vec::new(),
+        };
         let weight_grad: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * image)
             .enumerate()
@@ -1961,7 +1981,7 @@ impl CpuKernels for Flex {
                         let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
                         copy_rows(dy, ow, &mut wide_grad, wp, co * oh, ow);
                         shape.backward_taps(
-                            (&ws, co),
+                            (&tap_major, co),
                             &padded,
                             &wide_grad,
                             &mut weight_grad_t,
