@@ -1096,12 +1096,12 @@ fn product(
 }
 
 /// Whether an m×k×n product gains from AMX's bf16 tiles: each operand value is converted and
-/// packed once, so a product with under 8 multiply-adds per value, mn/(m + n) < 8 (a layer of
-/// 8 output channels), or k under one tile, spends more on packing than the tiles save, and
-/// stays f32 (as exact or more). 8 measured faster than 16 (BENCHMARKS.md, issue 30's seventh
-/// round).
+/// packed once, so a product with under 16 multiply-adds per value, mn/(m + n) < 16 (a layer
+/// of 16 output channels), or k under one tile, gains little or nothing and stays f32 (as exact
+/// or more). 8 ran a few percent faster but moved the small SimCLR's bf16 losses 4% from f32's
+/// (BENCHMARKS.md, issue 30's seventh round).
 fn amx_pays([m, k, n]: [usize; 3]) -> bool {
-    m * n >= 8 * (m + n) && k >= 32
+    m * n >= 16 * (m + n) && k >= 32
 }
 
 /// gemm's threads for an m×k×n product: all of rayon's from 192³ multiply-adds (burn-flex's

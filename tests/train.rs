@@ -519,8 +519,14 @@ fn autocast_computes_products_in_bf16_and_gradients_in_f32() {
     let dev = Device::flex().autodiff();
     // Large enough for AMX's tiles where the CPU has them (smaller products stay f32 there).
     let (rows, outputs) = (40, 48);
-    let layer = burn::nn::LinearConfig::new(64, outputs).init(&dev);
-    let x = Tensor::<2>::random([rows, 64], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+    // Drawn under `init_seeded`'s lock, from its seed: a draw from the device's generator
+    // outside it would change the weights of a model another test is initialising meanwhile.
+    let (layer, x) = init_seeded(&dev, 3, || {
+        let layer = burn::nn::LinearConfig::new(64, outputs).init(&dev);
+        let x = Tensor::<2>::random([rows, 64], Distribution::Normal(0.0, 1.0), &dev);
+        (layer, Param::from_tensor(x))
+    });
+    let x = x.val().require_grad();
     let exact = layer.forward(x.clone());
     assert_eq!(
         precision::linear(&layer, x.clone()).into_data(),
@@ -723,7 +729,7 @@ fn f16_overflow_skips_the_step_and_halves_the_scale() {
 #[test]
 fn loss_scale_grows_after_2000_finite_steps() {
     let dev = Device::flex().autodiff();
-    let layer = burn::nn::LinearConfig::new(4, 2).init(&dev);
+    let layer = init_seeded(&dev, 4, || burn::nn::LinearConfig::new(4, 2).init(&dev));
     let grads = |v: f32| {
         let x = Tensor::<2>::full([3, 4], v, &dev);
         GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer)
