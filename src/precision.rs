@@ -119,19 +119,15 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     linear_with(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
-/// `x · weight + bias` (`weight` `[d_in, d_out]`), as `burn::tensor::module::linear` (in f32 on
-/// `flex`, the fused [`crate::kernels::linear`]).
+/// `x · weight + bias` (`weight` `[d_in, d_out]`), as `burn::tensor::module::linear`:
+/// [`crate::kernels::linear`], which takes the fused kernel where it can ([`crate::kernels::Products`])
+/// and [`cast_linear`] elsewhere.
 pub fn linear_with<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
-    match lower() {
-        Some(_) if crate::kernels::Products::for_device(&x.device()).is_none() => {
-            cast_linear(x, weight, bias)
-        }
-        _ => crate::kernels::linear(x, weight, bias),
-    }
+    crate::kernels::linear(x, weight, bias)
 }
 
 /// burn's `linear` in the autocast's dtype (operands cast, the result back to f32), or in f32
