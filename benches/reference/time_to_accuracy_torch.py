@@ -32,7 +32,8 @@ where FILE holds the views selfsup's own loader drew for its recipe (`cargo run 
 on exactly the same inputs, in the same order. `--save-init FILE.pth` writes the backbone's
 initial weights under torchvision's names, for a selfsup recipe's `model.init`: then both start
 from the same backbone as well. `--seed N` (default 0) seeds PyTorch's generator: the init's
-draws, and the lean views'.
+draws, and the lean views'. `--tau T` and `--lr LR` replace a case's NT-Xent temperature and peak
+learning rate (selfsup's CPU recipe since issue 30's eighth round: `--tau 0.1 --lr 0.004`).
 """
 import io
 import math
@@ -111,7 +112,7 @@ def torchvision_names(backbone):
     return {rename(k): v for k, v in backbone.state_dict().items()}
 
 
-def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0):
+def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0, tau=None, lr=None):
     torch.manual_seed(seed)
     lean = name.endswith("_lean")
     name = name.removesuffix("_lean")
@@ -127,6 +128,10 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6)
     else:
         raise SystemExit(f"unknown case {name}")
+    if tau is not None:
+        model.tau = tau
+    if lr is not None:
+        opt.param_groups[0]["lr"] = lr
     if save_init:
         torch.save(torchvision_names(model.backbone), save_init)
     peak_lr, batch, budget = opt.param_groups[0]["lr"], 256, 60 * budget_minutes
@@ -190,5 +195,7 @@ if __name__ == "__main__":
     parser.add_argument("--views")
     parser.add_argument("--save-init")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tau", type=float)
+    parser.add_argument("--lr", type=float)
     a = parser.parse_args()
-    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed)
+    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed, a.tau, a.lr)
