@@ -465,7 +465,7 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
         "moco_v2_cifar10_cpu.toml",
         &[
             ("queue_size = 4096", "queue_size = 50"),
-            ("epochs = 10", "epochs = 1"),
+            ("\nepochs = 12\n", "\nepochs = 1\n"),
             ("batch_size = 256", "batch_size = 24"),
         ],
         "",
@@ -485,8 +485,11 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
         "[model]\n",
         &format!("[model]\ninit = {:?}\n", run.to_str().unwrap()),
     );
-    let text = text.replace("base_lr = 0.002", "base_lr = 1e-12");
-    assert!(text.contains("base_lr = 1e-12"), "{text}");
+    // The pre-training's learning rate: the first `base_lr` after `[train]`, whatever its value.
+    let train = text.find("[train]\n").unwrap();
+    let start = train + text[train..].find("\nbase_lr = ").unwrap() + 1;
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!("{}base_lr = 1e-12{}", &text[..start], &text[end..]);
     std::fs::write(&recipe, text).unwrap();
     let second = tmp.path().join("second");
     let (ok, _, stderr) = common::pretrain(&recipe, &data, &second, &[]);
