@@ -109,8 +109,9 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     assert!(out.status.success(), "{all}");
     assert_eq!(all.matches("run folder:").count(), 1, "{all}");
     // The first steps agree to float rounding; rounding differences then grow about tenfold a
-    // step in this tiny network (as `dist-check` shows past 3 steps), so the epochs' mean
-    // losses agree to 1e-2.
+    // step in this tiny network (as `dist-check` shows past 3 steps), so that the epochs run as
+    // two draws of one run, whose mean losses agree to 3e-2 (1.2% apart at epoch 2 on an AVX2
+    // CPU, where the first steps agreed to 1e-5; tests/train.rs holds bf16's to 3% likewise).
     let (a, b) = (losses(&single, "step"), losses(&two, "step"));
     for (x, y) in a.iter().zip(&b).take(3) {
         assert!(((x - y) / x).abs() < 1e-5, "step losses {a:?} vs {b:?}");
@@ -119,7 +120,7 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {
         assert!(
-            ((x - y) / x).abs() < 1e-2,
+            ((x - y) / x).abs() < 3e-2,
             "per-epoch losses {a:?} vs {b:?}"
         );
     }
