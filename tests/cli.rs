@@ -480,17 +480,13 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
     // A second run that starts from the first's query encoder, with a learning rate too small
     // to move it: its weights stay those of the first run (a random init would be far).
     let recipe = tmp.path().join("from_run.toml");
-    let text = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
-    let text = text.replace(
-        "[model]\n",
-        &format!("[model]\ninit = {:?}\n", run.to_str().unwrap()),
-    );
-    // The pre-training's learning rate: the first `base_lr` after `[train]`, whatever its value.
-    let train = text.find("[train]\n").unwrap();
-    let start = train + text[train..].find("\nbase_lr = ").unwrap() + 1;
-    let end = start + text[start..].find('\n').unwrap();
-    let text = format!("{}base_lr = 1e-12{}", &text[..start], &text[end..]);
-    std::fs::write(&recipe, text).unwrap();
+    let mut table: toml::Table = std::fs::read_to_string(run.join("recipe.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    table["model"]["init"] = run.to_str().unwrap().into();
+    table["train"]["base_lr"] = 1e-12.into();
+    std::fs::write(&recipe, table.to_string()).unwrap();
     let second = tmp.path().join("second");
     let (ok, _, stderr) = common::pretrain(&recipe, &data, &second, &[]);
     assert!(ok, "{stderr}");
