@@ -484,7 +484,8 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
         .unwrap()
         .parse()
         .unwrap();
-    table["model"]["init"] = run.to_str().unwrap().into();
+    let model = table["model"].as_table_mut().unwrap();
+    model.insert("init".into(), run.to_str().unwrap().into());
     table["train"]["base_lr"] = 1e-12.into();
     std::fs::write(&recipe, table.to_string()).unwrap();
     let second = tmp.path().join("second");
