@@ -1,0 +1,98 @@
+//! The convolutions of a CIFAR ResNet-18 (the CPU SimCLR recipe's backbone) one by one, as
+//! `kernels::conv2d` runs them in training: milliseconds of the forward and backward passes
+//! (best of 7), GFLOP/s, and each shape's share of a step (times its count in the network).
+//! The per-layer profile of issue 30; `benches/reference/conv_layers_torch.py` times PyTorch's
+//! convolutions on the same shapes.
+//!
+//! Run: `cargo bench --profile dev --bench conv_layers [-- WIDTH [BATCH]]` (default 0.125 and
+//! 512: the recipe's two views of 256 images).
+
+use std::time::Instant;
+
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{Device, Distribution, Tensor};
+use selfsup::kernels;
+
+#[global_allocator]
+static ALLOCATOR: selfsup::alloc::MiMalloc = selfsup::alloc::MiMalloc;
+
+/// (input channels, output channels, input px, kernel, stride, count in the network) of a CIFAR
+/// ResNet-18 (3×3 stem at stride 1, no max pool) of `width`.
+fn layers(width: f64) -> Vec<(usize, usize, usize, usize, usize, usize)> {
+    let c = |base: f64| ((base * width).round() as usize).max(1);
+    let (c1, c2, c3, c4) = (c(64.0), c(128.0), c(256.0), c(512.0));
+    vec![
+        (3, c1, 32, 3, 1, 1),
+        (c1, c1, 32, 3, 1, 4),
+        (c1, c2, 32, 3, 2, 1),
+        (c1, c2, 32, 1, 2, 1),
+        (c2, c2, 16, 3, 1, 3),
+        (c2, c3, 16, 3, 2, 1),
+        (c2, c3, 16, 1, 2, 1),
+        (c3, c3, 8, 3, 1, 3),
+        (c3, c4, 8, 3, 2, 1),
+        (c3, c4, 8, 1, 2, 1),
+        (c4, c4, 4, 3, 1, 3),
+    ]
+}
+
+/// The best of 7 runs of `f`, in seconds.
+fn best(mut f: impl FnMut()) -> f64 {
+    (0..7)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let width: f64 = args.first().map_or(0.125, |w| w.parse().expect("a width"));
+    let n: usize = args.get(1).map_or(512, |b| b.parse().expect("a batch"));
+    let device = Device::flex().autodiff();
+    println!("ResNet-18 w{width} convolutions, batch {n}, forward and backward (x and weight)");
+    println!("| layer | count | forward ms | backward ms | forward GFLOP/s | backward GFLOP/s | share of the convolutions |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (c, co, px, k, s, count) in layers(width) {
+        let pad = k / 2;
+        let conv = Conv2dConfig::new([c, co], [k, k])
+            .with_stride([s, s])
+            .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+            .with_bias(false)
+            .init(&device);
+        let x = Tensor::<4>::random([n, c, px, px], Distribution::Default, &device).require_grad();
+        let forward = best(|| drop(kernels::conv2d(&conv, x.clone())));
+        let both = best(|| {
+            let grads = kernels::conv2d(&conv, x.clone()).sum().backward();
+            drop(x.grad(&grads));
+        });
+        let flop = 2.0 * (n * co * (px / s).pow(2) * c * k * k) as f64;
+        let backward = (both - forward).max(1e-9);
+        rows.push((
+            format!("{c}→{co} {px} px {k}×{k}/{s}"),
+            count,
+            forward,
+            backward,
+            flop,
+        ));
+    }
+    let total: f64 = rows.iter().map(|r| r.1 as f64 * (r.2 + r.3)).sum();
+    for (name, count, forward, backward, flop) in rows {
+        println!(
+            "| {name} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}% |",
+            forward * 1e3,
+            backward * 1e3,
+            flop / forward / 1e9,
+            2.0 * flop / backward / 1e9,
+            100.0 * count as f64 * (forward + backward) / total
+        );
+    }
+    println!("all convolutions of one step: {:.0} ms", total * 1e3);
+}
