@@ -83,7 +83,10 @@ fn main() {
             flop,
         ));
     }
-    let total: f64 = rows.iter().map(|r| r.1 as f64 * (r.2 + r.3)).sum();
+    let total: f64 = rows
+        .iter()
+        .map(|(_, count, forward, backward, _)| *count as f64 * (forward + backward))
+        .sum();
     for (name, count, forward, backward, flop) in rows {
         println!(
             "| {name} | {count} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}% |",
