@@ -1,8 +1,11 @@
 //! Training throughput of whole recipes: the real loop of `selfsup pretrain` (decoded CIFAR-10
 //! from `../shared/data`, augmentation on the loader's threads, the method, the optimiser, the
 //! checkpoint at the end) for a few steps after a warm-up run of the same recipe. Prints img/s,
-//! CPU time (user, sys), cores busy and peak RSS; each case runs in a process of its own so that
-//! its peak RSS is its own.
+//! CPU time (user, sys) and cores busy of the timed steps alone (a run of 2 steps subtracted
+//! from a run of 2 + the case's steps, so that the model's init, the loader's first batch and
+//! the checkpoint drop out, as the PyTorch reference times its steps), the img/s the longer run
+//! reports itself (which counts them in), and peak RSS; each case runs in a process of its own
+//! so that its peak RSS is its own.
 //!
 //! Run: `cargo bench --profile dev --bench train_throughput [-- [--bf16] CASE...]` (`--bf16`:
 //! `train.precision = "bf16"`, AMX's bf16 products where the CPU has them); the PyTorch
@@ -92,25 +95,32 @@ fn run_case(name: &str, steps: usize, text: &str, precision: Precision) {
     recipe.train.precision = precision;
     let device = burn::tensor::Device::flex();
     let tmp = std::env::temp_dir().join(format!("selfsup-bench-{}", std::process::id()));
+    // One run of `steps` steps: the last step's img/s as the run reports it (images over the
+    // epoch's wall time so far), and the CPU and wall seconds of the whole call.
     let run = |dir: &str, steps: usize| {
         let mut r = recipe.clone();
         r.data.train_limit = steps * r.train.batch_size;
         let out = tmp.join(dir);
         let _ = std::fs::remove_dir_all(&out);
+        let (cpu0, wall0) = (cpu_seconds(), Instant::now());
         selfsup::pretrain::pretrain(&r, &dataset, &out, &device, false).expect("training");
-        // The img/s of the last step: images over the epoch's wall time so far.
+        let (cpu1, wall) = (cpu_seconds(), wall0.elapsed().as_secs_f64());
         let metrics =
             selfsup::train::metrics::read(&out.join(selfsup::train::metrics::FILE)).unwrap();
         let last = metrics.iter().rfind(|r| r["kind"] == "step").unwrap();
-        last["img_per_s"].as_f64().unwrap()
+        let reported = last["img_per_s"].as_f64().unwrap();
+        (reported, cpu1.0 - cpu0.0, cpu1.1 - cpu0.1, wall)
     };
     run("warmup", 2);
-    let (cpu0, wall0) = (cpu_seconds(), Instant::now());
-    let rate = run("timed", steps);
-    let (cpu1, wall) = (cpu_seconds(), wall0.elapsed().as_secs_f64());
-    let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    // The steps alone, as the PyTorch reference times them: a run of 2 steps subtracted from a
+    // run of 2 + `steps`, which takes out the model's init, the loader's first batch and the
+    // checkpoint at the end.
+    let short = run("short", 2);
+    let (reported, user, sys, wall) = run("timed", 2 + steps);
+    let (user, sys, wall) = (user - short.1, sys - short.2, wall - short.3);
+    let rate = (steps * recipe.train.batch_size) as f64 / wall;
     println!(
-        "| {name} | {steps} | {rate:.1} | {user:.0} | {sys:.0} ({:.0}%) | {:.2} | {:.0} |",
+        "| {name} | {steps} | {rate:.1} | {reported:.1} | {user:.0} | {sys:.0} ({:.0}%) | {:.2} | {:.0} |",
         100.0 * sys / (user + sys),
         (user + sys) / wall,
         common::peak_rss_mib()
@@ -135,12 +145,12 @@ fn main() {
     }
     let chosen: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     println!(
-        "selfsup (burn 0.22.1 flex), 2 cores, products in {} (AMX: {}); img/s of the timed steps, CPU seconds of the timed run",
+        "selfsup (burn 0.22.1 flex), 2 cores, products in {} (AMX: {}); img/s, CPU seconds and cores busy of the timed steps alone",
         precision.name(),
         selfsup::amx::available()
     );
-    println!("| case | steps | img/s | user s | sys s | cores busy | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| case | steps | img/s | img/s as the run reports it | user s | sys s | cores busy | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, _, _) in cases() {
         if chosen.is_empty() || chosen.iter().any(|c| c.as_str() == name) {
             let mut child = Command::new(std::env::current_exe().unwrap());
