@@ -106,7 +106,7 @@ mod avx2 {
                     match (
                         (o - o0).min(4),
                         left.div_ceil(8).min(3),
-                        left % 8 == 0 || left > 24,
+                        left.is_multiple_of(8) || left > 24,
                     ) {
                         (4, 3, true) => tile.run::<4, 3, false>(w, at, mask),
                         (3, 3, true) => tile.run::<3, 3, false>(w, at, mask),
