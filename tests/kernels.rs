@@ -308,10 +308,10 @@ fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
 
 #[test]
 fn conv_direct_matches_burn_for_narrow_layers() {
-    // At stride 1 the forward pass sums its taps in registers up to 16 input channels, the
-    // input gradient up to 8 output channels (the eighth-width ResNet-18's 8→8 and 16→16
-    // layers; outputs in tiles of 4 and fewer, positions in tiles of 24 and fewer with the last
-    // vector masked); 17 input or 16 output channels take the products. Small images: the
+    // At stride 1 the forward pass sums its taps in registers up to 16 input channels (the
+    // eighth-width ResNet-18's 8→8 and 16→16 layers; outputs in tiles of 4 and fewer, positions
+    // in tiles of 24 and fewer with the last vector masked), and the input gradient up to
+    // `DIRECT_BACKWARD` output channels (now none); 17 input channels take the products. Small images: the
     // weight gradient's sums over many positions differ from burn's by more than the bound in
     // f32 rounding alone.
     check_conv([1, 8, 12, 24], 8, [3, 3], [1, 1], [1; 4], [1, 1], false);
