@@ -115,9 +115,9 @@ fn run_case(name: &str, steps: usize, text: &str, precision: Precision) {
     // The steps alone, as the PyTorch reference times them: a run of 2 steps subtracted from a
     // run of 2 + `steps`, which takes out the model's init, the loader's first batch and the
     // checkpoint at the end.
-    let short = run("short", 2);
+    let (_, short_user, short_sys, short_wall) = run("short", 2);
     let (reported, user, sys, wall) = run("timed", 2 + steps);
-    let (user, sys, wall) = (user - short.1, sys - short.2, wall - short.3);
+    let (user, sys, wall) = (user - short_user, sys - short_sys, wall - short_wall);
     let rate = (steps * recipe.train.batch_size) as f64 / wall;
     println!(
         "| {name} | {steps} | {rate:.1} | {reported:.1} | {user:.0} | {sys:.0} ({:.0}%) | {:.2} | {:.0} |",
