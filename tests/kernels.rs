@@ -307,6 +307,20 @@ fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
 }
 
 #[test]
+fn conv_direct_matches_burn_for_narrow_layers() {
+    // At stride 1 the forward pass sums its taps in registers up to 16 input channels, the
+    // input gradient up to 8 output channels (the eighth-width ResNet-18's 8→8 and 16→16
+    // layers; outputs in tiles of 4 and fewer, positions in tiles of 24 and fewer with the last
+    // vector masked); 17 input or 16 output channels take the products. Small images: the
+    // weight gradient's sums over many positions differ from burn's by more than the bound in
+    // f32 rounding alone.
+    check_conv([1, 8, 12, 24], 8, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([2, 16, 8, 16], 16, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([2, 5, 6, 17], 7, [3, 3], [1, 1], [1; 4], [1, 1], true);
+    check_conv([2, 17, 6, 16], 4, [3, 3], [1, 1], [1; 4], [1, 1], false);
+}
+
+#[test]
 fn conv_matches_burn_for_batches_of_any_size() {
     // One image, and batches that do not split evenly into the kernel's parallel tasks.
     for n in [1, 5, 13] {

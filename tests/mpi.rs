@@ -108,12 +108,14 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert_eq!(all.matches("run folder:").count(), 1, "{all}");
-    // The first steps agree to float rounding; rounding differences then grow about tenfold a
-    // step in this tiny network (as `dist-check` shows past 3 steps), so that the epochs run as
-    // two draws of one run, whose mean losses agree to 3e-2 (1.2% apart at epoch 2 on an AVX2
-    // CPU, where the first steps agreed to 1e-5; tests/train.rs holds bf16's to 3% likewise).
+    // The first two steps agree to float rounding (at most 2.4e-7 apart over seeds 0-7 of this
+    // recipe, with either convolution kernel, on an AVX2 CPU). From the third on, rounding that
+    // flips a ReLU whose input lies within it of 0 grows from step to step: the third step's
+    // losses were 1.4e-5 to 6.6e-4 apart for 4 of those 8 seeds, the fourth's up to 2.4e-2. The
+    // epochs then run as two draws of one run, whose mean losses agree to 3e-2 (1.2% apart at
+    // epoch 2; tests/train.rs holds bf16's to 3% likewise).
     let (a, b) = (losses(&single, "step"), losses(&two, "step"));
-    for (x, y) in a.iter().zip(&b).take(3) {
+    for (x, y) in a.iter().zip(&b).take(2) {
         assert!(((x - y) / x).abs() < 1e-5, "step losses {a:?} vs {b:?}");
     }
     let (a, b) = (losses(&single, "epoch"), losses(&two, "epoch"));

@@ -1,0 +1,255 @@
+//! Direct convolution for the narrow layers of a CIFAR ResNet (few channels, stride 1): the
+//! kernel taps read the zero-padded image in place, as the tap-by-tap products of
+//! [`super::ConvShape`] do, but all taps and channels of an output tile are summed in registers.
+//! The tap-by-tap products take one gemm per tap with k = C (8 for an eighth-width ResNet-18):
+//! each of gemm's 16×6 tiles then loads and stores its accumulators every 8 multiply-adds, and
+//! an 8-channel output fills half of its 16 rows. Here a tile of 4 output channels × 24
+//! positions keeps its 12 accumulators over all C·kh·kw terms (72 at 8 channels), reading 3
+//! vectors of the image and 4 weights for 12 FMAs: the loads stay under the FMAs' issue rate.
+//!
+//! One routine serves the forward pass and the input gradient, which is the same correlation
+//! with the roles of C and Co swapped and the taps mirrored ([`correlate`]).
+
+/// Where each term of a correlation over an input of `channels` planes `plane` apart starts
+/// reading: term k = t·channels + c (taps outermost, as the weights' `[taps, C]`) at
+/// c·plane + `taps[t]`.
+pub(super) fn terms(taps: &[usize], channels: usize, plane: usize) -> Vec<usize> {
+    taps.iter()
+        .flat_map(|&tap| (0..channels).map(move |c| c * plane + tap))
+        .collect()
+}
+
+/// `out[o, p] = Σₖ w[k·O + o] · input[offsets[k] + p]` for o < O, p < P: a correlation whose
+/// term k reads the input from `offsets[k]` on (channel plane and tap offset in one), with
+/// weights `w` `[K, O]` (the K terms' weights of every output, contiguous by term). `out` is
+/// `[O, P]` with rows `out_row` apart. Sums run over k in order, in f32 with fused
+/// multiply-adds, the same bits whatever the thread.
+///
+/// Returns `false` (and does nothing) where the CPU lacks AVX2 and FMA: the caller takes the
+/// products instead.
+///
+/// # Panics
+/// If an index the offsets, `P` or `O` reach lies outside `input`, `w` or `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn correlate(
+    w: &[f32],
+    outputs: usize,
+    offsets: &[usize],
+    input: &[f32],
+    positions: usize,
+    out: &mut [f32],
+    out_row: usize,
+) -> bool {
+    let (o, p) = (outputs, positions);
+    if o == 0 || p == 0 {
+        return true;
+    }
+    assert_eq!(w.len(), offsets.len() * o, "weights of K terms × O outputs");
+    let reach = offsets.iter().max().copied().unwrap_or(0) + p;
+    assert!(
+        input.len() >= reach,
+        "the input ends before a term's last read"
+    );
+    assert!(out_row >= p && out.len() >= (o - 1) * out_row + p);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA; the asserts keep every read and write in bounds.
+        unsafe { avx2::correlate(w, o, offsets, input, p, out, out_row) };
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::correlate`] on AVX2 + FMA, in tiles of up to 4 outputs × 24 positions: 12
+    /// accumulators, 3 input vectors and a broadcast weight fill AVX2's 16 registers. The
+    /// positions left over from 24 take a tile of 1 to 3 vectors whose last is masked; the
+    /// outputs left over from 4 a tile of 1 to 3 rows. Every tile keeps at least 3 independent
+    /// sums, so none waits on one chain of multiply-adds.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the caller's asserts must hold.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn correlate(
+        w: &[f32],
+        o: usize,
+        offsets: &[usize],
+        input: &[f32],
+        p: usize,
+        out: &mut [f32],
+        out_row: usize,
+    ) {
+        let tile = Tile {
+            o,
+            offsets,
+            input: input.as_ptr(),
+            out: out.as_mut_ptr(),
+            out_row,
+        };
+        for p0 in (0..p).step_by(24) {
+            let left = p - p0;
+            let mask = lanes(match left % 8 {
+                0 => 8,
+                r if left < 24 => r,
+                _ => 8,
+            });
+            for o0 in (0..o).step_by(4) {
+                let w = &w[o0..];
+                let at = (o0, p0);
+                // SAFETY: the tile's outputs and positions lie inside o and p (the last vector
+                // masked to p), within the caller's bounds.
+                unsafe {
+                    match (
+                        (o - o0).min(4),
+                        left.div_ceil(8).min(3),
+                        left.is_multiple_of(8) || left > 24,
+                    ) {
+                        (4, 3, true) => tile.run::<4, 3, false>(w, at, mask),
+                        (3, 3, true) => tile.run::<3, 3, false>(w, at, mask),
+                        (2, 3, true) => tile.run::<2, 3, false>(w, at, mask),
+                        (1, 3, true) => tile.run::<1, 3, false>(w, at, mask),
+                        (4, 3, _) => tile.run::<4, 3, true>(w, at, mask),
+                        (4, 2, _) => tile.run::<4, 2, true>(w, at, mask),
+                        (4, _, _) => tile.run::<4, 1, true>(w, at, mask),
+                        (3, 3, _) => tile.run::<3, 3, true>(w, at, mask),
+                        (3, 2, _) => tile.run::<3, 2, true>(w, at, mask),
+                        (3, _, _) => tile.run::<3, 1, true>(w, at, mask),
+                        (2, 3, _) => tile.run::<2, 3, true>(w, at, mask),
+                        (2, 2, _) => tile.run::<2, 2, true>(w, at, mask),
+                        (2, _, _) => tile.run::<2, 1, true>(w, at, mask),
+                        (_, 3, _) => tile.run::<1, 3, true>(w, at, mask),
+                        (_, 2, _) => tile.run::<1, 2, true>(w, at, mask),
+                        (_, _, _) => tile.run::<1, 1, true>(w, at, mask),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A mask of the first `n` of 8 lanes.
+    #[target_feature(enable = "avx2")]
+    fn lanes(n: usize) -> __m256i {
+        let n = n as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// What every tile of one correlation shares.
+    struct Tile<'a> {
+        o: usize,
+        offsets: &'a [usize],
+        input: *const f32,
+        out: *mut f32,
+        out_row: usize,
+    }
+
+    impl Tile<'_> {
+        /// Outputs o0..o0 + B × positions p0..p0 + 8·V (with `MASKED` the last vector's lanes
+        /// as `mask` keeps them, else all), weights from `w` (`w[k·o + b]` for term k and output o0 + b). Masked
+        /// loads and stores throughout: they compile to plain moves where the mask is whole,
+        /// and where it is not they never touch the lanes it drops. (`_mm256_loadu_ps` would
+        /// also copy through the stack in this crate's test profile, with debug assertions on.)
+        ///
+        /// # Safety
+        /// AVX2 and FMA; every unmasked read and write inside the caller's slices.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn run<const B: usize, const V: usize, const MASKED: bool>(
+            &self,
+            w: &[f32],
+            (o0, p0): (usize, usize),
+            mask: __m256i,
+        ) {
+            let whole = _mm256_set1_epi32(-1);
+            let mask_of = |v: usize| if MASKED && v + 1 == V { mask } else { whole };
+            let mut acc = [[_mm256_setzero_ps(); V]; B];
+            let x = self.input.wrapping_add(p0);
+            for (&offset, wk) in self.offsets.iter().zip(w.chunks(self.o)) {
+                let xk = x.wrapping_add(offset);
+                let mut xs = [_mm256_setzero_ps(); V];
+                for (v, xv) in xs.iter_mut().enumerate() {
+                    // SAFETY: the caller's bounds, the last vector masked.
+                    *xv = unsafe { _mm256_maskload_ps(xk.wrapping_add(8 * v), mask_of(v)) };
+                }
+                for (row, &wb) in acc.iter_mut().zip(&wk[..B]) {
+                    let b = _mm256_set1_ps(wb);
+                    for (a, xv) in row.iter_mut().zip(&xs) {
+                        *a = _mm256_fmadd_ps(b, *xv, *a);
+                    }
+                }
+            }
+            for (b, row) in acc.iter().enumerate() {
+                let y = self.out.wrapping_add((o0 + b) * self.out_row + p0);
+                for (v, sum) in row.iter().enumerate() {
+                    let (y, m) = (y.wrapping_add(8 * v), mask_of(v));
+                    // SAFETY: the caller's bounds, the last vector masked.
+                    unsafe { _mm256_maskstore_ps(y, m, *sum) };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::correlate;
+
+    /// The sum of [`correlate`] term by term, in f64.
+    fn reference(w: &[f32], o: usize, offsets: &[usize], x: &[f32], p: usize) -> Vec<f64> {
+        (0..o * p)
+            .map(|i| {
+                let (oi, pi) = (i / p, i % p);
+                offsets
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &off)| w[k * o + oi] as f64 * x[off + pi] as f64)
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn correlate_sums_every_term_of_every_tile_and_tail() {
+        // Outputs in tiles of 4 and fewer, positions in tiles of 24 and fewer with the last
+        // vector masked; the output rows wider than the positions, whose tails stay as they were.
+        let value =
+            |i: usize, seed: usize| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0;
+        let cases = [
+            (1, 1, 1),
+            (4, 24, 3),
+            (5, 61, 9),
+            (9, 35, 18),
+            (3, 8, 72),
+            (2, 47, 5),
+            (6, 16, 4),
+        ];
+        for (o, p, terms) in cases {
+            let offsets: Vec<usize> = (0..terms).map(|k| (k * 13) % 29).collect();
+            let x: Vec<f32> = (0..29 + p).map(|i| value(i, 1)).collect();
+            let w: Vec<f32> = (0..terms * o).map(|i| value(i, 2)).collect();
+            let row = p + 3;
+            let before: Vec<f32> = (0..o * row).map(|i| value(i, 3)).collect();
+            let mut out = before.clone();
+            if !correlate(&w, o, &offsets, &x, p, &mut out, row) {
+                return; // no AVX2 + FMA here: the caller takes the products
+            }
+            let expected = reference(&w, o, &offsets, &x, p);
+            for (i, e) in expected.iter().enumerate() {
+                let at = (i / p) * row + i % p;
+                let (got, e) = (out[at] as f64, *e);
+                assert!((got - e).abs() < 1e-4, "o {o} p {p} at {i}: {got} vs {e}");
+            }
+            for (i, (&a, &b)) in out.iter().zip(&before).enumerate() {
+                if i % row >= p {
+                    assert_eq!(a, b, "wrote past the positions");
+                }
+            }
+        }
+    }
+}
