@@ -111,7 +111,8 @@ fn mpirun_pretrain_writes_one_process_run_and_resumes_after_a_rank_is_killed() {
     // The first two steps agree to float rounding (at most 2.4e-7 apart over seeds 0-7 of this
     // recipe, with either convolution kernel, on an AVX2 CPU). From the third on, rounding that
     // flips a ReLU whose input lies within it of 0 grows from step to step: the third step's
-    // losses were 1.4e-5 to 6.6e-4 apart for 4 of those 8 seeds, the fourth's up to 2.4e-2. The
+    // losses were 1.4e-5 to 6.6e-4 apart for 4 of those 8 seeds with the gemm tap products (2
+    // with the direct convolution), the fourth's up to 2.4e-2. The
     // epochs then run as two draws of one run, whose mean losses agree to 3e-2 (1.2% apart at
     // epoch 2; tests/train.rs holds bf16's to 3% likewise).
     let (a, b) = (losses(&single, "step"), losses(&two, "step"));

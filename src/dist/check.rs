@@ -49,14 +49,13 @@ pub struct Gaps {
 impl Gaps {
     /// The most each gap may be in a launch that trains as one process: `loss`, `grads`,
     /// `weights`. The first step's two are float rounding of the ranks' sums. The weights after
-    /// a few steps are looser: in a ResNet, rounding that flips a ReLU whose input lies within it
-    /// of 0 changes that step's gradient by a step of the mask (the likely cause: the ViTs,
-    /// whose GELU has no step, show no such jumps). Over seeds 0-13 of the tests'
-    /// small recipes at 3 ranks (`tests/common`'s `small_recipe`, 48 images, 3 steps, an AVX2
-    /// CPU), SwAV's weights were 1-2e-6 apart of their change for most seeds and up to 5.1e-4
-    /// for some (1.8e-4 with the gemm tap products instead of the direct convolution),
-    /// SimCLR's up to 6.7e-5 and BYOL's up to 4.3e-5, while the ViTs (GELU, no step) stayed at
-    /// 2e-8 (DINO) and 2e-6 (MAE) on every seed.
+    /// a few steps are looser, for ResNets: over seeds 0-13 of the tests' small recipes at 3
+    /// ranks (`tests/common`'s `small_recipe`, 48 images, 3 steps, an AVX2 CPU), SwAV's weights
+    /// ended 1-2e-6 of their change apart for most seeds and up to 5.1e-4 for some (1.8e-4 with
+    /// the gemm tap products instead of the direct convolution), SimCLR's up to 6.7e-5, BYOL's
+    /// up to 4.3e-5, in jumps from one step to the next; the ViTs stayed at 2e-8 (DINO) and
+    /// 2e-6 (MAE) on every seed. Likely cause: rounding that puts a ReLU's input on the other
+    /// side of 0 switches that unit's whole gradient on or off, a step GELU does not have.
     pub const BOUNDS: [f32; 3] = [1e-6, 1e-5, 1e-3];
 
     /// Whether every gap is within [`Gaps::BOUNDS`].
