@@ -657,11 +657,19 @@ fn bf16_training_follows_f32_with_f32_master_weights() {
     let (model, bf16) = trainer(in_precision(6, Precision::Bf16, None), dir16.path())
         .run(simclr(&dev), &loader(&split))
         .unwrap();
-    // Measured: f32 8.63 8.63 8.50 8.41 8.31 8.30, bf16 8.51 8.52 8.61 8.43 8.47 8.21.
+    // Measured, bf16: 8.51 8.52 8.61 8.43 8.47 8.21; f32 with gemm's tap products 8.63 8.63
+    // 8.50 8.41 8.31 8.30, with the direct convolution 8.56 8.60 8.33 8.35 8.42 8.33: f32's two
+    // float paths already part by 2% in an epoch of this 256-image run, so one epoch is
+    // held to 5% and the mean over the run to 1% (bf16 within 0.3% of f32 with either path).
     let (a, b) = (&full.state.epoch_losses, &bf16.state.epoch_losses);
     for (x, y) in a.iter().zip(b) {
-        assert!((x - y).abs() < 0.03 * x, "f32 {a:?} bf16 {b:?}");
+        assert!((x - y).abs() < 0.05 * x, "f32 {a:?} bf16 {b:?}");
     }
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    assert!(
+        (mean(a) - mean(b)).abs() < 0.01 * mean(a),
+        "mean loss: f32 {a:?} bf16 {b:?}"
+    );
     assert!(b[4] + b[5] < b[0] + b[1] - 0.2, "bf16 did not learn: {b:?}");
     assert!(dtypes(&model).iter().all(|t| *t == DType::F32));
     assert_eq!(bf16.state.loss_scale, None);
