@@ -1313,16 +1313,12 @@ impl ConvShape {
         }
     }
 
-    /// Buffers for the tap-by-tap path (empty otherwise): the padded image (zero border) and
-    /// `[Co, OH·Wp]` on the wide grid (zero, as an output gradient must be in its dropped
-    /// columns).
-    fn tap_buffers(&self, co: usize) -> (Vec<f32>, Vec<f32>) {
+    /// A buffer for the tap-by-tap output `[Co, OH·Wp]` on the wide grid (empty unless the
+    /// convolution runs tap by tap).
+    fn wide_buffer(&self, co: usize) -> Vec<f32> {
         match self.is_tap_by_tap() {
-            true => (
-                self.padded_buffer(),
-                vec![0f32; co * self.output[0] * self.padded()[1]],
-            ),
-            false => (Vec::new(), Vec::new()),
+            true => vec![0f32; co * self.output[0] * self.padded()[1]],
+            false => Vec::new(),
         }
     }
 
@@ -1350,34 +1346,48 @@ impl ConvShape {
         self.is_tap_by_tap() && self.geometry.products == Products::F32 && co <= DIRECT_BACKWARD
     }
 
-    /// The weights `ws` `[Co, C, kh, kw]` as the direct forward pass reads them, `[kh·kw, C, Co]`
-    /// (empty unless [`ConvShape::is_direct`]).
-    fn direct_weights(&self, ws: &[f32], co: usize) -> Vec<f32> {
+    /// What the direct forward pass reads, made once a convolution from the weights `ws`
+    /// `[Co, C, kh, kw]` (`None` unless [`ConvShape::is_direct`]).
+    fn direct_forward(&self, ws: &[f32], co: usize) -> Option<DirectForward> {
         if !self.is_direct() {
-            return Vec::new();
+            return None;
         }
-        let (taps, c) = (self.tap_dims()[1], self.channels);
-        (0..taps * c * co)
-            .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
-            .collect()
+        let ([plane, taps, _], c) = (self.tap_dims(), self.channels);
+        let offsets: Vec<usize> = self.tap_offsets().map(|(_, o)| o).collect();
+        Some(DirectForward {
+            weights: (0..taps * c * co)
+                .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
+                .collect(),
+            terms: direct::terms(&offsets, c, plane),
+        })
+    }
+
+    /// The terms of the direct input gradient of `co` output channels over the output gradient
+    /// as [`ConvShape::grad_layout`] lays it out, the taps mirrored; made once a convolution
+    /// (`None` unless [`ConvShape::is_direct_backward`]).
+    fn direct_backward_terms(&self, co: usize) -> Option<Vec<usize>> {
+        if !self.is_direct_backward(co) {
+            return None;
+        }
+        let (front, grad_plane) = self.grad_layout(co);
+        let mirrored: Vec<usize> = self.tap_offsets().map(|(_, o)| front - o).collect();
+        Some(direct::terms(&mirrored, co, grad_plane))
     }
 
     /// Tap by tap ([`ConvShape::is_tap_by_tap`]): the output of the padded image `padded` for
-    /// tap-major weights `wt` ([`ConvShape::tap_major`]), or with [`ConvShape::is_direct`] the
-    /// direct weights `wd` ([`ConvShape::direct_weights`]), into `wide` `[Co, OH·Wp]` on the
-    /// wide grid.
+    /// tap-major weights `wt` ([`ConvShape::tap_major`]), or with `correlation`
+    /// ([`ConvShape::direct_forward`]) directly, into `wide` `[Co, OH·Wp]` on the wide
+    /// grid.
     fn forward_taps(
         &self,
-        (wt, wd): (&[f32], &[f32]),
+        (wt, correlation): (&[f32], Option<&DirectForward>),
         co: usize,
         padded: &[f32],
         wide: &mut [f32],
     ) {
         let ([plane, _, n], c) = (self.tap_dims(), self.channels);
-        if self.is_direct() {
-            let taps: Vec<usize> = self.tap_offsets().map(|(_, o)| o).collect();
-            let offsets = direct::terms(&taps, c, plane);
-            if direct::correlate(wd, co, &offsets, padded, n, wide, n) {
+        if let Some(d) = correlation {
+            if direct::correlate(&d.weights, co, &d.terms, padded, n, wide, n) {
                 return;
             }
         }
@@ -1430,11 +1440,12 @@ impl ConvShape {
     /// Tap by tap, backwards, with tap-major weights `wt` ([`ConvShape::tap_major`]): from the
     /// output gradient `grad` ([`ConvShape::spread_grad`]), adds the weight gradient onto
     /// `weight_grad_t` (`[C·kh·kw, Co]`, transposed as in the column path) and writes the padded
-    /// image's gradient into `padded_grad`: with [`ConvShape::is_direct_backward`] as the direct
-    /// correlation of the gradient with the mirrored taps, `[C, Co·kh·kw]` terms.
+    /// image's gradient into `padded_grad`: with `correlation`
+    /// ([`ConvShape::direct_backward_terms`]) as the correlation of the gradient with the
+    /// mirrored taps.
     fn backward_taps(
         &self,
-        (wt, co): (&[f32], usize),
+        (wt, co, correlation): (&[f32], usize, Option<&[usize]>),
         padded: &[f32],
         grad: &[f32],
         weight_grad_t: &mut [f32],
@@ -1455,10 +1466,8 @@ impl ConvShape {
                 1.0,
             );
         }
-        if self.is_direct_backward(co) {
-            let taps: Vec<usize> = self.tap_offsets().map(|(_, o)| front - o).collect();
-            let offsets = direct::terms(&taps, co, grad_plane);
-            if direct::correlate(wt, c, &offsets, grad, plane, padded_grad, plane) {
+        if let Some(terms) = correlation {
+            if direct::correlate(wt, c, terms, grad, plane, padded_grad, plane) {
                 return;
             }
         }
@@ -1546,6 +1555,13 @@ fn conv_shape(x: &FlexTensor, weight: &FlexTensor, geometry: ConvGeometry) -> Op
         output: geometry.output_size(input, kernel)?,
         geometry,
     })
+}
+
+/// The direct forward pass's weights `[kh·kw, C, Co]` and its terms ([`direct::terms`]) over
+/// the padded image.
+struct DirectForward {
+    weights: Vec<f32>,
+    terms: Vec<usize>,
 }
 
 /// Input channels up to which the tap-by-tap forward pass sums its taps in registers
@@ -1995,19 +2011,19 @@ impl CpuKernels for Flex {
             true => shape.tap_major(&ws, co),
             false => Vec::new(),
         };
-        let direct = shape.direct_weights(&ws, co);
+        let direct = shape.direct_forward(&ws, co);
         output
             .par_chunks_mut(per_task * co * positions)
             .enumerate()
             .for_each(|(task, out)| {
                 let mut cols = shape.column_buffer();
-                let (mut padded, mut wide) = shape.tap_buffers(co);
+                let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
                 for (i, out) in out.chunks_mut(co * positions).enumerate() {
                     let b = task * per_task + i;
                     let image = &xs[b * image..(b + 1) * image];
                     if shape.is_tap_by_tap() {
                         shape.pad(image, &mut padded);
-                        shape.forward_taps((&tap_major, &direct), co, &padded, &mut wide);
+                        shape.forward_taps((&tap_major, direct.as_ref()), co, &padded, &mut wide);
                         let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
                         copy_rows(&wide, wp, out, ow, co * oh, ow);
                         continue;
@@ -2058,6 +2074,7 @@ impl CpuKernels for Flex {
             true => shape.tap_major(&ws, co),
             false => Vec::new(),
         };
+        let direct = shape.direct_backward_terms(co);
         let weight_grad: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * image)
             .enumerate()
@@ -2077,7 +2094,7 @@ impl CpuKernels for Flex {
                         shape.pad(image, &mut padded);
                         shape.spread_grad(dy, co, &mut grad);
                         shape.backward_taps(
-                            (&tap_major, co),
+                            (&tap_major, co, direct.as_deref()),
                             &padded,
                             &grad,
                             &mut weight_grad_t,

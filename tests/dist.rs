@@ -40,17 +40,17 @@ fn every_method_trains_the_same_at_two_and_three_ranks() {
         for world in [2, 3] {
             let [loss, grads, weights] = gaps(&recipe, &split, world, 3, Pieces::default());
             eprintln!("{method} at {world} ranks: first step's loss {loss:.1e}, gradients {grads:.1e}, weights' change after 3 steps {weights:.1e}");
-            let bounds = Gaps::BOUNDS;
+            let [max_loss, max_grads, max_weights] = Gaps::BOUNDS;
             assert!(
-                loss < bounds[0],
+                loss < max_loss,
                 "{method} at {world} ranks: first step's loss off by {loss:e}"
             );
             assert!(
-                grads < bounds[1],
+                grads < max_grads,
                 "{method} at {world} ranks: gradients off by {grads:e}"
             );
             assert!(
-                weights < bounds[2],
+                weights < max_weights,
                 "{method} at {world} ranks: weights off by {weights:e} of their change"
             );
         }
