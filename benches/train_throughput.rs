@@ -8,7 +8,7 @@
 //! so that its peak RSS is its own.
 //!
 //! Run: `cargo bench --profile dev --bench train_throughput [-- [--bf16] CASE...]` (`--bf16`:
-//! `train.precision = "bf16"`, AMX's bf16 products where the CPU has them); the PyTorch
+//! `train.precision = "bf16"`, AMX's or AVX-512 BF16's products where the CPU has them); the PyTorch
 //! reference for the same cases: `python3 benches/reference/train_throughput_torch.py [CASE...]`.
 
 mod common;
@@ -145,9 +145,9 @@ fn main() {
     }
     let chosen: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     println!(
-        "selfsup (burn 0.22.1 flex), 2 cores, products in {} (AMX: {}); img/s, CPU seconds and cores busy of the timed steps alone",
+        "selfsup (burn 0.22.1 flex), 2 cores, products in {} (bf16 engine: {:?}); img/s, CPU seconds and cores busy of the timed steps alone",
         precision.name(),
-        selfsup::amx::available()
+        selfsup::bf16::engine()
     );
     println!("| case | steps | img/s | img/s as the run reports it | user s | sys s | cores busy | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|");

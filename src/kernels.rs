@@ -34,9 +34,10 @@
 //!   updates the parameter and its moments in place, with the same f32 arithmetic; [`ema`]
 //!   does the same for a momentum teacher's update.
 //!
-//! Inside a bf16 autocast on a CPU with Intel AMX, [`conv2d`], [`linear`] and [`attention`] keep
-//! these kernels and compute their products on AMX's bf16 tiles, forward and backward
-//! ([`Products`], [`crate::amx`]); inside any other autocast they take burn's ops in its dtype.
+//! Inside a bf16 autocast on a CPU with a bf16 engine (Intel AMX, or AVX-512 BF16 as on AMD Zen
+//! 4), [`conv2d`], [`linear`] and [`attention`] keep these kernels and compute their products in
+//! bf16 summed in f32, forward and backward
+//! ([`Products`], [`crate::bf16`]); inside any other autocast they take burn's ops in its dtype.
 //!
 //! Every other backend, and every dtype but f32, takes burn's own op (for AdamW, [`crate::train::optim::FusedAdamW`]
 //! takes burn's `AdamW`); the results are the same
@@ -222,14 +223,14 @@ pub enum Products {
     /// f32 operands and sums (`gemm`).
     #[default]
     F32,
-    /// bf16 operands summed in f32 on AMX tiles ([`crate::amx`]), an autocast to bf16 on a CPU
-    /// that has them; a product too small to gain ([`amx_pays`]) stays f32.
+    /// bf16 operands summed in f32 by AMX or AVX-512 BF16 ([`crate::bf16`]), an autocast to bf16
+    /// on a CPU that has either; a product too small to gain ([`bf16_pays`]) stays f32.
     Bf16,
 }
 
 impl Products {
     /// The products for an op on `device` under this thread's autocast: f32 outside one, bf16
-    /// inside a bf16 one where AMX is available; `None` where the fused kernels do not run
+    /// inside a bf16 one where a bf16 engine is available; `None` where the fused kernels do not run
     /// (another backend, or an autocast they cannot follow: then burn's ops in its dtype).
     pub fn for_device(device: &burn::tensor::Device) -> Option<Products> {
         use crate::precision::Precision;
@@ -238,7 +239,7 @@ impl Products {
         }
         match crate::precision::current() {
             Precision::F32 => Some(Products::F32),
-            Precision::Bf16 if crate::amx::available() => Some(Products::Bf16),
+            Precision::Bf16 if crate::bf16::available() => Some(Products::Bf16),
             _ => None,
         }
     }
@@ -416,7 +417,7 @@ fn sync_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// `x · weight + bias` (`x` `[..., k]`, `weight` `[k, n]`, `bias` `[n]`): output `[..., n]`,
-/// as `burn::tensor::module::linear`. On `flex` (in f32, or in a bf16 autocast on AMX:
+/// as `burn::tensor::module::linear`. On `flex` (in f32, or in a bf16 autocast with a bf16 engine:
 /// [`Products`]) one threaded gemm writes the product
 /// onto the bias rows of the output, and the backward pass is two gemms into fresh buffers and
 /// a threaded column sum ([`CpuKernels::linear`]); burn's own path zero-fills each product's
@@ -1034,10 +1035,10 @@ unsafe fn gemm_raw(
 ) {
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-    if products == Products::Bf16 && k > 0 && amx_pays([m, k, n]) && crate::amx::available() {
+    if products == Products::Bf16 && k > 0 && bf16_pays([m, k, n]) && crate::bf16::available() {
         let parallel = matches!(parallelism, gemm::Parallelism::Rayon(_));
-        // SAFETY: `Products::Bf16` is only chosen where AMX is available; c is the caller's.
-        unsafe { crate::amx::gemm([m, k, n], a, b, (c, c_row), accumulate, scale, parallel) };
+        // SAFETY: `Products::Bf16` is only chosen where an engine is available; c is the caller's.
+        unsafe { crate::bf16::gemm([m, k, n], a, b, (c, c_row), accumulate, scale, parallel) };
         return;
     }
     // SAFETY: the asserts keep every index the strides reach inside a and b; c is the caller's.
@@ -1097,12 +1098,12 @@ fn product(
     out
 }
 
-/// Whether an m×k×n product gains from AMX's bf16 tiles: each operand value is converted and
+/// Whether an m×k×n product gains from bf16 products ([`crate::bf16`]): each operand value is converted and
 /// packed once, so a product with under 16 multiply-adds per value, mn/(m + n) < 16 (a layer
 /// of 16 output channels), or k under one tile, gains little or nothing and stays f32 (as exact
 /// or more). 8 ran a few percent faster but moved the small SimCLR's bf16 losses 4% from f32's
 /// (BENCHMARKS.md, issue 30's seventh round).
-fn amx_pays([m, k, n]: [usize; 3]) -> bool {
+fn bf16_pays([m, k, n]: [usize; 3]) -> bool {
     m * n >= 16 * (m + n) && k >= 32
 }
 
@@ -1323,7 +1324,7 @@ impl ConvShape {
     }
 
     /// The weights `ws` `[Co, C, kh, kw]` tap by tap, `[kh·kw, Co, C]`: each tap's `[Co, C]`
-    /// contiguous, so that its products read (and AMX's packers convert) whole rows.
+    /// contiguous, so that its products read (and the bf16 packers convert) whole rows.
     fn tap_major(&self, ws: &[f32], co: usize) -> Vec<f32> {
         let (taps, c) = (self.tap_dims()[1], self.channels);
         (0..taps * co * c)

@@ -8,8 +8,8 @@
 //! [`weights`] moves encoders in and out of PyTorch.
 
 pub mod alloc;
-pub mod amx;
 pub mod augment;
+pub mod bf16;
 pub mod config;
 pub mod data;
 pub mod device_check;

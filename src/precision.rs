@@ -9,10 +9,11 @@
 //! Activations between layers stay f32, unlike PyTorch's, where a matmul's output stays bf16
 //! until an f32 op reads it: the same arithmetic, more memory traffic.
 //!
-//! On the CPU (`flex`) with Intel AMX, a bf16 autocast keeps the fused kernels (convolutions,
-//! linears, attention) and computes their products on AMX tiles: operands rounded to bf16, sums
-//! in f32 ([`crate::amx`], [`crate::kernels::Products`]); products too small to gain stay f32.
-//! Without AMX the casts above take burn-flex's bf16 ops, slower than f32.
+//! On the CPU (`flex`) with Intel AMX or AVX-512 BF16 (AMD Zen 4 and later), a bf16 autocast
+//! keeps the fused kernels (convolutions, linears, attention) and computes their products with
+//! those instructions: operands rounded to bf16, sums in f32 ([`crate::bf16`],
+//! [`crate::kernels::Products`]); products too small to gain stay f32. Without either the casts
+//! above take burn-flex's bf16 ops, slower than f32.
 //!
 //! f16's narrow range needs the loss scaled before the backward pass and the gradients unscaled
 //! after it ([`LossScale`]); bf16 has f32's range and needs none.
@@ -52,12 +53,12 @@ impl Precision {
     }
 
     /// Refuses a precision whose arithmetic `device` lacks (Vulkan has no bf16), naming the key;
-    /// on the CPU, says whether bf16 products will run on AMX tiles or, slower than f32, without.
+    /// on the CPU, says which engine will run bf16 products or that, slower than f32, none will.
     pub fn check_device(self, device: &Device) -> Result<()> {
         if self == Precision::Bf16 && crate::kernels::on_flex(device) {
-            match crate::amx::available() {
-                true => tracing::info!("train.precision = \"bf16\": products on this CPU's AMX tiles"),
-                false => tracing::warn!("train.precision = \"bf16\": this CPU has no AMX (or Linux did not grant it), so bf16 products are converted to f32 and back: slower than \"f32\""),
+            match crate::bf16::engine() {
+                Some(engine) => tracing::info!("train.precision = \"bf16\": products on this CPU's {engine:?} bf16 instructions"),
+                None => tracing::warn!("train.precision = \"bf16\": this CPU has neither AMX nor AVX-512 BF16, so bf16 products are converted to f32 and back: slower than \"f32\""),
             }
         }
         if !device.supports_dtype(self.dtype()) {

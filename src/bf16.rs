@@ -1,17 +1,23 @@
-//! bf16 matrix products on Intel AMX (Advanced Matrix Extensions: Sapphire Rapids and later
-//! Xeons), for `train.precision = "bf16"` on the CPU: the operands rounded to bf16 (to nearest,
-//! ties to even), the products summed in f32, as `torch.autocast("cpu", torch.bfloat16)` runs a
-//! matmul through oneDNN on the same tiles. The result stays f32.
+//! bf16 matrix products for `train.precision = "bf16"` on the CPU: the operands rounded to bf16
+//! (to nearest, ties to even), the products summed in f32, as `torch.autocast("cpu",
+//! torch.bfloat16)` runs a matmul through oneDNN on the same instructions. The result stays f32.
+//! Two engines ([`Engine`]) read the same packed operands:
 //!
-//! One `TDPBF16PS` multiplies a 16×32 bf16 tile by a 32×16 one into a 16×16 f32 tile: 16K
-//! flops, where an AVX-512 core does 64 a cycle in f32. A product here is packed into tiles
-//! (`a` in 16-row blocks, `b` in 16-column blocks of pairs of k, the layout the instruction
-//! reads), then each 32×32 block of the output is four accumulator tiles summed over k.
+//! - **Intel AMX** (Sapphire Rapids and later Xeons): one `TDPBF16PS` multiplies a 16×32 bf16
+//!   tile by a 32×16 one into a 16×16 f32 tile, 16K flops, where an AVX-512 core does 64 a cycle
+//!   in f32. Each 32×32 block of the output is four accumulator tiles summed over k.
+//! - **AVX-512 BF16** (AMD Zen 4 and later, Intel Cooper Lake): one `VDPBF16PS` adds a pair of
+//!   bf16 products to each of 16 f32 lanes, 64 flops, twice an f32 FMA's. Each 32×32 block is
+//!   four strips of 8 rows, 16 accumulator registers each.
+//!
+//! A product is packed into tiles (`a` in 16-row blocks, `b` in 16-column blocks of pairs of k,
+//! the layout both instructions read).
 //!
 //! Written by hand because no kept crate does it: `gemm` 0.19 has no bf16 kernel (its f16 one
-//! converts to f32), and Rust's AMX intrinsics are unstable, so the five instructions are
-//! inline assembly. The operating system must grant the tiles' state to the process
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16+), which [`available`] asks once.
+//! converts to f32), and Rust's AMX intrinsics are unstable, so the five AMX instructions are
+//! inline assembly (AVX-512 BF16's are stable intrinsics). The operating system must grant the
+//! tiles' state to the process (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16+), which
+//! [`engine`] asks once.
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -24,11 +30,30 @@ const TILE_K: usize = 32;
 /// bf16 values in a tile (1 KiB).
 const TILE_VALUES: usize = TILE * TILE_K;
 
-/// Whether this CPU has AMX's bf16 tiles and the operating system lets this process use them
-/// (asked once, on the first call).
+/// The instructions that sum bf16 products on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Intel AMX's tiles (`TDPBF16PS`), where the CPU has them and Linux grants them.
+    Amx,
+    /// AVX-512 BF16's vector dot products (`VDPBF16PS`).
+    Avx512,
+}
+
+/// The engines this CPU has, fastest first (AMX, then AVX-512 BF16); asked once, on the first
+/// call.
+pub fn engines() -> &'static [Engine] {
+    static ENGINES: OnceLock<Vec<Engine>> = OnceLock::new();
+    ENGINES.get_or_init(imp::request)
+}
+
+/// The fastest engine this CPU has, the one [`gemm`] uses; `None` without either.
+pub fn engine() -> Option<Engine> {
+    engines().first().copied()
+}
+
+/// Whether this CPU sums bf16 products in hardware ([`engine`]).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(imp::request)
+    engine().is_some()
 }
 
 /// f32 to bf16 bits as `VCVTNE2PS2BF16` converts: rounded to nearest with ties to even
@@ -57,7 +82,7 @@ pub fn from_bf16(bits: u16) -> f32 {
 pub type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `c (+)= scale · a · b` for an m×k `a` and a k×n `b`, into the m×n `c` at a pointer with a row
-/// stride, in bf16 products summed in f32 on AMX tiles, split over rayon's threads when
+/// stride, in bf16 products summed in f32 by [`engine`], split over rayon's threads when
 /// `parallel`. Each output element's sum runs over k in one order whatever the threads: the
 /// bits do not depend on their number.
 ///
@@ -68,6 +93,26 @@ pub type Operand<'a> = (&'a [f32], usize, usize);
 /// # Panics
 /// If a stride reaches outside `a` or `b`.
 pub unsafe fn gemm(
+    dims: [usize; 3],
+    a: Operand,
+    b: Operand,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    let engine = engine().expect("bf16::gemm needs an engine (the caller's contract)");
+    // SAFETY: the caller's contract.
+    unsafe { gemm_on(engine, dims, a, b, c, accumulate, scale, parallel) }
+}
+
+/// [`gemm`] on a given engine, one of [`engines`] (the tests check each this CPU has).
+///
+/// # Safety
+/// As [`gemm`]'s, with `engine` one of [`engines`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_on(
+    engine: Engine,
     [m, k, n]: [usize; 3],
     a: Operand,
     b: Operand,
@@ -99,9 +144,15 @@ pub unsafe fn gemm(
         .flat_map(|j| (0..row_blocks).map(move |i| [i, j]))
         .collect();
     let k_tiles = k.div_ceil(TILE_K);
+    assert!(engines().contains(&engine), "{engine:?} is not on this CPU");
     let run = |blocks: &[[usize; 2]]| {
-        // SAFETY: `available` (the caller's contract); each block writes its own elements of c.
-        unsafe { imp::blocks(blocks, &packed_a, &packed_b, k_tiles, &output) }
+        // SAFETY: the engine is present; each block writes its own elements of c.
+        unsafe {
+            match engine {
+                Engine::Amx => imp::blocks(blocks, &packed_a, &packed_b, k_tiles, &output),
+                Engine::Avx512 => imp::dot_blocks(blocks, &packed_a, &packed_b, k_tiles, &output),
+            }
+        }
     };
     match parallel {
         true => {
@@ -240,7 +291,7 @@ fn b_tile_scalar((b, rs, cs): Operand, [k, n]: [usize; 2], [q0, c0]: [usize; 2],
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
-    use super::{a_tile_scalar, b_tile_scalar, Operand, Output, TILE, TILE_K, TILE_VALUES};
+    use super::{a_tile_scalar, b_tile_scalar, Engine, Operand, Output, TILE, TILE_K, TILE_VALUES};
     use std::arch::asm;
     use std::arch::x86_64::*;
 
@@ -382,19 +433,23 @@ mod imp {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
 
-    pub fn request() -> bool {
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    /// AMX where the CPU has it and Linux grants it, then AVX-512 BF16; AMX needs AVX-512
+    /// BF16 too, which the packers use.
+    pub fn request() -> Vec<Engine> {
         let avx512 = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16");
-        if leaf7.edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE || !avx512 {
-            return false;
+        if !avx512 {
+            return Vec::new();
         }
-        // SAFETY: a system call with two integer arguments; it fails cleanly where unsupported.
-        unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            ) == 0
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let amx = leaf7.edx & (AMX_BF16 | AMX_TILE) == AMX_BF16 | AMX_TILE
+            // SAFETY: a system call with two integer arguments; it fails cleanly where
+            // unsupported.
+            && unsafe {
+                libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+            };
+        match amx {
+            true => vec![Engine::Amx, Engine::Avx512],
+            false => vec![Engine::Avx512],
         }
     }
 
@@ -422,7 +477,7 @@ mod imp {
     /// a's two row tiles, 6-7 b's two column tiles), then written to `out`.
     ///
     /// # Safety
-    /// AMX must be granted ([`super::available`]); `out` as [`super::gemm`]'s destination.
+    /// AMX must be granted ([`super::engine`]); `out` as [`super::gemm`]'s destination.
     pub unsafe fn blocks(
         blocks: &[[usize; 2]],
         a: &[u16],
@@ -515,14 +570,125 @@ mod imp {
             asm!("tilerelease", options(nostack, nomem));
         }
     }
+
+    /// Rows of one 8-row strip of a 32×32 block.
+    const STRIP: usize = 8;
+
+    /// One strip: the 8 rows of a at `a_rows` (16 u32 pairs a row, the next k-tile 256 u32
+    /// on) times b's two 16-column tile panels `b` (k-tiles of 16 rows of 16 pairs, 512 u16
+    /// each), summed over `k_tiles` into 8 rows × 32 f32 of c at `(c, row)`, added to what is
+    /// there when `load`.
+    ///
+    /// # Safety
+    /// AVX-512 BF16 must be present; the operands must hold `k_tiles` tiles from the pointers
+    /// given, and c 8 rows of 32 values at its row stride.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn strip_product(
+        a_rows: *const i32,
+        [left, right]: [*const u16; 2],
+        k_tiles: usize,
+        (c, row): (*mut f32, usize),
+        load: bool,
+    ) {
+        // SAFETY: the caller's contract; every offset below stays inside one tile.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; STRIP];
+            if load {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let c = c.add(r * row);
+                    *acc = [_mm512_loadu_ps(c), _mm512_loadu_ps(c.add(TILE))];
+                }
+            }
+            for t in 0..k_tiles {
+                let (a, l, r) = (
+                    a_rows.add(t * TILE * TILE),
+                    left.add(t * TILE_VALUES),
+                    right.add(t * TILE_VALUES),
+                );
+                for p in 0..TILE {
+                    let x0: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(l.add(p * TILE_K).cast()));
+                    let x1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(r.add(p * TILE_K).cast()));
+                    for (q, acc) in acc.iter_mut().enumerate() {
+                        let y: __m512bh =
+                            std::mem::transmute(_mm512_set1_epi32(*a.add(q * TILE + p)));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], y, x0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], y, x1);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let c = c.add(r * row);
+                _mm512_storeu_ps(c, acc[0]);
+                _mm512_storeu_ps(c.add(TILE), acc[1]);
+            }
+        }
+    }
+
+    /// As [`blocks`], summed by AVX-512 BF16's `VDPBF16PS`: each 32×32 block as four strips of
+    /// 8 rows × 32 columns, 16 accumulator registers; for each pair of k, a strip loads b's two
+    /// 16-column vectors of pairs once and broadcasts each row's pair of a against them.
+    ///
+    /// # Safety
+    /// AVX-512 BF16 must be present; `out` as [`super::gemm`]'s destination.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dot_blocks(
+        blocks: &[[usize; 2]],
+        a: &[u16],
+        b: &[u16],
+        k_tiles: usize,
+        out: &Output,
+    ) {
+        let panel = k_tiles * TILE_VALUES;
+        let mut block = [0f32; 4 * TILE * TILE];
+        for &[i, j] in blocks {
+            let (a0, b0) = (2 * i * panel, 2 * j * panel);
+            assert!(a0 + 2 * panel <= a.len() && b0 + 2 * panel <= b.len());
+            // A whole block of c at scale 1 is summed in place; others go through `block`.
+            let direct =
+                out.scale == 1.0 && (i + 1) * 2 * TILE <= out.m && (j + 1) * 2 * TILE <= out.n;
+            // SAFETY: a direct block lies inside m×n (checked above), so inside c.
+            let (c, row) = match direct {
+                true => (
+                    unsafe { out.c.0.add(i * 2 * TILE * out.row + j * 2 * TILE) },
+                    out.row,
+                ),
+                false => (block.as_mut_ptr(), 2 * TILE),
+            };
+            let load = direct && out.accumulate;
+            for strip in 0..2 * TILE / STRIP {
+                // The strip's rows are rows `first..first + 8` of a's row tile `strip / 2`, as
+                // u32 pairs of k: 16 a row, a tile of 16 rows every 256.
+                let first = (strip % 2) * STRIP;
+                // SAFETY: a's row tile and b's two column tiles span `panel` values each at
+                // the offsets asserted above; the strip's rows of c lie inside c or `block`.
+                unsafe {
+                    let a_rows = a
+                        .as_ptr()
+                        .add(a0 + (strip / 2) * panel)
+                        .cast::<i32>()
+                        .add(first * TILE);
+                    let (left, right) = (b.as_ptr().add(b0), b.as_ptr().add(b0 + panel));
+                    let c = c.add(strip * STRIP * row);
+                    strip_product(a_rows, [left, right], k_tiles, (c, row), load);
+                }
+            }
+            if !direct {
+                // SAFETY: as the caller's contract.
+                unsafe { out.write([i, j], &block) };
+            }
+        }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
     use super::{Operand, Output};
 
-    pub fn request() -> bool {
-        false
+    pub fn request() -> Vec<super::Engine> {
+        Vec::new()
     }
 
     pub unsafe fn a_tile(a: Operand, size: [usize; 2], at: [usize; 2], tile: &mut [u16]) {
@@ -535,5 +701,9 @@ mod imp {
 
     pub unsafe fn blocks(_: &[[usize; 2]], _: &[u16], _: &[u16], _: usize, _: &Output) {
         unreachable!("AMX is used only on x86-64 Linux")
+    }
+
+    pub unsafe fn dot_blocks(_: &[[usize; 2]], _: &[u16], _: &[u16], _: usize, _: &Output) {
+        unreachable!("AVX-512 BF16 is used only on x86-64 Linux")
     }
 }

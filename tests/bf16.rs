@@ -1,7 +1,8 @@
-//! The AMX bf16 products (`src/amx.rs`) against f64 sums of the bf16-rounded operands. On a CPU
-//! without AMX each test says so and checks nothing but the rounding.
+//! The bf16 products (`src/bf16.rs`) against f64 sums of the bf16-rounded operands, on each
+//! engine this CPU has (AMX, AVX-512 BF16). On a CPU with neither each test says so and checks
+//! nothing but the rounding.
 
-use selfsup::amx;
+use selfsup::bf16;
 
 /// A deterministic pseudo-random f32 in (−2, 2), with a spread of magnitudes.
 fn value(i: usize, seed: u64) -> f32 {
@@ -14,28 +15,28 @@ fn value(i: usize, seed: u64) -> f32 {
 
 #[test]
 fn bf16_rounding_is_to_nearest_even() {
-    assert_eq!(amx::to_bf16(1.0), 0x3f80);
+    assert_eq!(bf16::to_bf16(1.0), 0x3f80);
     // 1 + 2⁻⁸ is halfway between two bf16s: ties to the even one (1.0); just above rounds up.
-    assert_eq!(amx::to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
-    assert_eq!(amx::to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+    assert_eq!(bf16::to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+    assert_eq!(bf16::to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
     // 1 + 3·2⁻⁸ ties to the even 1 + 2⁻⁶ (0x3f82).
-    assert_eq!(amx::to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
-    assert_eq!(amx::to_bf16(-2.5), 0xc020);
-    assert!(amx::from_bf16(amx::to_bf16(f32::NAN)).is_nan());
-    assert_eq!(amx::to_bf16(f32::INFINITY), 0x7f80);
+    assert_eq!(bf16::to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+    assert_eq!(bf16::to_bf16(-2.5), 0xc020);
+    assert!(bf16::from_bf16(bf16::to_bf16(f32::NAN)).is_nan());
+    assert_eq!(bf16::to_bf16(f32::INFINITY), 0x7f80);
     // The largest f32 rounds to infinity, as PyTorch's cast does.
-    assert_eq!(amx::to_bf16(f32::MAX), 0x7f80);
+    assert_eq!(bf16::to_bf16(f32::MAX), 0x7f80);
     // Subnormals become zeros of their sign, as AMX's conversion makes them.
-    assert_eq!(amx::to_bf16(f32::from_bits(1)), 0);
-    assert_eq!(amx::to_bf16(-f32::from_bits(0x0040_0000)), 0x8000);
+    assert_eq!(bf16::to_bf16(f32::from_bits(1)), 0);
+    assert_eq!(bf16::to_bf16(-f32::from_bits(0x0040_0000)), 0x8000);
 }
 
 /// The packers' vector conversion rounds as `to_bf16`: ties, NaN, infinities, subnormals and
 /// f32's largest, read through a product with 1 (exact) from each operand in each layout.
 #[test]
-fn amx_operands_round_as_to_bf16() {
-    if !amx::available() {
-        eprintln!("no AMX on this CPU (or not granted): nothing to check");
+fn packed_operands_round_as_to_bf16() {
+    if !bf16::available() {
+        eprintln!("no bf16 engine on this CPU: nothing to check");
         return;
     }
     let specials = [
@@ -55,7 +56,7 @@ fn amx_operands_round_as_to_bf16() {
     let one = [1.0f32];
     let want: Vec<u32> = specials
         .iter()
-        .map(|&x| (amx::from_bf16(amx::to_bf16(x))).to_bits())
+        .map(|&x| (bf16::from_bf16(bf16::to_bf16(x))).to_bits())
         .collect();
     // specials through each packer's two vector paths: a read by rows (column stride 1) and by
     // columns (row stride 1, column stride len), b by rows (column stride 1) and by columns
@@ -67,10 +68,25 @@ fn amx_operands_round_as_to_bf16() {
         ((&one[..], 1, 1), (&specials[..], len, 1), [1, 1, len]),
         ((&one[..], 1, 1), (&spaced[..], 1, 2), [1, 1, len]),
     ];
-    for (a, b, dims) in pairs {
+    for ((a, b, dims), &engine) in pairs
+        .iter()
+        .flat_map(|p| bf16::engines().iter().map(move |e| (*p, e)))
+    {
         let rows = dims[0];
         let mut c = vec![0f32; len];
-        unsafe { amx::gemm(dims, a, b, (c.as_mut_ptr(), len / rows), false, 1.0, false) };
+        let c_row = len / rows;
+        unsafe {
+            bf16::gemm_on(
+                engine,
+                dims,
+                a,
+                b,
+                (c.as_mut_ptr(), c_row),
+                false,
+                1.0,
+                false,
+            )
+        };
         let got: Vec<u32> = c.iter().map(|v| v.to_bits()).collect();
         for ((g, w), x) in got.iter().zip(&want).zip(&specials) {
             let (g, w) = (f32::from_bits(*g), f32::from_bits(*w));
@@ -116,9 +132,22 @@ fn operand(rows: usize, cols: usize, seed: u64, layout: Layout) -> (Vec<f32>, us
     }
 }
 
-/// `c (+)= scale·a·b` through `amx::gemm` for operands in the given layouts, against f64 sums
-/// of the bf16-rounded operands.
+/// `c (+)= scale·a·b` through `bf16::gemm_on` each engine for operands in the given layouts,
+/// against f64 sums of the bf16-rounded operands.
 fn check(dims: [usize; 3], layouts: [Layout; 2], accumulate: bool, scale: f32, parallel: bool) {
+    for &engine in bf16::engines() {
+        check_on(engine, dims, layouts, accumulate, scale, parallel);
+    }
+}
+
+fn check_on(
+    engine: bf16::Engine,
+    dims: [usize; 3],
+    layouts: [Layout; 2],
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
     let [m, k, n] = dims;
     let (a, ar, ac) = operand(m, k, 1, layouts[0]);
     let (b, br, bc) = operand(k, n, 2, layouts[1]);
@@ -128,7 +157,8 @@ fn check(dims: [usize; 3], layouts: [Layout; 2], accumulate: bool, scale: f32, p
     let start: Vec<f32> = (0..m * row).map(|i| value(i, 3)).collect();
     let mut c = start.clone();
     unsafe {
-        amx::gemm(
+        bf16::gemm_on(
+            engine,
             dims,
             a_op,
             b_op,
@@ -138,7 +168,7 @@ fn check(dims: [usize; 3], layouts: [Layout; 2], accumulate: bool, scale: f32, p
             parallel,
         );
     }
-    let round = |x: f32| amx::from_bf16(amx::to_bf16(x)) as f64;
+    let round = |x: f32| bf16::from_bf16(bf16::to_bf16(x)) as f64;
     for i in 0..m {
         for j in 0..row {
             let got = c[i * row + j];
@@ -168,16 +198,16 @@ fn check(dims: [usize; 3], layouts: [Layout; 2], accumulate: bool, scale: f32, p
                 4.0 * f32::EPSILON as f64 * (scale as f64 * magnitude + 1.0) * (k as f64).sqrt();
             assert!(
                 (got as f64 - want).abs() <= tolerance,
-                "{dims:?} at ({i}, {j}): {got} against {want} (±{tolerance})"
+                "{engine:?} {dims:?} at ({i}, {j}): {got} against {want} (±{tolerance})"
             );
         }
     }
 }
 
 #[test]
-fn amx_products_are_bf16_products_summed_in_f32() {
-    if !amx::available() {
-        eprintln!("no AMX on this CPU (or not granted): the products are not checked");
+fn products_are_bf16_products_summed_in_f32() {
+    if !bf16::available() {
+        eprintln!("no bf16 engine on this CPU: the products are not checked");
         return;
     }
     // Whole tiles (summed in place at scale 1), ragged edges in each dimension, k below one
@@ -202,18 +232,19 @@ fn amx_products_are_bf16_products_summed_in_f32() {
 }
 
 #[test]
-fn amx_product_bits_do_not_depend_on_threads() {
-    if !amx::available() {
-        eprintln!("no AMX on this CPU (or not granted): nothing to check");
+fn product_bits_do_not_depend_on_threads() {
+    if !bf16::available() {
+        eprintln!("no bf16 engine on this CPU: nothing to check");
         return;
     }
     let [m, k, n] = [130, 300, 90];
     let a: Vec<f32> = (0..m * k).map(|i| value(i, 4)).collect();
     let b: Vec<f32> = (0..k * n).map(|i| value(i, 5)).collect();
-    let run = |parallel| {
+    let run = |engine, parallel| {
         let mut c = vec![0f32; m * n];
         unsafe {
-            amx::gemm(
+            bf16::gemm_on(
+                engine,
                 [m, k, n],
                 (&a, k, 1),
                 (&b, n, 1),
@@ -225,5 +256,7 @@ fn amx_product_bits_do_not_depend_on_threads() {
         };
         c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     };
-    assert_eq!(run(false), run(true));
+    for &engine in bf16::engines() {
+        assert_eq!(run(engine, false), run(engine, true), "{engine:?}");
+    }
 }
