@@ -93,7 +93,7 @@ pub type Operand<'a> = (&'a [f32], usize, usize);
 /// # Panics
 /// If a stride reaches outside `a` or `b`.
 pub unsafe fn gemm(
-    dims: [usize; 3],
+    [m, k, n]: [usize; 3],
     a: Operand,
     b: Operand,
     c: (*mut f32, usize),
@@ -101,9 +101,56 @@ pub unsafe fn gemm(
     scale: f32,
     parallel: bool,
 ) {
-    let engine = engine().expect("bf16::gemm needs an engine (the caller's contract)");
+    let a = PackedA::new(a, [m, k], parallel);
     // SAFETY: the caller's contract.
-    unsafe { gemm_on(engine, dims, a, b, c, accumulate, scale, parallel) }
+    unsafe { gemm_packed(&a, b, n, c, accumulate, scale, parallel) }
+}
+
+/// An m×k left operand rounded to bf16 and packed once, for products that reuse it (a
+/// convolution's weights, over a batch's images): [`gemm_packed`].
+pub struct PackedA {
+    tiles: Vec<u16>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedA {
+    /// `a` (m×k, at its strides) packed.
+    ///
+    /// # Panics
+    /// If a stride reaches outside `a`, or this CPU has no bf16 engine ([`available`]).
+    pub fn new(a: Operand, [m, k]: [usize; 2], parallel: bool) -> PackedA {
+        assert!(available(), "bf16 products need AMX or AVX-512 BF16");
+        assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
+        PackedA {
+            tiles: pack_a(a, m, k, parallel),
+            m,
+            k,
+        }
+    }
+
+    /// Its rows and columns, [m, k].
+    pub fn dims(&self) -> [usize; 2] {
+        [self.m, self.k]
+    }
+}
+
+/// [`gemm`] with `a` packed beforehand: `c (+)= scale · a · b` for a k×n `b`.
+///
+/// # Safety
+/// As [`gemm`]'s `c`.
+pub unsafe fn gemm_packed(
+    a: &PackedA,
+    b: Operand,
+    n: usize,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    let engine = engine().expect("a PackedA exists only where there is an engine");
+    // SAFETY: the caller's contract.
+    unsafe { products_on(engine, a, b, n, c, accumulate, scale, parallel) }
 }
 
 /// [`gemm`] on a given engine, one of [`engines`] (the tests check each this CPU has).
@@ -116,18 +163,38 @@ pub unsafe fn gemm_on(
     [m, k, n]: [usize; 3],
     a: Operand,
     b: Operand,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    let a = PackedA::new(a, [m, k], parallel);
+    // SAFETY: the caller's contract.
+    unsafe { products_on(engine, &a, b, n, c, accumulate, scale, parallel) }
+}
+
+/// The products of [`gemm_on`], `a` packed.
+///
+/// # Safety
+/// As [`gemm_on`]'s.
+#[allow(clippy::too_many_arguments)]
+unsafe fn products_on(
+    engine: Engine,
+    packed_a: &PackedA,
+    b: Operand,
+    n: usize,
     (c, c_row): (*mut f32, usize),
     accumulate: bool,
     scale: f32,
     parallel: bool,
 ) {
-    assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
+    let [m, k] = packed_a.dims();
+    let packed_a = &packed_a.tiles;
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
     assert!(m <= 1 || c_row >= n, "gemm: rows of c overlap");
     if m == 0 || n == 0 {
         return;
     }
-    let packed_a = pack_a(a, m, k, parallel);
     let packed_b = pack_b(b, k, n, parallel);
     let output = Output {
         c: SendPtr(c),
@@ -149,8 +216,8 @@ pub unsafe fn gemm_on(
         // SAFETY: the engine is present; each block writes its own elements of c.
         unsafe {
             match engine {
-                Engine::Amx => imp::blocks(blocks, &packed_a, &packed_b, k_tiles, &output),
-                Engine::Avx512 => imp::dot_blocks(blocks, &packed_a, &packed_b, k_tiles, &output),
+                Engine::Amx => imp::blocks(blocks, packed_a, &packed_b, k_tiles, &output),
+                Engine::Avx512 => imp::dot_blocks(blocks, packed_a, &packed_b, k, &output),
             }
         }
     };
@@ -571,84 +638,79 @@ mod imp {
         }
     }
 
-    /// Rows of one 8-row strip of a 32×32 block.
-    const STRIP: usize = 8;
-
-    /// One strip: the 8 rows of a at `a_rows` (16 u32 pairs a row, the next k-tile 256 u32
-    /// on) times b's two 16-column tile panels `b` (k-tiles of 16 rows of 16 pairs, 512 u16
-    /// each), summed over `k_tiles` into 8 rows × 32 f32 of c at `(c, row)`, added to what is
-    /// there when `load`.
+    /// One strip of an output block: `ROWS` rows of a, from `a_rows` (16 u32 pairs of k a row,
+    /// the next k-tile 256 u32 on), times `HALVES` of b's 16-column tile panels (k-tiles of 16
+    /// rows of 16 pairs, 512 u16 each), summed over `pairs` pairs of k into `ROWS` rows ×
+    /// 16·`HALVES` f32 of c at `(c, row)`, added to what is there when `load`. ROWS × HALVES
+    /// = 16 accumulator registers.
     ///
     /// # Safety
-    /// AVX-512 BF16 must be present; the operands must hold `k_tiles` tiles from the pointers
-    /// given, and c 8 rows of 32 values at its row stride.
+    /// AVX-512 BF16 must be present; the operands must hold ⌈pairs / 16⌉ tiles from the
+    /// pointers given, and c `ROWS` rows of 16·`HALVES` values at its row stride.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn strip_product(
+    unsafe fn strip_product<const ROWS: usize, const HALVES: usize>(
         a_rows: *const i32,
-        [left, right]: [*const u16; 2],
-        k_tiles: usize,
+        b: [*const u16; HALVES],
+        pairs: usize,
         (c, row): (*mut f32, usize),
         load: bool,
     ) {
         // SAFETY: the caller's contract; every offset below stays inside one tile.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; STRIP];
+            let mut acc = [[_mm512_setzero_ps(); HALVES]; ROWS];
             if load {
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let c = c.add(r * row);
-                    *acc = [_mm512_loadu_ps(c), _mm512_loadu_ps(c.add(TILE))];
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_loadu_ps(c.add(r * row + h * TILE));
+                    }
                 }
             }
-            for t in 0..k_tiles {
-                let (a, l, r) = (
-                    a_rows.add(t * TILE * TILE),
-                    left.add(t * TILE_VALUES),
-                    right.add(t * TILE_VALUES),
-                );
-                for p in 0..TILE {
-                    let x0: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(l.add(p * TILE_K).cast()));
-                    let x1: __m512bh =
-                        std::mem::transmute(_mm512_loadu_si512(r.add(p * TILE_K).cast()));
+            for t in 0..pairs.div_ceil(TILE) {
+                let a = a_rows.add(t * TILE * TILE);
+                // The last tile's pairs past k are zeros: skipped.
+                for p in 0..(pairs - t * TILE).min(TILE) {
+                    let x: [__m512bh; HALVES] = std::array::from_fn(|h| {
+                        let at = b[h].add(t * TILE_VALUES + p * TILE_K);
+                        std::mem::transmute(_mm512_loadu_si512(at.cast()))
+                    });
                     for (q, acc) in acc.iter_mut().enumerate() {
                         let y: __m512bh =
                             std::mem::transmute(_mm512_set1_epi32(*a.add(q * TILE + p)));
-                        acc[0] = _mm512_dpbf16_ps(acc[0], y, x0);
-                        acc[1] = _mm512_dpbf16_ps(acc[1], y, x1);
+                        for (acc, x) in acc.iter_mut().zip(x) {
+                            *acc = _mm512_dpbf16_ps(*acc, y, x);
+                        }
                     }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                let c = c.add(r * row);
-                _mm512_storeu_ps(c, acc[0]);
-                _mm512_storeu_ps(c.add(TILE), acc[1]);
+                for (h, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(c.add(r * row + h * TILE), *acc);
+                }
             }
         }
     }
 
-    /// As [`blocks`], summed by AVX-512 BF16's `VDPBF16PS`: each 32×32 block as four strips of
-    /// 8 rows × 32 columns, 16 accumulator registers; for each pair of k, a strip loads b's two
-    /// 16-column vectors of pairs once and broadcasts each row's pair of a against them.
+    /// As [`blocks`], summed by AVX-512 BF16's `VDPBF16PS`: each 32×32 block as strips of 8
+    /// rows × 32 columns, or of 16 rows × 16 columns where the block's right half lies past n,
+    /// 16 accumulator registers a strip; for each pair of k, a strip loads b's 16-column
+    /// vectors of pairs once and broadcasts each row's pair of a against them. Strips past m,
+    /// and pairs past k, are skipped.
     ///
     /// # Safety
     /// AVX-512 BF16 must be present; `out` as [`super::gemm`]'s destination.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn dot_blocks(
-        blocks: &[[usize; 2]],
-        a: &[u16],
-        b: &[u16],
-        k_tiles: usize,
-        out: &Output,
-    ) {
-        let panel = k_tiles * TILE_VALUES;
+    pub unsafe fn dot_blocks(blocks: &[[usize; 2]], a: &[u16], b: &[u16], k: usize, out: &Output) {
+        let panel = k.div_ceil(TILE_K) * TILE_VALUES;
+        let pairs = k.div_ceil(2);
         let mut block = [0f32; 4 * TILE * TILE];
         for &[i, j] in blocks {
             let (a0, b0) = (2 * i * panel, 2 * j * panel);
             assert!(a0 + 2 * panel <= a.len() && b0 + 2 * panel <= b.len());
             // A whole block of c at scale 1 is summed in place; others go through `block`.
-            let direct =
-                out.scale == 1.0 && (i + 1) * 2 * TILE <= out.m && (j + 1) * 2 * TILE <= out.n;
+            let rows = (out.m - i * 2 * TILE).min(2 * TILE);
+            let cols = (out.n - j * 2 * TILE).min(2 * TILE);
+            let direct = out.scale == 1.0 && rows == 2 * TILE && cols == 2 * TILE;
             // SAFETY: a direct block lies inside m×n (checked above), so inside c.
             let (c, row) = match direct {
                 true => (
@@ -658,21 +720,29 @@ mod imp {
                 false => (block.as_mut_ptr(), 2 * TILE),
             };
             let load = direct && out.accumulate;
-            for strip in 0..2 * TILE / STRIP {
-                // The strip's rows are rows `first..first + 8` of a's row tile `strip / 2`, as
-                // u32 pairs of k: 16 a row, a tile of 16 rows every 256.
-                let first = (strip % 2) * STRIP;
-                // SAFETY: a's row tile and b's two column tiles span `panel` values each at
-                // the offsets asserted above; the strip's rows of c lie inside c or `block`.
-                unsafe {
-                    let a_rows = a
-                        .as_ptr()
-                        .add(a0 + (strip / 2) * panel)
+            // SAFETY: a's row tiles and b's two column tiles span `panel` values each at the
+            // offsets asserted above; each strip's rows of c lie inside c or `block`.
+            unsafe {
+                let a_tile = |r: usize| {
+                    a.as_ptr()
+                        .add(a0)
                         .cast::<i32>()
-                        .add(first * TILE);
-                    let (left, right) = (b.as_ptr().add(b0), b.as_ptr().add(b0 + panel));
-                    let c = c.add(strip * STRIP * row);
-                    strip_product(a_rows, [left, right], k_tiles, (c, row), load);
+                        .add(r / TILE * panel / 2 + r % TILE * TILE)
+                };
+                let (left, right) = (b.as_ptr().add(b0), b.as_ptr().add(b0 + panel));
+                match cols > TILE {
+                    true => {
+                        for r in (0..rows).step_by(8) {
+                            let c = c.add(r * row);
+                            strip_product::<8, 2>(a_tile(r), [left, right], pairs, (c, row), load);
+                        }
+                    }
+                    false => {
+                        for r in (0..rows).step_by(TILE) {
+                            let c = c.add(r * row);
+                            strip_product::<16, 1>(a_tile(r), [left], pairs, (c, row), load);
+                        }
+                    }
                 }
             }
             if !direct {

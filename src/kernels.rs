@@ -991,8 +991,23 @@ fn gemm(
 /// `c (+)= scale · a · b` as [`gemm`], into an m×n `c` given as (values, row stride).
 fn gemm_into(
     products: Products,
-    [m, k, n]: [usize; 3],
+    dims: [usize; 3],
     a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    c: (&mut [f32], usize),
+    accumulate: bool,
+    scale: f32,
+) {
+    gemm_reusing(products, dims, (a, None), b, c, accumulate, scale);
+}
+
+/// [`gemm_into`] for an `a` used by many products (a convolution's weights, over its
+/// images), with `a` rounded to bf16 and packed once where they run in bf16
+/// ([`ConvShape::packed_weights`]).
+fn gemm_reusing(
+    products: Products,
+    [m, k, n]: [usize; 3],
+    a: ((&[f32], usize, usize), Option<&crate::bf16::PackedA>),
     b: (&[f32], usize, usize),
     (c, c_row): (&mut [f32], usize),
     accumulate: bool,
@@ -1023,10 +1038,11 @@ fn gemm_into(
 /// when `accumulate`. Without `accumulate` it may be uninitialised: gemm-common 0.19 then sets
 /// its α to 0 and never reads the destination (every path branches on α = 0; k = 0 writes
 /// zeros), as read in its source: recheck on a gemm upgrade.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(
     products: Products,
     [m, k, n]: [usize; 3],
-    a: (&[f32], usize, usize),
+    (a, packed): ((&[f32], usize, usize), Option<&crate::bf16::PackedA>),
     b: (&[f32], usize, usize),
     (c, c_row): (*mut f32, usize),
     accumulate: bool,
@@ -1035,10 +1051,22 @@ unsafe fn gemm_raw(
 ) {
     assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-    if products == Products::Bf16 && k > 0 && bf16_pays([m, k, n]) && crate::bf16::available() {
+    if runs_in_bf16(products, [m, k, n]) {
         let parallel = matches!(parallelism, gemm::Parallelism::Rayon(_));
         // SAFETY: `Products::Bf16` is only chosen where an engine is available; c is the caller's.
-        unsafe { crate::bf16::gemm([m, k, n], a, b, (c, c_row), accumulate, scale, parallel) };
+        unsafe {
+            match packed {
+                Some(packed) => {
+                    assert_eq!(
+                        packed.dims(),
+                        [m, k],
+                        "gemm: a packed operand of another size"
+                    );
+                    crate::bf16::gemm_packed(packed, b, n, (c, c_row), accumulate, scale, parallel)
+                }
+                None => crate::bf16::gemm([m, k, n], a, b, (c, c_row), accumulate, scale, parallel),
+            }
+        };
         return;
     }
     // SAFETY: the asserts keep every index the strides reach inside a and b; c is the caller's.
@@ -1086,7 +1114,7 @@ fn product(
         gemm_raw(
             products,
             dims,
-            a,
+            (a, None),
             b,
             (out.as_mut_ptr(), n),
             false,
@@ -1105,6 +1133,12 @@ fn product(
 /// (BENCHMARKS.md, issue 30's seventh round).
 fn bf16_pays([m, k, n]: [usize; 3]) -> bool {
     m * n >= 16 * (m + n) && k >= 32
+}
+
+/// Whether an m×k×n product with `products` runs in bf16: [`Products::Bf16`], a product that
+/// pays ([`bf16_pays`]) and a CPU with a bf16 engine.
+fn runs_in_bf16(products: Products, dims: [usize; 3]) -> bool {
+    products == Products::Bf16 && bf16_pays(dims) && crate::bf16::available()
 }
 
 /// gemm's threads for an m×k×n product: all of rayon's from 192³ multiply-adds (burn-flex's
@@ -1363,6 +1397,22 @@ impl ConvShape {
         })
     }
 
+    /// The weight matrices `mats` of this convolution's m×k×n products `dims` (one per tap on
+    /// the tap-by-tap path, else one) rounded to bf16 and packed once for all its images,
+    /// where they run in bf16 ([`runs_in_bf16`]); none where they run in f32.
+    fn packed_weights<'a>(
+        &self,
+        dims: [usize; 3],
+        mats: impl Iterator<Item = (&'a [f32], usize, usize)>,
+    ) -> Vec<crate::bf16::PackedA> {
+        match runs_in_bf16(self.geometry.products, dims) {
+            true => mats
+                .map(|a| crate::bf16::PackedA::new(a, [dims[0], dims[1]], true))
+                .collect(),
+            false => Vec::new(),
+        }
+    }
+
     /// The terms of the direct input gradient of `co` output channels over the output gradient
     /// as [`ConvShape::grad_layout`] lays it out, the taps mirrored; made once a convolution
     /// (`None` unless [`ConvShape::is_direct_backward`]).
@@ -1376,12 +1426,13 @@ impl ConvShape {
     }
 
     /// Tap by tap ([`ConvShape::is_tap_by_tap`]): the output of the padded image `padded` for
-    /// tap-major weights `wt` ([`ConvShape::tap_major`]), or with `correlation`
+    /// tap-major weights `wt` ([`ConvShape::tap_major`]), packed in bf16 as `packed` where
+    /// they run so ([`ConvShape::packed_weights`]), or with `correlation`
     /// ([`ConvShape::direct_forward`]) directly, into `wide` `[Co, OH·Wp]` on the wide
     /// grid.
     fn forward_taps(
         &self,
-        (wt, correlation): (&[f32], Option<&DirectForward>),
+        (wt, packed, correlation): (&[f32], &[crate::bf16::PackedA], Option<&DirectForward>),
         co: usize,
         padded: &[f32],
         wide: &mut [f32],
@@ -1395,13 +1446,14 @@ impl ConvShape {
         let products = self.geometry.products;
         for (t, offset) in self.tap_offsets() {
             // wide[Co, OH·Wp] (+)= W_t[Co, C] · padded_t[C, OH·Wp]
-            gemm(
+            gemm_reusing(
                 products,
                 [co, c, n],
-                (&wt[t * co * c..], c, 1),
+                ((&wt[t * co * c..], c, 1), packed.get(t)),
                 (&padded[offset..], plane, 1),
-                wide,
+                (wide, n),
                 t > 0,
+                1.0,
             );
         }
     }
@@ -1446,7 +1498,7 @@ impl ConvShape {
     /// mirrored taps.
     fn backward_taps(
         &self,
-        (wt, co, correlation): (&[f32], usize, Option<&[usize]>),
+        (wt, packed, co, correlation): (&[f32], &[crate::bf16::PackedA], usize, Option<&[usize]>),
         padded: &[f32],
         grad: &[f32],
         weight_grad_t: &mut [f32],
@@ -1475,10 +1527,10 @@ impl ConvShape {
         padded_grad.fill(0.0);
         for (t, offset) in self.tap_offsets() {
             // padded_grad_t[C, OH·Wp] += W_t[Co, C]ᵀ · grad[Co, OH·Wp]
-            gemm_into(
+            gemm_reusing(
                 products,
                 [c, co, n],
-                (&wt[t * co * c..], 1, c),
+                ((&wt[t * co * c..], 1, c), packed.get(t)),
                 (&grad[front..], grad_plane, 1),
                 (&mut padded_grad[offset..], plane),
                 true,
@@ -1745,7 +1797,7 @@ impl CpuKernels for Flex {
                 gemm_raw(
                     products,
                     dims,
-                    (&xs, k, 1),
+                    ((&xs, k, 1), None),
                     (&w, n, 1),
                     (out.as_mut_ptr(), n),
                     true,
@@ -2012,6 +2064,14 @@ impl CpuKernels for Flex {
             true => shape.tap_major(&ws, co),
             false => Vec::new(),
         };
+        let packed = match shape.is_tap_by_tap() {
+            true => {
+                let ([_, taps, wide], c) = (shape.tap_dims(), shape.channels);
+                let taps = (0..taps).map(|t| (&tap_major[t * co * c..], c, 1));
+                shape.packed_weights([co, c, wide], taps)
+            }
+            false => shape.packed_weights([co, rows, positions], [(&ws[..], rows, 1)].into_iter()),
+        };
         let direct = shape.direct_forward(&ws, co);
         output
             .par_chunks_mut(per_task * co * positions)
@@ -2024,20 +2084,22 @@ impl CpuKernels for Flex {
                     let image = &xs[b * image..(b + 1) * image];
                     if shape.is_tap_by_tap() {
                         shape.pad(image, &mut padded);
-                        shape.forward_taps((&tap_major, direct.as_ref()), co, &padded, &mut wide);
+                        let weights = (&tap_major[..], &packed[..], direct.as_ref());
+                        shape.forward_taps(weights, co, &padded, &mut wide);
                         let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
                         copy_rows(&wide, wp, out, ow, co * oh, ow);
                         continue;
                     }
                     let cols = shape.columns(image, &mut cols);
                     // out[Co, P] = W[Co, K] · cols[K, P]
-                    gemm(
+                    gemm_reusing(
                         products,
                         [co, rows, positions],
-                        (&ws, rows, 1),
+                        ((&ws, rows, 1), packed.first()),
                         (cols, positions, 1),
-                        out,
+                        (out, positions),
                         false,
+                        1.0,
                     );
                 }
             });
@@ -2075,6 +2137,15 @@ impl CpuKernels for Flex {
             true => shape.tap_major(&ws, co),
             false => Vec::new(),
         };
+        // The weights transposed, packed for the input gradient's products.
+        let packed = match shape.is_tap_by_tap() {
+            true => {
+                let ([_, taps, wide], c) = (shape.tap_dims(), shape.channels);
+                let taps = (0..taps).map(|t| (&tap_major[t * co * c..], 1, c));
+                shape.packed_weights([c, co, wide], taps)
+            }
+            false => shape.packed_weights([rows, co, positions], [(&ws[..], 1, rows)].into_iter()),
+        };
         let direct = shape.direct_backward_terms(co);
         let weight_grad: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * image)
@@ -2095,7 +2166,7 @@ impl CpuKernels for Flex {
                         shape.pad(image, &mut padded);
                         shape.spread_grad(dy, co, &mut grad);
                         shape.backward_taps(
-                            (&tap_major, co, direct.as_deref()),
+                            (&tap_major, &packed, co, direct.as_deref()),
                             &padded,
                             &grad,
                             &mut weight_grad_t,
@@ -2115,24 +2186,22 @@ impl CpuKernels for Flex {
                         true,
                     );
                     // dcols[K, P] = W[Co, K]ᵀ · dy[Co, P], folded back onto the image.
+                    let transposed = ((&ws[..], 1, rows), packed.first());
+                    let dy = (dy, positions, 1);
+                    let dims = [rows, co, positions];
                     match shape.is_pointwise() {
-                        true => gemm(
+                        true => gemm_reusing(
                             products,
-                            [rows, co, positions],
-                            (&ws, 1, rows),
-                            (dy, positions, 1),
-                            dx,
+                            dims,
+                            transposed,
+                            dy,
+                            (dx, positions),
                             false,
+                            1.0,
                         ),
                         false => {
-                            gemm(
-                                products,
-                                [rows, co, positions],
-                                (&ws, 1, rows),
-                                (dy, positions, 1),
-                                &mut col_grad,
-                                false,
-                            );
+                            let grad = (&mut col_grad[..], positions);
+                            gemm_reusing(products, dims, transposed, dy, grad, false, 1.0);
                             shape.col2im(&col_grad, dx);
                         }
                     }
