@@ -32,6 +32,11 @@ fn config(epochs: usize) -> TrainConfig {
 }
 
 fn simclr(device: &Device) -> SimClr {
+    simclr_seeded(device, 1)
+}
+
+/// The small SimCLR with its weights drawn from `seed`.
+fn simclr_seeded(device: &Device, seed: u64) -> SimClr {
     let model = BackboneConfig::Resnet(ResNetConfig {
         depth: 18,
         stem: Stem::Cifar,
@@ -39,7 +44,7 @@ fn simclr(device: &Device) -> SimClr {
         init: None,
         conv_init: Default::default(),
     });
-    init_seeded(device, 1, || {
+    init_seeded(device, seed, || {
         SimclrConfig {
             temperature: 0.5,
             proj_hidden: Some(64),
@@ -650,29 +655,47 @@ fn bf16_and_f16_gradients_point_where_f32s_do() {
 fn bf16_training_follows_f32_with_f32_master_weights() {
     let split = common::cifar10_train(256);
     let dev = Device::flex().autodiff();
-    let (dir32, dir16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (_, full) = trainer(config(6), dir32.path())
-        .run(simclr(&dev), &loader(&split))
-        .unwrap();
-    let (model, bf16) = trainer(in_precision(6, Precision::Bf16, None), dir16.path())
-        .run(simclr(&dev), &loader(&split))
-        .unwrap();
-    // Measured, bf16: 8.51 8.52 8.61 8.43 8.47 8.21; f32 with gemm's tap products 8.63 8.63
-    // 8.50 8.41 8.31 8.30, with the direct convolution 8.56 8.60 8.33 8.35 8.42 8.33: f32's two
-    // float paths already part by 2% in an epoch of this 256-image run, so one epoch is
-    // held to 5% and the mean over the run to 1% (bf16 within 0.3% of f32 with either path).
-    let (a, b) = (&full.state.epoch_losses, &bf16.state.epoch_losses);
-    for (x, y) in a.iter().zip(b) {
-        assert!((x - y).abs() < 0.05 * x, "f32 {a:?} bf16 {b:?}");
+    // The runs of three weight draws, each in f32 and in bf16, epoch by epoch.
+    let (mut full, mut low) = (Vec::new(), Vec::new());
+    for seed in 1..=3 {
+        let (dir32, dir16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, f32_run) = trainer(config(6), dir32.path())
+            .run(simclr_seeded(&dev, seed), &loader(&split))
+            .unwrap();
+        let (model, bf16_run) = trainer(in_precision(6, Precision::Bf16, None), dir16.path())
+            .run(simclr_seeded(&dev, seed), &loader(&split))
+            .unwrap();
+        assert!(dtypes(&model).iter().all(|t| *t == DType::F32));
+        assert_eq!(bf16_run.state.loss_scale, None);
+        full.push(f32_run.state.epoch_losses);
+        low.push(bf16_run.state.epoch_losses);
+    }
+    // This 256-image run is chaotic: any rounding moves a single run's epoch by a few percent
+    // (measured on AVX-512 BF16, seeds 1-3, f32 against bf16: one epoch up to 5.5% apart,
+    // the run's mean 1.7%, 0.8%, −0.6%; with bf16-rounded operands summed by f32 gemm instead,
+    // 4.3% and 0.6%, 0.9%, −0.3%). Averaged over the three draws, bf16's epochs were within
+    // 3.3% of f32's (the third epoch higher in every draw) and its mean 0.6%: each epoch is
+    // held to 5% and the mean to 1%.
+    let average = |runs: &[Vec<f32>]| -> Vec<f32> {
+        (0..runs[0].len())
+            .map(|e| runs.iter().map(|r| r[e]).sum::<f32>() / runs.len() as f32)
+            .collect()
+    };
+    let (a, b) = (average(&full), average(&low));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 0.05 * x, "f32 {full:?} bf16 {low:?}");
     }
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
     assert!(
-        (mean(a) - mean(b)).abs() < 0.01 * mean(a),
-        "mean loss: f32 {a:?} bf16 {b:?}"
+        (mean(&a) - mean(&b)).abs() < 0.01 * mean(&a),
+        "mean loss: f32 {full:?} bf16 {low:?}"
     );
-    assert!(b[4] + b[5] < b[0] + b[1] - 0.2, "bf16 did not learn: {b:?}");
-    assert!(dtypes(&model).iter().all(|t| *t == DType::F32));
-    assert_eq!(bf16.state.loss_scale, None);
+    for run in &low {
+        assert!(
+            run[4] + run[5] < run[0] + run[1] - 0.2,
+            "bf16 did not learn: {run:?}"
+        );
+    }
 }
 
 #[test]
