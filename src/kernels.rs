@@ -1397,20 +1397,36 @@ impl ConvShape {
         })
     }
 
-    /// The weight matrices `mats` of this convolution's m×k×n products `dims` (one per tap on
-    /// the tap-by-tap path, else one) rounded to bf16 and packed once for all its images,
-    /// where they run in bf16 ([`runs_in_bf16`]); none where they run in f32.
-    fn packed_weights<'a>(
+    /// The weight matrices of this convolution's products rounded to bf16 and packed once for
+    /// all its images, where the products run in bf16 ([`runs_in_bf16`]); none where they run
+    /// in f32. One `[Co, K]` matrix of `ws` `[Co, C, kh, kw]`, or on the tap-by-tap path one
+    /// `[Co, C]` a tap of `tap_major` ([`ConvShape::tap_major`]); `transposed` (`[K, Co]`) for
+    /// the input gradient.
+    fn packed_weights(
         &self,
-        dims: [usize; 3],
-        mats: impl Iterator<Item = (&'a [f32], usize, usize)>,
+        (ws, tap_major): (&[f32], &[f32]),
+        co: usize,
+        transposed: bool,
     ) -> Vec<crate::bf16::PackedA> {
-        match runs_in_bf16(self.geometry.products, dims) {
-            true => mats
-                .map(|a| crate::bf16::PackedA::new(a, [dims[0], dims[1]], true))
-                .collect(),
-            false => Vec::new(),
+        let ([_, taps, wide], c) = (self.tap_dims(), self.channels);
+        let (k, n, mats) = match self.is_tap_by_tap() {
+            true => (
+                c,
+                wide,
+                (0..taps).map(|t| &tap_major[t * co * c..]).collect(),
+            ),
+            false => (self.rows(), self.positions(), vec![ws]),
+        };
+        let (dims, strides) = match transposed {
+            false => ([co, k, n], (k, 1)),
+            true => ([k, co, n], (1, k)),
+        };
+        if !runs_in_bf16(self.geometry.products, dims) {
+            return Vec::new();
         }
+        mats.into_iter()
+            .map(|a| crate::bf16::PackedA::new((a, strides.0, strides.1), [dims[0], dims[1]], true))
+            .collect()
     }
 
     /// The terms of the direct input gradient of `co` output channels over the output gradient
@@ -2064,14 +2080,7 @@ impl CpuKernels for Flex {
             true => shape.tap_major(&ws, co),
             false => Vec::new(),
         };
-        let packed = match shape.is_tap_by_tap() {
-            true => {
-                let ([_, taps, wide], c) = (shape.tap_dims(), shape.channels);
-                let taps = (0..taps).map(|t| (&tap_major[t * co * c..], c, 1));
-                shape.packed_weights([co, c, wide], taps)
-            }
-            false => shape.packed_weights([co, rows, positions], [(&ws[..], rows, 1)].into_iter()),
-        };
+        let packed = shape.packed_weights((&ws, &tap_major), co, false);
         let direct = shape.direct_forward(&ws, co);
         output
             .par_chunks_mut(per_task * co * positions)
@@ -2138,14 +2147,7 @@ impl CpuKernels for Flex {
             false => Vec::new(),
         };
         // The weights transposed, packed for the input gradient's products.
-        let packed = match shape.is_tap_by_tap() {
-            true => {
-                let ([_, taps, wide], c) = (shape.tap_dims(), shape.channels);
-                let taps = (0..taps).map(|t| (&tap_major[t * co * c..], 1, c));
-                shape.packed_weights([c, co, wide], taps)
-            }
-            false => shape.packed_weights([rows, co, positions], [(&ws[..], 1, rows)].into_iter()),
-        };
+        let packed = shape.packed_weights((&ws, &tap_major), co, true);
         let direct = shape.direct_backward_terms(co);
         let weight_grad: Vec<Vec<f32>> = x_grad
             .par_chunks_mut(per_task * image)
