@@ -188,6 +188,7 @@ unsafe fn products_on(
     scale: f32,
     parallel: bool,
 ) {
+    assert!(engines().contains(&engine), "{engine:?} is not on this CPU");
     let [m, k] = packed_a.dims();
     let packed_a = &packed_a.tiles;
     assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
@@ -211,7 +212,6 @@ unsafe fn products_on(
         .flat_map(|j| (0..row_blocks).map(move |i| [i, j]))
         .collect();
     let k_tiles = k.div_ceil(TILE_K);
-    assert!(engines().contains(&engine), "{engine:?} is not on this CPU");
     let run = |blocks: &[[usize; 2]]| {
         // SAFETY: the engine is present; each block writes its own elements of c.
         unsafe {
@@ -279,8 +279,8 @@ fn pack_a(a: Operand, m: usize, k: usize, parallel: bool) -> Vec<u16> {
         k.div_ceil(TILE_K),
         parallel,
         |[rt, kt], tile| {
-            // SAFETY: `available` (the caller's contract) includes AVX-512 BF16; gemm's asserts
-            // keep a's strides inside it.
+            // SAFETY: every engine includes AVX-512 BF16 and `PackedA::new` asserts one; its
+            // asserts keep a's strides inside it.
             unsafe { imp::a_tile(a, [m, k], [rt * TILE, kt * TILE_K], tile) }
         },
     )
@@ -295,7 +295,7 @@ fn pack_b(b: Operand, k: usize, n: usize, parallel: bool) -> Vec<u16> {
         k.div_ceil(TILE_K),
         parallel,
         |[ct, kt], tile| {
-            // SAFETY: as in `pack_a`.
+            // SAFETY: as in `pack_a`, with `products_on`'s asserts for b.
             unsafe { imp::b_tile(b, [k, n], [kt * TILE_K, ct * TILE], tile) }
         },
     )
