@@ -93,7 +93,7 @@ pub type Operand<'a> = (&'a [f32], usize, usize);
 /// # Panics
 /// If a stride reaches outside `a` or `b`.
 pub unsafe fn gemm(
-    [m, k, n]: [usize; 3],
+    dims: [usize; 3],
     a: Operand,
     b: Operand,
     c: (*mut f32, usize),
@@ -101,9 +101,9 @@ pub unsafe fn gemm(
     scale: f32,
     parallel: bool,
 ) {
-    let a = PackedA::new(a, [m, k], parallel);
+    let engine = engine().expect("bf16::gemm needs an engine (the caller's contract)");
     // SAFETY: the caller's contract.
-    unsafe { gemm_packed(&a, b, n, c, accumulate, scale, parallel) }
+    unsafe { gemm_on(engine, dims, a, b, c, accumulate, scale, parallel) }
 }
 
 /// An m×k left operand rounded to bf16 and packed once, for products that reuse it (a
