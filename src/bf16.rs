@@ -244,6 +244,25 @@ struct Output {
 }
 
 impl Output {
+    /// Where block (i, j) (32×32) is summed: in place in c when it lies whole inside m×n at
+    /// scale 1 (`true`, its first element and c's row stride), else in `block` (row stride
+    /// 32), which [`Output::write`] then writes out.
+    ///
+    /// # Safety
+    /// As [`gemm`]'s `c`.
+    unsafe fn destination(&self, [i, j]: [usize; 2], block: *mut f32) -> (bool, *mut f32, usize) {
+        let inside = (i + 1) * 2 * TILE <= self.m && (j + 1) * 2 * TILE <= self.n;
+        match self.scale == 1.0 && inside {
+            // SAFETY: the block lies inside m×n, so inside c.
+            true => (
+                true,
+                unsafe { self.c.0.add(i * 2 * TILE * self.row + j * 2 * TILE) },
+                self.row,
+            ),
+            false => (false, block, 2 * TILE),
+        }
+    }
+
     /// Writes the 32×32 f32 block `block` (row-major) at block (i, j), the part inside m×n.
     ///
     /// # Safety
@@ -565,13 +584,7 @@ mod imp {
                 let (a0, b0) = (2 * i * panel, 2 * j * panel);
                 assert!(a0 + 2 * panel <= a.len() && b0 + 2 * panel <= b.len());
                 let (a0, b0) = (a.as_ptr().add(a0), b.as_ptr().add(b0));
-                // A whole block of c at scale 1 is summed in place; others go through `block`.
-                let direct =
-                    out.scale == 1.0 && (i + 1) * 2 * TILE <= out.m && (j + 1) * 2 * TILE <= out.n;
-                let (c, row) = match direct {
-                    true => (out.c.0.add(i * 2 * TILE * out.row + j * 2 * TILE), out.row),
-                    false => (block.as_mut_ptr(), 2 * TILE),
-                };
+                let (direct, c, row) = out.destination([i, j], block.as_mut_ptr());
                 // tmm0-3: the block's four 16×16 quarters (c00 c01 / c10 c11, the right ones
                 // 64 bytes on); tmm4-5: a's two row tiles; tmm6-7: b's two column tiles.
                 asm!(
@@ -707,18 +720,10 @@ mod imp {
         for &[i, j] in blocks {
             let (a0, b0) = (2 * i * panel, 2 * j * panel);
             assert!(a0 + 2 * panel <= a.len() && b0 + 2 * panel <= b.len());
-            // A whole block of c at scale 1 is summed in place; others go through `block`.
             let rows = (out.m - i * 2 * TILE).min(2 * TILE);
             let cols = (out.n - j * 2 * TILE).min(2 * TILE);
-            let direct = out.scale == 1.0 && rows == 2 * TILE && cols == 2 * TILE;
-            // SAFETY: a direct block lies inside m×n (checked above), so inside c.
-            let (c, row) = match direct {
-                true => (
-                    unsafe { out.c.0.add(i * 2 * TILE * out.row + j * 2 * TILE) },
-                    out.row,
-                ),
-                false => (block.as_mut_ptr(), 2 * TILE),
-            };
+            // SAFETY: the caller's contract.
+            let (direct, c, row) = unsafe { out.destination([i, j], block.as_mut_ptr()) };
             let load = direct && out.accumulate;
             // SAFETY: a's row tiles and b's two column tiles span `panel` values each at the
             // offsets asserted above; each strip's rows of c lie inside c or `block`.

@@ -1408,13 +1408,12 @@ impl ConvShape {
         co: usize,
         transposed: bool,
     ) -> Vec<crate::bf16::PackedA> {
-        let ([_, taps, wide], c) = (self.tap_dims(), self.channels);
         let (k, n, mats) = match self.is_tap_by_tap() {
-            true => (
-                c,
-                wide,
-                (0..taps).map(|t| &tap_major[t * co * c..]).collect(),
-            ),
+            true => {
+                let ([_, taps, wide], c) = (self.tap_dims(), self.channels);
+                let taps = (0..taps).map(|t| &tap_major[t * co * c..]).collect();
+                (c, wide, taps)
+            }
             false => (self.rows(), self.positions(), vec![ws]),
         };
         let (dims, strides) = match transposed {

@@ -68,10 +68,7 @@ fn packed_operands_round_as_to_bf16() {
         ((&one[..], 1, 1), (&specials[..], len, 1), [1, 1, len]),
         ((&one[..], 1, 1), (&spaced[..], 1, 2), [1, 1, len]),
     ];
-    for ((a, b, dims), &engine) in pairs
-        .iter()
-        .flat_map(|p| bf16::engines().iter().map(move |e| (*p, e)))
-    {
+    for (&engine, (a, b, dims)) in bf16::engines().iter().flat_map(|e| pairs.map(|p| (e, p))) {
         let rows = dims[0];
         let mut c = vec![0f32; len];
         let c_row = len / rows;
