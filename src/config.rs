@@ -595,7 +595,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("train.final_lr", "learning rate at the end of the cosine", None),
     ("train.checkpoint_every", "epochs between checkpoints (and always at the end)", None),
     ("train.monitor_every", "epochs between online kNN checks (0: never)", None),
-    ("train.precision", "dtype of matmuls and convolutions: f32, bf16 or f16 (autocast; weights, optimiser state, norms, softmax and losses stay f32; bf16 on a CPU with Intel AMX runs on its tiles, faster than f32)", Some("\"bf16\"")),
+    ("train.precision", "dtype of matmuls and convolutions: f32, bf16 or f16 (autocast; weights, optimiser state, norms, softmax and losses stay f32; bf16 on a CPU with Intel AMX or AVX-512 BF16 (Zen 4) runs on it, faster than f32)", Some("\"bf16\"")),
     ("train.loss_scale", "f16: starting loss scale (GradScaler's init_scale; unset: 65536), halved on a step with inf/NaN gradients, which is skipped", Some("1024.0")),
     ("eval.knn_k", "neighbours of the weighted kNN vote", None),
     ("eval.knn_t", "temperature of the vote weights exp(s / T)", None),

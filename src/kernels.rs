@@ -765,7 +765,8 @@ const CHUNK: usize = 16 * 1024;
 /// activation-sized (MB); zeroing one with `vec!` (a memset unless the allocator hands out
 /// fresh pages) ran on the calling thread while the other core waited for the parallel op that
 /// followed: 3-4% of a ViT step's wall time (`perf record -a` of `train_throughput --case`,
-/// the milliseconds where one core idled).
+/// the milliseconds where one core idled). The convolutions skip even this pass: see
+/// [`zeroed`].
 fn zeros(len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
     out.spare_capacity_mut()[..len]
@@ -774,6 +775,17 @@ fn zeros(len: usize) -> Vec<f32> {
     // SAFETY: the tasks above initialised all `len` values.
     unsafe { out.set_len(len) };
     out
+}
+
+/// Zeroes `part` of an output's spare capacity and hands it back as values. A task zeroes
+/// each image's part right before writing it, so the zeros stay in cache: a zeroing pass over
+/// the whole output first ([`zeros`]) went out to memory and back, 7.7% of the CPU time of a
+/// narrow ResNet's step (`perf record --call-graph dwarf` of `selfsup pretrain --recipe
+/// recipes/simclr_cifar10_cpu.toml` on the Zen 4 host; its outputs are 4-17 MB a layer).
+fn zeroed(part: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    part.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every value of `part` was just initialised; MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Element-wise `f` over f32 values in parallel chunks (sizes fit a core's L1/L2 cache).
@@ -951,26 +963,31 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// gradient of a ResNet's first convolution (measured against the f64 synchronised batch norm,
 /// `selfsup dist-check`). `[a, b, m, d]` for each of the `c` channels of `s` positions.
 fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: usize) -> Vec<f32> {
-    let mut out = zeros(x.len());
-    out.par_chunks_mut(c * s).enumerate().for_each(|(n, out)| {
-        for ch in 0..c {
-            let [a, b, m, d] = coef[ch];
-            let range = n * c * s + ch * s..n * c * s + (ch + 1) * s;
-            let out = &mut out[ch * s..(ch + 1) * s];
-            match y {
-                Some(y) => {
-                    for ((o, &x), &y) in out.iter_mut().zip(&x[range.clone()]).zip(&y[range]) {
-                        *o = (a * x as f64 + b * (y as f64 - m) + d) as f32;
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(c * s)
+        .enumerate()
+        .for_each(|(n, out)| {
+            for ch in 0..c {
+                let [a, b, m, d] = coef[ch];
+                let range = n * c * s + ch * s..n * c * s + (ch + 1) * s;
+                let out = &mut out[ch * s..(ch + 1) * s];
+                match y {
+                    Some(y) => {
+                        for ((o, &x), &y) in out.iter_mut().zip(&x[range.clone()]).zip(&y[range]) {
+                            o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
+                        }
                     }
-                }
-                None => {
-                    for (o, &x) in out.iter_mut().zip(&x[range]) {
-                        *o = (a * (x as f64 - m) + d) as f32;
+                    None => {
+                        for (o, &x) in out.iter_mut().zip(&x[range]) {
+                            o.write((a * (x as f64 - m) + d) as f32);
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    // SAFETY: the tasks above wrote every channel of every image.
+    unsafe { out.set_len(x.len()) };
     out
 }
 
@@ -2073,7 +2090,7 @@ impl CpuKernels for Flex {
         let (n, co) = (x.shape()[0], weight.shape()[0]);
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
         let products = geometry.products;
-        let mut output = zeros(n * co * positions);
+        let mut output = Vec::with_capacity(n * co * positions);
         let per_task = images_per_task(n);
         let tap_major = match shape.is_tap_by_tap() {
             true => shape.tap_major(&ws, co),
@@ -2081,13 +2098,14 @@ impl CpuKernels for Flex {
         };
         let packed = shape.packed_weights((&ws, &tap_major), co, false);
         let direct = shape.direct_forward(&ws, co);
-        output
+        output.spare_capacity_mut()[..n * co * positions]
             .par_chunks_mut(per_task * co * positions)
             .enumerate()
             .for_each(|(task, out)| {
                 let mut cols = shape.column_buffer();
                 let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
                 for (i, out) in out.chunks_mut(co * positions).enumerate() {
+                    let out = zeroed(out);
                     let b = task * per_task + i;
                     let image = &xs[b * image..(b + 1) * image];
                     if shape.is_tap_by_tap() {
@@ -2111,6 +2129,8 @@ impl CpuKernels for Flex {
                     );
                 }
             });
+        // SAFETY: every image's part went through `zeroed` above.
+        unsafe { output.set_len(n * co * positions) };
         flex_tensor(
             output,
             Shape::new([n, co, shape.output[0], shape.output[1]]),
@@ -2139,7 +2159,7 @@ impl CpuKernels for Flex {
         let (n, co) = (x.shape()[0], weight.shape()[0]);
         let (image, rows, positions) = (xs.len() / n, shape.rows(), shape.positions());
         let products = geometry.products;
-        let mut x_grad = zeros(xs.len());
+        let mut x_grad = Vec::with_capacity(xs.len());
         let per_task = images_per_task(n);
         let tap_major = match shape.is_tap_by_tap() {
             true => shape.tap_major(&ws, co),
@@ -2148,7 +2168,7 @@ impl CpuKernels for Flex {
         // The weights transposed, packed for the input gradient's products.
         let packed = shape.packed_weights((&ws, &tap_major), co, true);
         let direct = shape.direct_backward_terms(co);
-        let weight_grad: Vec<Vec<f32>> = x_grad
+        let weight_grad: Vec<Vec<f32>> = x_grad.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(per_task * image)
             .enumerate()
             .map(|(task, dx)| {
@@ -2160,6 +2180,7 @@ impl CpuKernels for Flex {
                 let (mut padded, mut grad) = (shape.padded_buffer(), shape.grad_buffer(co));
                 let mut padded_grad = padded.clone();
                 for (i, dx) in dx.chunks_mut(image).enumerate() {
+                    let dx = zeroed(dx);
                     let b = task * per_task + i;
                     let dy = &dy[b * co * positions..(b + 1) * co * positions];
                     let image = &xs[b * image..(b + 1) * image];
@@ -2210,6 +2231,8 @@ impl CpuKernels for Flex {
                 weight_grad_t
             })
             .collect();
+        // SAFETY: every image's part went through `zeroed` above.
+        unsafe { x_grad.set_len(xs.len()) };
         let weight_grad_t = sum_in_order(weight_grad, co * rows);
         let weight_grad = (0..co * rows)
             .map(|i| weight_grad_t[(i % rows) * co + i / rows])
