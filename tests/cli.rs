@@ -465,7 +465,7 @@ fn moco_exports_its_key_encoder_and_starts_from_given_weights() {
         "moco_v2_cifar10_cpu.toml",
         &[
             ("queue_size = 4096", "queue_size = 50"),
-            ("\nepochs = 12\n", "\nepochs = 1\n"),
+            ("\nepochs = 15\n", "\nepochs = 1\n"),
             ("batch_size = 256", "batch_size = 24"),
         ],
         "",
