@@ -16,7 +16,7 @@ Cases:
 - simclr_cpu: selfsup's recipes/simclr_cifar10_cpu.toml written in PyTorch: width 0.125, AdamW
   2e-3 (weight decay 1e-6), the same head and tau.
 - simclr_cpu_tvinit: the same with torchvision's ResNet init of the convolutions (Kaiming normal,
-  fan-out, for ReLU), which selfsup uses, instead of PyTorch's default.
+  fan-out, for ReLU), which selfsup's published recipes use, instead of PyTorch's default.
 Both with solo-learn's CIFAR views (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at p 0.8,
 grayscale 0.2, no blur), as selfsup's CPU recipe. A case name ending in `_lean` (say
 `simclr_cpu_lean`) draws the same views batched in the main process (`lean_views.py`) instead of
