@@ -568,7 +568,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("model.depth", "resnet: 18, 34 or 50; vit: transformer blocks", None),
     ("model.stem", "resnet: cifar (3x3, no max-pool) or imagenet (7x7 and max-pool)", None),
     ("model.width", "resnet: channel multiplier", None),
-    ("model.conv_init", "resnet: random init of the convolutions: torchvision (the default; Kaiming normal, fan-out: the official MoCo, DINO and solo-learn code) or pytorch (nn.Conv2d's default, U(±1/√fan_in); the SimCLR and MoCo v2 CPU recipes use it: +1.9 and +2.1 kNN points at 15-20 epochs, AdamW 4e-3, τ 0.1; BENCHMARKS.md)", Some("\"pytorch\"")),
+    ("model.conv_init", "resnet: random init of the convolutions: torchvision (the default; Kaiming normal, fan-out: the official MoCo, DINO and solo-learn code) or pytorch (nn.Conv2d's default, U(±1/√fan_in); the SimCLR and MoCo v2 CPU recipes use it, measured there: BENCHMARKS.md, issue 30's fourteenth round)", Some("\"pytorch\"")),
     ("model.image_size", "vit: the image side its positional embeddings are made for", None),
     ("model.patch_size", "vit: patch side; it must divide every view size", None),
     ("model.dim", "vit: token width", None),
