@@ -896,19 +896,27 @@ fn batch_channels(x: &FlexTensor) -> (usize, usize, usize) {
 
 /// Per-channel sums (Σa, Σa·(b − shift_c)) over N and the spatial positions of two `[N, C, S]`
 /// arrays, accumulated in f64: one partial sum per image in parallel, added in image order (the
-/// same result on every run, whatever thread took which image). Subtracting the known mean in
-/// the product keeps a variance exact when the mean is large against the spread.
+/// same result on every run, whatever thread took which image), each compiled for the widest
+/// vectors ([`widest`]: 8 f64 lanes on AVX-512, 2 on the x86-64 baseline). Subtracting the
+/// known mean in the product keeps a variance exact when the mean is large against the spread.
 fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
     let partials: Vec<Vec<[f64; 2]>> = a
         .par_chunks(c * s)
         .zip(b.par_chunks(c * s))
         .map(|(a, b)| {
-            (0..c)
-                .map(|ch| {
-                    let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
-                    sums(a, b, shift[ch])
-                })
-                .collect()
+            widest(
+                #[inline(always)]
+                || {
+                    // A plain loop: an iterator's `fold` would be a function of its own,
+                    // compiled without the caller's vector width.
+                    let mut image = Vec::with_capacity(c);
+                    for ch in 0..c {
+                        let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
+                        image.push(sums(a, b, shift[ch]));
+                    }
+                    image
+                },
+            )
         })
         .collect();
     let (mut sa, mut sab) = (vec![0f64; c], vec![0f64; c]);
@@ -961,30 +969,37 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// f32 would err alike at every position of a channel, an error that the sums of the next
 /// layer's weight gradient add up instead of averaging out: it reached 1% of the largest
 /// gradient of a ResNet's first convolution (measured against the f64 synchronised batch norm,
-/// `selfsup dist-check`). `[a, b, m, d]` for each of the `c` channels of `s` positions.
+/// `selfsup dist-check`). `[a, b, m, d]` for each of the `c` channels of `s` positions; each
+/// image in parallel, compiled for the widest vectors ([`widest`]).
 fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     out.spare_capacity_mut()[..x.len()]
         .par_chunks_mut(c * s)
         .enumerate()
         .for_each(|(n, out)| {
-            for ch in 0..c {
-                let [a, b, m, d] = coef[ch];
-                let range = n * c * s + ch * s..n * c * s + (ch + 1) * s;
-                let out = &mut out[ch * s..(ch + 1) * s];
-                match y {
-                    Some(y) => {
-                        for ((o, &x), &y) in out.iter_mut().zip(&x[range.clone()]).zip(&y[range]) {
-                            o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
+            widest(
+                #[inline(always)]
+                || {
+                    for ch in 0..c {
+                        let [a, b, m, d] = coef[ch];
+                        let range = n * c * s + ch * s..n * c * s + (ch + 1) * s;
+                        let out = &mut out[ch * s..(ch + 1) * s];
+                        match y {
+                            Some(y) => {
+                                let (x, y) = (&x[range.clone()], &y[range]);
+                                for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                                    o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
+                                }
+                            }
+                            None => {
+                                for (o, &x) in out.iter_mut().zip(&x[range]) {
+                                    o.write((a * (x as f64 - m) + d) as f32);
+                                }
+                            }
                         }
                     }
-                    None => {
-                        for (o, &x) in out.iter_mut().zip(&x[range]) {
-                            o.write((a * (x as f64 - m) + d) as f32);
-                        }
-                    }
-                }
-            }
+                },
+            )
         });
     // SAFETY: the tasks above wrote every channel of every image.
     unsafe { out.set_len(x.len()) };

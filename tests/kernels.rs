@@ -738,27 +738,34 @@ fn exp_is_within_one_ulp_of_f64() {
 
 #[test]
 fn every_vector_width_gives_the_same_bits() {
-    // GELU, layer norm and the attention's softmax, forward and backward, compiled for AVX-512,
-    // AVX2 and the x86-64 baseline (as far as this CPU has them): a run resumed on another CPU
-    // repeats the uninterrupted one. Odd sizes, so the loops' remainders run too.
+    // GELU, layer norm, the attention's softmax and batch norm (its f64 sums and affine maps),
+    // forward and backward, compiled for AVX-512, AVX2 and the x86-64 baseline (as far as this
+    // CPU has them): a run resumed on another CPU repeats the uninterrupted one. Odd sizes, so
+    // the loops' remainders run too.
     let device = Device::flex().autodiff();
     let ln = layer_norm_module(37, &device);
+    let bn = layer(5, &device);
     let x = Tensor::<3>::from_data(random([3, 17, 37], 1, 4.0, 0.5), &device).require_grad();
     let qkv = Tensor::<3>::from_data(random([3, 17, 3 * 24], 2, 2.0, 0.0), &device).require_grad();
+    let image = Tensor::<4>::from_data(random([3, 5, 7, 9], 3, 2.0, 3.0), &device).require_grad();
     let run = || {
         let y = kernels::layer_norm(&ln, kernels::gelu(x.clone()), 1e-6);
         let (attended, _) = kernels::attention(qkv.clone(), 3);
-        let loss = y.clone().powi_scalar(2).sum() + attended.clone().powi_scalar(2).sum();
+        let normed = kernels::batch_norm(&bn, image.clone());
+        let loss = y.clone().powi_scalar(2).sum()
+            + attended.clone().powi_scalar(2).sum()
+            + normed.clone().powi_scalar(3).sum();
         let grads = loss.backward();
-        let bits = |t: Tensor<3>| {
-            let values = t.into_data().try_to_vec::<f32>().unwrap();
-            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        };
+        let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits3 = |t: Tensor<3>| bits(t.into_data().try_to_vec::<f32>().unwrap());
+        let bits4 = |t: Tensor<4>| bits(t.into_data().try_to_vec::<f32>().unwrap());
         [
-            bits(y),
-            bits(attended),
-            bits(x.grad(&grads).unwrap()),
-            bits(qkv.grad(&grads).unwrap()),
+            bits3(y),
+            bits3(attended),
+            bits4(normed),
+            bits3(x.grad(&grads).unwrap()),
+            bits3(qkv.grad(&grads).unwrap()),
+            bits4(image.grad(&grads).unwrap()),
         ]
     };
     let widest = run();
