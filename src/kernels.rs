@@ -977,33 +977,43 @@ fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: 
         .par_chunks_mut(c * s)
         .enumerate()
         .for_each(|(n, out)| {
+            let image = n * c * s..(n + 1) * c * s;
+            let (x, y) = (&x[image.clone()], y.map(|y| &y[image]));
             widest(
                 #[inline(always)]
-                || {
-                    for ch in 0..c {
-                        let [a, b, m, d] = coef[ch];
-                        let range = n * c * s + ch * s..n * c * s + (ch + 1) * s;
-                        let out = &mut out[ch * s..(ch + 1) * s];
-                        match y {
-                            Some(y) => {
-                                let (x, y) = (&x[range.clone()], &y[range]);
-                                for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
-                                    o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
-                                }
-                            }
-                            None => {
-                                for (o, &x) in out.iter_mut().zip(&x[range]) {
-                                    o.write((a * (x as f64 - m) + d) as f32);
-                                }
-                            }
-                        }
-                    }
-                },
+                || affine_image(out, x, y, coef, s),
             )
         });
     // SAFETY: the tasks above wrote every channel of every image.
     unsafe { out.set_len(x.len()) };
     out
+}
+
+/// [`channel_affine`] of one image's `[C, S]` values (and `y`'s) into `out`.
+#[inline(always)]
+fn affine_image(
+    out: &mut [std::mem::MaybeUninit<f32>],
+    x: &[f32],
+    y: Option<&[f32]>,
+    coef: &[[f64; 4]],
+    s: usize,
+) {
+    for (ch, &[a, b, m, d]) in coef.iter().enumerate() {
+        let range = ch * s..(ch + 1) * s;
+        let (out, x) = (&mut out[range.clone()], &x[range.clone()]);
+        match y {
+            Some(y) => {
+                for ((o, &x), &y) in out.iter_mut().zip(x).zip(&y[range]) {
+                    o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
+                }
+            }
+            None => {
+                for (o, &x) in out.iter_mut().zip(x) {
+                    o.write((a * (x as f64 - m) + d) as f32);
+                }
+            }
+        }
+    }
 }
 
 /// `c (+)= a · b` for an m×k `a` and a k×n `b` given as (values, row stride, column stride),

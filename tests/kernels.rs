@@ -756,16 +756,13 @@ fn every_vector_width_gives_the_same_bits() {
             + attended.clone().powi_scalar(2).sum()
             + normed.clone().powi_scalar(3).sum();
         let grads = loss.backward();
-        let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let bits3 = |t: Tensor<3>| bits(t.into_data().try_to_vec::<f32>().unwrap());
-        let bits4 = |t: Tensor<4>| bits(t.into_data().try_to_vec::<f32>().unwrap());
         [
-            bits3(y),
-            bits3(attended),
-            bits4(normed),
-            bits3(x.grad(&grads).unwrap()),
-            bits3(qkv.grad(&grads).unwrap()),
-            bits4(image.grad(&grads).unwrap()),
+            bits(y),
+            bits(attended),
+            bits(normed),
+            bits(x.grad(&grads).unwrap()),
+            bits(qkv.grad(&grads).unwrap()),
+            bits(image.grad(&grads).unwrap()),
         ]
     };
     let widest = run();
@@ -775,6 +772,12 @@ fn every_vector_width_gives_the_same_bits() {
         kernels::limit_vector_width(2);
         assert!(narrower == widest, "vector width {level} gives other bits");
     }
+}
+
+/// The bit patterns of a tensor's f32 values.
+fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
+    let values = t.into_data().try_to_vec::<f32>().unwrap();
+    values.iter().map(|v| v.to_bits()).collect()
 }
 
 /// ‖got − want‖ / ‖want‖ over all values.
