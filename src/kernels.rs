@@ -695,11 +695,18 @@ pub fn exp(x: f32) -> f32 {
 /// The widest vector instructions [`widest`] may use: 2 AVX-512, 1 AVX2, 0 the baseline.
 static VECTOR_WIDTH_LIMIT: AtomicU8 = AtomicU8::new(2);
 
-/// Caps the vector instructions of the element-wise kernels for the whole process (2 AVX-512,
-/// 1 AVX2, 0 the x86-64 baseline), so that a test can check every path gives the same bits.
+/// Caps the vector instructions of the element-wise kernels and the direct convolution for the
+/// whole process (2 AVX-512, 1 AVX2, 0 the x86-64 baseline; the direct convolution needs AVX2
+/// and takes it at 0 too), so that a test can check every path gives the same bits.
 #[doc(hidden)]
 pub fn limit_vector_width(level: u8) {
     VECTOR_WIDTH_LIMIT.store(level, Ordering::Relaxed);
+}
+
+/// The cap [`limit_vector_width`] set (2 unless a test set it).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn vector_width_limit() -> u8 {
+    VECTOR_WIDTH_LIMIT.load(Ordering::Relaxed)
 }
 
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, else AVX2), so
@@ -718,7 +725,7 @@ fn widest<R>(f: impl FnOnce() -> R) -> R {
         fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        let limit = VECTOR_WIDTH_LIMIT.load(Ordering::Relaxed);
+        let limit = vector_width_limit();
         if limit >= 2 && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
             return unsafe { avx512(f) };

@@ -738,31 +738,48 @@ fn exp_is_within_one_ulp_of_f64() {
 
 #[test]
 fn every_vector_width_gives_the_same_bits() {
-    // GELU, layer norm, the attention's softmax and batch norm (its f64 sums and affine maps),
+    // GELU, layer norm, the attention's softmax, batch norm (its f64 sums and affine maps) and
+    // a narrow convolution (the direct correlation of its forward pass and input gradient),
     // forward and backward, compiled for AVX-512, AVX2 and the x86-64 baseline (as far as this
     // CPU has them): a run resumed on another CPU repeats the uninterrupted one. Odd sizes, so
     // the loops' remainders run too.
     let device = Device::flex().autodiff();
     let ln = layer_norm_module(37, &device);
     let bn = layer(5, &device);
+    let conv = convolution(
+        [6, 7],
+        [3, 3],
+        [1, 1],
+        PaddingConfig2d::Explicit(1, 1, 1, 1),
+        [1, 1],
+        false,
+        &device,
+    );
     let x = Tensor::<3>::from_data(random([3, 17, 37], 1, 4.0, 0.5), &device).require_grad();
     let qkv = Tensor::<3>::from_data(random([3, 17, 3 * 24], 2, 2.0, 0.0), &device).require_grad();
     let image = Tensor::<4>::from_data(random([3, 5, 7, 9], 3, 2.0, 3.0), &device).require_grad();
+    // 15 × 19 output positions on a 21-wide padded grid: 315, six whole tiles of 48 and 27.
+    let planes =
+        Tensor::<4>::from_data(random([2, 6, 15, 19], 4, 1.0, 0.0), &device).require_grad();
     let run = || {
         let y = kernels::layer_norm(&ln, kernels::gelu(x.clone()), 1e-6);
         let (attended, _) = kernels::attention(qkv.clone(), 3);
         let normed = kernels::batch_norm(&bn, image.clone());
+        let convolved = kernels::conv2d(&conv, planes.clone());
         let loss = y.clone().powi_scalar(2).sum()
             + attended.clone().powi_scalar(2).sum()
-            + normed.clone().powi_scalar(3).sum();
+            + normed.clone().powi_scalar(3).sum()
+            + convolved.clone().powi_scalar(2).sum();
         let grads = loss.backward();
         [
             bits(y),
             bits(attended),
             bits(normed),
+            bits(convolved),
             bits(x.grad(&grads).unwrap()),
             bits(qkv.grad(&grads).unwrap()),
             bits(image.grad(&grads).unwrap()),
+            bits(planes.grad(&grads).unwrap()),
         ]
     };
     let widest = run();
