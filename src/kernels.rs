@@ -28,6 +28,10 @@
 //! - [`relu`] and [`add_relu`] (a ResNet block's `relu(out + identity)`): burn-flex runs ReLU,
 //!   its backward and the residual add on the calling thread at any size, the other core idle.
 //!   Here one parallel pass each way, burn's bits.
+//! - [`log_softmax`] (every cross-entropy: MoCo's `[n, 1 + K]` logits against its queue,
+//!   NT-Xent, DINO's head): burn composes it of five whole-tensor ops and its backward of about
+//!   four, whose `exp` ran on the calling thread in a profile of MoCo. Here one parallel pass
+//!   over the rows each way, the backward from the kept output.
 //!
 //! - [`adamw_step`]: burn's AdamW updates each parameter with thirteen whole-tensor ops, each
 //!   on one thread below 256K values (every tensor of a ViT-Tiny). Here one parallel pass
@@ -103,6 +107,19 @@ pub trait CpuKernels: Backend {
     /// The gradient through a ReLU given its `output` and the output's gradient: the gradient
     /// where the output is positive or NaN, 0 elsewhere (burn-flex's `relu_backward`).
     fn relu_backward(
+        _output: FloatTensor<Self>,
+        _output_grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
+
+    /// Log softmax over the last dim of an f32 tensor `[..., c]`: each row's
+    /// x − max − ln Σ exp(x − max), the sum in f64.
+    fn log_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradient through [`CpuKernels::log_softmax`] given its `output` y and the output's
+    /// gradient g: g − exp(y)·Σ g, row by row.
+    fn log_softmax_backward(
         _output: FloatTensor<Self>,
         _output_grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
@@ -587,6 +604,16 @@ pub fn add_relu<const D: usize>(x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
             y.into_dispatch(),
         )),
         false => burn::tensor::activation::relu(x + y),
+    }
+}
+
+/// Log softmax over the last dim, with the fused kernel on `flex` for f32 (the rows in parallel,
+/// one pass each way), burn's `log_softmax` elsewhere. Same values as burn's within float
+/// rounding (`tests/kernels.rs`), not the same bits.
+pub fn log_softmax<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    match on_flex(&x.device()) && x.dtype() == DType::F32 && x.dims()[D - 1] > 0 {
+        true => Tensor::from_dispatch(<Dispatch as CpuKernels>::log_softmax(x.into_dispatch())),
+        false => burn::tensor::activation::log_softmax(x, D - 1),
     }
 }
 
@@ -2015,6 +2042,56 @@ impl CpuKernels for Flex {
         .unwrap_or_else(|| <Flex as ActivationOps<Flex>>::relu_backward(output, output_grad))
     }
 
+    fn log_softmax(x: FlexTensor) -> FlexTensor {
+        let shape = x.shape();
+        let c = shape[shape.num_dims() - 1];
+        let xs = values(&x);
+        let mut output = zeros(xs.len());
+        output
+            .par_chunks_mut(rows_per_task(c) * c)
+            .zip(xs.par_chunks(rows_per_task(c) * c))
+            .for_each(|(out, x)| {
+                widest(
+                    #[inline(always)]
+                    || {
+                        for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                            out.iter_mut().zip(x).for_each(|(o, &v)| *o = exp(v - max));
+                            let sum: f64 = out.iter().map(|&e| e as f64).sum();
+                            let shift = max + sum.ln() as f32;
+                            out.iter_mut().zip(x).for_each(|(o, &v)| *o = v - shift);
+                        }
+                    },
+                )
+            });
+        flex_tensor(output, shape)
+    }
+
+    fn log_softmax_backward(output: FlexTensor, output_grad: FlexTensor) -> FlexTensor {
+        let shape = output.shape();
+        let c = shape[shape.num_dims() - 1];
+        let (ys, gs) = (values(&output), values(&output_grad));
+        let mut grad = zeros(ys.len());
+        let chunk = rows_per_task(c) * c;
+        grad.par_chunks_mut(chunk)
+            .zip(ys.par_chunks(chunk).zip(gs.par_chunks(chunk)))
+            .for_each(|(dx, (y, g))| {
+                widest(
+                    #[inline(always)]
+                    || {
+                        let rows = dx.chunks_exact_mut(c).zip(y.chunks_exact(c));
+                        for ((dx, y), g) in rows.zip(g.chunks_exact(c)) {
+                            let total = g.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                            for ((d, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                                *d = g - exp(y) * total;
+                            }
+                        }
+                    },
+                )
+            });
+        flex_tensor(grad, shape)
+    }
+
     fn layer_norm(
         x: FlexTensor,
         gamma: FlexTensor,
@@ -2674,6 +2751,39 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
                 prep.finish(output.clone(), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(<B as CpuKernels>::relu(x.into_primitive())),
+        }
+    }
+
+    fn log_softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        /// The backward step from the kept output.
+        #[derive(Debug)]
+        struct LogSoftmaxBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 1> for LogSoftmaxBackward {
+            /// The op's output.
+            type State = FloatTensor<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    <B as CpuKernels>::log_softmax_backward(ops.state, grad)
+                });
+            }
+        }
+
+        let node = x.node();
+        let output = <B as CpuKernels>::log_softmax(x.into_primitive());
+        match LogSoftmaxBackward
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(output.clone(), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Losses, each written once with its formula.
 
-use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::activation::relu;
 use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::kernels;
 
 /// Rows scaled to unit l2 norm (ε keeps a zero row finite).
 pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
@@ -23,7 +25,7 @@ pub fn cross_entropy(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
     let device = logits.device();
     let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
     let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-    log_softmax(logits, 1).gather(1, idx).mean().neg()
+    kernels::log_softmax(logits).gather(1, idx).mean().neg()
 }
 
 /// Cross-entropy against labels smoothed by ε (Szegedy et al. 2016; timm's
@@ -35,7 +37,7 @@ pub fn cross_entropy_smoothed(logits: Tensor<2>, targets: &[usize], epsilon: f64
     if epsilon == 0.0 {
         return cross_entropy(logits, targets);
     }
-    let uniform = log_softmax(logits.clone(), 1).mean().neg();
+    let uniform = kernels::log_softmax(logits.clone()).mean().neg();
     cross_entropy(logits, targets).mul_scalar(1.0 - epsilon) + uniform.mul_scalar(epsilon)
 }
 
@@ -43,7 +45,7 @@ pub fn cross_entropy_smoothed(logits: Tensor<2>, targets: &[usize], epsilon: f64
 /// of −Σ_c t_c·log p_c, timm's `SoftTargetCrossEntropy` for mixup and CutMix.
 pub fn soft_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
     let [n, _] = logits.dims();
-    (log_softmax(logits, 1) * targets)
+    (kernels::log_softmax(logits) * targets)
         .sum()
         .div_scalar(n as f64)
         .neg()
@@ -106,7 +108,7 @@ pub fn accuracy(logits: Tensor<2>, targets: &[usize]) -> Tensor<1> {
 pub fn dino_loss(teacher: &[Tensor<2>], student: &[Tensor<2>], student_temp: f64) -> Tensor<1> {
     let logs: Vec<Tensor<2>> = student
         .iter()
-        .map(|s| log_softmax(s.clone().div_scalar(student_temp), 1))
+        .map(|s| kernels::log_softmax(s.clone().div_scalar(student_temp)))
         .collect();
     let mut pairs = Vec::new();
     for (i, p) in teacher.iter().enumerate() {

@@ -369,6 +369,30 @@ fn gelu_matches_burn() {
 }
 
 #[test]
+fn log_softmax_matches_burn() {
+    let device = Device::flex().autodiff();
+    // MoCo's logits: 1 + 4,096 columns over τ (rows in many parallel chunks), one entry masked
+    // to −1e9 as NT-Xent masks a view against itself; and short rows of large values.
+    for (shape, scale) in [([37, 4097], 10.0), ([300, 7], 60.0)] {
+        let mut data = random(shape, 6, scale, 1.0);
+        data.as_mut_slice::<f32>().unwrap()[5] = -1e9;
+        let x = Tensor::<2>::from_data(data, &device).require_grad();
+        let weights = Tensor::<2>::from_data(random(shape, 7, 1.0, 0.0), &device);
+        let run = |fused: bool| {
+            let y = match fused {
+                true => kernels::log_softmax(x.clone()),
+                false => burn::tensor::activation::log_softmax(x.clone(), 1),
+            };
+            let grads = (y.clone() * weights.clone()).sum().backward();
+            (y, x.grad(&grads).unwrap())
+        };
+        let (fused, reference) = (run(true), run(false));
+        assert_close("log_softmax", fused.0, reference.0);
+        assert_close("log_softmax grad", fused.1, reference.1);
+    }
+}
+
+#[test]
 fn relu_and_add_relu_are_burns_bit_for_bit() {
     let device = Device::flex().autodiff();
     // Two parallel chunks; exact zeros, -0 and NaN among the values (burn's ReLU keeps NaN and
@@ -738,8 +762,9 @@ fn exp_is_within_one_ulp_of_f64() {
 
 #[test]
 fn every_vector_width_gives_the_same_bits() {
-    // GELU, layer norm, the attention's softmax, batch norm (its f64 sums and affine maps) and
-    // a narrow convolution (the direct correlation of its forward pass and input gradient),
+    // GELU, layer norm, the attention's softmax, log softmax, batch norm (its f64 sums and
+    // affine maps) and a narrow convolution (the direct correlation of its forward pass and
+    // input gradient),
     // forward and backward, compiled for AVX-512, AVX2 and the x86-64 baseline (as far as this
     // CPU has them): a run resumed on another CPU repeats the uninterrupted one. Odd sizes, so
     // the loops' remainders run too.
@@ -766,16 +791,19 @@ fn every_vector_width_gives_the_same_bits() {
         let (attended, _) = kernels::attention(qkv.clone(), 3);
         let normed = kernels::batch_norm(&bn, image.clone());
         let convolved = kernels::conv2d(&conv, planes.clone());
+        let log_p = kernels::log_softmax(x.clone());
         let loss = y.clone().powi_scalar(2).sum()
             + attended.clone().powi_scalar(2).sum()
             + normed.clone().powi_scalar(3).sum()
-            + convolved.clone().powi_scalar(2).sum();
+            + convolved.clone().powi_scalar(2).sum()
+            + (log_p.clone() * x.clone()).sum();
         let grads = loss.backward();
         [
             bits(y),
             bits(attended),
             bits(normed),
             bits(convolved),
+            bits(log_p),
             bits(x.grad(&grads).unwrap()),
             bits(qkv.grad(&grads).unwrap()),
             bits(image.grad(&grads).unwrap()),

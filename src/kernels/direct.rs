@@ -6,6 +6,8 @@
 //! an 8-channel output fills half of its 16 rows. Here a tile of 4 output channels × 24
 //! positions keeps its 12 accumulators over all C·kh·kw terms (72 at 8 channels), reading 3
 //! vectors of the image and 4 weights for 12 FMAs: the loads stay under the FMAs' issue rate.
+//! On AVX-512 a tile is 8 output channels × 48 positions (24 accumulators of 16 lanes), with
+//! the same sums in the same order: the same bits.
 //!
 //! One routine serves the forward pass and the input gradient, which is the same correlation
 //! with the roles of C and Co swapped and the taps mirrored ([`correlate`]).
