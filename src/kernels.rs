@@ -673,13 +673,21 @@ fn softmax_rows(x: &mut [f32], t: usize) {
         #[inline(always)]
         || {
             for row in x.chunks_mut(t) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                row.iter_mut().for_each(|v| *v = exp(*v - max));
-                let inverse = (1.0 / row.iter().map(|&v| v as f64).sum::<f64>()) as f32;
+                let (_, sum) = shifted_exps(row);
+                let inverse = (1.0 / sum) as f32;
                 row.iter_mut().for_each(|v| *v *= inverse);
             }
         },
     )
+}
+
+/// A row's values v replaced, in place, by exp(v − max): returns (max, Σ exp(v − max) in f64),
+/// softmax's and log softmax's shared first steps.
+#[inline(always)]
+fn shifted_exps(row: &mut [f32]) -> (f32, f64) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    row.iter_mut().for_each(|v| *v = exp(*v - max));
+    (max, row.iter().map(|&v| v as f64).sum())
 }
 
 /// eˣ in f32 without branches or calls, so that loops over it vectorise: Cephes' `expf`
@@ -2047,17 +2055,18 @@ impl CpuKernels for Flex {
         let c = shape[shape.num_dims() - 1];
         let xs = values(&x);
         let mut output = zeros(xs.len());
+        let chunk = rows_per_task(c) * c;
         output
-            .par_chunks_mut(rows_per_task(c) * c)
-            .zip(xs.par_chunks(rows_per_task(c) * c))
+            .par_chunks_mut(chunk)
+            .zip(xs.par_chunks(chunk))
             .for_each(|(out, x)| {
                 widest(
                     #[inline(always)]
                     || {
+                        // Each row: its exps, then x − max − ln Σ.
                         for (out, x) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                            out.iter_mut().zip(x).for_each(|(o, &v)| *o = exp(v - max));
-                            let sum: f64 = out.iter().map(|&e| e as f64).sum();
+                            out.copy_from_slice(x);
+                            let (max, sum) = shifted_exps(out);
                             let shift = max + sum.ln() as f32;
                             out.iter_mut().zip(x).for_each(|(o, &v)| *o = v - shift);
                         }

@@ -184,6 +184,12 @@ fn split_batch_norm_normalises_each_group_on_its_own() {
     );
 }
 
+/// A CIFAR ResNet's convolution of `channels`: 3×3 at stride 1, padding 1, no bias.
+fn resnet_conv(channels: [usize; 2], device: &Device) -> Conv2d {
+    let same = PaddingConfig2d::Explicit(1, 1, 1, 1);
+    convolution(channels, [3, 3], [1, 1], same, [1, 1], false, device)
+}
+
 /// A convolution of `channels` with a random weight (and bias when `bias`) on `device`.
 fn convolution(
     [c, co]: [usize; 2],
@@ -527,15 +533,7 @@ fn gradients_are_the_same_bits_on_every_run() {
     // Parallel reductions (batch norm's statistics, the weight, γ and linear gradients) add their
     // partial sums in a fixed order: a resumed run must repeat the uninterrupted one exactly.
     let device = Device::flex().autodiff();
-    let conv = convolution(
-        [3, 8],
-        [3, 3],
-        [1, 1],
-        PaddingConfig2d::Explicit(1, 1, 1, 1),
-        [1, 1],
-        false,
-        &device,
-    );
+    let conv = resnet_conv([3, 8], &device);
     let bn = layer(8, &device);
     let ln = layer_norm_module(8, &device);
     // The convolution runs tap by tap (18 px wide); 9,216 rows of 8 into 128: over gemm's
@@ -771,15 +769,7 @@ fn every_vector_width_gives_the_same_bits() {
     let device = Device::flex().autodiff();
     let ln = layer_norm_module(37, &device);
     let bn = layer(5, &device);
-    let conv = convolution(
-        [6, 7],
-        [3, 3],
-        [1, 1],
-        PaddingConfig2d::Explicit(1, 1, 1, 1),
-        [1, 1],
-        false,
-        &device,
-    );
+    let conv = resnet_conv([6, 7], &device);
     let x = Tensor::<3>::from_data(random([3, 17, 37], 1, 4.0, 0.5), &device).require_grad();
     let qkv = Tensor::<3>::from_data(random([3, 17, 3 * 24], 2, 2.0, 0.0), &device).require_grad();
     let image = Tensor::<4>::from_data(random([3, 5, 7, 9], 3, 2.0, 3.0), &device).require_grad();
