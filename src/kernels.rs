@@ -12,6 +12,7 @@
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
 //!   one pass gives the statistics and one the output (two backwards), in parallel over the batch.
+//!   [`batch_norm_relu`] fuses the ReLU after it into those passes (a ResNet's `relu(bn(x))`).
 //! - [`layer_norm`] and [`gelu`], the element-wise work of a ViT block: burn's autodiff runs
 //!   layer norm as a composition of a dozen whole-tensor ops, and `flex` runs GELU with a
 //!   scalar `erf` per element, both on one thread below 256K elements (a ViT-Tiny block at
@@ -224,6 +225,30 @@ pub trait CpuKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
     }
+    /// [`CpuKernels::batch_norm_train`] with a ReLU on its output in the same pass (a ResNet's
+    /// `relu(bn(x))`): (output, batch mean, biased batch variance), the statistics in f64 where
+    /// x is f32. Its backward pass recomputes the ReLU's mask from x and these statistics, so
+    /// that no pass of its own reads or writes the activation.
+    fn batch_norm_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients (x, gamma, beta) of [`CpuKernels::batch_norm_relu_train`] given its output's.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_train_backward(
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _beta: FloatTensor<Self>,
+        _mean: FloatTensor<Self>,
+        _variance: FloatTensor<Self>,
+        _epsilon: f64,
+        _output_grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("autodiff computes a backward pass on its inner backend, never on itself")
+    }
 }
 
 /// Whether `device` computes on `flex` (with or without autodiff), where the fused kernels run.
@@ -346,14 +371,40 @@ pub fn batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
 /// it is plain batch norm with the running statistics. `N` must be a multiple of `groups`
 /// (recipes check it); otherwise the whole batch is one group.
 pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: usize) -> Tensor<D> {
+    normalise(bn, x, groups, false)
+}
+
+/// `relu(batch_norm(bn, x))` (a ResNet's and a projection head's activation), in training on
+/// `flex` one fused op ([`CpuKernels::batch_norm_relu_train`]): the ReLU in batch norm's output
+/// pass, and backwards its mask recomputed inside batch norm's passes, where `relu` after
+/// `batch_norm` reads and writes the whole activation once more each way.
+pub fn batch_norm_relu<const D: usize>(bn: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
+    split_batch_norm_relu(bn, x, 1)
+}
+
+/// [`batch_norm_relu`] with [`split_batch_norm`]'s groups.
+pub fn split_batch_norm_relu<const D: usize>(
+    bn: &BatchNorm,
+    x: Tensor<D>,
+    groups: usize,
+) -> Tensor<D> {
+    normalise(bn, x, groups, true)
+}
+
+/// [`split_batch_norm`], with `relu` a ReLU after it ([`split_batch_norm_relu`]).
+fn normalise<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: usize, relu: bool) -> Tensor<D> {
+    let activation = |x: Tensor<D>| match relu {
+        true => self::relu(x),
+        false => x,
+    };
     let device = x.device();
     if !(device.is_autodiff() && bn.training.is_enabled()) {
-        return bn.forward(x);
+        return activation(bn.forward(x));
     }
     let dims = x.dims();
     let world = crate::dist::world().size();
     if world > 1 && groups <= 1 && crate::dist::pieces().sync_batch_norm {
-        return sync_batch_norm(bn, x);
+        return activation(sync_batch_norm(bn, x));
     }
     // Across W ranks, each holding rows r, r+W, ... of the global batch, the global groups
     // (i mod groups) are the local groups (k mod groups/W) when W divides `groups` (recipes
@@ -376,21 +427,27 @@ pub fn split_batch_norm<const D: usize>(bn: &BatchNorm, x: Tensor<D>, groups: us
     );
     let (output, mean, variance) = match on_flex(&device) {
         true => {
-            let (output, mean, variance) = <Dispatch as CpuKernels>::batch_norm_train(
+            let op = match relu {
+                true => <Dispatch as CpuKernels>::batch_norm_relu_train,
+                false => <Dispatch as CpuKernels>::batch_norm_train,
+            };
+            let (output, mean, variance) = op(
                 x.into_dispatch(),
                 gamma.into_dispatch(),
                 beta.into_dispatch(),
                 bn.epsilon,
             );
+            // The fused batch norm + ReLU returns its statistics in f64.
+            let statistic = |t| Tensor::<1>::from_dispatch(t).cast(burn::tensor::FloatDType::F32);
             (
                 Tensor::<D>::from_dispatch(output),
-                Tensor::<1>::from_dispatch(mean),
-                Tensor::<1>::from_dispatch(variance),
+                statistic(mean),
+                statistic(variance),
             )
         }
         false => {
             let r = burn::tensor::module::batch_norm_train(x, gamma, beta, bn.epsilon);
-            (r.output, r.mean, r.variance)
+            (activation(r.output), r.mean, r.variance)
         }
     };
     let (momentum, c) = (bn.momentum, dims[1]);
@@ -941,7 +998,16 @@ fn batch_channels(x: &FlexTensor) -> (usize, usize, usize) {
 /// same result on every run, whatever thread took which image), each compiled for the widest
 /// vectors ([`widest`]: 8 f64 lanes on AVX-512, 2 on the x86-64 baseline). Subtracting the
 /// known mean in the product keeps a variance exact when the mean is large against the spread.
-fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
+/// With `relu` (the coefficients of a fused batch norm + ReLU's forward pass), `a` counts only
+/// where that forward's output `relu(affine(b))` passed ([`bn_relu_passes`]): its backward.
+fn channel_sums(
+    a: &[f32],
+    b: &[f32],
+    shift: &[f64],
+    relu: Option<&[[f64; 4]]>,
+    c: usize,
+    s: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let partials: Vec<Vec<[f64; 2]>> = a
         .par_chunks(c * s)
         .zip(b.par_chunks(c * s))
@@ -954,7 +1020,12 @@ fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec
                     let mut image = Vec::with_capacity(c);
                     for ch in 0..c {
                         let (a, b) = (&a[ch * s..(ch + 1) * s], &b[ch * s..(ch + 1) * s]);
-                        image.push(sums(a, b, shift[ch]));
+                        image.push(match relu {
+                            Some(coef) => {
+                                sums_where(a, b, shift[ch], |b| bn_relu_passes(coef[ch], b))
+                            }
+                            None => sums(a, b, shift[ch]),
+                        });
                     }
                     image
                 },
@@ -976,9 +1047,16 @@ fn channel_sums(a: &[f32], b: &[f32], shift: &[f64], c: usize, s: usize) -> (Vec
 /// ResNet's step).
 #[inline(always)]
 fn sums(a: &[f32], b: &[f32], shift: f64) -> [f64; 2] {
+    sums_where(a, b, shift, |_| true)
+}
+
+/// [`sums`] over the positions where `keep(b)`.
+#[inline(always)]
+fn sums_where(a: &[f32], b: &[f32], shift: f64, keep: impl Fn(f32) -> bool) -> [f64; 2] {
     const LANES: usize = 8;
     let (mut x, mut xy) = ([0f64; LANES], [0f64; LANES]);
     let mut add = |l: usize, a: f32, b: f32| {
+        let a = if keep(b) { a } else { 0.0 };
         x[l] += a as f64;
         xy[l] += a as f64 * (b as f64 - shift);
     };
@@ -1012,8 +1090,16 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// layer's weight gradient add up instead of averaging out: it reached 1% of the largest
 /// gradient of a ResNet's first convolution (measured against the f64 synchronised batch norm,
 /// `selfsup dist-check`). `[a, b, m, d]` for each of the `c` channels of `s` positions; each
-/// image in parallel, compiled for the widest vectors ([`widest`]).
-fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: usize) -> Vec<f32> {
+/// image in parallel, compiled for the widest vectors ([`widest`]). `relu` fuses a ReLU after
+/// it ([`Relu`]).
+fn channel_affine(
+    x: &[f32],
+    y: Option<&[f32]>,
+    coef: &[[f64; 4]],
+    relu: Relu,
+    c: usize,
+    s: usize,
+) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     out.spare_capacity_mut()[..x.len()]
         .par_chunks_mut(c * s)
@@ -1023,12 +1109,34 @@ fn channel_affine(x: &[f32], y: Option<&[f32]>, coef: &[[f64; 4]], c: usize, s: 
             let (x, y) = (&x[image.clone()], y.map(|y| &y[image]));
             widest(
                 #[inline(always)]
-                || affine_image(out, x, y, coef, s),
+                || affine_image(out, x, y, coef, relu, s),
             )
         });
     // SAFETY: the tasks above wrote every channel of every image.
     unsafe { out.set_len(x.len()) };
     out
+}
+
+/// A ReLU fused into [`channel_affine`]: none, on its output (batch norm + ReLU forward), or
+/// on its input `x` (the gradient), zeroed where the forward pass with these coefficients gave
+/// zero from `y` ([`bn_relu_passes`]: the same arithmetic, so the same mask).
+#[derive(Clone, Copy)]
+enum Relu<'a> {
+    Off,
+    Output,
+    Mask(&'a [[f64; 4]]),
+}
+
+/// Batch norm's output `a·(x − m) + d` of one value, for `[a, _, m, d]`, rounded to f32.
+#[inline(always)]
+fn bn_output([a, _, m, d]: [f64; 4], x: f32) -> f32 {
+    (a * (x as f64 - m) + d) as f32
+}
+
+/// Whether a fused batch norm + ReLU with `coef` passed input `x` through ([`relu_passes`]).
+#[inline(always)]
+fn bn_relu_passes(coef: [f64; 4], x: f32) -> bool {
+    relu_passes(bn_output(coef, x))
 }
 
 /// [`channel_affine`] of one image's `[C, S]` values (and `y`'s) into `out`.
@@ -1038,20 +1146,36 @@ fn affine_image(
     x: &[f32],
     y: Option<&[f32]>,
     coef: &[[f64; 4]],
+    relu: Relu,
     s: usize,
 ) {
     for (ch, &[a, b, m, d]) in coef.iter().enumerate() {
         let range = ch * s..(ch + 1) * s;
         let (out, x) = (&mut out[range.clone()], &x[range.clone()]);
-        match y {
-            Some(y) => {
+        match (y, relu) {
+            (Some(y), Relu::Mask(forward)) => {
+                for ((o, &x), &y) in out.iter_mut().zip(x).zip(&y[range]) {
+                    let x = if bn_relu_passes(forward[ch], y) {
+                        x
+                    } else {
+                        0.0
+                    };
+                    o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
+                }
+            }
+            (Some(y), _) => {
                 for ((o, &x), &y) in out.iter_mut().zip(x).zip(&y[range]) {
                     o.write((a * x as f64 + b * (y as f64 - m) + d) as f32);
                 }
             }
-            None => {
+            (None, Relu::Output) => {
                 for (o, &x) in out.iter_mut().zip(x) {
-                    o.write((a * (x as f64 - m) + d) as f32);
+                    o.write(relu_of(bn_output([a, b, m, d], x)));
+                }
+            }
+            (None, _) => {
+                for (o, &x) in out.iter_mut().zip(x) {
+                    o.write(bn_output([a, b, m, d], x));
                 }
             }
         }
@@ -2377,34 +2501,7 @@ impl CpuKernels for Flex {
         beta: FlexTensor,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if !fused_batch_norm(&x, [&gamma, &beta]) {
-            let r = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
-            return (r.output, r.mean, r.variance);
-        }
-        let (n, c, s) = batch_channels(&x);
-        let shape = x.shape();
-        let xs = values(&x);
-        let (gamma, beta) = (values(&gamma), values(&beta));
-        // Two passes, as burn's: the mean, then Σ(x − μ)·(x − μ) (x·(x − μ) sums the same).
-        let count = (n * s) as f64;
-        let (sum, _) = channel_sums(&xs, &xs, &vec![0.0; c], c, s);
-        let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
-        let (_, centred) = channel_sums(&xs, &xs, &mean, c, s);
-        let variance: Vec<f64> = centred.iter().map(|v| (v / count).max(0.0)).collect();
-        let coef: Vec<[f64; 4]> = (0..c)
-            .map(|ch| {
-                let scale = gamma[ch] as f64 / (variance[ch] + epsilon).sqrt();
-                [scale, 0.0, mean[ch], beta[ch] as f64]
-            })
-            .collect();
-        let output = channel_affine(&xs, None, &coef, c, s);
-        let per_channel =
-            |v: Vec<f64>| flex_tensor(v.into_iter().map(|v| v as f32).collect(), Shape::new([c]));
-        (
-            flex_tensor(output, shape),
-            per_channel(mean),
-            per_channel(variance),
-        )
+        batch_norm_forward(x, gamma, beta, epsilon, false)
     }
 
     fn batch_norm_train_backward(
@@ -2415,45 +2512,186 @@ impl CpuKernels for Flex {
         epsilon: f64,
         output_grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        if !fused_batch_norm(&x, [&gamma, &mean, &variance]) || output_grad.dtype() != DType::F32 {
-            let r = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
-                x,
-                gamma,
-                mean,
-                variance,
-                epsilon,
-                output_grad,
-            );
-            return (r.x_grad, r.gamma_grad, r.beta_grad);
-        }
-        let (n, c, s) = batch_channels(&x);
-        let shape = x.shape();
-        let (xs, dy) = (values(&x), values(&output_grad));
-        let (gamma, mean, variance) = (values(&gamma), values(&mean), values(&variance));
-        // Σdy and Σdy·(x − μ) per channel give β's and γ's gradients (Σdy·x̂ = Σdy·(x − μ)/σ).
-        let mu: Vec<f64> = mean.iter().map(|&m| m as f64).collect();
-        let (sum_dy, sum_dy_centred) = channel_sums(&dy, &xs, &mu, c, s);
-        let count = (n * s) as f64;
-        let mut gamma_grad = vec![0f32; c];
-        let coef: Vec<[f64; 4]> = (0..c)
-            .map(|ch| {
-                let inv_std = 1.0 / (variance[ch] as f64 + epsilon).sqrt();
-                let dy_xhat = sum_dy_centred[ch] * inv_std;
-                gamma_grad[ch] = dy_xhat as f32;
-                // dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy·x̂)) = a·dy + b·(x − μ) + d.
-                let a = gamma[ch] as f64 * inv_std;
-                let b = -a * inv_std * dy_xhat / count;
-                [a, b, mu[ch], -a * sum_dy[ch] / count]
-            })
-            .collect();
-        let x_grad = channel_affine(&dy, Some(&xs), &coef, c, s);
-        let beta_grad = sum_dy.iter().map(|&v| v as f32).collect();
-        (
-            flex_tensor(x_grad, shape),
-            flex_tensor(gamma_grad, Shape::new([c])),
-            flex_tensor(beta_grad, Shape::new([c])),
-        )
+        batch_norm_backward(x, [gamma, mean, variance], None, epsilon, output_grad)
     }
+
+    fn batch_norm_relu_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        batch_norm_forward(x, gamma, beta, epsilon, true)
+    }
+
+    fn batch_norm_relu_train_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        output_grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        batch_norm_backward(x, [gamma, mean, variance], Some(beta), epsilon, output_grad)
+    }
+}
+
+/// Training-mode batch norm on `flex` ([`CpuKernels::batch_norm_train`]), with `relu` a ReLU
+/// on its output in the same pass ([`CpuKernels::batch_norm_relu_train`]). The statistics in one
+/// pass, Σx and Σx² in f64 (f32 values square exactly in f64, so the variance E[x²] − μ² loses
+/// only about μ²/σ² · 1e-16 of itself). With `relu` they are returned in f64, so that its
+/// backward pass recomputes the ReLU's mask from x bit for bit. (Rounding them to f32 for
+/// the output instead moved SwAV's gradients by 6e-4 against two ranks' synchronised batch
+/// norm in `tests/dist.rs`, for 1e-5 allowed: an error alike at every position of a channel.)
+fn batch_norm_forward(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    epsilon: f64,
+    relu: bool,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    if !fused_batch_norm(&x, [&gamma, &beta]) {
+        let r = <Flex as ModuleOps<Flex>>::batch_norm_train(x, gamma, beta, epsilon);
+        let output = match relu {
+            true => <Flex as ActivationOps<Flex>>::relu(r.output),
+            false => r.output,
+        };
+        return (output, r.mean, r.variance);
+    }
+    let (n, c, s) = batch_channels(&x);
+    let shape = x.shape();
+    let xs = values(&x);
+    let (gamma, beta) = (values(&gamma), values(&beta));
+    let count = (n * s) as f64;
+    let (sum, squares) = channel_sums(&xs, &xs, &vec![0.0; c], None, c, s);
+    let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+    let variance: Vec<f64> = (squares.iter().zip(&mean))
+        .map(|(q, m)| (q / count - m * m).max(0.0))
+        .collect();
+    let coef = bn_coef(&gamma, &beta, [&mean, &variance], epsilon);
+    let output = match relu {
+        true => channel_affine(&xs, None, &coef, Relu::Output, c, s),
+        false => channel_affine(&xs, None, &coef, Relu::Off, c, s),
+    };
+    let statistic = |v: Vec<f64>| match relu {
+        true => FlexTensor::new(
+            Bytes::from_elems(v),
+            Layout::contiguous(Shape::new([c])),
+            DType::F64,
+        ),
+        false => flex_tensor(v.into_iter().map(|v| v as f32).collect(), Shape::new([c])),
+    };
+    (
+        flex_tensor(output, shape),
+        statistic(mean),
+        statistic(variance),
+    )
+}
+
+/// Batch norm's output coefficients `[γ/σ, 0, μ, β]` from its statistics `[mean, variance]`
+/// ([`channel_affine`]).
+fn bn_coef(
+    gamma: &[f32],
+    beta: &[f32],
+    [mean, variance]: [&[f64]; 2],
+    epsilon: f64,
+) -> Vec<[f64; 4]> {
+    (0..gamma.len())
+        .map(|ch| {
+            let scale = gamma[ch] as f64 / (variance[ch] + epsilon).sqrt();
+            [scale, 0.0, mean[ch], beta[ch] as f64]
+        })
+        .collect()
+}
+
+/// The values of an f32 or f64 tensor, in f64.
+fn in_f64(x: &FlexTensor) -> Vec<f64> {
+    match x.dtype() {
+        DType::F64 => x.to_contiguous().as_slice::<f64>().unwrap().to_vec(),
+        _ => values(x).iter().map(|&v| v as f64).collect(),
+    }
+}
+
+/// The gradients (x, γ, β) of [`batch_norm_forward`] from x, `[γ, mean, variance]` and the
+/// output's gradient; with `relu` (β) of its fused batch norm + ReLU, the output's gradient
+/// counted only where the forward output passed the ReLU (recomputed from x: [`Relu::Mask`]).
+fn batch_norm_backward(
+    x: FlexTensor,
+    [gamma, mean, variance]: [FlexTensor; 3],
+    relu: Option<FlexTensor>,
+    epsilon: f64,
+    output_grad: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let statistic = |t: &FlexTensor| {
+        matches!(t.dtype(), DType::F32 | DType::F64) && t.shape().num_elements() == x.shape()[1]
+    };
+    let fused = fused_batch_norm(&x, [&gamma])
+        && relu
+            .as_ref()
+            .is_none_or(|beta| fused_batch_norm(&x, [beta]))
+        && statistic(&mean)
+        && statistic(&variance)
+        && output_grad.dtype() == DType::F32;
+    if !fused {
+        // burn's ops; with the ReLU, its mask from burn's batch norm with the kept statistics.
+        let output_grad = match relu {
+            Some(beta) => {
+                let output = <Flex as ModuleOps<Flex>>::batch_norm(
+                    x.clone(),
+                    gamma.clone(),
+                    beta,
+                    mean.clone(),
+                    variance.clone(),
+                    epsilon,
+                );
+                let output = <Flex as ActivationOps<Flex>>::relu(output);
+                <Flex as CpuKernels>::relu_backward(output, output_grad)
+            }
+            None => output_grad,
+        };
+        let r = <Flex as ModuleOps<Flex>>::batch_norm_train_backward(
+            x,
+            gamma,
+            mean,
+            variance,
+            epsilon,
+            output_grad,
+        );
+        return (r.x_grad, r.gamma_grad, r.beta_grad);
+    }
+    let (n, c, s) = batch_channels(&x);
+    let shape = x.shape();
+    let (xs, dy) = (values(&x), values(&output_grad));
+    let gamma = values(&gamma);
+    let (mu, variance) = (in_f64(&mean), in_f64(&variance));
+    let forward = relu.map(|beta| bn_coef(&gamma, &values(&beta), [&mu, &variance], epsilon));
+    // Σdy and Σdy·(x − μ) per channel give β's and γ's gradients (Σdy·x̂ = Σdy·(x − μ)/σ).
+    let (sum_dy, sum_dy_centred) = channel_sums(&dy, &xs, &mu, forward.as_deref(), c, s);
+    let count = (n * s) as f64;
+    let mut gamma_grad = vec![0f32; c];
+    let coef: Vec<[f64; 4]> = (0..c)
+        .map(|ch| {
+            let inv_std = 1.0 / (variance[ch] + epsilon).sqrt();
+            let dy_xhat = sum_dy_centred[ch] * inv_std;
+            gamma_grad[ch] = dy_xhat as f32;
+            // dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy·x̂)) = a·dy + b·(x − μ) + d.
+            let a = gamma[ch] as f64 * inv_std;
+            let b = -a * inv_std * dy_xhat / count;
+            [a, b, mu[ch], -a * sum_dy[ch] / count]
+        })
+        .collect();
+    let mask = match &forward {
+        Some(forward) => Relu::Mask(forward),
+        None => Relu::Off,
+    };
+    let x_grad = channel_affine(&dy, Some(&xs), &coef, mask, c, s);
+    let beta_grad = sum_dy.iter().map(|&v| v as f32).collect();
+    (
+        flex_tensor(x_grad, shape),
+        flex_tensor(gamma_grad, Shape::new([c])),
+        flex_tensor(beta_grad, Shape::new([c])),
+    )
 }
 
 /// A normalisation's forward pass on the inner backend: (output, mean, variance) of
@@ -2893,5 +3131,79 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             <B as CpuKernels>::batch_norm_train,
             <B as CpuKernels>::batch_norm_train_backward,
         )
+    }
+
+    fn batch_norm_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        /// The backward step, from the checkpointed (x, γ, β) and the kept statistics.
+        #[derive(Debug)]
+        struct BatchNormReluBackward;
+
+        impl<B: Backend + CpuKernels> Backward<B, 3> for BatchNormReluBackward {
+            /// (x, γ, β) as checkpointed nodes, the batch mean and variance, ε.
+            type State = ([NodeId; 3], FloatTensor<B>, FloatTensor<B>, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (nodes, mean, variance, epsilon) = ops.state;
+                let [x, gamma, beta] =
+                    nodes.map(|n| checkpointer.retrieve_node_output::<FloatTensor<B>>(n));
+                let (x_grad, gamma_grad, beta_grad) =
+                    <B as CpuKernels>::batch_norm_relu_train_backward(
+                        x, gamma, beta, mean, variance, epsilon, grad,
+                    );
+                for (node, grad) in ops.parents.into_iter().zip([x_grad, gamma_grad, beta_grad]) {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let statistic = <Self as AutodiffBackend>::from_inner;
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        match BatchNormReluBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let kept = [
+                    prep.checkpoint(&x),
+                    prep.checkpoint(&gamma),
+                    prep.checkpoint(&beta),
+                ];
+                let (output, mean, variance) = <B as CpuKernels>::batch_norm_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let state = (kept, mean.clone(), variance.clone(), epsilon);
+                (
+                    prep.finish(state, output),
+                    statistic(mean),
+                    statistic(variance),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (output, mean, variance) = <B as CpuKernels>::batch_norm_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                (prep.finish(output), statistic(mean), statistic(variance))
+            }
+        }
     }
 }

@@ -46,11 +46,20 @@ fn layer(channels: usize, device: &Device) -> BatchNorm {
 /// Runs batch norm both ways on `x` (made strided when `permuted`) with a loss that weights
 /// every output differently, and compares outputs, running statistics and gradients.
 fn check_batch_norm<const D: usize>(shape: [usize; D], permuted: bool) {
-    check_batch_norm_of(shape, permuted, 2.0, 3.0);
+    check_batch_norm_of(shape, permuted, 2.0, 3.0, false);
+    check_batch_norm_of(shape, permuted, 2.0, 3.0, true);
 }
 
-/// [`check_batch_norm`] on values U(-1, 1)·`scale` + `offset`.
-fn check_batch_norm_of<const D: usize>(shape: [usize; D], permuted: bool, scale: f32, offset: f32) {
+/// [`check_batch_norm`] on values U(-1, 1)·`scale` + `offset`; with `relu`, the fused
+/// `kernels::batch_norm_relu` against burn's `relu(bn.forward(x))` (β spread around zero, so
+/// that about half the outputs are cut).
+fn check_batch_norm_of<const D: usize>(
+    shape: [usize; D],
+    permuted: bool,
+    scale: f32,
+    offset: f32,
+    relu: bool,
+) {
     let device = Device::flex().autodiff();
     let x = Tensor::<D>::from_data(random(shape, 1, scale, offset), &device).require_grad();
     let weights = Tensor::<D>::from_data(random(shape, 2, 1.0, 0.0), &device);
@@ -65,9 +74,11 @@ fn check_batch_norm_of<const D: usize>(shape: [usize; D], permuted: bool, scale:
                 .swap_dims(D - 1, D - 2),
             false => x.clone(),
         };
-        let output = match fused {
-            true => kernels::batch_norm(&bn, input),
-            false => bn.forward(input),
+        let output = match (fused, relu) {
+            (true, false) => kernels::batch_norm(&bn, input),
+            (true, true) => kernels::batch_norm_relu(&bn, input),
+            (false, false) => bn.forward(input),
+            (false, true) => burn::tensor::activation::relu(bn.forward(input)),
         };
         let grads = (output.clone() * weights.clone()).sum().backward();
         let grad = |t: Tensor<1>| t.grad(&grads).unwrap();
@@ -109,7 +120,8 @@ fn batch_norm_matches_burn_on_feature_vectors_and_sequences() {
 fn batch_norm_keeps_its_precision_when_the_mean_dwarfs_the_spread() {
     // Mean 20 standard deviations from zero over 4,096 positions a channel: E[x²] − μ² in f32
     // would lose the variance's leading digits.
-    check_batch_norm_of([2, 4, 64, 64], false, 0.5, 10.0);
+    check_batch_norm_of([2, 4, 64, 64], false, 0.5, 10.0, false);
+    check_batch_norm_of([2, 4, 64, 64], false, 0.5, 10.0, true);
 }
 
 #[test]
@@ -182,6 +194,42 @@ fn split_batch_norm_normalises_each_group_on_its_own() {
         split.running_var.value_sync(),
         mean(&|bn| bn.running_var.value_sync()),
     );
+}
+
+/// The fused split batch norm + ReLU (MoCo's ResNet) against ReLU after split batch norm:
+/// outputs and the gradients of x, γ and β.
+#[test]
+fn split_batch_norm_relu_is_relu_after_split_batch_norm() {
+    let device = Device::flex().autodiff();
+    let (shape, groups) = ([8, 3, 4, 5], 4);
+    let x = Tensor::<4>::from_data(random(shape, 11, 1.0, 0.3), &device);
+    let weights = Tensor::<4>::from_data(random(shape, 12, 1.0, 0.0), &device);
+    let run = |fused: bool| {
+        let bn = layer(shape[1], &device);
+        let x = x.clone().require_grad();
+        let y = match fused {
+            true => kernels::split_batch_norm_relu(&bn, x.clone(), groups),
+            false => kernels::relu(kernels::split_batch_norm(&bn, x.clone(), groups)),
+        };
+        let grads = (y.clone() * weights.clone()).sum().backward();
+        let grad = |t: Tensor<1>| t.grad(&grads).unwrap();
+        (
+            y,
+            x.grad(&grads).unwrap(),
+            grad(bn.gamma.val()),
+            grad(bn.beta.val()),
+        )
+    };
+    let (fused, reference) = (run(true), run(false));
+    let cut: f32 = fused.0.clone().equal_elem(0.0).float().sum().into_scalar();
+    assert!(
+        (100.0..380.0).contains(&cut),
+        "{cut} of 480 outputs cut: the ReLU is not exercised"
+    );
+    assert_close("output", fused.0, reference.0);
+    assert_close("x grad", fused.1, reference.1);
+    assert_close("gamma grad", fused.2, reference.2);
+    assert_close("beta grad", fused.3, reference.3);
 }
 
 /// A CIFAR ResNet's convolution of `channels`: 3×3 at stride 1, padding 1, no bias.
@@ -761,7 +809,7 @@ fn exp_is_within_one_ulp_of_f64() {
 #[test]
 fn every_vector_width_gives_the_same_bits() {
     // GELU, layer norm, the attention's softmax, log softmax, batch norm (its f64 sums and
-    // affine maps) and a narrow convolution (the direct correlation of its forward pass and
+    // affine maps; alone and with its fused ReLU) and a narrow convolution (the direct correlation of its forward pass and
     // input gradient),
     // forward and backward, compiled for AVX-512, AVX2 and the x86-64 baseline (as far as this
     // CPU has them): a run resumed on another CPU repeats the uninterrupted one. Odd sizes, so
@@ -780,11 +828,13 @@ fn every_vector_width_gives_the_same_bits() {
         let y = kernels::layer_norm(&ln, kernels::gelu(x.clone()), 1e-6);
         let (attended, _) = kernels::attention(qkv.clone(), 3);
         let normed = kernels::batch_norm(&bn, image.clone());
+        let rectified = kernels::batch_norm_relu(&bn, image.clone());
         let convolved = kernels::conv2d(&conv, planes.clone());
         let log_p = kernels::log_softmax(x.clone());
         let loss = y.clone().powi_scalar(2).sum()
             + attended.clone().powi_scalar(2).sum()
             + normed.clone().powi_scalar(3).sum()
+            + (rectified.clone() * image.clone()).sum()
             + convolved.clone().powi_scalar(2).sum()
             + (log_p.clone() * x.clone()).sum();
         let grads = loss.backward();
@@ -792,6 +842,7 @@ fn every_vector_width_gives_the_same_bits() {
             bits(y),
             bits(attended),
             bits(normed),
+            bits(rectified),
             bits(convolved),
             bits(log_p),
             bits(x.grad(&grads).unwrap()),

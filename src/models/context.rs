@@ -2,12 +2,12 @@
 //! encoder's feature map through a bottleneck, and a DCGAN-style discriminator (Pathak et al.
 //! 2016; Radford et al. 2016).
 
-use crate::kernels::{batch_norm, conv2d};
+use crate::kernels::{batch_norm, batch_norm_relu, conv2d};
 use crate::precision;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{leaky_relu, relu};
+use burn::tensor::activation::leaky_relu;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
@@ -202,11 +202,11 @@ impl ContextDecoder {
                 precision::linear(fc, pooled).reshape([n, width, side, side])
             }
         };
-        let mut x = relu(batch_norm(&self.start_bn, x));
+        let mut x = batch_norm_relu(&self.start_bn, x);
         for (i, up) in self.up.iter().enumerate() {
             x = precision::conv_transpose2d(up, x);
             if let Some(bn) = self.bns.get(i) {
-                x = relu(batch_norm(bn, x));
+                x = batch_norm_relu(bn, x);
             }
         }
         x

@@ -1,6 +1,6 @@
 //! Heads put on a backbone during pre-training.
 
-use crate::kernels::{batch_norm, relu};
+use crate::kernels::{batch_norm, batch_norm_relu, relu};
 use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
@@ -140,10 +140,10 @@ impl ProjectionHead {
         for (i, layer) in self.layers.iter().enumerate() {
             x = crate::precision::linear(layer, x);
             if i < last {
-                if let Some(bn) = self.norms.get(i) {
-                    x = batch_norm(bn, x);
-                }
-                x = relu(x);
+                x = match self.norms.get(i) {
+                    Some(bn) => batch_norm_relu(bn, x),
+                    None => relu(x),
+                };
             }
         }
         match &self.output_norm {

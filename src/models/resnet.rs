@@ -2,7 +2,7 @@
 //! `layer1.0.conv1`, ...), a CIFAR stem (3×3 stride-1 conv, no max-pool)
 //! or the ImageNet stem (7×7 stride-2 conv + 3×3 max-pool), and a width multiplier.
 
-use crate::kernels::{add_relu, conv2d, relu, split_batch_norm};
+use crate::kernels::{add_relu, conv2d, split_batch_norm, split_batch_norm_relu};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -232,15 +232,19 @@ impl Block {
     /// The block on `x`, batch statistics per group of `bn_splits` ([`split_batch_norm`]).
     fn forward(&self, x: Tensor<4>, bn_splits: usize) -> Tensor<4> {
         let bn = |bn: &BatchNorm, x| split_batch_norm(bn, x, bn_splits);
+        let bn_relu = |bn: &BatchNorm, x| split_batch_norm_relu(bn, x, bn_splits);
         let identity = match &self.downsample {
             Some(d) => bn(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let mut out = relu(bn(&self.bn1, conv2d(&self.conv1, x)));
-        out = bn(&self.bn2, conv2d(&self.conv2, out));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn(bn3, conv2d(conv3, relu(out)));
-        }
+        let out = bn_relu(&self.bn1, conv2d(&self.conv1, x));
+        let out = match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                let out = bn_relu(&self.bn2, conv2d(&self.conv2, out));
+                bn(bn3, conv2d(conv3, out))
+            }
+            _ => bn(&self.bn2, conv2d(&self.conv2, out)),
+        };
         add_relu(out, identity)
     }
 }
@@ -275,11 +279,7 @@ impl ResNet {
 
     /// The output of stage `stage` (1-4; `layer{stage}`), before pooling.
     fn stage_output(&self, x: Tensor<4>, stage: usize, bn_splits: usize) -> Tensor<4> {
-        let mut x = relu(split_batch_norm(
-            &self.bn1,
-            conv2d(&self.conv1, x),
-            bn_splits,
-        ));
+        let mut x = split_batch_norm_relu(&self.bn1, conv2d(&self.conv1, x), bn_splits);
         if let Some(pool) = &self.maxpool {
             x = pool.forward(x);
         }
