@@ -2614,12 +2614,12 @@ fn in_f64(x: &FlexTensor) -> Vec<f64> {
 }
 
 /// The gradients (x, γ, β) of [`batch_norm_forward`] from x, `[γ, mean, variance]` and the
-/// output's gradient; with `relu` (β) of its fused batch norm + ReLU, the output's gradient
+/// output's gradient; with `relu_beta` (β) of its fused batch norm + ReLU, the output's gradient
 /// counted only where the forward output passed the ReLU (recomputed from x: [`Relu::Mask`]).
 fn batch_norm_backward(
     x: FlexTensor,
     [gamma, mean, variance]: [FlexTensor; 3],
-    relu: Option<FlexTensor>,
+    relu_beta: Option<FlexTensor>,
     epsilon: f64,
     output_grad: FlexTensor,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
@@ -2627,7 +2627,7 @@ fn batch_norm_backward(
         matches!(t.dtype(), DType::F32 | DType::F64) && t.shape().num_elements() == x.shape()[1]
     };
     let fused = fused_batch_norm(&x, [&gamma])
-        && relu
+        && relu_beta
             .as_ref()
             .is_none_or(|beta| fused_batch_norm(&x, [beta]))
         && statistic(&mean)
@@ -2635,7 +2635,7 @@ fn batch_norm_backward(
         && output_grad.dtype() == DType::F32;
     if !fused {
         // burn's ops; with the ReLU, its mask from burn's batch norm with the kept statistics.
-        let output_grad = match relu {
+        let output_grad = match relu_beta {
             Some(beta) => {
                 let output = <Flex as ModuleOps<Flex>>::batch_norm(
                     x.clone(),
@@ -2665,7 +2665,7 @@ fn batch_norm_backward(
     let (xs, dy) = (values(&x), values(&output_grad));
     let gamma = values(&gamma);
     let (mu, variance) = (in_f64(&mean), in_f64(&variance));
-    let forward = relu.map(|beta| bn_coef(&gamma, &values(&beta), [&mu, &variance], epsilon));
+    let forward = relu_beta.map(|beta| bn_coef(&gamma, &values(&beta), [&mu, &variance], epsilon));
     // Σdy and Σdy·(x − μ) per channel give β's and γ's gradients (Σdy·x̂ = Σdy·(x − μ)/σ).
     let (sum_dy, sum_dy_centred) = channel_sums(&dy, &xs, &mu, forward.as_deref(), c, s);
     let count = (n * s) as f64;
