@@ -2570,10 +2570,8 @@ fn batch_norm_forward(
         .map(|(q, m)| (q / count - m * m).max(0.0))
         .collect();
     let coef = bn_coef(&gamma, &beta, [&mean, &variance], epsilon);
-    let output = match relu {
-        true => channel_affine(&xs, None, &coef, Relu::Output, c, s),
-        false => channel_affine(&xs, None, &coef, Relu::Off, c, s),
-    };
+    let fused = if relu { Relu::Output } else { Relu::Off };
+    let output = channel_affine(&xs, None, &coef, fused, c, s);
     let statistic = |v: Vec<f64>| match relu {
         true => FlexTensor::new(
             Bytes::from_elems(v),
@@ -2695,7 +2693,8 @@ fn batch_norm_backward(
 }
 
 /// A normalisation's forward pass on the inner backend: (output, mean, variance) of
-/// (x, γ, β, ε), and its backward: (x, γ, β) gradients of (x, γ, mean, variance, ε, output grad).
+/// (x, γ, β, ε), and its backward: (x, γ, β) gradients of (x, γ, β, mean, variance, ε, output
+/// grad) (β for a fused ReLU's mask; plain normalisations ignore it).
 pub(crate) type NormForward<B> = fn(
     FloatTensor<B>,
     FloatTensor<B>,
@@ -2703,6 +2702,7 @@ pub(crate) type NormForward<B> = fn(
     f64,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 pub(crate) type NormBackwardFn<B> = fn(
+    FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
@@ -2736,8 +2736,8 @@ struct NormBackward<B: Backend> {
 }
 
 impl<B: Backend> Backward<B, 3> for NormBackward<B> {
-    /// (x, γ) as checkpointed nodes, the batch or row mean and variance, ε.
-    type State = (NodeId, NodeId, FloatTensor<B>, FloatTensor<B>, f64);
+    /// (x, γ, β) as checkpointed nodes, the batch or row mean and variance, ε.
+    type State = ([NodeId; 3], FloatTensor<B>, FloatTensor<B>, f64);
 
     fn backward(
         self,
@@ -2747,11 +2747,10 @@ impl<B: Backend> Backward<B, 3> for NormBackward<B> {
     ) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (x, gamma, mean, variance, epsilon) = ops.state;
-        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x);
-        let gamma = checkpointer.retrieve_node_output::<FloatTensor<B>>(gamma);
+        let (kept, mean, variance, epsilon) = ops.state;
+        let [x, gamma, beta] = kept.map(|n| checkpointer.retrieve_node_output::<FloatTensor<B>>(n));
         let (x_grad, gamma_grad, beta_grad) =
-            (self.backward)(x, gamma, mean, variance, epsilon, grad);
+            (self.backward)(x, gamma, beta, mean, variance, epsilon, grad);
         for (node, grad) in [
             (node_x, x_grad),
             (node_gamma, gamma_grad),
@@ -2764,7 +2763,7 @@ impl<B: Backend> Backward<B, 3> for NormBackward<B> {
     }
 }
 
-/// Batch norm or layer norm under autodiff: the fused forward on the inner backend, (x, γ)
+/// Batch norm or layer norm under autodiff: the fused forward on the inner backend, (x, γ, β)
 /// checkpointed with the statistics it returned, and the fused backward (burn's own autodiff
 /// step for batch norm, with the fused kernels).
 pub(crate) fn normalization<B: Backend, C: CheckpointStrategy>(
@@ -2784,20 +2783,18 @@ pub(crate) fn normalization<B: Backend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(mut prep) => {
-            let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+            let kept = [
+                prep.checkpoint(&x),
+                prep.checkpoint(&gamma),
+                prep.checkpoint(&beta),
+            ];
             let (output, mean, variance) = forward(
                 x.into_primitive(),
                 gamma.into_primitive(),
                 beta.into_primitive(),
                 epsilon,
             );
-            let state = (
-                x_state,
-                gamma_state,
-                mean.clone(),
-                variance.clone(),
-                epsilon,
-            );
+            let state = (kept, mean.clone(), variance.clone(), epsilon);
             (
                 prep.finish(state, output),
                 statistic(mean),
@@ -3059,7 +3056,9 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             [x, gamma, beta],
             epsilon,
             <B as CpuKernels>::layer_norm,
-            <B as CpuKernels>::layer_norm_backward,
+            |x, gamma, _, mean, variance, epsilon, grad| {
+                <B as CpuKernels>::layer_norm_backward(x, gamma, mean, variance, epsilon, grad)
+            },
         )
     }
 
@@ -3129,7 +3128,11 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
             [x, gamma, beta],
             epsilon,
             <B as CpuKernels>::batch_norm_train,
-            <B as CpuKernels>::batch_norm_train_backward,
+            |x, gamma, _, mean, variance, epsilon, grad| {
+                <B as CpuKernels>::batch_norm_train_backward(
+                    x, gamma, mean, variance, epsilon, grad,
+                )
+            },
         )
     }
 
@@ -3139,71 +3142,11 @@ impl<B: Backend + CpuKernels, C: CheckpointStrategy> CpuKernels for Autodiff<B, 
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        /// The backward step, from the checkpointed (x, γ, β) and the kept statistics.
-        #[derive(Debug)]
-        struct BatchNormReluBackward;
-
-        impl<B: Backend + CpuKernels> Backward<B, 3> for BatchNormReluBackward {
-            /// (x, γ, β) as checkpointed nodes, the batch mean and variance, ε.
-            type State = ([NodeId; 3], FloatTensor<B>, FloatTensor<B>, f64);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let (nodes, mean, variance, epsilon) = ops.state;
-                let [x, gamma, beta] =
-                    nodes.map(|n| checkpointer.retrieve_node_output::<FloatTensor<B>>(n));
-                let (x_grad, gamma_grad, beta_grad) =
-                    <B as CpuKernels>::batch_norm_relu_train_backward(
-                        x, gamma, beta, mean, variance, epsilon, grad,
-                    );
-                for (node, grad) in ops.parents.into_iter().zip([x_grad, gamma_grad, beta_grad]) {
-                    if let Some(node) = node {
-                        grads.register::<B>(node.id, grad);
-                    }
-                }
-            }
-        }
-
-        let statistic = <Self as AutodiffBackend>::from_inner;
-        let nodes = [x.node(), gamma.node(), beta.node()];
-        match BatchNormReluBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let kept = [
-                    prep.checkpoint(&x),
-                    prep.checkpoint(&gamma),
-                    prep.checkpoint(&beta),
-                ];
-                let (output, mean, variance) = <B as CpuKernels>::batch_norm_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                let state = (kept, mean.clone(), variance.clone(), epsilon);
-                (
-                    prep.finish(state, output),
-                    statistic(mean),
-                    statistic(variance),
-                )
-            }
-            OpsKind::UnTracked(prep) => {
-                let (output, mean, variance) = <B as CpuKernels>::batch_norm_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
-                (prep.finish(output), statistic(mean), statistic(variance))
-            }
-        }
+        normalization::<B, C>(
+            [x, gamma, beta],
+            epsilon,
+            <B as CpuKernels>::batch_norm_relu_train,
+            <B as CpuKernels>::batch_norm_relu_train_backward,
+        )
     }
 }

@@ -195,7 +195,9 @@ impl<B: Backend + Collective, C: CheckpointStrategy> Collective for Autodiff<B, 
             [x, gamma, beta],
             epsilon,
             <B as Collective>::sync_batch_norm,
-            <B as Collective>::sync_batch_norm_backward,
+            |x, gamma, _, mean, variance, epsilon, grad| {
+                <B as Collective>::sync_batch_norm_backward(x, gamma, mean, variance, epsilon, grad)
+            },
         )
     }
 }
