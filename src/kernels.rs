@@ -1074,13 +1074,34 @@ fn sums_where(a: &[f32], b: &[f32], shift: f64, keep: impl Fn(f32) -> bool) -> [
 }
 
 /// Adds up per-task partial sums in task order, so that a parallel reduction gives the same
-/// bits on every run.
+/// bits on every run; in parallel chunks of [`CHUNK`] (a ResNet-18's last weight gradient is
+/// 2.4M values a task).
 fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut total = vec![0f32; len];
-    for partial in partials {
-        total.iter_mut().zip(&partial).for_each(|(t, p)| *t += p);
-    }
+    total.par_chunks_mut(CHUNK).enumerate().for_each(|(i, total)| {
+        for partial in &partials {
+            let partial = &partial[i * CHUNK..i * CHUNK + total.len()];
+            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+        }
+    });
     total
+}
+
+/// The transpose `[cols, rows]` of the row-major `[rows, cols]` matrix `m`, in parallel tiles
+/// of 16 output rows (each input read a cache line at a time).
+fn transposed(m: &[f32], [rows, cols]: [usize; 2]) -> Vec<f32> {
+    const TILE: usize = 16;
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(tile, out)| {
+        let first = tile * TILE;
+        let width = out.len() / rows.max(1);
+        for (r, row) in m.chunks_exact(cols).enumerate() {
+            for (j, &v) in row[first..first + width].iter().enumerate() {
+                out[j * rows + r] = v;
+            }
+        }
+    });
+    out
 }
 
 /// Per channel, in f64 and rounded to f32 once per element: `a·(x − m) + d` (batch norm's
@@ -1547,12 +1568,27 @@ impl ConvShape {
         }
     }
 
-    /// A buffer for [`ConvShape::columns`] (empty when the image is its own column matrix, or
-    /// when the convolution runs tap by tap).
-    fn column_buffer(&self) -> Vec<f32> {
+    /// Images whose column matrices one product takes side by side, `[C·kh·kw, G·OH·OW]`, when
+    /// each task holds `per_task`: enough for about [`GROUP_COLUMNS`] columns. A product per
+    /// image streamed the weights `[Co, C·kh·kw]` once per image, for OH·OW columns: 16 at a
+    /// ResNet-18's 4 px, whose 512→512 weights (9.4 MB) outgrow a core's L2, and its weight
+    /// gradient read and wrote a 9.4 MB sum per image; `conv_layers` at width 1 ran that layer at
+    /// 186 / 94 GFLOP/s forward / backward where PyTorch ran 363 / 306 (BENCHMARKS.md, issue
+    /// 30's eighteenth round). One where the image is its own column matrix or the convolution
+    /// runs tap by tap.
+    fn images_per_product(&self, per_task: usize) -> usize {
+        match self.is_pointwise() || self.is_tap_by_tap() {
+            true => 1,
+            false => (GROUP_COLUMNS / self.positions()).clamp(1, per_task),
+        }
+    }
+
+    /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
+    /// column matrix, or when the convolution runs tap by tap).
+    fn column_buffer(&self, group: usize) -> Vec<f32> {
         match self.is_pointwise() || self.is_tap_by_tap() {
             true => Vec::new(),
-            false => vec![0f32; self.rows() * self.positions()],
+            false => vec![0f32; self.rows() * self.positions() * group],
         }
     }
 
@@ -1607,13 +1643,14 @@ impl ConvShape {
 
     /// The weight matrices of this convolution's products rounded to bf16 and packed once for
     /// all its images, where the products run in bf16 ([`runs_in_bf16`]); none where they run
-    /// in f32. One `[Co, K]` matrix of `ws` `[Co, C, kh, kw]`, or on the tap-by-tap path one
+    /// in f32. One `[Co, K]` matrix of `ws` `[Co, C, kh, kw]` (for products of `group` images),
+    /// or on the tap-by-tap path one
     /// `[Co, C]` a tap of `tap_major` ([`ConvShape::tap_major`]); `transposed` (`[K, Co]`) for
     /// the input gradient.
     fn packed_weights(
         &self,
         (ws, tap_major): (&[f32], &[f32]),
-        co: usize,
+        (co, group): (usize, usize),
         transposed: bool,
     ) -> Vec<crate::bf16::PackedA> {
         let (k, n, mats) = match self.is_tap_by_tap() {
@@ -1622,7 +1659,7 @@ impl ConvShape {
                 let taps = (0..taps).map(|t| &tap_major[t * co * c..]).collect();
                 (c, wide, taps)
             }
-            false => (self.rows(), self.positions(), vec![ws]),
+            false => (self.rows(), self.positions() * group, vec![ws]),
         };
         let (dims, strides) = match transposed {
             false => ([co, k, n], (k, 1)),
@@ -1762,14 +1799,22 @@ impl ConvShape {
         }
     }
 
-    /// The column matrix `[C·kh·kw, OH·OW]` of `image`: the image itself for a pointwise
-    /// convolution, else its im2col in `buffer` ([`ConvShape::column_index`]'s `index`).
-    fn columns<'a>(&self, image: &'a [f32], index: &[u32], buffer: &'a mut [f32]) -> &'a [f32] {
+    /// The column matrix `[C·kh·kw, G·OH·OW]` of the G `images` `[G, C, H, W]`: the image
+    /// itself for a pointwise convolution (G = 1), else their im2col in `buffer`
+    /// ([`ConvShape::column_index`]'s `index`).
+    fn columns<'a>(&self, images: &'a [f32], index: &[u32], buffer: &'a mut [f32]) -> &'a [f32] {
         if self.is_pointwise() {
-            return image;
+            return images;
         }
-        im2col(image, index, buffer);
-        buffer
+        let (image, positions) = (self.image_len(), self.positions());
+        let cols = &mut buffer[..images.len() / image * self.rows() * positions];
+        im2col(images, (image, positions), index, cols);
+        cols
+    }
+
+    /// Values of one input image, C·H·W.
+    fn image_len(&self) -> usize {
+        self.channels * self.input[0] * self.input[1]
     }
 
     /// For each entry of the column matrix `[C·kh·kw, OH·OW]`, the index of the value of the
@@ -1798,27 +1843,57 @@ impl ConvShape {
     }
 }
 
-/// im2col: `image` `[C, H, W]` into `cols` `[C·kh·kw, OH·OW]` by its
-/// [`ConvShape::column_index`] (zero where the kernel reads padding).
-fn im2col(image: &[f32], index: &[u32], cols: &mut [f32]) {
+/// im2col: the G `images` `[G, C, H, W]` (`image` values each) side by side into `cols`
+/// `[C·kh·kw, G·P]` (P = OH·OW `positions`) by their [`ConvShape::column_index`] `index` (zero where the kernel
+/// reads padding).
+fn im2col(images: &[f32], (image, positions): (usize, usize), index: &[u32], cols: &mut [f32]) {
+    let group = images.len() / image;
     widest(
         #[inline(always)]
         || {
-            for (c, &i) in cols.iter_mut().zip(index) {
-                *c = image.get(i as usize).copied().unwrap_or(0.0);
+            let rows = cols.chunks_exact_mut(group * positions).zip(index.chunks_exact(positions));
+            for (row, index) in rows {
+                for (part, image) in row.chunks_exact_mut(positions).zip(images.chunks_exact(image)) {
+                    for (c, &i) in part.iter_mut().zip(index) {
+                        *c = image.get(i as usize).copied().unwrap_or(0.0);
+                    }
+                }
             }
         },
     )
 }
 
-/// col2im: adds `cols` `[C·kh·kw, OH·OW]` back onto `image` `[C, H, W]` by its
-/// [`ConvShape::column_index`] (the adjoint of [`im2col`]). Each image value sums its terms in
-/// the order of the kernel taps, as Caffe's col2im.
-fn col2im(cols: &[f32], index: &[u32], image: &mut [f32]) {
-    for (&g, &i) in cols.iter().zip(index) {
-        if let Some(v) = image.get_mut(i as usize) {
-            *v += g;
+/// col2im: adds `cols` `[C·kh·kw, G·P]` back onto the G `images` `[G, C, H, W]` (`image`
+/// values each, P = OH·OW `positions`) by their [`ConvShape::column_index`] `index` (the adjoint of [`im2col`]). Each
+/// image value sums its terms in the order of the kernel taps, as Caffe's col2im.
+fn col2im(cols: &[f32], index: &[u32], images: &mut [f32], (image, positions): (usize, usize)) {
+    let group = images.len() / image;
+    let rows = cols.chunks_exact(group * positions).zip(index.chunks_exact(positions));
+    for (row, index) in rows {
+        for (part, image) in row.chunks_exact(positions).zip(images.chunks_exact_mut(image)) {
+            for (&g, &i) in part.iter().zip(index) {
+                if let Some(v) = image.get_mut(i as usize) {
+                    *v += g;
+                }
+            }
         }
+    }
+}
+
+/// Copies G images' `[Co, P]` blocks, `images` `[G, Co, P]`, side by side into `grouped`
+/// `[Co, G·P]`.
+fn group_blocks(images: &[f32], (co, positions): (usize, usize), grouped: &mut [f32]) {
+    let n = grouped.len() / co;
+    for (i, image) in images.chunks_exact(co * positions).enumerate() {
+        copy_rows(image, positions, &mut grouped[i * positions..], n, co, positions);
+    }
+}
+
+/// The inverse of [`group_blocks`]: `grouped` `[Co, G·P]` into `images` `[G, Co, P]`.
+fn ungroup_blocks(grouped: &[f32], (co, positions): (usize, usize), images: &mut [f32]) {
+    let n = grouped.len() / co;
+    for (i, image) in images.chunks_exact_mut(co * positions).enumerate() {
+        copy_rows(&grouped[i * positions..], n, image, positions, co, positions);
     }
 }
 
@@ -1855,6 +1930,11 @@ struct DirectForward {
 /// faster than gemm's tap products; the input gradient of 8 output channels faster, of 16 not.
 const DIRECT_FORWARD: usize = 16;
 const DIRECT_BACKWARD: usize = 8;
+
+/// Columns a product of the column path aims at ([`ConvShape::images_per_product`]): 256 ran
+/// a ResNet-18's 4 px layer's backward pass 1.3× faster than 128 (`conv_layers -- 1.0 128`);
+/// 512 was no faster at 8 px.
+const GROUP_COLUMNS: usize = 256;
 
 /// How many images each parallel task of a convolution takes: the batch in 8 tasks whatever the
 /// number of threads, so that the weight gradient's per-task sums (added in task order) give
@@ -2346,38 +2426,45 @@ impl CpuKernels for Flex {
             true => shape.tap_major(&ws, co),
             false => Vec::new(),
         };
-        let packed = shape.packed_weights((&ws, &tap_major), co, false);
+        let group = shape.images_per_product(per_task);
+        let packed = shape.packed_weights((&ws, &tap_major), (co, group), false);
         let direct = shape.direct_forward(&ws, co);
         let index = shape.column_index();
         output.spare_capacity_mut()[..n * co * positions]
             .par_chunks_mut(per_task * co * positions)
             .enumerate()
             .for_each(|(task, out)| {
-                let mut cols = shape.column_buffer();
+                let mut cols = shape.column_buffer(group);
+                let mut grouped = vec![0f32; if group > 1 { co * group * positions } else { 0 }];
                 let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
-                for (i, out) in out.chunks_mut(co * positions).enumerate() {
+                for (g, out) in out.chunks_mut(group * co * positions).enumerate() {
                     let out = zeroed(out);
-                    let b = task * per_task + i;
-                    let image = &xs[b * image..(b + 1) * image];
+                    let (first, count) = (task * per_task + g * group, out.len() / (co * positions));
+                    let images = &xs[first * image..(first + count) * image];
                     if shape.is_tap_by_tap() {
-                        shape.pad(image, &mut padded);
+                        shape.pad(images, &mut padded);
                         let weights = (&tap_major[..], &packed[..], direct.as_ref());
                         shape.forward_taps(weights, co, &padded, &mut wide);
                         let ([oh, ow], wp) = (shape.output, shape.padded()[1]);
                         copy_rows(&wide, wp, out, ow, co * oh, ow);
                         continue;
                     }
-                    let cols = shape.columns(image, &index, &mut cols);
-                    // out[Co, P] = W[Co, K] · cols[K, P]
+                    let cols = shape.columns(images, &index, &mut cols);
+                    let n = count * positions;
+                    // out[Co, G·P] = W[Co, K] · cols[K, G·P], the images side by side.
+                    let grouped = &mut grouped[..if count > 1 { co * n } else { 0 }];
                     gemm_reusing(
                         products,
-                        [co, rows, positions],
+                        [co, rows, n],
                         ((&ws, rows, 1), packed.first()),
-                        (cols, positions, 1),
-                        (out, positions),
+                        (cols, n, 1),
+                        (if count > 1 { &mut *grouped } else { &mut *out }, n),
                         false,
                         1.0,
                     );
+                    if count > 1 {
+                        ungroup_blocks(grouped, (co, positions), out);
+                    }
                 }
             });
         // SAFETY: every image's part went through `zeroed` above.
@@ -2417,7 +2504,8 @@ impl CpuKernels for Flex {
             false => Vec::new(),
         };
         // The weights transposed, packed for the input gradient's products.
-        let packed = shape.packed_weights((&ws, &tap_major), co, true);
+        let group = shape.images_per_product(per_task);
+        let packed = shape.packed_weights((&ws, &tap_major), (co, group), true);
         let direct = shape.direct_backward_terms(co);
         let index = shape.column_index();
         let weight_grad: Vec<Vec<f32>> = x_grad.spare_capacity_mut()[..xs.len()]
@@ -2427,17 +2515,18 @@ impl CpuKernels for Flex {
                 // Kept transposed, [K, Co]: gemm makes its destination column-major, so the
                 // operand it packs whole is then dy [Co, P], not the K/Co times larger cols.
                 let mut weight_grad_t = vec![0f32; rows * co];
-                let mut cols = shape.column_buffer();
+                let mut cols = shape.column_buffer(group);
                 let mut col_grad = cols.clone();
+                let mut grouped = vec![0f32; if group > 1 { co * group * positions } else { 0 }];
                 let (mut padded, mut grad) = (shape.padded_buffer(), shape.grad_buffer(co));
                 let mut padded_grad = padded.clone();
-                for (i, dx) in dx.chunks_mut(image).enumerate() {
+                for (g, dx) in dx.chunks_mut(group * image).enumerate() {
                     let dx = zeroed(dx);
-                    let b = task * per_task + i;
-                    let dy = &dy[b * co * positions..(b + 1) * co * positions];
-                    let image = &xs[b * image..(b + 1) * image];
+                    let (first, count) = (task * per_task + g * group, dx.len() / image);
+                    let dy = &dy[first * co * positions..(first + count) * co * positions];
+                    let images = &xs[first * image..(first + count) * image];
                     if shape.is_tap_by_tap() {
-                        shape.pad(image, &mut padded);
+                        shape.pad(images, &mut padded);
                         shape.spread_grad(dy, co, &mut grad);
                         shape.backward_taps(
                             (&tap_major, &packed, co, direct.as_deref()),
@@ -2449,34 +2538,37 @@ impl CpuKernels for Flex {
                         shape.unpad(&padded_grad, dx);
                         continue;
                     }
-                    // dWᵀ[K, Co] += cols[K, P] · dy[Co, P]ᵀ
-                    let cols = shape.columns(image, &index, &mut cols);
+                    // The images side by side: dy[Co, G·P], cols[K, G·P].
+                    let n = count * positions;
+                    let dy = match count {
+                        1 => dy,
+                        _ => {
+                            group_blocks(dy, (co, positions), &mut grouped[..co * n]);
+                            &grouped[..co * n]
+                        }
+                    };
+                    // dWᵀ[K, Co] += cols[K, G·P] · dy[Co, G·P]ᵀ
+                    let cols = shape.columns(images, &index, &mut cols);
                     gemm(
                         products,
-                        [rows, positions, co],
-                        (cols, positions, 1),
-                        (dy, 1, positions),
+                        [rows, n, co],
+                        (cols, n, 1),
+                        (dy, 1, n),
                         &mut weight_grad_t,
                         true,
                     );
-                    // dcols[K, P] = W[Co, K]ᵀ · dy[Co, P], folded back onto the image.
+                    // dcols[K, G·P] = W[Co, K]ᵀ · dy[Co, G·P], folded back onto the images.
                     let transposed = ((&ws[..], 1, rows), packed.first());
-                    let dy = (dy, positions, 1);
-                    let dims = [rows, co, positions];
+                    let dy = (dy, n, 1);
+                    let dims = [rows, co, n];
                     match shape.is_pointwise() {
-                        true => gemm_reusing(
-                            products,
-                            dims,
-                            transposed,
-                            dy,
-                            (dx, positions),
-                            false,
-                            1.0,
-                        ),
+                        true => {
+                            gemm_reusing(products, dims, transposed, dy, (dx, n), false, 1.0)
+                        }
                         false => {
-                            let grad = (&mut col_grad[..], positions);
+                            let grad = (&mut col_grad[..rows * n], n);
                             gemm_reusing(products, dims, transposed, dy, grad, false, 1.0);
-                            col2im(&col_grad, &index, dx);
+                            col2im(&col_grad[..rows * n], &index, dx, (image, positions));
                         }
                     }
                 }
@@ -2486,9 +2578,7 @@ impl CpuKernels for Flex {
         // SAFETY: every image's part went through `zeroed` above.
         unsafe { x_grad.set_len(xs.len()) };
         let weight_grad_t = sum_in_order(weight_grad, co * rows);
-        let weight_grad = (0..co * rows)
-            .map(|i| weight_grad_t[(i % rows) * co + i / rows])
-            .collect();
+        let weight_grad = transposed(&weight_grad_t, [rows, co]);
         (
             flex_tensor(x_grad, x.shape()),
             flex_tensor(weight_grad, weight.shape()),

@@ -326,6 +326,17 @@ fn conv_matches_burn_for_resnet_layers() {
 }
 
 #[test]
+fn conv_matches_burn_when_a_product_takes_several_images() {
+    // Small output grids multiply several images' column matrices side by side: 41 images in
+    // tasks of 6 (the last of 5), at 8 px four to a product (groups of 4 and 2, 4 and 1), at
+    // 4 px and at stride 2 a task's images all in one product.
+    check_conv([41, 3, 8, 8], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([41, 3, 4, 4], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([41, 3, 9, 8], 4, [3, 3], [2, 2], [1; 4], [1, 1], true);
+    check_conv([41, 3, 8, 8], 4, [1, 1], [2, 2], [0; 4], [1, 1], false);
+}
+
+#[test]
 fn conv_matches_burn_for_pointwise_patch_and_odd_geometries() {
     // 1×1 at stride 1 (the image is its own column matrix), a ViT patch embedding with bias,
     // asymmetric padding, dilation, dilation with stride 2 and asymmetric padding, a kernel
