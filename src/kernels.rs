@@ -1089,7 +1089,7 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 
 /// The transpose `[cols, rows]` of the row-major `[rows, cols]` matrix `m`, in parallel tiles
 /// of 16 output rows (each input read a cache line at a time).
-fn transposed(m: &[f32], [rows, cols]: [usize; 2]) -> Vec<f32> {
+fn transpose(m: &[f32], [rows, cols]: [usize; 2]) -> Vec<f32> {
     const TILE: usize = 16;
     let mut out = vec![0f32; rows * cols];
     out.par_chunks_mut(TILE * rows).enumerate().for_each(|(tile, out)| {
@@ -1583,6 +1583,38 @@ impl ConvShape {
         }
     }
 
+    /// Whether the weight gradient of `n` images and `co` output channels is one product over
+    /// all the images' column matrices ([`ConvShape::weight_grad`]) rather than a sum per
+    /// parallel task: where the [`TASKS`] sums `[C·kh·kw, Co]` outweigh the column matrices
+    /// `[C·kh·kw, N·OH·OW]`. At a ResNet-18's 4 px at batch 128 each task zeroed a 9.4 MB sum,
+    /// read and wrote it in its product and handed it to a serial addition. The column matrices
+    /// take at most the memory those sums took.
+    fn weight_grad_at_once(&self, n: usize, co: usize) -> bool {
+        !self.is_pointwise() && !self.is_tap_by_tap() && TASKS * co > n * self.positions()
+    }
+
+    /// The weight gradient `[Co, C·kh·kw]` of the images `xs` `[N, C, H, W]` for the output
+    /// gradient `dy` `[N, Co, OH·OW]` in one product, `dW[Co, K] = dy[Co, N·P] · cols[K, N·P]ᵀ`,
+    /// split over the output by gemm's threads (whose bits do not depend on their number);
+    /// `index` is the [`ConvShape::column_index`].
+    fn weight_grad(&self, xs: &[f32], dy: &[f32], co: usize, index: &[u32]) -> Vec<f32> {
+        let (image, positions) = (self.image_len(), self.positions());
+        let np = xs.len() / image * positions;
+        let mut grouped = zeros(co * np);
+        grouped.par_chunks_mut(np).enumerate().for_each(|(c, row)| {
+            let images = row.chunks_exact_mut(positions).zip(dy.chunks_exact(co * positions));
+            for (row, dy) in images {
+                row.copy_from_slice(&dy[c * positions..(c + 1) * positions]);
+            }
+        });
+        let mut cols = zeros(self.rows() * np);
+        cols.par_chunks_mut(np)
+            .zip(index.par_chunks(positions))
+            .for_each(|(row, index)| im2col(xs, (image, positions), index, row));
+        let dims = [co, np, self.rows()];
+        product(self.geometry.products, dims, (&grouped, np, 1), (&cols, 1, np))
+    }
+
     /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
     /// column matrix, or when the convolution runs tap by tap).
     fn column_buffer(&self, group: usize) -> Vec<f32> {
@@ -1936,12 +1968,16 @@ const DIRECT_BACKWARD: usize = 8;
 /// 512 was no faster at 8 px.
 const GROUP_COLUMNS: usize = 256;
 
-/// How many images each parallel task of a convolution takes: the batch in 8 tasks whatever the
-/// number of threads, so that the weight gradient's per-task sums (added in task order) give
-/// the same bits on any machine; 8 keeps 2-8 cores busy and the per-task gradient copies few.
+/// How many images each parallel task of a convolution takes: the batch in [`TASKS`] tasks
+/// whatever the number of threads, so that the weight gradient's per-task sums (added in task
+/// order) give the same bits on any machine.
 fn images_per_task(batch: usize) -> usize {
-    batch.div_ceil(8).max(1)
+    batch.div_ceil(TASKS).max(1)
 }
+
+/// A convolution's parallel tasks ([`images_per_task`]): 8 keeps 2-8 cores busy and the
+/// per-task gradient sums few.
+const TASKS: usize = 8;
 
 /// Rows of `[rows, D]` per parallel task: about 16K values.
 fn rows_per_task(d: usize) -> usize {
@@ -2508,13 +2544,14 @@ impl CpuKernels for Flex {
         let packed = shape.packed_weights((&ws, &tap_major), (co, group), true);
         let direct = shape.direct_backward_terms(co);
         let index = shape.column_index();
+        let at_once = shape.weight_grad_at_once(n, co);
         let weight_grad: Vec<Vec<f32>> = x_grad.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(per_task * image)
             .enumerate()
             .map(|(task, dx)| {
                 // Kept transposed, [K, Co]: gemm makes its destination column-major, so the
                 // operand it packs whole is then dy [Co, P], not the K/Co times larger cols.
-                let mut weight_grad_t = vec![0f32; rows * co];
+                let mut weight_grad_t = vec![0f32; if at_once { 0 } else { rows * co }];
                 let mut cols = shape.column_buffer(group);
                 let mut col_grad = cols.clone();
                 let mut grouped = vec![0f32; if group > 1 { co * group * positions } else { 0 }];
@@ -2547,16 +2584,12 @@ impl CpuKernels for Flex {
                             &grouped[..co * n]
                         }
                     };
-                    // dWᵀ[K, Co] += cols[K, G·P] · dy[Co, G·P]ᵀ
-                    let cols = shape.columns(images, &index, &mut cols);
-                    gemm(
-                        products,
-                        [rows, n, co],
-                        (cols, n, 1),
-                        (dy, 1, n),
-                        &mut weight_grad_t,
-                        true,
-                    );
+                    if !at_once {
+                        // dWᵀ[K, Co] += cols[K, G·P] · dy[Co, G·P]ᵀ
+                        let cols = shape.columns(images, &index, &mut cols);
+                        let (cols, dy) = ((cols, n, 1), (dy, 1, n));
+                        gemm(products, [rows, n, co], cols, dy, &mut weight_grad_t, true);
+                    }
                     // dcols[K, G·P] = W[Co, K]ᵀ · dy[Co, G·P], folded back onto the images.
                     let transposed = ((&ws[..], 1, rows), packed.first());
                     let dy = (dy, n, 1);
@@ -2577,8 +2610,10 @@ impl CpuKernels for Flex {
             .collect();
         // SAFETY: every image's part went through `zeroed` above.
         unsafe { x_grad.set_len(xs.len()) };
-        let weight_grad_t = sum_in_order(weight_grad, co * rows);
-        let weight_grad = transposed(&weight_grad_t, [rows, co]);
+        let weight_grad = match at_once {
+            true => shape.weight_grad(&xs, &dy, co, &index),
+            false => transpose(&sum_in_order(weight_grad, co * rows), [rows, co]),
+        };
         (
             flex_tensor(x_grad, x.shape()),
             flex_tensor(weight_grad, weight.shape()),

@@ -334,6 +334,9 @@ fn conv_matches_burn_when_a_product_takes_several_images() {
     check_conv([41, 3, 4, 4], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([41, 3, 9, 8], 4, [3, 3], [2, 2], [1; 4], [1, 1], true);
     check_conv([41, 3, 8, 8], 4, [1, 1], [2, 2], [0; 4], [1, 1], false);
+    // More output channels than columns over the batch: the weight gradient in one product.
+    check_conv([5, 3, 4, 4], 24, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([5, 3, 8, 8], 24, [3, 3], [2, 2], [1; 4], [1, 1], false);
 }
 
 #[test]
