@@ -49,6 +49,7 @@ fn best(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    selfsup::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
