@@ -7,7 +7,9 @@
 //!   convolution): in a ResNet step, the copies and the idle second core cost more than the
 //!   arithmetic. Here forward and both gradients are gemms on the NCHW layout, in parallel over
 //!   the batch, with no layout copies: at stride 1 one gemm a kernel tap reading the
-//!   zero-padded image in place, else Caffe's im2col + gemm.
+//!   zero-padded image in place, else Caffe's im2col + gemm, with several images' columns side
+//!   by side in one product where the output grid is small (a ResNet's 4-8 px stages), and the
+//!   weight gradient as one product over the batch where the weights outweigh the columns.
 //! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
