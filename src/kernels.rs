@@ -1080,12 +1080,15 @@ fn sums_where(a: &[f32], b: &[f32], shift: f64, keep: impl Fn(f32) -> bool) -> [
 /// 2.4M values a task).
 fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut total = vec![0f32; len];
-    total.par_chunks_mut(CHUNK).enumerate().for_each(|(i, total)| {
-        for partial in &partials {
-            let partial = &partial[i * CHUNK..i * CHUNK + total.len()];
-            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
-        }
-    });
+    total
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, total)| {
+            for partial in &partials {
+                let partial = &partial[i * CHUNK..i * CHUNK + total.len()];
+                total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+            }
+        });
     total
 }
 
@@ -1094,15 +1097,17 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 fn transpose(m: &[f32], [rows, cols]: [usize; 2]) -> Vec<f32> {
     const TILE: usize = 16;
     let mut out = vec![0f32; rows * cols];
-    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(tile, out)| {
-        let first = tile * TILE;
-        let width = out.len() / rows.max(1);
-        for (r, row) in m.chunks_exact(cols).enumerate() {
-            for (j, &v) in row[first..first + width].iter().enumerate() {
-                out[j * rows + r] = v;
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(tile, out)| {
+            let first = tile * TILE;
+            let width = out.len() / rows.max(1);
+            for (r, row) in m.chunks_exact(cols).enumerate() {
+                for (j, &v) in row[first..first + width].iter().enumerate() {
+                    out[j * rows + r] = v;
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -1604,7 +1609,9 @@ impl ConvShape {
         let np = xs.len() / image * positions;
         let mut grouped = zeros(co * np);
         grouped.par_chunks_mut(np).enumerate().for_each(|(c, row)| {
-            let images = row.chunks_exact_mut(positions).zip(dy.chunks_exact(co * positions));
+            let images = row
+                .chunks_exact_mut(positions)
+                .zip(dy.chunks_exact(co * positions));
             for (row, dy) in images {
                 row.copy_from_slice(&dy[c * positions..(c + 1) * positions]);
             }
@@ -1614,7 +1621,12 @@ impl ConvShape {
             .zip(index.par_chunks(positions))
             .for_each(|(row, index)| im2col(xs, (image, positions), index, row));
         let dims = [co, np, self.rows()];
-        product(self.geometry.products, dims, (&grouped, np, 1), (&cols, 1, np))
+        product(
+            self.geometry.products,
+            dims,
+            (&grouped, np, 1),
+            (&cols, 1, np),
+        )
     }
 
     /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
@@ -1885,9 +1897,14 @@ fn im2col(images: &[f32], (image, positions): (usize, usize), index: &[u32], col
     widest(
         #[inline(always)]
         || {
-            let rows = cols.chunks_exact_mut(group * positions).zip(index.chunks_exact(positions));
+            let rows = cols
+                .chunks_exact_mut(group * positions)
+                .zip(index.chunks_exact(positions));
             for (row, index) in rows {
-                for (part, image) in row.chunks_exact_mut(positions).zip(images.chunks_exact(image)) {
+                for (part, image) in row
+                    .chunks_exact_mut(positions)
+                    .zip(images.chunks_exact(image))
+                {
                     for (c, &i) in part.iter_mut().zip(index) {
                         *c = image.get(i as usize).copied().unwrap_or(0.0);
                     }
@@ -1902,9 +1919,14 @@ fn im2col(images: &[f32], (image, positions): (usize, usize), index: &[u32], col
 /// image value sums its terms in the order of the kernel taps, as Caffe's col2im.
 fn col2im(cols: &[f32], index: &[u32], images: &mut [f32], (image, positions): (usize, usize)) {
     let group = images.len() / image;
-    let rows = cols.chunks_exact(group * positions).zip(index.chunks_exact(positions));
+    let rows = cols
+        .chunks_exact(group * positions)
+        .zip(index.chunks_exact(positions));
     for (row, index) in rows {
-        for (part, image) in row.chunks_exact(positions).zip(images.chunks_exact_mut(image)) {
+        for (part, image) in row
+            .chunks_exact(positions)
+            .zip(images.chunks_exact_mut(image))
+        {
             for (&g, &i) in part.iter().zip(index) {
                 if let Some(v) = image.get_mut(i as usize) {
                     *v += g;
@@ -1919,7 +1941,14 @@ fn col2im(cols: &[f32], index: &[u32], images: &mut [f32], (image, positions): (
 fn group_blocks(images: &[f32], (co, positions): (usize, usize), grouped: &mut [f32]) {
     let n = grouped.len() / co;
     for (i, image) in images.chunks_exact(co * positions).enumerate() {
-        copy_rows(image, positions, &mut grouped[i * positions..], n, co, positions);
+        copy_rows(
+            image,
+            positions,
+            &mut grouped[i * positions..],
+            n,
+            co,
+            positions,
+        );
     }
 }
 
@@ -1927,7 +1956,14 @@ fn group_blocks(images: &[f32], (co, positions): (usize, usize), grouped: &mut [
 fn ungroup_blocks(grouped: &[f32], (co, positions): (usize, usize), images: &mut [f32]) {
     let n = grouped.len() / co;
     for (i, image) in images.chunks_exact_mut(co * positions).enumerate() {
-        copy_rows(&grouped[i * positions..], n, image, positions, co, positions);
+        copy_rows(
+            &grouped[i * positions..],
+            n,
+            image,
+            positions,
+            co,
+            positions,
+        );
     }
 }
 
@@ -2477,7 +2513,8 @@ impl CpuKernels for Flex {
                 let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
                 for (g, out) in out.chunks_mut(group * co * positions).enumerate() {
                     let out = zeroed(out);
-                    let (first, count) = (task * per_task + g * group, out.len() / (co * positions));
+                    let (first, count) =
+                        (task * per_task + g * group, out.len() / (co * positions));
                     let images = &xs[first * image..(first + count) * image];
                     if shape.is_tap_by_tap() {
                         shape.pad(images, &mut padded);
@@ -2597,9 +2634,7 @@ impl CpuKernels for Flex {
                     let dy = (dy, n, 1);
                     let dims = [rows, co, n];
                     match shape.is_pointwise() {
-                        true => {
-                            gemm_reusing(products, dims, transposed, dy, (dx, n), false, 1.0)
-                        }
+                        true => gemm_reusing(products, dims, transposed, dy, (dx, n), false, 1.0),
                         false => {
                             let grad = (&mut col_grad[..rows * n], n);
                             gemm_reusing(products, dims, transposed, dy, grad, false, 1.0);
