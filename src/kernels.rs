@@ -1890,8 +1890,8 @@ impl ConvShape {
 }
 
 /// im2col: the G `images` `[G, C, H, W]` (`image` values each) side by side into `cols`
-/// `[C·kh·kw, G·P]` (P = OH·OW `positions`) by their [`ConvShape::column_index`] `index` (zero where the kernel
-/// reads padding).
+/// `[C·kh·kw, G·P]` (P = OH·OW `positions`) by their [`ConvShape::column_index`] `index` (zero
+/// where the kernel reads padding).
 fn im2col(images: &[f32], (image, positions): (usize, usize), index: &[u32], cols: &mut [f32]) {
     let group = images.len() / image;
     widest(
@@ -1915,8 +1915,9 @@ fn im2col(images: &[f32], (image, positions): (usize, usize), index: &[u32], col
 }
 
 /// col2im: adds `cols` `[C·kh·kw, G·P]` back onto the G `images` `[G, C, H, W]` (`image`
-/// values each, P = OH·OW `positions`) by their [`ConvShape::column_index`] `index` (the adjoint of [`im2col`]). Each
-/// image value sums its terms in the order of the kernel taps, as Caffe's col2im.
+/// values each, P = OH·OW `positions`) by their [`ConvShape::column_index`] `index` (the
+/// adjoint of [`im2col`]). Each image value sums its terms in the order of the kernel taps, as
+/// Caffe's col2im.
 fn col2im(cols: &[f32], index: &[u32], images: &mut [f32], (image, positions): (usize, usize)) {
     let group = images.len() / image;
     let rows = cols
