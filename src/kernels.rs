@@ -1608,14 +1608,7 @@ impl ConvShape {
         let (image, positions) = (self.image_len(), self.positions());
         let np = xs.len() / image * positions;
         let mut grouped = zeros(co * np);
-        grouped.par_chunks_mut(np).enumerate().for_each(|(c, row)| {
-            let images = row
-                .chunks_exact_mut(positions)
-                .zip(dy.chunks_exact(co * positions));
-            for (row, dy) in images {
-                row.copy_from_slice(&dy[c * positions..(c + 1) * positions]);
-            }
-        });
+        group_blocks(dy, (co, positions), &mut grouped);
         let mut cols = zeros(self.rows() * np);
         cols.par_chunks_mut(np)
             .zip(index.par_chunks(positions))
@@ -1627,6 +1620,19 @@ impl ConvShape {
             (&grouped, np, 1),
             (&cols, 1, np),
         )
+    }
+
+    /// A buffer for `group` images' `[Co, G·P]` outputs or output gradients side by side
+    /// ([`group_blocks`]; empty for one image).
+    fn group_buffer(&self, co: usize, group: usize) -> Vec<f32> {
+        vec![
+            0f32;
+            if group > 1 {
+                co * group * self.positions()
+            } else {
+                0
+            }
+        ]
     }
 
     /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
@@ -2510,7 +2516,7 @@ impl CpuKernels for Flex {
             .enumerate()
             .for_each(|(task, out)| {
                 let mut cols = shape.column_buffer(group);
-                let mut grouped = vec![0f32; if group > 1 { co * group * positions } else { 0 }];
+                let mut grouped = shape.group_buffer(co, group);
                 let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
                 for (g, out) in out.chunks_mut(group * co * positions).enumerate() {
                     let out = zeroed(out);
@@ -2528,18 +2534,14 @@ impl CpuKernels for Flex {
                     let cols = shape.columns(images, &index, &mut cols);
                     let n = count * positions;
                     // out[Co, G·P] = W[Co, K] · cols[K, G·P], the images side by side.
-                    let grouped = &mut grouped[..if count > 1 { co * n } else { 0 }];
-                    gemm_reusing(
-                        products,
-                        [co, rows, n],
-                        ((&ws, rows, 1), packed.first()),
-                        (cols, n, 1),
-                        (if count > 1 { &mut *grouped } else { &mut *out }, n),
-                        false,
-                        1.0,
-                    );
+                    let dst = match count {
+                        1 => &mut *out,
+                        _ => &mut grouped[..co * n],
+                    };
+                    let (weights, cols) = (((&ws[..], rows, 1), packed.first()), (cols, n, 1));
+                    gemm_reusing(products, [co, rows, n], weights, cols, (dst, n), false, 1.0);
                     if count > 1 {
-                        ungroup_blocks(grouped, (co, positions), out);
+                        ungroup_blocks(&grouped[..co * n], (co, positions), out);
                     }
                 }
             });
@@ -2594,7 +2596,7 @@ impl CpuKernels for Flex {
                 let mut weight_grad_t = vec![0f32; if at_once { 0 } else { rows * co }];
                 let mut cols = shape.column_buffer(group);
                 let mut col_grad = cols.clone();
-                let mut grouped = vec![0f32; if group > 1 { co * group * positions } else { 0 }];
+                let mut grouped = shape.group_buffer(co, group);
                 let (mut padded, mut grad) = (shape.padded_buffer(), shape.grad_buffer(co));
                 let mut padded_grad = padded.clone();
                 for (g, dx) in dx.chunks_mut(group * image).enumerate() {
