@@ -34,6 +34,7 @@ initial weights under torchvision's names, for a selfsup recipe's `model.init`: 
 from the same backbone as well. `--seed N` (default 0) seeds PyTorch's generator: the init's
 draws, and the lean views'. `--tau T` and `--lr LR` replace a case's NT-Xent temperature and peak
 learning rate (selfsup's CPU recipe since issue 30's eighth round: `--tau 0.1 --lr 0.004`).
+`--size PX` draws the lean views at PX px instead of 32 (the kNN still reads the 32 px images).
 """
 import io
 import math
@@ -112,7 +113,7 @@ def torchvision_names(backbone):
     return {rename(k): v for k, v in backbone.state_dict().items()}
 
 
-def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0, tau=None, lr=None):
+def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0, tau=None, lr=None, size=32):
     torch.manual_seed(seed)
     lean = name.endswith("_lean")
     name = name.removesuffix("_lean")
@@ -142,7 +143,7 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
             yield from dumped_batches(views_file, batch)
             return
         if lean:
-            solo = lambda x: view(x, 32, (0.08, 1.0), (0.8, 0.4, 0.4, 0.2, 0.1), 0.2)
+            solo = lambda x: view(x, size, (0.08, 1.0), (0.8, 0.4, 0.4, 0.2, 0.1), 0.2)
             yield from lean_batches(train, [solo, solo], batch)
         loader = torch.utils.data.DataLoader(Views(train, [solo_view(), solo_view()]), batch_size=batch,
                                              shuffle=True, drop_last=True, num_workers=2, persistent_workers=True)
@@ -197,5 +198,6 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tau", type=float)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--size", type=int, default=32, help="the training views' side in px (lean views only); kNN on the 32 px images")
     a = parser.parse_args()
-    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed, a.tau, a.lr)
+    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed, a.tau, a.lr, a.size)
