@@ -116,6 +116,8 @@ def torchvision_names(backbone):
 def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0, tau=None, lr=None, size=32):
     torch.manual_seed(seed)
     lean = name.endswith("_lean")
+    if size != 32 and (not lean or views_file):
+        sys.exit("--size draws the lean views only: name a case ending in _lean, without --views")
     name = name.removesuffix("_lean")
     if name == "simclr_w0.25_sgd":
         model = SimCLR(0.25)
