@@ -1625,14 +1625,12 @@ impl ConvShape {
     /// A buffer for `group` images' `[Co, G·P]` outputs or output gradients side by side
     /// ([`group_blocks`]; empty for one image).
     fn group_buffer(&self, co: usize, group: usize) -> Vec<f32> {
-        vec![
-            0f32;
-            if group > 1 {
-                co * group * self.positions()
-            } else {
-                0
-            }
-        ]
+        let len = if group > 1 {
+            co * group * self.positions()
+        } else {
+            0
+        };
+        vec![0f32; len]
     }
 
     /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
