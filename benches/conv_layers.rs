@@ -4,8 +4,8 @@
 //! The per-layer profile of issue 30; `benches/reference/conv_layers_torch.py` times PyTorch's
 //! convolutions on the same shapes.
 //!
-//! Run: `cargo bench --profile dev --bench conv_layers [-- WIDTH [BATCH]]` (default 0.125 and
-//! 512: the recipe's two views of 256 images).
+//! Run: `cargo bench --profile dev --bench conv_layers [-- WIDTH [BATCH [PX]]]` (default 0.125,
+//! 512 and 32: the recipe's two views of 256 images; PX is the views' side, 24 in the CPU recipes).
 
 use std::time::Instant;
 
@@ -18,22 +18,23 @@ use selfsup::kernels;
 static ALLOCATOR: selfsup::alloc::MiMalloc = selfsup::alloc::MiMalloc;
 
 /// (input channels, output channels, input px, kernel, stride, count in the network) of a CIFAR
-/// ResNet-18 (3×3 stem at stride 1, no max pool) of `width`.
-fn layers(width: f64) -> Vec<(usize, usize, usize, usize, usize, usize)> {
+/// ResNet-18 (3×3 stem at stride 1, no max pool) of `width` on `px`-pixel views.
+fn layers(width: f64, px: usize) -> Vec<(usize, usize, usize, usize, usize, usize)> {
     let c = |base: f64| ((base * width).round() as usize).max(1);
     let (c1, c2, c3, c4) = (c(64.0), c(128.0), c(256.0), c(512.0));
+    let (p1, p2, p3, p4) = (px, px.div_ceil(2), px.div_ceil(4), px.div_ceil(8));
     vec![
-        (3, c1, 32, 3, 1, 1),
-        (c1, c1, 32, 3, 1, 4),
-        (c1, c2, 32, 3, 2, 1),
-        (c1, c2, 32, 1, 2, 1),
-        (c2, c2, 16, 3, 1, 3),
-        (c2, c3, 16, 3, 2, 1),
-        (c2, c3, 16, 1, 2, 1),
-        (c3, c3, 8, 3, 1, 3),
-        (c3, c4, 8, 3, 2, 1),
-        (c3, c4, 8, 1, 2, 1),
-        (c4, c4, 4, 3, 1, 3),
+        (3, c1, p1, 3, 1, 1),
+        (c1, c1, p1, 3, 1, 4),
+        (c1, c2, p1, 3, 2, 1),
+        (c1, c2, p1, 1, 2, 1),
+        (c2, c2, p2, 3, 1, 3),
+        (c2, c3, p2, 3, 2, 1),
+        (c2, c3, p2, 1, 2, 1),
+        (c3, c3, p3, 3, 1, 3),
+        (c3, c4, p3, 3, 2, 1),
+        (c3, c4, p3, 1, 2, 1),
+        (c4, c4, p4, 3, 1, 3),
     ]
 }
 
@@ -56,12 +57,13 @@ fn main() {
         .collect();
     let width: f64 = args.first().map_or(0.125, |w| w.parse().expect("a width"));
     let n: usize = args.get(1).map_or(512, |b| b.parse().expect("a batch"));
+    let px: usize = args.get(2).map_or(32, |p| p.parse().expect("a side in px"));
     let device = Device::flex().autodiff();
-    println!("ResNet-18 w{width} convolutions, batch {n}, forward and backward (x and weight)");
+    println!("ResNet-18 w{width} convolutions, batch {n}, {px} px views, forward and backward (x and weight)");
     println!("| layer | count | forward ms | backward ms | forward GFLOP/s | backward GFLOP/s | share of the convolutions |");
     println!("|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for (c, co, px, k, s, count) in layers(width) {
+    for (c, co, px, k, s, count) in layers(width, px) {
         let pad = k / 2;
         let conv = Conv2dConfig::new([c, co], [k, k])
             .with_stride([s, s])
@@ -74,7 +76,7 @@ fn main() {
             let grads = kernels::conv2d(&conv, x.clone()).sum().backward();
             drop(x.grad(&grads));
         });
-        let flop = 2.0 * (n * co * (px / s).pow(2) * c * k * k) as f64;
+        let flop = 2.0 * (n * co * px.div_ceil(s).pow(2) * c * k * k) as f64;
         let backward = (both - forward).max(1e-9);
         rows.push((
             format!("{c}→{co} {px} px {k}×{k}/{s}"),

@@ -1458,11 +1458,17 @@ impl ConvShape {
     /// (the others read across the border and are dropped). gemm reads these matrices in place,
     /// where im2col copies the image kh·kw times, a copy as long as the product itself for a
     /// narrow layer. The wider grid costs (Wp − OW)/OW more multiply-adds: 6% for a 3×3 kernel
-    /// at 32 px but 50% at 4 px, where the column matrix is small against the product; so this
-    /// path takes up to 1/8 (a ResNet-18's 3×3 layers at 32 and 16 px).
+    /// at 32 px, 17% at 12, 50% at 4. This path takes up to 1/8 of them (a ResNet-18's 3×3
+    /// layers at 32 and 16 px), and up to 1/3 on at most [`NARROW_TAPS`] input channels (at 24,
+    /// 12 and 6 px as well), where the column path's products are too short to pay for its
+    /// copies.
     fn is_tap_by_tap(&self) -> bool {
         let extra = self.padded()[1] - self.output[1];
-        self.geometry.stride == [1, 1] && !self.is_pointwise() && extra * 8 <= self.output[1]
+        let waste = match self.channels <= NARROW_TAPS {
+            true => 3,
+            false => 8,
+        };
+        self.geometry.stride == [1, 1] && !self.is_pointwise() && extra * waste <= self.output[1]
     }
 
     /// The padded image's (Hp, Wp).
@@ -2005,6 +2011,13 @@ struct DirectForward {
 /// faster than gemm's tap products; the input gradient of 8 output channels faster, of 16 not.
 const DIRECT_FORWARD: usize = 16;
 const DIRECT_BACKWARD: usize = 8;
+
+/// Input channels up to which a convolution runs tap by tap on a grid up to 1/3 wider than its
+/// output ([`ConvShape::is_tap_by_tap`]). `conv_layers -- 0.125 512 24` on the Intel Xeon at
+/// 2.1 GHz: the 16→16 layer at 12 px took 9 ms forward and backward against 16-22 by columns,
+/// the 32→32 at 6 px 9-10 against 11-17 (BENCHMARKS.md, issue 30's twentieth round); at 64
+/// channels (8 px) it was no faster, at 256 1.2× slower.
+const NARROW_TAPS: usize = 32;
 
 /// Columns a product of the column path aims at ([`ConvShape::images_per_product`]): 256 ran
 /// a ResNet-18's 4 px layer's backward pass 1.3× faster than 128 (`conv_layers -- 1.0 128`);

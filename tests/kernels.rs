@@ -318,7 +318,7 @@ fn check_conv(
 fn conv_matches_burn_for_resnet_layers() {
     // 3×3 at stride 1 (by columns, and tap by tap on a grid wide enough) and 2, the 1×1
     // downsample, the ImageNet stem.
-    check_conv([3, 4, 9, 8], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([3, 4, 9, 5], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([3, 4, 5, 18], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([3, 4, 9, 8], 6, [3, 3], [2, 2], [1; 4], [1, 1], false);
     check_conv([3, 4, 9, 8], 6, [1, 1], [2, 2], [0; 4], [1, 1], false);
@@ -328,9 +328,9 @@ fn conv_matches_burn_for_resnet_layers() {
 #[test]
 fn conv_matches_burn_when_a_product_takes_several_images() {
     // Small output grids multiply several images' column matrices side by side: 41 images in
-    // tasks of 6 (the last of 5), at 8 px four to a product (groups of 4 and 2, 4 and 1), at
+    // tasks of 6 (the last of 5), at 10×5 px five to a product (groups of 5 and 1, and 5), at
     // 4 px and at stride 2 a task's images all in one product.
-    check_conv([41, 3, 8, 8], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([41, 3, 10, 5], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([41, 3, 4, 4], 5, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([41, 3, 9, 8], 4, [3, 3], [2, 2], [1; 4], [1, 1], true);
     check_conv([41, 3, 8, 8], 4, [1, 1], [2, 2], [0; 4], [1, 1], false);
@@ -386,13 +386,18 @@ fn conv_direct_matches_burn_for_narrow_layers() {
     check_conv([2, 16, 8, 16], 16, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([2, 5, 6, 17], 7, [3, 3], [1, 1], [1; 4], [1, 1], true);
     check_conv([2, 17, 6, 16], 4, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    // Narrow layers run tap by tap on grids up to 1/3 wider than their output: the 16→16 layer
+    // at 12 px (direct), 32→32 at 6 px (products); 33 channels at 6 px take the columns.
+    check_conv([2, 16, 5, 12], 16, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([3, 32, 6, 6], 32, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([3, 33, 6, 6], 8, [3, 3], [1, 1], [1; 4], [1, 1], false);
 }
 
 #[test]
 fn conv_matches_burn_for_batches_of_any_size() {
     // One image, and batches that do not split evenly into the kernel's parallel tasks.
     for n in [1, 5, 13] {
-        check_conv([n, 2, 6, 6], 3, [3, 3], [1, 1], [1; 4], [1, 1], false);
+        check_conv([n, 2, 6, 5], 3, [3, 3], [1, 1], [1; 4], [1, 1], false);
         check_conv([n, 2, 4, 16], 3, [3, 3], [1, 1], [1; 4], [1, 1], false);
     }
 }

@@ -2,7 +2,7 @@
 convolutions of a CIFAR ResNet-18 one by one, forward and backward (input and weight
 gradients), best of 7, on 2 threads, NCHW tensors as a user's model holds them.
 
-Run: python3 benches/reference/conv_layers_torch.py [WIDTH=0.125 [BATCH=512]]
+Run: python3 benches/reference/conv_layers_torch.py [WIDTH=0.125 [BATCH=512 [PX=32]]]
 """
 import sys
 import time
@@ -13,13 +13,14 @@ import torch.nn.functional as F
 torch.set_num_threads(2)
 
 
-def layers(width):
+def layers(width, px):
     c1, c2, c3, c4 = (max(1, round(b * width)) for b in (64, 128, 256, 512))
+    p1, p2, p3, p4 = px, -(-px // 2), -(-px // 4), -(-px // 8)
     return [
-        (3, c1, 32, 3, 1, 1), (c1, c1, 32, 3, 1, 4),
-        (c1, c2, 32, 3, 2, 1), (c1, c2, 32, 1, 2, 1), (c2, c2, 16, 3, 1, 3),
-        (c2, c3, 16, 3, 2, 1), (c2, c3, 16, 1, 2, 1), (c3, c3, 8, 3, 1, 3),
-        (c3, c4, 8, 3, 2, 1), (c3, c4, 8, 1, 2, 1), (c4, c4, 4, 3, 1, 3),
+        (3, c1, p1, 3, 1, 1), (c1, c1, p1, 3, 1, 4),
+        (c1, c2, p1, 3, 2, 1), (c1, c2, p1, 1, 2, 1), (c2, c2, p2, 3, 1, 3),
+        (c2, c3, p2, 3, 2, 1), (c2, c3, p2, 1, 2, 1), (c3, c3, p3, 3, 1, 3),
+        (c3, c4, p3, 3, 2, 1), (c3, c4, p3, 1, 2, 1), (c4, c4, p4, 3, 1, 3),
     ]
 
 
@@ -35,11 +36,12 @@ def best(f):
 def main():
     width = float(sys.argv[1]) if len(sys.argv) > 1 else 0.125
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 512
-    print(f"PyTorch {torch.__version__}: ResNet-18 w{width} convolutions, batch {n}")
+    side = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+    print(f"PyTorch {torch.__version__}: ResNet-18 w{width} convolutions, batch {n}, {side} px views")
     print("| layer | count | forward ms | backward ms | forward GFLOP/s | backward GFLOP/s | share of the convolutions |")
     print("|---|---|---|---|---|---|---|")
     rows = []
-    for c, co, px, k, s, count in layers(width):
+    for c, co, px, k, s, count in layers(width, side):
         w = torch.randn(co, c, k, k, requires_grad=True)
         x = torch.rand(n, c, px, px, requires_grad=True)
 
@@ -52,7 +54,7 @@ def main():
 
         fwd = best(forward)
         back = max(best(both) - fwd, 1e-9)
-        flop = 2 * n * co * (px // s) ** 2 * c * k * k
+        flop = 2 * n * co * (-(-px // s)) ** 2 * c * k * k
         rows.append((f"{c}→{co} {px} px {k}×{k}/{s}", count, fwd, back, flop))
     total = sum(r[1] * (r[2] + r[3]) for r in rows)
     for name, count, fwd, back, flop in rows:
