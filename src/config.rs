@@ -501,6 +501,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("augment.views.grayscale", "probability of turning the view grey", None),
     ("augment.views.solarize", "probability of solarizing", None),
     ("augment.views.interpolation", "filter resizing the crop: bilinear (SimCLR, MoCo) or bicubic (DINO, MAE)", None),
+    ("augment.views.antialias", "widen the filter where the crop is shrunk (PIL's and torchvision's default); false: a grid_sample-like resize", None),
     ("augment.views.jitter.p", "probability of colour jitter", None),
     ("augment.views.jitter.brightness", "jitter strength (torchvision ColorJitter)", None),
     ("augment.views.jitter.contrast", "jitter strength", None),

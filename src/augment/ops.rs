@@ -82,16 +82,19 @@ pub enum Interpolation {
 
 /// Antialiased resize of the `crop` of `img` to `w`×`h` (PIL's bilinear filter).
 pub fn crop_resize(img: &RgbImage, crop: Crop, w: u32, h: u32) -> RgbImage {
-    crop_resize_with(img, crop, w, h, Interpolation::Bilinear)
+    crop_resize_with(img, crop, w, h, Interpolation::Bilinear, true)
 }
 
-/// Antialiased resize of the `crop` of `img` to `w`×`h` with the given filter.
+/// Resize of the `crop` of `img` to `w`×`h` with the given filter: `antialias`, the filter
+/// widened by the shrink factor where the crop is shrunk (PIL's, and torchvision's
+/// `antialias=True`), else the filter's own support (`grid_sample`'s and OpenCV's bilinear).
 pub fn crop_resize_with(
     img: &RgbImage,
     crop: Crop,
     w: u32,
     h: u32,
     interpolation: Interpolation,
+    antialias: bool,
 ) -> RgbImage {
     let filter = match interpolation {
         Interpolation::Bilinear => fr::FilterType::Bilinear,
@@ -99,7 +102,10 @@ pub fn crop_resize_with(
     };
     let mut dst = RgbImage::new(w, h);
     let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(filter))
+        .resize_alg(match antialias {
+            true => fr::ResizeAlg::Convolution(filter),
+            false => fr::ResizeAlg::Interpolation(filter),
+        })
         .crop(crop.x as f64, crop.y as f64, crop.w as f64, crop.h as f64);
     fr::Resizer::new()
         .resize(img, &mut dst, &opts)

@@ -113,6 +113,10 @@ pub struct ViewSpec {
     pub solarize: f32,
     /// The filter that resizes the crop: bilinear (SimCLR, MoCo) or bicubic (DINO, MAE).
     pub interpolation: Interpolation,
+    /// Whether the filter widens where the crop is shrunk, as PIL's and torchvision's
+    /// RandomResizedCrop (`antialias=True`); false reads the crop at the filter's own support,
+    /// as a batched `grid_sample` crop does (sharper, with aliasing).
+    pub antialias: bool,
     /// RandAugment after the flip (MAE's fine-tuning views; off unless `n` > 0).
     #[serde(skip_serializing_if = "RandAugment::is_off")]
     pub rand_augment: RandAugment,
@@ -131,6 +135,7 @@ impl Default for ViewSpec {
             blur: Blur::default(),
             solarize: 0.0,
             interpolation: Interpolation::Bilinear,
+            antialias: true,
             rand_augment: RandAugment::default(),
         }
     }
@@ -144,7 +149,14 @@ impl ViewSpec {
         } else {
             ops::random_resized_crop_box(img.width(), img.height(), self.scale, self.ratio, rng)
         };
-        let mut v = ops::crop_resize_with(img, crop, self.size, self.size, self.interpolation);
+        let mut v = ops::crop_resize_with(
+            img,
+            crop,
+            self.size,
+            self.size,
+            self.interpolation,
+            self.antialias,
+        );
         if rng.random::<f32>() < self.flip {
             ops::flip_horizontal(&mut v);
         }
