@@ -69,7 +69,8 @@ pub fn center_square(width: u32, height: u32) -> Crop {
     }
 }
 
-/// How a crop is resized to its view's size (antialiased, as PIL's filters).
+/// How a crop is resized to its view's size (antialiased as PIL's filters, unless the view's
+/// `antialias` is false).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Interpolation {
