@@ -2014,9 +2014,9 @@ const DIRECT_BACKWARD: usize = 8;
 
 /// Input channels up to which a convolution runs tap by tap on a grid up to 1/3 wider than its
 /// output ([`ConvShape::is_tap_by_tap`]). `conv_layers -- 0.125 512 24` on the Intel Xeon at
-/// 2.1 GHz: the 16→16 layer at 12 px took 9 ms forward and backward against 16-22 by columns,
-/// the 32→32 at 6 px 9-10 against 11-17 (BENCHMARKS.md, issue 30's twentieth round); at 64
-/// channels (8 px) it was no faster, at 256 1.2× slower.
+/// 2.1 GHz: the 16→16 layer at 12 px took 9-13 ms forward and backward against 16-23 by
+/// columns, the 32→32 at 6 px 9-10 against 11-17 (BENCHMARKS.md, issue 30's twentieth round); at
+/// 64 channels (8 px) it was no faster, at 256 1.2× slower.
 const NARROW_TAPS: usize = 32;
 
 /// Columns a product of the column path aims at ([`ConvShape::images_per_product`]): 256 ran
