@@ -138,12 +138,14 @@ fn blur_keeps_flat_images_and_smooths_noise() {
     let noise = random_image(32, 32, 3);
     let mut blurred = noise.clone();
     ops::gaussian_blur(&mut blurred, 5, 1.5);
-    let var = |img: &RgbImage| {
-        let v: Vec<f32> = img.iter().map(|&x| x as f32).collect();
-        let m = v.iter().sum::<f32>() / v.len() as f32;
-        v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / v.len() as f32
-    };
-    assert!(var(&blurred) < var(&noise) / 4.0);
+    assert!(variance(&blurred) < variance(&noise) / 4.0);
+}
+
+/// The variance of an image's bytes, over all its channels.
+fn variance(img: &RgbImage) -> f32 {
+    let v: Vec<f32> = img.iter().map(|&x| x as f32).collect();
+    let m = v.iter().sum::<f32>() / v.len() as f32;
+    v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / v.len() as f32
 }
 
 #[test]
@@ -327,40 +329,24 @@ fn antialiasing_filters_only_where_the_crop_shrinks() {
     // Shrunk 4×, an antialiased bilinear averages about 8×8 pixels of noise, the plain one
     // about 2×2: the variance falls by ~64× against ~4×. Enlarged, the two are the same.
     let noise = random_image(32, 32, 5);
-    let whole = ops::Crop {
-        x: 0,
-        y: 0,
-        w: 32,
-        h: 32,
+    let resize = |crop, side, antialias| {
+        let bilinear = ops::Interpolation::Bilinear;
+        ops::crop_resize_with(&noise, crop, side, side, bilinear, antialias)
     };
-    let var = |img: &RgbImage| {
-        let v: Vec<f32> = img.iter().map(|&x| x as f32).collect();
-        let m = v.iter().sum::<f32>() / v.len() as f32;
-        v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / v.len() as f32
-    };
-    let shrunk = |antialias| {
-        ops::crop_resize_with(&noise, whole, 8, 8, ops::Interpolation::Bilinear, antialias)
-    };
-    let (smooth, sharp) = (var(&shrunk(true)), var(&shrunk(false)));
-    assert!(smooth * 20.0 < var(&noise), "{smooth}");
-    assert!(sharp * 8.0 > var(&noise), "{sharp}");
+    let whole = ops::Crop::whole(&noise);
+    let (smooth, sharp) = (
+        variance(&resize(whole, 8, true)),
+        variance(&resize(whole, 8, false)),
+    );
+    assert!(smooth * 20.0 < variance(&noise), "{smooth}");
+    assert!(sharp * 8.0 > variance(&noise), "{sharp}");
     let part = ops::Crop {
         x: 3,
         y: 5,
         w: 10,
         h: 12,
     };
-    let enlarged = |antialias| {
-        ops::crop_resize_with(
-            &noise,
-            part,
-            24,
-            24,
-            ops::Interpolation::Bilinear,
-            antialias,
-        )
-    };
-    assert_eq!(enlarged(true), enlarged(false));
+    assert_eq!(resize(part, 24, true), resize(part, 24, false));
 }
 
 #[test]
@@ -387,14 +373,8 @@ fn dino_and_mae_crops_resize_bicubic_simclr_bilinear() {
         1,
         |x, _| if x < 2 { Rgb([50; 3]) } else { Rgb([200; 3]) },
     );
-    let whole = ops::Crop {
-        x: 0,
-        y: 0,
-        w: 4,
-        h: 1,
-    };
     let range = |i| {
-        let up = ops::crop_resize_with(&step, whole, 16, 1, i, true);
+        let up = ops::crop_resize_with(&step, ops::Crop::whole(&step), 16, 1, i, true);
         let v: Vec<u8> = up.pixels().map(|p| p.0[0]).collect();
         (*v.iter().min().unwrap(), *v.iter().max().unwrap())
     };

@@ -13,6 +13,18 @@ pub struct Crop {
     pub h: u32,
 }
 
+impl Crop {
+    /// The whole of `img`.
+    pub fn whole(img: &RgbImage) -> Crop {
+        Crop {
+            x: 0,
+            y: 0,
+            w: img.width(),
+            h: img.height(),
+        }
+    }
+}
+
 /// torchvision's `RandomResizedCrop.get_params`: ten tries at an area fraction drawn from
 /// `scale` and a log-uniform aspect ratio from `ratio`, then the central crop clamped to `ratio`.
 pub fn random_resized_crop_box(
@@ -116,17 +128,7 @@ pub fn crop_resize_with(
 
 /// Antialiased bilinear resize of the whole image.
 pub fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
-    crop_resize(
-        img,
-        Crop {
-            x: 0,
-            y: 0,
-            w: img.width(),
-            h: img.height(),
-        },
-        w,
-        h,
-    )
+    crop_resize(img, Crop::whole(img), w, h)
 }
 
 /// Nearest-neighbour resize: shows pixels as they are (pictures of small views).
