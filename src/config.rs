@@ -158,6 +158,7 @@ impl Default for TrainConfig {
             base_lr: 0.3,
             lr_scaling: LrScaling::Linear,
             warmup_epochs: 10.0,
+            warmup_fraction: None,
             final_lr: 0.0,
             checkpoint_every: 10,
             monitor_every: 0,
@@ -437,8 +438,9 @@ fn complete(full: &toml::Table) -> Result<Recipe> {
 /// Removes from a section's `defaults` what belongs to another choice than the one `given`
 /// makes, so that a recipe choosing otherwise does not inherit it: the model of another `arch`
 /// (replaced by that architecture's defaults), another optimiser's settings (DINO with SGD gets no
-/// AdamW betas), and with another pipeline or size the published recipe's spelled-out views and
-/// local-crop size (then the pipeline's own, at that size).
+/// AdamW betas), the published warm-up in epochs where the recipe gives it as a fraction, and
+/// with another pipeline or size the published recipe's spelled-out views and local-crop size
+/// (then the pipeline's own, at that size).
 fn forget_other_choices(
     section: &str,
     defaults: &mut toml::Table,
@@ -456,11 +458,16 @@ fn forget_other_choices(
                 *defaults = toml::Table::try_from(model)?;
             }
         }
-        "train" if optimizer => {
-            forget(
-                defaults,
-                &["momentum", "betas", "eta", "final_weight_decay"],
-            );
+        "train" => {
+            if optimizer {
+                forget(
+                    defaults,
+                    &["momentum", "betas", "eta", "final_weight_decay"],
+                );
+            }
+            if given.contains_key("warmup_fraction") {
+                forget(defaults, &["warmup_epochs"]);
+            }
         }
         "augment" => {
             if pipeline {
@@ -593,6 +600,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("train.base_lr", "peak learning rate before scaling by the batch", None),
     ("train.lr_scaling", "linear (× batch / 256), sqrt (× √batch) or none", None),
     ("train.warmup_epochs", "linear warm-up before the cosine decay", None),
+    ("train.warmup_fraction", "the warm-up as a fraction of the run's steps instead of warmup_epochs (which it replaces), kept when --epochs changes the run", Some("0.1")),
     ("train.final_lr", "learning rate at the end of the cosine", None),
     ("train.checkpoint_every", "epochs between checkpoints (and always at the end)", None),
     ("train.monitor_every", "epochs between online kNN checks (0: never)", None),

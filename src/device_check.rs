@@ -234,7 +234,7 @@ fn losses(
     )?;
     let mut config = recipe.train.clone();
     config.epochs = epochs;
-    config.warmup_epochs = 0.0;
+    (config.warmup_epochs, config.warmup_fraction) = (0.0, None);
     // One checkpoint, at the end (DINO ViT-S's is about a gigabyte).
     config.checkpoint_every = epochs;
     let mut trainer = Trainer::new(config, &out, device.clone().autodiff());

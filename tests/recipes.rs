@@ -78,6 +78,39 @@ fn a_recipe_may_leave_out_any_key() {
 }
 
 #[test]
+fn a_warmup_given_as_a_fraction_keeps_its_share_of_any_run() {
+    // SimCLR's published recipe warms up for 10 epochs; a fraction replaces them.
+    let r = Recipe::parse("[train]\nepochs = 26\nwarmup_fraction = 0.1\n").unwrap();
+    assert_eq!(r.train.warmup_epochs, 0.0);
+    assert_eq!(r.train.warmup_steps(195), 507, "0.1 × 26 × 195 = 507");
+    // `--epochs 1` sets train.epochs: the warm-up shrinks with the run, where 3 epochs of
+    // warm-up would be refused.
+    let mut short = r.train.clone();
+    short.epochs = 1;
+    assert!(short.check().is_ok());
+    assert_eq!(short.warmup_steps(195), 20, "0.1 × 195 = 19.5, rounded");
+    let mut epochs = short.clone();
+    (epochs.warmup_fraction, epochs.warmup_epochs) = (None, 3.0);
+    assert!(epochs
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("train.warmup_epochs = 3"));
+    // Without a fraction the warm-up stays in epochs, as before.
+    let r = Recipe::parse("[train]\nepochs = 26\nwarmup_epochs = 3\n").unwrap();
+    assert_eq!(
+        (r.train.warmup_fraction, r.train.warmup_steps(195)),
+        (None, 585)
+    );
+    // Both given: refused, naming both.
+    let err = refused("[train]\nwarmup_epochs = 2\nwarmup_fraction = 0.1\n");
+    assert!(
+        err.contains("train.warmup_fraction = 0.1 and train.warmup_epochs = 2"),
+        "{err}"
+    );
+}
+
+#[test]
 fn printed_recipes_are_complete_commented_and_read_back() {
     for &method in METHODS {
         let text = commented_defaults(method).unwrap();
@@ -254,6 +287,8 @@ fn every_value_that_reaches_a_constructor_is_checked() {
         ("[train]\nfinal_lr = nan\n".into(), "train.final_lr = NaN"),
         ("[train]\nweight_decay = nan\n".into(), "train.weight_decay = NaN"),
         ("[train]\nwarmup_epochs = nan\n".into(), "train.warmup_epochs = NaN"),
+        ("[train]\nwarmup_fraction = nan\n".into(), "train.warmup_fraction = NaN"),
+        ("[train]\nwarmup_fraction = 1.5\n".into(), "train.warmup_fraction = 1.5"),
         (format!("{mae}[train]\nfinal_weight_decay = nan\n"), "train.final_weight_decay = NaN"),
         // Evaluation and fine-tuning.
         ("[eval]\nknn_k = 0\n".into(), "eval.knn_k = 0"),

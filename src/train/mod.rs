@@ -186,8 +186,14 @@ pub struct TrainConfig {
     pub base_lr: f64,
     #[serde(default = "linear")]
     pub lr_scaling: LrScaling,
+    /// Linear warm-up from 0 to the peak lr before the cosine decay, in epochs.
     #[serde(default)]
     pub warmup_epochs: f64,
+    /// The warm-up as a fraction of the run's steps instead (Hugging Face's `warmup_ratio`),
+    /// so that it keeps its share when `--epochs` shortens or lengthens the run; replaces
+    /// `warmup_epochs`, which must then be left out or 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_fraction: Option<f64>,
     /// Learning rate at the end of the cosine decay.
     #[serde(default)]
     pub final_lr: f64,
@@ -244,6 +250,17 @@ impl TrainConfig {
                 self.epochs
             );
         }
+        if let Some(fraction) = self.warmup_fraction {
+            if !(0.0..=1.0).contains(&fraction) {
+                bail!("train.warmup_fraction = {fraction}: must lie in [0, 1]");
+            }
+            if self.warmup_epochs != 0.0 {
+                bail!(
+                    "train.warmup_fraction = {fraction} and train.warmup_epochs = {}: give one of them",
+                    self.warmup_epochs
+                );
+            }
+        }
         self.optim.check()
     }
 
@@ -254,6 +271,16 @@ impl TrainConfig {
             self.batch_size * self.accumulate,
             self.lr_scaling,
         )
+    }
+
+    /// The warm-up's length in optimiser steps for `steps_per_epoch` of them an epoch:
+    /// `warmup_fraction` of the run's steps, else `warmup_epochs` of its epochs, rounded.
+    pub fn warmup_steps(&self, steps_per_epoch: usize) -> usize {
+        let epochs = match self.warmup_fraction {
+            Some(fraction) => fraction * self.epochs as f64,
+            None => self.warmup_epochs,
+        };
+        (epochs * steps_per_epoch as f64).round() as usize
     }
 }
 
@@ -390,7 +417,7 @@ impl<'a> Trainer<'a> {
             report: Report::default(),
             steps_per_epoch,
             total_steps: steps_per_epoch * c.epochs,
-            warmup: (c.warmup_epochs * steps_per_epoch as f64).round() as usize,
+            warmup: c.warmup_steps(steps_per_epoch),
         };
         Ok((method, run))
     }
