@@ -601,7 +601,7 @@ const KEYS: &[(&str, &str, Option<&str>)] = &[
     ("train.lr_scaling", "linear (× batch / 256), sqrt (× √batch) or none", None),
     ("train.warmup_epochs", "linear warm-up before the cosine decay", None),
     ("train.warmup_fraction", "the warm-up as a fraction of the run's steps instead of warmup_epochs (which it replaces), kept when --epochs changes the run", Some("0.1")),
-    ("train.final_lr", "learning rate at the end of the cosine", None),
+    ("train.final_lr", "learning rate at the end of the cosine (absolute; at most the peak lr)", None),
     ("train.checkpoint_every", "epochs between checkpoints (and always at the end)", None),
     ("train.monitor_every", "epochs between online kNN checks (0: never)", None),
     ("train.precision", "dtype of matmuls and convolutions: f32, bf16 or f16 (autocast; weights, optimiser state, norms, softmax and losses stay f32; bf16 on a CPU with Intel AMX or AVX-512 BF16 (Zen 4) runs on it, faster than f32)", Some("\"bf16\"")),

@@ -285,6 +285,7 @@ fn every_value_that_reaches_a_constructor_is_checked() {
         ("[train]\neta = 0.0\n".into(), "train.eta = 0"),
         ("[train]\neta = nan\n".into(), "train.eta = NaN"),
         ("[train]\nfinal_lr = nan\n".into(), "train.final_lr = NaN"),
+        ("[train]\nbase_lr = 0.1\nfinal_lr = 1.0\n".into(), "train.final_lr = 1: above the peak lr"),
         ("[train]\nweight_decay = nan\n".into(), "train.weight_decay = NaN"),
         ("[train]\nwarmup_epochs = nan\n".into(), "train.warmup_epochs = NaN"),
         ("[train]\nwarmup_fraction = nan\n".into(), "train.warmup_fraction = NaN"),
