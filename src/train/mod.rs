@@ -234,11 +234,11 @@ impl TrainConfig {
         at_least_one("train.checkpoint_every", self.checkpoint_every)?;
         positive("train.base_lr", self.base_lr)?;
         not_negative("train.final_lr", self.final_lr)?;
-        if self.final_lr > self.peak_lr() {
+        let peak = self.peak_lr();
+        if self.final_lr > peak {
             bail!(
-                "train.final_lr = {}: above the peak lr {} that train.base_lr gives this batch (train.lr_scaling), where the cosine would rise instead of decay",
-                self.final_lr,
-                self.peak_lr()
+                "train.final_lr = {}: above the peak lr {peak} that train.base_lr gives this batch (train.lr_scaling), where the cosine would rise instead of decay",
+                self.final_lr
             );
         }
         if let Some(scale) = self.loss_scale {
