@@ -1729,16 +1729,30 @@ impl ConvShape {
             .collect()
     }
 
-    /// The terms of the direct input gradient of `co` output channels over the output gradient
-    /// as [`ConvShape::grad_layout`] lays it out, the taps mirrored; made once a convolution
-    /// (`None` unless [`ConvShape::is_direct_backward`]).
-    fn direct_backward_terms(&self, co: usize) -> Option<Vec<usize>> {
-        if !self.is_direct_backward(co) {
-            return None;
+    /// What the direct backward pass of `co` output channels reads, made once a convolution:
+    /// the terms of the input gradient over the output gradient as
+    /// [`ConvShape::grad_layout`] lays it out, the taps mirrored (where
+    /// [`ConvShape::is_direct_backward`]), and those of the weight gradient over the padded
+    /// image, in the weights' `[C, kh, kw]` order (where tap by tap in f32 on
+    /// [`DIRECT_WEIGHT_GRAD`] output channels).
+    fn direct_backward(&self, co: usize) -> DirectBackward {
+        let input_terms = self.is_direct_backward(co).then(|| {
+            let (front, grad_plane) = self.grad_layout(co);
+            let mirrored: Vec<usize> = self.tap_offsets().map(|(_, o)| front - o).collect();
+            direct::terms(&mirrored, co, grad_plane)
+        });
+        let f32_taps = self.is_tap_by_tap() && self.geometry.products == Products::F32;
+        let weight_terms = (f32_taps && DIRECT_WEIGHT_GRAD.contains(&co)).then(|| {
+            let plane = self.tap_dims()[0];
+            let taps: Vec<usize> = self.tap_offsets().map(|(_, o)| o).collect();
+            (0..self.channels)
+                .flat_map(|c| taps.iter().map(move |&o| c * plane + o))
+                .collect()
+        });
+        DirectBackward {
+            input_terms,
+            weight_terms,
         }
-        let (front, grad_plane) = self.grad_layout(co);
-        let mirrored: Vec<usize> = self.tap_offsets().map(|(_, o)| front - o).collect();
-        Some(direct::terms(&mirrored, co, grad_plane))
     }
 
     /// Tap by tap ([`ConvShape::is_tap_by_tap`]): the output of the padded image `padded` for
@@ -1807,23 +1821,34 @@ impl ConvShape {
     }
 
     /// Tap by tap, backwards, with tap-major weights `wt` ([`ConvShape::tap_major`]): from the
-    /// output gradient `grad` ([`ConvShape::spread_grad`]), adds the weight gradient onto
-    /// `weight_grad_t` (`[C·kh·kw, Co]`, transposed as in the column path) and writes the padded
-    /// image's gradient into `padded_grad`: with `correlation`
-    /// ([`ConvShape::direct_backward_terms`]) as the correlation of the gradient with the
-    /// mirrored taps.
+    /// image's output gradient `dy` `[Co, OH·OW]` and its copy `grad`
+    /// ([`ConvShape::spread_grad`]), adds the weight gradient onto `weight_grad_t`
+    /// (`[C·kh·kw, Co]`, transposed as in the column path) and writes the padded image's
+    /// gradient into `padded_grad`. With `direct` ([`DirectBackward`]) the weight gradient sums
+    /// in registers and the input gradient is the correlation of the gradient with the mirrored
+    /// taps, each where its terms are given.
     fn backward_taps(
         &self,
-        (wt, packed, co, correlation): (&[f32], &[crate::bf16::PackedA], usize, Option<&[usize]>),
+        (wt, packed, co, direct): (&[f32], &[crate::bf16::PackedA], usize, &DirectBackward),
         padded: &[f32],
-        grad: &[f32],
+        (dy, grad): (&[f32], &[f32]),
         weight_grad_t: &mut [f32],
         padded_grad: &mut [f32],
     ) {
         let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
         let (front, grad_plane) = self.grad_layout(co);
         let products = self.geometry.products;
-        for (t, offset) in self.tap_offsets() {
+        let direct_weight_grad = direct.weight_terms.as_deref().is_some_and(|terms| {
+            let ([oh, ow], wp) = (self.output, self.padded()[1]);
+            let mut dy_t = vec![0f32; dy.len()];
+            for (o, row) in dy.chunks_exact(oh * ow).enumerate() {
+                for (q, &g) in row.iter().enumerate() {
+                    dy_t[q * co + o] = g;
+                }
+            }
+            direct::weight_grad(&dy_t, co, terms, padded, (oh, ow, wp), weight_grad_t)
+        });
+        for (t, offset) in self.tap_offsets().filter(|_| !direct_weight_grad) {
             // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · grad[Co, OH·Wp]ᵀ
             gemm_into(
                 products,
@@ -1835,7 +1860,7 @@ impl ConvShape {
                 1.0,
             );
         }
-        if let Some(terms) = correlation {
+        if let Some(terms) = &direct.input_terms {
             if direct::correlate(wt, c, terms, grad, plane, padded_grad, plane) {
                 return;
             }
@@ -2003,6 +2028,23 @@ struct DirectForward {
     weights: Vec<f32>,
     terms: Vec<usize>,
 }
+
+/// The terms of a tap-by-tap backward pass's direct sums ([`ConvShape::direct_backward`]):
+/// `None` where that part takes the products.
+struct DirectBackward {
+    input_terms: Option<Vec<usize>>,
+    weight_terms: Option<Vec<usize>>,
+}
+
+/// Output channels for which the tap-by-tap weight gradient sums in registers
+/// ([`direct::weight_grad`]) rather than in one product per tap and image: more than one
+/// AVX-512 vector's 16, so that each broadcast input value feeds two vectors of sums. The
+/// backward pass against the products, `conv_layers` on the Intel Xeon at 2.1 GHz
+/// (BENCHMARKS.md, issue 30's twenty-second round): 32→32 at 6 px 3.4-4.2 ms against 4.5-5.2,
+/// at 16 px 10.1-10.7 against 12.8-13.1; 16 outputs ran level at 12 px (4.4-6.1 against
+/// 4.9-6.1) and slower at 32 px (13.7-15.8 against 11.8-13.0), 8 slower at 24 px (6.4-6.7
+/// against 5.0-5.2).
+const DIRECT_WEIGHT_GRAD: std::ops::RangeInclusive<usize> = 17..=32;
 
 /// Input channels up to which the tap-by-tap forward pass sums its taps in registers
 /// ([`ConvShape::is_direct`]), and output channels up to which its input gradient does
@@ -2595,7 +2637,7 @@ impl CpuKernels for Flex {
         // The weights transposed, packed for the input gradient's products.
         let group = shape.images_per_product(per_task);
         let packed = shape.packed_weights((&ws, &tap_major), (co, group), true);
-        let direct = shape.direct_backward_terms(co);
+        let direct = shape.direct_backward(co);
         let index = shape.column_index();
         let at_once = shape.weight_grad_at_once(n, co);
         let weight_grad: Vec<Vec<f32>> = x_grad.spare_capacity_mut()[..xs.len()]
@@ -2619,9 +2661,9 @@ impl CpuKernels for Flex {
                         shape.pad(images, &mut padded);
                         shape.spread_grad(dy, co, &mut grad);
                         shape.backward_taps(
-                            (&tap_major, &packed, co, direct.as_deref()),
+                            (&tap_major, &packed, co, &direct),
                             &padded,
-                            &grad,
+                            (dy, &grad),
                             &mut weight_grad_t,
                             &mut padded_grad,
                         );

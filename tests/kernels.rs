@@ -387,10 +387,25 @@ fn conv_direct_matches_burn_for_narrow_layers() {
     check_conv([2, 5, 6, 17], 7, [3, 3], [1, 1], [1; 4], [1, 1], true);
     check_conv([2, 17, 6, 16], 4, [3, 3], [1, 1], [1; 4], [1, 1], false);
     // Narrow layers run tap by tap on grids up to 1/3 wider than their output: the 16→16 layer
-    // at 12 px (direct), 32→32 at 6 px (products); 33 channels at 6 px take the columns.
+    // at 12 px (direct forward), 32→32 at 6 px (products but the weight gradient); 33 channels
+    // at 6 px take the columns.
     check_conv([2, 16, 5, 12], 16, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([3, 32, 6, 6], 32, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([3, 33, 6, 6], 8, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    // The weight gradient sums in registers on 17 to 32 output channels (in chunks of 32 or 16
+    // with the last vector masked; terms in tiles where they come in runs of three, as a 3×3
+    // kernel's rows, else one by one, as a kernel dilated along its rows); 33 take the products.
+    check_conv([3, 3, 9, 14], 17, [3, 3], [1, 1], [1; 4], [1, 1], true);
+    check_conv(
+        [2, 3, 7, 20],
+        20,
+        [2, 3],
+        [1, 1],
+        [0, 2, 1, 2],
+        [1, 2],
+        false,
+    );
+    check_conv([2, 8, 6, 16], 33, [3, 3], [1, 1], [1; 4], [1, 1], false);
 }
 
 #[test]
@@ -829,14 +844,14 @@ fn exp_is_within_one_ulp_of_f64() {
 fn every_vector_width_gives_the_same_bits() {
     // GELU, layer norm, the attention's softmax, log softmax, batch norm (its f64 sums and
     // affine maps; alone and with its fused ReLU) and a narrow convolution (the direct correlation of its forward pass and
-    // input gradient),
+    // input gradient, and a wider one's weight gradient summed in registers),
     // forward and backward, compiled for AVX-512, AVX2 and the x86-64 baseline (as far as this
     // CPU has them): a run resumed on another CPU repeats the uninterrupted one. Odd sizes, so
     // the loops' remainders run too.
     let device = Device::flex().autodiff();
     let ln = layer_norm_module(37, &device);
     let bn = layer(5, &device);
-    let conv = resnet_conv([6, 7], &device);
+    let (conv, wider) = (resnet_conv([6, 7], &device), resnet_conv([6, 17], &device));
     let x = Tensor::<3>::from_data(random([3, 17, 37], 1, 4.0, 0.5), &device).require_grad();
     let qkv = Tensor::<3>::from_data(random([3, 17, 3 * 24], 2, 2.0, 0.0), &device).require_grad();
     let image = Tensor::<4>::from_data(random([3, 5, 7, 9], 3, 2.0, 3.0), &device).require_grad();
@@ -849,12 +864,14 @@ fn every_vector_width_gives_the_same_bits() {
         let normed = kernels::batch_norm(&bn, image.clone());
         let rectified = kernels::batch_norm_relu(&bn, image.clone());
         let convolved = kernels::conv2d(&conv, planes.clone());
+        let widened = kernels::conv2d(&wider, planes.clone());
         let log_p = kernels::log_softmax(x.clone());
         let loss = y.clone().powi_scalar(2).sum()
             + attended.clone().powi_scalar(2).sum()
             + normed.clone().powi_scalar(3).sum()
             + (rectified.clone() * image.clone()).sum()
             + convolved.clone().powi_scalar(2).sum()
+            + widened.powi_scalar(2).sum()
             + (log_p.clone() * x.clone()).sum();
         let grads = loss.backward();
         [
@@ -868,6 +885,7 @@ fn every_vector_width_gives_the_same_bits() {
             bits(qkv.grad(&grads).unwrap()),
             bits(image.grad(&grads).unwrap()),
             bits(planes.grad(&grads).unwrap()),
+            bits(wider.weight.val().grad(&grads).unwrap()),
         ]
     };
     let widest = run();

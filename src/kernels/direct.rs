@@ -69,6 +69,71 @@ pub(super) fn correlate(
     false
 }
 
+/// The weight gradient of a correlation, `out[k·O + o] += Σ_r Σ_c input[offsets[k] + r·row + c]
+/// · grad_t[(r·W + c)·O + o]` over the output's R rows of W positions (`rows` = (R, W, row):
+/// the input's rows `row` apart, the output gradient `grad_t` transposed, `[R·W, O]`), for the K
+/// terms of `offsets` (as [`correlate`]'s) and O = `outputs`. Tap by tap a narrow layer's
+/// weight gradient takes one product per tap and image with k = the positions and only
+/// `C × Co` outputs (16 × 16 at 12 px), too small for gemm's tiles and packing; here the
+/// outputs lie along the vector lanes and stay in registers over all positions: a tile of
+/// terms × output vectors reads one vector of `grad_t` and one broadcast value of the input a
+/// term per position. No position off the output grid is read.
+///
+/// Each `out` value sums its terms in the order of the positions, one fused multiply-add each,
+/// from its value on entry: the same bits on AVX-512 and AVX2, and across calls (images) the
+/// sum goes on in the order of the calls. Returns `false` (doing nothing) where the CPU lacks
+/// AVX2 and FMA: the caller takes the products instead.
+///
+/// # Panics
+/// If a read or write would fall outside `grad_t`, `input` or `out`.
+pub(super) fn weight_grad(
+    grad_t: &[f32],
+    outputs: usize,
+    offsets: &[usize],
+    input: &[f32],
+    rows: (usize, usize, usize),
+    out: &mut [f32],
+) -> bool {
+    let (r, w, row) = rows;
+    if outputs == 0 || offsets.is_empty() || r == 0 || w == 0 {
+        return true;
+    }
+    assert!(grad_t.len() >= r * w * outputs, "the gradient ends early");
+    assert!(
+        out.len() >= offsets.len() * outputs,
+        "the weight gradient ends early"
+    );
+    let reach = offsets.iter().max().copied().unwrap_or(0) + (r - 1) * row + w;
+    assert!(
+        input.len() >= reach,
+        "the input ends before a term's last read"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::vector_width_limit() >= 2 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the asserts keep every read and write in bounds.
+        unsafe { avx512::weight_grad(grad_t, outputs, offsets, input, rows, out) };
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA; the asserts keep every read and write in bounds.
+        unsafe { avx2::weight_grad(grad_t, outputs, offsets, input, rows, out) };
+        return true;
+    }
+    false
+}
+
+/// Whether the first `n` (a multiple of 3) of `terms` exist and come in runs of three
+/// consecutive offsets (the taps along a row of a 3×3 kernel), as [`weight_grad`]'s tiles read
+/// them.
+#[cfg(target_arch = "x86_64")]
+fn runs_of_three(terms: &[usize], n: usize) -> bool {
+    terms.len() >= n
+        && terms[..n]
+            .chunks_exact(3)
+            .all(|run| run[1] == run[0] + 1 && run[2] == run[0] + 2)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -136,6 +201,130 @@ mod avx2 {
                     }
                 }
             }
+        }
+    }
+
+    /// [`super::weight_grad`] on AVX2 + FMA: the outputs in chunks of up to 2 vectors (16), in
+    /// tiles of 9 terms × 1 vector or 6 × 2 where the terms come in runs of three (9 or 12
+    /// accumulators, the gradient's vectors and a broadcast input value of AVX2's 16
+    /// registers), else one term at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the caller's asserts must hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weight_grad(
+        grad_t: &[f32],
+        o: usize,
+        offsets: &[usize],
+        input: &[f32],
+        rows: (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        for o0 in (0..o).step_by(16) {
+            let left = (o - o0).min(16);
+            let mut masks = [lanes(8); 2];
+            masks[left.div_ceil(8) - 1] = lanes((left - 1) % 8 + 1);
+            let tile = GradTile {
+                grad: grad_t.as_ptr().wrapping_add(o0),
+                o,
+                input: input.as_ptr(),
+                rows,
+                out: out.as_mut_ptr().wrapping_add(o0),
+                masks,
+            };
+            let mut k0 = 0;
+            while k0 < offsets.len() {
+                let terms = &offsets[k0..];
+                // SAFETY: the tile's terms lie inside K, its outputs (the last vector masked)
+                // inside O: the caller's bounds.
+                k0 += unsafe {
+                    let tile_terms = if left > 8 { 6 } else { 9 };
+                    match (left > 8, super::runs_of_three(terms, tile_terms)) {
+                        (false, true) => tile.run::<3, 3, 1>(terms, k0),
+                        (true, true) => tile.run::<2, 3, 2>(terms, k0),
+                        (false, false) => tile.run::<1, 1, 1>(terms, k0),
+                        (true, false) => tile.run::<1, 1, 2>(terms, k0),
+                    }
+                };
+            }
+        }
+    }
+
+    /// One chunk of outputs of a weight gradient and the lane masks of its (up to 2) vectors.
+    struct GradTile {
+        grad: *const f32,
+        o: usize,
+        input: *const f32,
+        rows: (usize, usize, usize),
+        out: *mut f32,
+        masks: [__m256i; 2],
+    }
+
+    impl GradTile {
+        /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps along
+        /// a kernel row) × the chunk's first V vectors of outputs, summed over every position
+        /// onto `out`; returns G·D. A group's D terms read the input through one pointer, so
+        /// that a tile's pointers stay in registers (a tile of 24 terms each through its own
+        /// pointer, and one of 9, spilled them and ran slower than gemm's products).
+        ///
+        /// # Safety
+        /// AVX2 and FMA; every read and write inside the caller's slices; each group's terms
+        /// consecutive.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn run<const G: usize, const D: usize, const V: usize>(
+            &self,
+            terms: &[usize],
+            k0: usize,
+        ) -> usize {
+            let (r, w, row) = self.rows;
+            let mut acc = [[[_mm256_setzero_ps(); V]; D]; G];
+            let sums_at = |g: usize, d: usize| self.out.wrapping_add((k0 + g * D + d) * self.o);
+            for (g, group) in acc.iter_mut().enumerate() {
+                for (d, sums) in group.iter_mut().enumerate() {
+                    for (v, a) in sums.iter_mut().enumerate() {
+                        let y = sums_at(g, d).wrapping_add(8 * v);
+                        // SAFETY: the caller's bounds, the last vector masked.
+                        *a = unsafe { _mm256_maskload_ps(y, self.masks[v]) };
+                    }
+                }
+            }
+            let mut grad = self.grad;
+            for i in 0..r {
+                let first = std::array::from_fn::<_, G, _>(|g| {
+                    self.input.wrapping_add(terms[g * D]).wrapping_add(i * row)
+                });
+                for j in 0..w {
+                    let mut gs = [_mm256_setzero_ps(); V];
+                    for (v, gv) in gs.iter_mut().enumerate() {
+                        let g = grad.wrapping_add(8 * v);
+                        // SAFETY: the caller's bounds, the last vector masked.
+                        *gv = unsafe { _mm256_maskload_ps(g, self.masks[v]) };
+                    }
+                    grad = grad.wrapping_add(self.o);
+                    for (group, x) in acc.iter_mut().zip(&first) {
+                        let x = x.wrapping_add(j);
+                        for (d, sums) in group.iter_mut().enumerate() {
+                            // SAFETY: inside the input, by the caller's reach.
+                            let b =
+                                _mm256_broadcastss_ps(unsafe { _mm_load_ss(x.wrapping_add(d)) });
+                            for (a, gv) in sums.iter_mut().zip(&gs) {
+                                *a = _mm256_fmadd_ps(b, *gv, *a);
+                            }
+                        }
+                    }
+                }
+            }
+            for (g, group) in acc.iter().enumerate() {
+                for (d, sums) in group.iter().enumerate() {
+                    for (v, a) in sums.iter().enumerate() {
+                        let y = sums_at(g, d).wrapping_add(8 * v);
+                        // SAFETY: the caller's bounds, the last vector masked.
+                        unsafe { _mm256_maskstore_ps(y, self.masks[v], *a) };
+                    }
+                }
+            }
+            G * D
         }
     }
 
@@ -277,6 +466,128 @@ mod avx512 {
         }
     }
 
+    /// [`super::weight_grad`] on AVX-512: the outputs in chunks of up to 2 vectors (32), in
+    /// tiles of 9 terms × 1 or 2 vectors where the terms come in runs of three (9 or 18
+    /// accumulators), else one term at a time. The same sums as the AVX2 tiles: the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; the caller's asserts must hold.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn weight_grad(
+        grad_t: &[f32],
+        o: usize,
+        offsets: &[usize],
+        input: &[f32],
+        rows: (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        for o0 in (0..o).step_by(32) {
+            let left = (o - o0).min(32);
+            let mut masks = [u16::MAX; 2];
+            masks[left.div_ceil(16) - 1] = u16::MAX >> ((16 - left % 16) % 16);
+            let tile = GradTile {
+                grad: grad_t.as_ptr().wrapping_add(o0),
+                o,
+                input: input.as_ptr(),
+                rows,
+                out: out.as_mut_ptr().wrapping_add(o0),
+                masks,
+            };
+            let mut k0 = 0;
+            while k0 < offsets.len() {
+                let terms = &offsets[k0..];
+                // SAFETY: the tile's terms lie inside K, its outputs (the last vector masked)
+                // inside O: the caller's bounds.
+                k0 += unsafe {
+                    match (left > 16, super::runs_of_three(terms, 9)) {
+                        (false, true) => tile.run::<3, 3, 1>(terms, k0),
+                        (true, true) => tile.run::<3, 3, 2>(terms, k0),
+                        (false, false) => tile.run::<1, 1, 1>(terms, k0),
+                        (true, false) => tile.run::<1, 1, 2>(terms, k0),
+                    }
+                };
+            }
+        }
+    }
+
+    /// One chunk of outputs of a weight gradient and the lane masks of its (up to 2) vectors.
+    struct GradTile {
+        grad: *const f32,
+        o: usize,
+        input: *const f32,
+        rows: (usize, usize, usize),
+        out: *mut f32,
+        masks: [u16; 2],
+    }
+
+    impl GradTile {
+        /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps along
+        /// a kernel row) × the chunk's first V vectors of outputs, summed over every position
+        /// onto `out`; returns G·D. A group's D terms read the input through one pointer, so
+        /// that a tile's pointers stay in registers (a tile of 24 terms each through its own
+        /// pointer, and one of 9, spilled them and ran slower than gemm's products).
+        ///
+        /// # Safety
+        /// AVX-512F; every read and write inside the caller's slices; each group's terms
+        /// consecutive.
+        #[target_feature(enable = "avx512f,fma")]
+        #[inline]
+        unsafe fn run<const G: usize, const D: usize, const V: usize>(
+            &self,
+            terms: &[usize],
+            k0: usize,
+        ) -> usize {
+            let (r, w, row) = self.rows;
+            let mut acc = [[[_mm512_setzero_ps(); V]; D]; G];
+            let sums_at = |g: usize, d: usize| self.out.wrapping_add((k0 + g * D + d) * self.o);
+            for (g, group) in acc.iter_mut().enumerate() {
+                for (d, sums) in group.iter_mut().enumerate() {
+                    for (v, a) in sums.iter_mut().enumerate() {
+                        let y = sums_at(g, d).wrapping_add(16 * v);
+                        // SAFETY: the caller's bounds, the last vector masked.
+                        *a = unsafe { _mm512_maskz_loadu_ps(self.masks[v], y) };
+                    }
+                }
+            }
+            let mut grad = self.grad;
+            for i in 0..r {
+                let first = std::array::from_fn::<_, G, _>(|g| {
+                    self.input.wrapping_add(terms[g * D]).wrapping_add(i * row)
+                });
+                for j in 0..w {
+                    let mut gs = [_mm512_setzero_ps(); V];
+                    for (v, gv) in gs.iter_mut().enumerate() {
+                        let g = grad.wrapping_add(16 * v);
+                        // SAFETY: the caller's bounds, the last vector masked.
+                        *gv = unsafe { _mm512_maskz_loadu_ps(self.masks[v], g) };
+                    }
+                    grad = grad.wrapping_add(self.o);
+                    for (group, x) in acc.iter_mut().zip(&first) {
+                        let x = x.wrapping_add(j);
+                        for (d, sums) in group.iter_mut().enumerate() {
+                            // SAFETY: inside the input, by the caller's reach.
+                            let b =
+                                _mm512_broadcastss_ps(unsafe { _mm_load_ss(x.wrapping_add(d)) });
+                            for (a, gv) in sums.iter_mut().zip(&gs) {
+                                *a = _mm512_fmadd_ps(b, *gv, *a);
+                            }
+                        }
+                    }
+                }
+            }
+            for (g, group) in acc.iter().enumerate() {
+                for (d, sums) in group.iter().enumerate() {
+                    for (v, a) in sums.iter().enumerate() {
+                        let y = sums_at(g, d).wrapping_add(16 * v);
+                        // SAFETY: the caller's bounds, the last vector masked.
+                        unsafe { _mm512_mask_storeu_ps(y, self.masks[v], *a) };
+                    }
+                }
+            }
+            G * D
+        }
+    }
+
     /// The positions of one tile (from its first, for every output) and their lane masks.
     struct Tile<'a> {
         offsets: &'a [usize],
@@ -388,6 +699,69 @@ mod tests {
                 if i % row >= p {
                     assert_eq!(a, b, "wrote past the positions");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn weight_grad_sums_every_position_onto_every_term_and_output() {
+        // Outputs in chunks of 32 (AVX-512) or 16 (AVX2) with the last vector masked, terms in
+        // tiles of 9 or 6 where they come in runs of three, else one at a time; the input's
+        // rows wider than the output's. The sums go on from the values in `out`, and AVX-512 and AVX2 (as far as
+        // this CPU has them) give the same bits.
+        use super::weight_grad;
+        let value =
+            |i: usize, seed: usize| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0;
+        let cases = [
+            (1, 1, (1, 1, 1)),
+            (8, 27, (4, 6, 8)),
+            (16, 144, (3, 12, 14)),
+            (17, 25, (2, 5, 9)),
+            (32, 30, (3, 6, 8)),
+            (40, 13, (1, 33, 33)),
+            (5, 7, (5, 3, 4)),
+        ];
+        let scattered = |k: usize| (k * 13) % 29;
+        // Runs of three consecutive offsets (a 3×3 kernel's rows), but where a run of `terms`
+        // is cut short.
+        let runs = |k: usize| ((k / 3) * 13) % 29 + k % 3;
+        let patterns: [&dyn Fn(usize) -> usize; 2] = [&scattered, &runs];
+        for ((o, terms, (r, w, row)), offset) in cases
+            .into_iter()
+            .flat_map(|case| patterns.map(|p| (case, p)))
+        {
+            let offsets: Vec<usize> = (0..terms).map(offset).collect();
+            let x: Vec<f32> = (0..31 + r * row).map(|i| value(i, 1)).collect();
+            let g: Vec<f32> = (0..r * w * o).map(|i| value(i, 2)).collect();
+            let before: Vec<f32> = (0..terms * o).map(|i| value(i, 3)).collect();
+            let mut outs = Vec::new();
+            for level in [2, 1] {
+                crate::kernels::limit_vector_width(level);
+                let mut out = before.clone();
+                let ran = weight_grad(&g, o, &offsets, &x, (r, w, row), &mut out);
+                crate::kernels::limit_vector_width(2);
+                if !ran {
+                    return; // no AVX2 + FMA here: the caller takes the products
+                }
+                outs.push(out);
+            }
+            assert!(
+                outs[0] == outs[1],
+                "o {o} terms {terms}: AVX-512 and AVX2 differ"
+            );
+            for (i, &got) in outs[0].iter().enumerate() {
+                let (k, oi) = (i / o, i % o);
+                let positions = (0..r).flat_map(|a| (0..w).map(move |b| (a, b)));
+                let want: f64 = before[i] as f64
+                    + positions
+                        .map(|(a, b)| {
+                            x[offsets[k] + a * row + b] as f64 * g[(a * w + b) * o + oi] as f64
+                        })
+                        .sum::<f64>();
+                assert!(
+                    (got as f64 - want).abs() < 1e-4,
+                    "o {o} at {i}: {got} vs {want}"
+                );
             }
         }
     }
