@@ -7,7 +7,8 @@
 //!   convolution): in a ResNet step, the copies and the idle second core cost more than the
 //!   arithmetic. Here forward and both gradients are gemms on the NCHW layout, in parallel over
 //!   the batch, with no layout copies: at stride 1 one gemm a kernel tap reading the
-//!   zero-padded image in place, else Caffe's im2col + gemm, with several images' columns side
+//!   zero-padded image in place (on narrow layers sums held in registers instead, [`direct`]),
+//!   else Caffe's im2col + gemm, with several images' columns side
 //!   by side in one product where the output grid is small (a ResNet's 4-8 px stages), and the
 //!   weight gradient as one product over the batch where the weights outweigh the columns.
 //! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
@@ -1848,17 +1849,19 @@ impl ConvShape {
             }
             direct::weight_grad(&dy_t, co, terms, padded, (oh, ow, wp), weight_grad_t)
         });
-        for (t, offset) in self.tap_offsets().filter(|_| !direct_weight_grad) {
-            // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · grad[Co, OH·Wp]ᵀ
-            gemm_into(
-                products,
-                [c, n, co],
-                (&padded[offset..], plane, 1),
-                (&grad[front..], 1, grad_plane),
-                (&mut weight_grad_t[t * co..], taps * co),
-                true,
-                1.0,
-            );
+        if !direct_weight_grad {
+            for (t, offset) in self.tap_offsets() {
+                // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · grad[Co, OH·Wp]ᵀ
+                gemm_into(
+                    products,
+                    [c, n, co],
+                    (&padded[offset..], plane, 1),
+                    (&grad[front..], 1, grad_plane),
+                    (&mut weight_grad_t[t * co..], taps * co),
+                    true,
+                    1.0,
+                );
+            }
         }
         if let Some(terms) = &direct.input_terms {
             if direct::correlate(wt, c, terms, grad, plane, padded_grad, plane) {
@@ -2038,12 +2041,11 @@ struct DirectBackward {
 
 /// Output channels for which the tap-by-tap weight gradient sums in registers
 /// ([`direct::weight_grad`]) rather than in one product per tap and image: more than one
-/// AVX-512 vector's 16, so that each broadcast input value feeds two vectors of sums. The
-/// backward pass against the products, `conv_layers` on the Intel Xeon at 2.1 GHz
-/// (BENCHMARKS.md, issue 30's twenty-second round): 32→32 at 6 px 3.4-4.2 ms against 4.5-5.2,
-/// at 16 px 10.1-10.7 against 12.8-13.1; 16 outputs ran level at 12 px (4.4-6.1 against
-/// 4.9-6.1) and slower at 32 px (13.7-15.8 against 11.8-13.0), 8 slower at 24 px (6.4-6.7
-/// against 5.0-5.2).
+/// AVX-512 vector's 16, so that each broadcast input value feeds two vectors of sums.
+/// `conv_layers` on the Intel Xeon at 2.1 GHz, backward passes against the products
+/// (BENCHMARKS.md, issue 30's twenty-second round): 32→32 at 6 px 3.8-3.9 ms against 4.4-4.7,
+/// at 16 px 10.0-10.1 against 12.2; 16 outputs ran level at 12 px and slower at 32 px (13.7-15.1
+/// against 11.8-13.0), 8 slower at 24 px (6.4-6.7 against 5.0-5.2).
 const DIRECT_WEIGHT_GRAD: std::ops::RangeInclusive<usize> = 17..=32;
 
 /// Input channels up to which the tap-by-tap forward pass sums its taps in registers

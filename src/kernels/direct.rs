@@ -10,7 +10,9 @@
 //! the same sums in the same order: the same bits.
 //!
 //! One routine serves the forward pass and the input gradient, which is the same correlation
-//! with the roles of C and Co swapped and the taps mirrored ([`correlate`]).
+//! with the roles of C and Co swapped and the taps mirrored ([`correlate`]). The weight
+//! gradient, a sum over the positions, has its own ([`weight_grad`]): there the outputs lie
+//! along the lanes.
 
 /// Where each term of a correlation over an input of `channels` planes `plane` apart starts
 /// reading: term k = t·channels + c (taps outermost, as the weights' `[taps, C]`) at
@@ -79,8 +81,8 @@ pub(super) fn correlate(
 /// terms × output vectors reads one vector of `grad_t` and one broadcast value of the input a
 /// term per position. No position off the output grid is read.
 ///
-/// Each `out` value sums its terms in the order of the positions, one fused multiply-add each,
-/// from its value on entry: the same bits on AVX-512 and AVX2, and across calls (images) the
+/// Each `out` value sums its products over the positions in order, one fused multiply-add
+/// each, from its value on entry: the same bits on AVX-512 and AVX2, and across calls (images) the
 /// sum goes on in the order of the calls. Returns `false` (doing nothing) where the CPU lacks
 /// AVX2 and FMA: the caller takes the products instead.
 ///
