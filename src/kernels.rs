@@ -8,9 +8,9 @@
 //!   arithmetic. Here forward and both gradients are gemms on the NCHW layout, in parallel over
 //!   the batch, with no layout copies: at stride 1 one gemm a kernel tap reading the
 //!   zero-padded image in place (on narrow layers sums held in registers instead, [`direct`]),
-//!   else Caffe's im2col + gemm, with several images' columns side
-//!   by side in one product where the output grid is small (a ResNet's 4-8 px stages), and the
-//!   weight gradient as one product over the batch where the weights outweigh the columns.
+//!   else Caffe's im2col + gemm, with several images' columns side by side in one product
+//!   where the output grid is small (a ResNet's 4-8 px stages), and the weight gradient as one
+//!   product over the batch where the weights outweigh the columns.
 //! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
@@ -1682,6 +1682,15 @@ impl ConvShape {
         self.is_tap_by_tap() && self.geometry.products == Products::F32 && co <= DIRECT_BACKWARD
     }
 
+    /// Whether the tap-by-tap weight gradient of `co` output channels sums in registers
+    /// ([`direct::weight_grad`]) rather than in one product per tap and image: f32 products on
+    /// [`DIRECT_WEIGHT_GRAD`] output channels.
+    fn is_direct_weight_grad(&self, co: usize) -> bool {
+        self.is_tap_by_tap()
+            && self.geometry.products == Products::F32
+            && DIRECT_WEIGHT_GRAD.contains(&co)
+    }
+
     /// What the direct forward pass reads, made once a convolution from the weights `ws`
     /// `[Co, C, kh, kw]` (`None` unless [`ConvShape::is_direct`]).
     fn direct_forward(&self, ws: &[f32], co: usize) -> Option<DirectForward> {
@@ -1734,16 +1743,14 @@ impl ConvShape {
     /// the terms of the input gradient over the output gradient as
     /// [`ConvShape::grad_layout`] lays it out, the taps mirrored (where
     /// [`ConvShape::is_direct_backward`]), and those of the weight gradient over the padded
-    /// image, in the weights' `[C, kh, kw]` order (where tap by tap in f32 on
-    /// [`DIRECT_WEIGHT_GRAD`] output channels).
+    /// image, in the weights' `[C, kh, kw]` order (where [`ConvShape::is_direct_weight_grad`]).
     fn direct_backward(&self, co: usize) -> DirectBackward {
         let input_terms = self.is_direct_backward(co).then(|| {
             let (front, grad_plane) = self.grad_layout(co);
             let mirrored: Vec<usize> = self.tap_offsets().map(|(_, o)| front - o).collect();
             direct::terms(&mirrored, co, grad_plane)
         });
-        let f32_taps = self.is_tap_by_tap() && self.geometry.products == Products::F32;
-        let weight_terms = (f32_taps && DIRECT_WEIGHT_GRAD.contains(&co)).then(|| {
+        let weight_terms = self.is_direct_weight_grad(co).then(|| {
             let plane = self.tap_dims()[0];
             let taps: Vec<usize> = self.tap_offsets().map(|(_, o)| o).collect();
             (0..self.channels)
@@ -1839,17 +1846,18 @@ impl ConvShape {
         let ([plane, taps, n], c) = (self.tap_dims(), self.channels);
         let (front, grad_plane) = self.grad_layout(co);
         let products = self.geometry.products;
-        let direct_weight_grad = direct.weight_terms.as_deref().is_some_and(|terms| {
-            let ([oh, ow], wp) = (self.output, self.padded()[1]);
-            let mut dy_t = vec![0f32; dy.len()];
-            for (o, row) in dy.chunks_exact(oh * ow).enumerate() {
-                for (q, &g) in row.iter().enumerate() {
-                    dy_t[q * co + o] = g;
-                }
+        let summed = match &direct.weight_terms {
+            Some(terms) => {
+                let ([oh, ow], wp) = (self.output, self.padded()[1]);
+                // The image's output gradient transposed, [OH·OW, Co].
+                let dy_t: Vec<f32> = (0..dy.len())
+                    .map(|i| dy[(i % co) * oh * ow + i / co])
+                    .collect();
+                direct::weight_grad(&dy_t, co, terms, padded, (oh, ow, wp), weight_grad_t)
             }
-            direct::weight_grad(&dy_t, co, terms, padded, (oh, ow, wp), weight_grad_t)
-        });
-        if !direct_weight_grad {
+            None => false,
+        };
+        if !summed {
             for (t, offset) in self.tap_offsets() {
                 // dW_tᵀ[C, Co] += padded_t[C, OH·Wp] · grad[Co, OH·Wp]ᵀ
                 gemm_into(
@@ -2033,14 +2041,14 @@ struct DirectForward {
 }
 
 /// The terms of a tap-by-tap backward pass's direct sums ([`ConvShape::direct_backward`]):
-/// `None` where that part takes the products.
+/// `None` where that part takes the products (as it also does where the CPU lacks AVX2 + FMA).
 struct DirectBackward {
     input_terms: Option<Vec<usize>>,
     weight_terms: Option<Vec<usize>>,
 }
 
 /// Output channels for which the tap-by-tap weight gradient sums in registers
-/// ([`direct::weight_grad`]) rather than in one product per tap and image: more than one
+/// ([`ConvShape::is_direct_weight_grad`]) rather than in one product per tap and image: more than one
 /// AVX-512 vector's 16, so that each broadcast input value feeds two vectors of sums.
 /// `conv_layers` on the Intel Xeon at 2.1 GHz, backward passes against the products
 /// (BENCHMARKS.md, issue 30's twenty-second round): 32→32 at 6 px 3.8-3.9 ms against 4.4-4.7,

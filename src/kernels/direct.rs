@@ -71,20 +71,21 @@ pub(super) fn correlate(
     false
 }
 
-/// The weight gradient of a correlation, `out[k·O + o] += Σ_r Σ_c input[offsets[k] + r·row + c]
-/// · grad_t[(r·W + c)·O + o]` over the output's R rows of W positions (`rows` = (R, W, row):
-/// the input's rows `row` apart, the output gradient `grad_t` transposed, `[R·W, O]`), for the K
-/// terms of `offsets` (as [`correlate`]'s) and O = `outputs`. Tap by tap a narrow layer's
-/// weight gradient takes one product per tap and image with k = the positions and only
-/// `C × Co` outputs (16 × 16 at 12 px), too small for gemm's tiles and packing; here the
+/// The weight gradient of a correlation, `out[k·O + o] += Σ_i Σ_j input[offsets[k] + i·row + j]
+/// · grad_t[(i·W + j)·O + o]` over the output's R rows of W positions (`rows` = (R, W, row):
+/// the input's rows `row` apart, the output gradient `grad_t` transposed, `[R·W, O]`), for K
+/// terms, term k reading the input from `offsets[k]` on, and O = `outputs`. Tap by tap a narrow
+/// layer's weight gradient takes one product per tap and image with k = the positions and only
+/// `C × Co` outputs (32 × 32 at 6 px), too small for gemm's tiles and packing; here the
 /// outputs lie along the vector lanes and stay in registers over all positions: a tile of
 /// terms × output vectors reads one vector of `grad_t` and one broadcast value of the input a
 /// term per position. No position off the output grid is read.
 ///
 /// Each `out` value sums its products over the positions in order, one fused multiply-add
 /// each, from its value on entry: the same bits on AVX-512 and AVX2, and across calls (images) the
-/// sum goes on in the order of the calls. Returns `false` (doing nothing) where the CPU lacks
-/// AVX2 and FMA: the caller takes the products instead.
+/// sum goes on in the order of the calls. Runs on AVX-512 where the CPU has it and
+/// [`super::limit_vector_width`] allows, else on AVX2; returns `false` (doing nothing) where the
+/// CPU lacks AVX2 and FMA: the caller takes the products instead.
 ///
 /// # Panics
 /// If a read or write would fall outside `grad_t`, `input` or `out`.
@@ -266,8 +267,10 @@ mod avx2 {
         /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps along
         /// a kernel row) × the chunk's first V vectors of outputs, summed over every position
         /// onto `out`; returns G·D. A group's D terms read the input through one pointer, so
-        /// that a tile's pointers stay in registers (a tile of 24 terms each through its own
-        /// pointer, and one of 9, spilled them and ran slower than gemm's products).
+        /// that a tile's pointers stay in registers (24 pointers a tile spilled to the stack).
+        /// The input is read with `_mm_load_ss`: a plain read of a raw pointer carries an
+        /// alignment check under debug assertions (this crate's dev and test profiles), a
+        /// compare and a branch a multiply-add.
         ///
         /// # Safety
         /// AVX2 and FMA; every read and write inside the caller's slices; each group's terms
@@ -526,8 +529,10 @@ mod avx512 {
         /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps along
         /// a kernel row) × the chunk's first V vectors of outputs, summed over every position
         /// onto `out`; returns G·D. A group's D terms read the input through one pointer, so
-        /// that a tile's pointers stay in registers (a tile of 24 terms each through its own
-        /// pointer, and one of 9, spilled them and ran slower than gemm's products).
+        /// that a tile's pointers stay in registers (24 pointers a tile spilled to the stack).
+        /// The input is read with `_mm_load_ss`: a plain read of a raw pointer carries an
+        /// alignment check under debug assertions (this crate's dev and test profiles), a
+        /// compare and a branch a multiply-add.
         ///
         /// # Safety
         /// AVX-512F; every read and write inside the caller's slices; each group's terms
@@ -706,12 +711,14 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn weight_grad_sums_every_position_onto_every_term_and_output() {
         // Outputs in chunks of 32 (AVX-512) or 16 (AVX2) with the last vector masked, terms in
         // tiles of 9 or 6 where they come in runs of three, else one at a time; the input's
-        // rows wider than the output's. The sums go on from the values in `out`, and AVX-512 and AVX2 (as far as
-        // this CPU has them) give the same bits.
-        use super::weight_grad;
+        // rows wider than the output's. The sums go on from the values in `out`, and AVX-512
+        // and AVX2 (as far as this CPU has them, each called directly: the vector-width limit
+        // is global, and other tests set it) give the same bits.
+        use super::{avx2, avx512};
         let value =
             |i: usize, seed: usize| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0;
         let cases = [
@@ -722,6 +729,7 @@ mod tests {
             (32, 30, (3, 6, 8)),
             (40, 13, (1, 33, 33)),
             (5, 7, (5, 3, 4)),
+            (29, 27, (2, 7, 9)),
         ];
         let scattered = |k: usize| (k * 13) % 29;
         // Runs of three consecutive offsets (a 3×3 kernel's rows), but where a run of `terms`
@@ -737,21 +745,28 @@ mod tests {
             let g: Vec<f32> = (0..r * w * o).map(|i| value(i, 2)).collect();
             let before: Vec<f32> = (0..terms * o).map(|i| value(i, 3)).collect();
             let mut outs = Vec::new();
-            for level in [2, 1] {
-                crate::kernels::limit_vector_width(level);
+            if std::arch::is_x86_feature_detected!("avx512f") {
                 let mut out = before.clone();
-                let ran = weight_grad(&g, o, &offsets, &x, (r, w, row), &mut out);
-                crate::kernels::limit_vector_width(2);
-                if !ran {
-                    return; // no AVX2 + FMA here: the caller takes the products
-                }
+                // SAFETY: AVX-512F; the sizes above are those `weight_grad` asserts.
+                unsafe { avx512::weight_grad(&g, o, &offsets, &x, (r, w, row), &mut out) };
                 outs.push(out);
             }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                let mut out = before.clone();
+                // SAFETY: AVX2 and FMA; the sizes above are those `weight_grad` asserts.
+                unsafe { avx2::weight_grad(&g, o, &offsets, &x, (r, w, row), &mut out) };
+                outs.push(out);
+            }
+            let Some(first) = outs.first() else {
+                return; // no AVX2 + FMA here: the caller takes the products
+            };
             assert!(
-                outs[0] == outs[1],
+                outs.iter().all(|out| out == first),
                 "o {o} terms {terms}: AVX-512 and AVX2 differ"
             );
-            for (i, &got) in outs[0].iter().enumerate() {
+            for (i, &got) in first.iter().enumerate() {
                 let (k, oi) = (i / o, i % o);
                 let positions = (0..r).flat_map(|a| (0..w).map(move |b| (a, b)));
                 let want: f64 = before[i] as f64
