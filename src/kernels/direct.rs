@@ -137,6 +137,143 @@ fn runs_of_three(terms: &[usize], n: usize) -> bool {
             .all(|run| run[1] == run[0] + 1 && run[2] == run[0] + 2)
 }
 
+/// [`weight_grad`] on one instruction set, in the module that invokes it with its target
+/// features, its lane mask type and lane count L, and how many runs of three terms a tile of
+/// two vectors of outputs takes (what its registers hold beside the gradient's vectors: 2 on
+/// AVX2, 3 on AVX-512). The module gives `zero`, `load`, `store`, `splat` (a broadcast input
+/// value) and `fma` on its vectors, and `lanes(n)`, a mask of the first n lanes.
+///
+/// The outputs go in chunks of up to 2 vectors (2·L), in tiles of 9 terms × 1 vector or of the
+/// pair's runs × 2 where the terms come in runs of three, else one term at a time. Each output
+/// sums over the positions in order, one fused multiply-add each: the same bits at any L.
+#[cfg(target_arch = "x86_64")]
+macro_rules! weight_grad_tiles {
+    ($features:literal, $mask:ty, $lanes:literal, $pair_runs:literal) => {
+        /// [`super::weight_grad`] on these instruction sets ([`weight_grad_tiles`]).
+        ///
+        /// # Safety
+        /// The CPU must have the target features; the caller's asserts must hold.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn weight_grad(
+            grad_t: &[f32],
+            o: usize,
+            offsets: &[usize],
+            input: &[f32],
+            rows: (usize, usize, usize),
+            out: &mut [f32],
+        ) {
+            for o0 in (0..o).step_by(2 * $lanes) {
+                let left = (o - o0).min(2 * $lanes);
+                let mut masks = [lanes($lanes); 2];
+                masks[left.div_ceil($lanes) - 1] = lanes((left - 1) % $lanes + 1);
+                let tile = GradTile {
+                    grad: grad_t.as_ptr().wrapping_add(o0),
+                    o,
+                    input: input.as_ptr(),
+                    rows,
+                    out: out.as_mut_ptr().wrapping_add(o0),
+                    masks,
+                };
+                let pair = left > $lanes;
+                let mut k0 = 0;
+                while k0 < offsets.len() {
+                    let terms = &offsets[k0..];
+                    let tile_terms = if pair { 3 * $pair_runs } else { 9 };
+                    // SAFETY: the tile's terms lie inside K, its outputs (the last vector
+                    // masked) inside O: the caller's bounds.
+                    k0 += unsafe {
+                        match (pair, super::runs_of_three(terms, tile_terms)) {
+                            (false, true) => tile.run::<3, 3, 1>(terms, k0),
+                            (true, true) => tile.run::<$pair_runs, 3, 2>(terms, k0),
+                            (false, false) => tile.run::<1, 1, 1>(terms, k0),
+                            (true, false) => tile.run::<1, 1, 2>(terms, k0),
+                        }
+                    };
+                }
+            }
+        }
+
+        /// One chunk of outputs of a weight gradient and the lane masks of its (up to 2)
+        /// vectors.
+        struct GradTile {
+            grad: *const f32,
+            o: usize,
+            input: *const f32,
+            rows: (usize, usize, usize),
+            out: *mut f32,
+            masks: [$mask; 2],
+        }
+
+        impl GradTile {
+            /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps
+            /// along a kernel row) × the chunk's first V vectors of outputs, summed over every
+            /// position onto `out`; returns G·D. A group's D terms read the input through one
+            /// pointer, so that a tile's pointers stay in registers (24 pointers a tile spilled
+            /// to the stack). The input is read with `_mm_load_ss` (`splat`): a plain read of a
+            /// raw pointer carries an alignment check under debug assertions (this crate's dev
+            /// and test profiles), a compare and a branch a multiply-add.
+            ///
+            /// # Safety
+            /// The target features; every read and write inside the caller's slices; each
+            /// group's terms consecutive.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn run<const G: usize, const D: usize, const V: usize>(
+                &self,
+                terms: &[usize],
+                k0: usize,
+            ) -> usize {
+                let (r, w, row) = self.rows;
+                let mut acc = [[[zero(); V]; D]; G];
+                let sums_at = |g: usize, d: usize| self.out.wrapping_add((k0 + g * D + d) * self.o);
+                for (g, group) in acc.iter_mut().enumerate() {
+                    for (d, sums) in group.iter_mut().enumerate() {
+                        for (v, a) in sums.iter_mut().enumerate() {
+                            let y = sums_at(g, d).wrapping_add($lanes * v);
+                            // SAFETY: the caller's bounds, the last vector masked.
+                            *a = unsafe { load(y, self.masks[v]) };
+                        }
+                    }
+                }
+                let mut grad = self.grad;
+                for i in 0..r {
+                    let first = std::array::from_fn::<_, G, _>(|g| {
+                        self.input.wrapping_add(terms[g * D]).wrapping_add(i * row)
+                    });
+                    for j in 0..w {
+                        let mut gs = [zero(); V];
+                        for (v, gv) in gs.iter_mut().enumerate() {
+                            // SAFETY: the caller's bounds, the last vector masked.
+                            *gv = unsafe { load(grad.wrapping_add($lanes * v), self.masks[v]) };
+                        }
+                        grad = grad.wrapping_add(self.o);
+                        for (group, x) in acc.iter_mut().zip(&first) {
+                            let x = x.wrapping_add(j);
+                            for (d, sums) in group.iter_mut().enumerate() {
+                                // SAFETY: inside the input, by the caller's reach.
+                                let b = unsafe { splat(x.wrapping_add(d)) };
+                                for (a, gv) in sums.iter_mut().zip(&gs) {
+                                    *a = fma(b, *gv, *a);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (g, group) in acc.iter().enumerate() {
+                    for (d, sums) in group.iter().enumerate() {
+                        for (v, a) in sums.iter().enumerate() {
+                            let y = sums_at(g, d).wrapping_add($lanes * v);
+                            // SAFETY: the caller's bounds, the last vector masked.
+                            unsafe { store(y, self.masks[v], *a) };
+                        }
+                    }
+                }
+                G * D
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -207,130 +344,44 @@ mod avx2 {
         }
     }
 
-    /// [`super::weight_grad`] on AVX2 + FMA: the outputs in chunks of up to 2 vectors (16), in
-    /// tiles of 9 terms × 1 vector or 6 × 2 where the terms come in runs of three (9 or 12
-    /// accumulators, the gradient's vectors and a broadcast input value of AVX2's 16
-    /// registers), else one term at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; the caller's asserts must hold.
+    weight_grad_tiles!("avx2,fma", __m256i, 8, 2);
+
+    /// What [`weight_grad_tiles`] computes with: zeros, masked loads and stores, a broadcast
+    /// input value and a fused multiply-add.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weight_grad(
-        grad_t: &[f32],
-        o: usize,
-        offsets: &[usize],
-        input: &[f32],
-        rows: (usize, usize, usize),
-        out: &mut [f32],
-    ) {
-        for o0 in (0..o).step_by(16) {
-            let left = (o - o0).min(16);
-            let mut masks = [lanes(8); 2];
-            masks[left.div_ceil(8) - 1] = lanes((left - 1) % 8 + 1);
-            let tile = GradTile {
-                grad: grad_t.as_ptr().wrapping_add(o0),
-                o,
-                input: input.as_ptr(),
-                rows,
-                out: out.as_mut_ptr().wrapping_add(o0),
-                masks,
-            };
-            let mut k0 = 0;
-            while k0 < offsets.len() {
-                let terms = &offsets[k0..];
-                // SAFETY: the tile's terms lie inside K, its outputs (the last vector masked)
-                // inside O: the caller's bounds.
-                k0 += unsafe {
-                    let tile_terms = if left > 8 { 6 } else { 9 };
-                    match (left > 8, super::runs_of_three(terms, tile_terms)) {
-                        (false, true) => tile.run::<3, 3, 1>(terms, k0),
-                        (true, true) => tile.run::<2, 3, 2>(terms, k0),
-                        (false, false) => tile.run::<1, 1, 1>(terms, k0),
-                        (true, false) => tile.run::<1, 1, 2>(terms, k0),
-                    }
-                };
-            }
-        }
+    #[inline]
+    fn zero() -> __m256 {
+        _mm256_setzero_ps()
     }
 
-    /// One chunk of outputs of a weight gradient and the lane masks of its (up to 2) vectors.
-    struct GradTile {
-        grad: *const f32,
-        o: usize,
-        input: *const f32,
-        rows: (usize, usize, usize),
-        out: *mut f32,
-        masks: [__m256i; 2],
+    /// # Safety
+    /// The lanes `mask` keeps lie inside an allocation.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load(at: *const f32, mask: __m256i) -> __m256 {
+        unsafe { _mm256_maskload_ps(at, mask) }
     }
 
-    impl GradTile {
-        /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps along
-        /// a kernel row) × the chunk's first V vectors of outputs, summed over every position
-        /// onto `out`; returns G·D. A group's D terms read the input through one pointer, so
-        /// that a tile's pointers stay in registers (24 pointers a tile spilled to the stack).
-        /// The input is read with `_mm_load_ss`: a plain read of a raw pointer carries an
-        /// alignment check under debug assertions (this crate's dev and test profiles), a
-        /// compare and a branch a multiply-add.
-        ///
-        /// # Safety
-        /// AVX2 and FMA; every read and write inside the caller's slices; each group's terms
-        /// consecutive.
-        #[target_feature(enable = "avx2,fma")]
-        #[inline]
-        unsafe fn run<const G: usize, const D: usize, const V: usize>(
-            &self,
-            terms: &[usize],
-            k0: usize,
-        ) -> usize {
-            let (r, w, row) = self.rows;
-            let mut acc = [[[_mm256_setzero_ps(); V]; D]; G];
-            let sums_at = |g: usize, d: usize| self.out.wrapping_add((k0 + g * D + d) * self.o);
-            for (g, group) in acc.iter_mut().enumerate() {
-                for (d, sums) in group.iter_mut().enumerate() {
-                    for (v, a) in sums.iter_mut().enumerate() {
-                        let y = sums_at(g, d).wrapping_add(8 * v);
-                        // SAFETY: the caller's bounds, the last vector masked.
-                        *a = unsafe { _mm256_maskload_ps(y, self.masks[v]) };
-                    }
-                }
-            }
-            let mut grad = self.grad;
-            for i in 0..r {
-                let first = std::array::from_fn::<_, G, _>(|g| {
-                    self.input.wrapping_add(terms[g * D]).wrapping_add(i * row)
-                });
-                for j in 0..w {
-                    let mut gs = [_mm256_setzero_ps(); V];
-                    for (v, gv) in gs.iter_mut().enumerate() {
-                        let g = grad.wrapping_add(8 * v);
-                        // SAFETY: the caller's bounds, the last vector masked.
-                        *gv = unsafe { _mm256_maskload_ps(g, self.masks[v]) };
-                    }
-                    grad = grad.wrapping_add(self.o);
-                    for (group, x) in acc.iter_mut().zip(&first) {
-                        let x = x.wrapping_add(j);
-                        for (d, sums) in group.iter_mut().enumerate() {
-                            // SAFETY: inside the input, by the caller's reach.
-                            let b =
-                                _mm256_broadcastss_ps(unsafe { _mm_load_ss(x.wrapping_add(d)) });
-                            for (a, gv) in sums.iter_mut().zip(&gs) {
-                                *a = _mm256_fmadd_ps(b, *gv, *a);
-                            }
-                        }
-                    }
-                }
-            }
-            for (g, group) in acc.iter().enumerate() {
-                for (d, sums) in group.iter().enumerate() {
-                    for (v, a) in sums.iter().enumerate() {
-                        let y = sums_at(g, d).wrapping_add(8 * v);
-                        // SAFETY: the caller's bounds, the last vector masked.
-                        unsafe { _mm256_maskstore_ps(y, self.masks[v], *a) };
-                    }
-                }
-            }
-            G * D
-        }
+    /// # Safety
+    /// The lanes `mask` keeps lie inside an allocation.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store(at: *mut f32, mask: __m256i, v: __m256) {
+        unsafe { _mm256_maskstore_ps(at, mask, v) }
+    }
+
+    /// # Safety
+    /// `at` points into an allocation.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn splat(at: *const f32) -> __m256 {
+        _mm256_broadcastss_ps(unsafe { _mm_load_ss(at) })
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
     }
 
     /// A mask of the first `n` of 8 lanes.
@@ -471,128 +522,49 @@ mod avx512 {
         }
     }
 
-    /// [`super::weight_grad`] on AVX-512: the outputs in chunks of up to 2 vectors (32), in
-    /// tiles of 9 terms × 1 or 2 vectors where the terms come in runs of three (9 or 18
-    /// accumulators), else one term at a time. The same sums as the AVX2 tiles: the same bits.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; the caller's asserts must hold.
+    weight_grad_tiles!("avx512f,fma", u16, 16, 3);
+
+    /// What [`weight_grad_tiles`] computes with: zeros, masked loads and stores, a broadcast
+    /// input value and a fused multiply-add.
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn weight_grad(
-        grad_t: &[f32],
-        o: usize,
-        offsets: &[usize],
-        input: &[f32],
-        rows: (usize, usize, usize),
-        out: &mut [f32],
-    ) {
-        for o0 in (0..o).step_by(32) {
-            let left = (o - o0).min(32);
-            let mut masks = [u16::MAX; 2];
-            masks[left.div_ceil(16) - 1] = u16::MAX >> ((16 - left % 16) % 16);
-            let tile = GradTile {
-                grad: grad_t.as_ptr().wrapping_add(o0),
-                o,
-                input: input.as_ptr(),
-                rows,
-                out: out.as_mut_ptr().wrapping_add(o0),
-                masks,
-            };
-            let mut k0 = 0;
-            while k0 < offsets.len() {
-                let terms = &offsets[k0..];
-                // SAFETY: the tile's terms lie inside K, its outputs (the last vector masked)
-                // inside O: the caller's bounds.
-                k0 += unsafe {
-                    match (left > 16, super::runs_of_three(terms, 9)) {
-                        (false, true) => tile.run::<3, 3, 1>(terms, k0),
-                        (true, true) => tile.run::<3, 3, 2>(terms, k0),
-                        (false, false) => tile.run::<1, 1, 1>(terms, k0),
-                        (true, false) => tile.run::<1, 1, 2>(terms, k0),
-                    }
-                };
-            }
-        }
+    #[inline]
+    fn zero() -> __m512 {
+        _mm512_setzero_ps()
     }
 
-    /// One chunk of outputs of a weight gradient and the lane masks of its (up to 2) vectors.
-    struct GradTile {
-        grad: *const f32,
-        o: usize,
-        input: *const f32,
-        rows: (usize, usize, usize),
-        out: *mut f32,
-        masks: [u16; 2],
+    /// A mask of the first `n` (1 to 16) of 16 lanes.
+    fn lanes(n: usize) -> u16 {
+        u16::MAX >> (16 - n)
     }
 
-    impl GradTile {
-        /// Terms k0..k0 + G·D (their offsets `terms`, each group's D consecutive: D taps along
-        /// a kernel row) × the chunk's first V vectors of outputs, summed over every position
-        /// onto `out`; returns G·D. A group's D terms read the input through one pointer, so
-        /// that a tile's pointers stay in registers (24 pointers a tile spilled to the stack).
-        /// The input is read with `_mm_load_ss`: a plain read of a raw pointer carries an
-        /// alignment check under debug assertions (this crate's dev and test profiles), a
-        /// compare and a branch a multiply-add.
-        ///
-        /// # Safety
-        /// AVX-512F; every read and write inside the caller's slices; each group's terms
-        /// consecutive.
-        #[target_feature(enable = "avx512f,fma")]
-        #[inline]
-        unsafe fn run<const G: usize, const D: usize, const V: usize>(
-            &self,
-            terms: &[usize],
-            k0: usize,
-        ) -> usize {
-            let (r, w, row) = self.rows;
-            let mut acc = [[[_mm512_setzero_ps(); V]; D]; G];
-            let sums_at = |g: usize, d: usize| self.out.wrapping_add((k0 + g * D + d) * self.o);
-            for (g, group) in acc.iter_mut().enumerate() {
-                for (d, sums) in group.iter_mut().enumerate() {
-                    for (v, a) in sums.iter_mut().enumerate() {
-                        let y = sums_at(g, d).wrapping_add(16 * v);
-                        // SAFETY: the caller's bounds, the last vector masked.
-                        *a = unsafe { _mm512_maskz_loadu_ps(self.masks[v], y) };
-                    }
-                }
-            }
-            let mut grad = self.grad;
-            for i in 0..r {
-                let first = std::array::from_fn::<_, G, _>(|g| {
-                    self.input.wrapping_add(terms[g * D]).wrapping_add(i * row)
-                });
-                for j in 0..w {
-                    let mut gs = [_mm512_setzero_ps(); V];
-                    for (v, gv) in gs.iter_mut().enumerate() {
-                        let g = grad.wrapping_add(16 * v);
-                        // SAFETY: the caller's bounds, the last vector masked.
-                        *gv = unsafe { _mm512_maskz_loadu_ps(self.masks[v], g) };
-                    }
-                    grad = grad.wrapping_add(self.o);
-                    for (group, x) in acc.iter_mut().zip(&first) {
-                        let x = x.wrapping_add(j);
-                        for (d, sums) in group.iter_mut().enumerate() {
-                            // SAFETY: inside the input, by the caller's reach.
-                            let b =
-                                _mm512_broadcastss_ps(unsafe { _mm_load_ss(x.wrapping_add(d)) });
-                            for (a, gv) in sums.iter_mut().zip(&gs) {
-                                *a = _mm512_fmadd_ps(b, *gv, *a);
-                            }
-                        }
-                    }
-                }
-            }
-            for (g, group) in acc.iter().enumerate() {
-                for (d, sums) in group.iter().enumerate() {
-                    for (v, a) in sums.iter().enumerate() {
-                        let y = sums_at(g, d).wrapping_add(16 * v);
-                        // SAFETY: the caller's bounds, the last vector masked.
-                        unsafe { _mm512_mask_storeu_ps(y, self.masks[v], *a) };
-                    }
-                }
-            }
-            G * D
-        }
+    /// # Safety
+    /// The lanes `mask` keeps lie inside an allocation.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn load(at: *const f32, mask: u16) -> __m512 {
+        unsafe { _mm512_maskz_loadu_ps(mask, at) }
+    }
+
+    /// # Safety
+    /// The lanes `mask` keeps lie inside an allocation.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn store(at: *mut f32, mask: u16, v: __m512) {
+        unsafe { _mm512_mask_storeu_ps(at, mask, v) }
+    }
+
+    /// # Safety
+    /// `at` points into an allocation.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn splat(at: *const f32) -> __m512 {
+        _mm512_broadcastss_ps(unsafe { _mm_load_ss(at) })
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
     }
 
     /// The positions of one tile (from its first, for every output) and their lane masks.
