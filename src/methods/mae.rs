@@ -258,13 +258,21 @@ pub fn sincos_2d(dim: usize, grid: usize) -> Vec<f32> {
     out
 }
 
-/// `[n][k]` indices as an Int tensor `[n, k, width]`, repeated along the last axis (for gather).
-fn index(rows: &[Vec<usize>], width: usize, device: &Device) -> Tensor<3, Int> {
-    let (n, k) = (rows.len(), rows[0].len());
-    let flat: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
-    Tensor::<2, Int>::from_data(TensorData::new(flat, [n, k]), device)
-        .reshape([n, k, 1])
-        .expand([n, k, width])
+/// Each image's tokens `rows[b]`, in that order: `[n, L, d]` → `[n, k, d]` (the official code's
+/// `torch.gather` along the token axis). One row selection over the flattened batch, whose
+/// backward adds whole rows back, where a gather with an index expanded over `d` would scatter
+/// element by element.
+fn gather_tokens(tokens: Tensor<3>, rows: &[Vec<usize>]) -> Tensor<3> {
+    let [n, l, d] = tokens.dims();
+    let k = rows[0].len();
+    let flat: Vec<i64> = (0..n)
+        .flat_map(|b| rows[b].iter().map(move |&i| (b * l + i) as i64))
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [n * k]), &tokens.device());
+    tokens
+        .reshape([n * l, d])
+        .select(0, index)
+        .reshape([n, k, d])
 }
 
 impl Mae {
@@ -278,8 +286,7 @@ impl Mae {
     /// The encoder on the visible patches: `[n, 1 + kept, dim]` with the class token first.
     pub fn encode(&self, x: Tensor<4>, masking: &Masking) -> Tensor<3> {
         let tokens = self.vit().patch_tokens(x);
-        let [_, _, d] = tokens.dims();
-        let visible = tokens.gather(1, index(&masking.keep, d, &self.device()));
+        let visible = gather_tokens(tokens, &masking.keep);
         self.vit().encode_tokens(visible).0
     }
 
@@ -293,7 +300,7 @@ impl Mae {
             shuffled.push(self.mask_token.val().expand([n, l + 1 - t, d]));
         }
         let shuffled = Tensor::cat(shuffled, 1);
-        let ordered = shuffled.gather(1, index(&masking.restore, d, &self.device()));
+        let ordered = gather_tokens(shuffled, &masking.restore);
         let mut x = Tensor::cat(vec![x.narrow(1, 0, 1), ordered], 1) + self.decoder_pos.val();
         for block in &self.decoder_blocks {
             x = block.forward(x).0;
