@@ -305,7 +305,7 @@ fn bad_training_values_are_named() {
     )
     .unwrap();
     let err =
-        selfsup::config::Recipe::parse(&text.replace("width = 0.125", "width = -1")).unwrap_err();
+        selfsup::config::Recipe::parse(&text.replace("\nwidth = ", "\nwidth = -1 # ")).unwrap_err();
     assert!(format!("{err:#}").contains("model.width"), "{err:#}");
     let err =
         selfsup::config::Recipe::parse(&text.replace("name = \"simclr\"", "name = \"simclr3\""))

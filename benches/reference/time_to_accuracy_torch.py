@@ -35,6 +35,7 @@ from the same backbone as well. `--seed N` (default 0) seeds PyTorch's generator
 draws, and the lean views'. `--tau T` and `--lr LR` replace a case's NT-Xent temperature and peak
 learning rate (selfsup's CPU recipe since issue 30's eighth round: `--tau 0.1 --lr 0.004`).
 `--size PX` draws the lean views at PX px instead of 32 (the kNN still reads the 32 px images).
+`--width W` trains the simclr_cpu cases' ResNet-18 at width W instead of 0.125.
 """
 import io
 import math
@@ -113,7 +114,7 @@ def torchvision_names(backbone):
     return {rename(k): v for k, v in backbone.state_dict().items()}
 
 
-def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0, tau=None, lr=None, size=32):
+def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, seed=0, tau=None, lr=None, size=32, width=None):
     torch.manual_seed(seed)
     lean = name.endswith("_lean")
     if size != 32 and (not lean or views_file):
@@ -123,7 +124,7 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
         model = SimCLR(0.25)
         opt = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-5)
     elif name in ("simclr_cpu", "simclr_cpu_tvinit"):
-        model = SimCLR(0.125)
+        model = SimCLR(width or 0.125)
         if name == "simclr_cpu_tvinit":
             for m in model.backbone.modules():
                 if isinstance(m, torch.nn.Conv2d):
@@ -201,5 +202,6 @@ if __name__ == "__main__":
     parser.add_argument("--tau", type=float)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--size", type=int, default=32, help="the training views' side in px (lean views only); kNN on the 32 px images")
+    parser.add_argument("--width", type=float, help="the ResNet-18's width in the simclr_cpu cases (default 0.125)")
     a = parser.parse_args()
-    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed, a.tau, a.lr, a.size)
+    main(a.case, a.cpu_minutes, a.epochs, a.views, a.save_init, a.seed, a.tau, a.lr, a.size, a.width)
