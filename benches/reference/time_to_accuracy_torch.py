@@ -13,8 +13,9 @@ cosine decay to 0, and stops early if it would overrun.
 Cases:
 - simclr_w0.25_sgd: the recipe of issue 15: CIFAR ResNet-18 at width 0.25, batch 256, SGD lr 0.6
   momentum 0.9 (weight decay 1e-5), NT-Xent tau 0.2, BN projection head 512-128.
-- simclr_cpu: selfsup's recipes/simclr_cifar10_cpu.toml written in PyTorch: width 0.125, AdamW
-  2e-3 (weight decay 1e-6), the same head and tau.
+- simclr_cpu: selfsup's recipes/simclr_cifar10_cpu.toml as it was in issue 15, written in PyTorch:
+  width 0.125, AdamW 2e-3 (weight decay 1e-6), the same head and tau (the recipe's later values
+  through `--tau`, `--lr`, `--size` and `--width`, below).
 - simclr_cpu_tvinit: the same with torchvision's ResNet init of the convolutions (Kaiming normal,
   fan-out, for ReLU), which selfsup's published recipes use, instead of PyTorch's default.
 Both with solo-learn's CIFAR views (crop 0.08-1, flip, jitter 0.4/0.4/0.2/0.1 at p 0.8,
@@ -35,7 +36,8 @@ from the same backbone as well. `--seed N` (default 0) seeds PyTorch's generator
 draws, and the lean views'. `--tau T` and `--lr LR` replace a case's NT-Xent temperature and peak
 learning rate (selfsup's CPU recipe since issue 30's eighth round: `--tau 0.1 --lr 0.004`).
 `--size PX` draws the lean views at PX px instead of 32 (the kNN still reads the 32 px images).
-`--width W` trains the simclr_cpu cases' ResNet-18 at width W instead of 0.125.
+`--width W` trains the simclr_cpu cases' ResNet-18 at width W instead of 0.125 (the recipe's since
+issue 30's twenty-third round: `--width 0.1875`).
 """
 import io
 import math
@@ -124,7 +126,7 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
         model = SimCLR(0.25)
         opt = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-5)
     elif name in ("simclr_cpu", "simclr_cpu_tvinit"):
-        model = SimCLR(width or 0.125)
+        model = SimCLR(0.125 if width is None else width)
         if name == "simclr_cpu_tvinit":
             for m in model.backbone.modules():
                 if isinstance(m, torch.nn.Conv2d):
@@ -132,6 +134,8 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6)
     else:
         raise SystemExit(f"unknown case {name}")
+    if width is not None and name == "simclr_w0.25_sgd":
+        sys.exit("--width sets the simclr_cpu cases' width: simclr_w0.25_sgd's is its name's")
     if tau is not None:
         model.tau = tau
     if lr is not None:
