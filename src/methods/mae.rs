@@ -264,6 +264,7 @@ pub fn sincos_2d(dim: usize, grid: usize) -> Vec<f32> {
 /// element by element.
 fn gather_tokens(tokens: Tensor<3>, rows: &[Vec<usize>]) -> Tensor<3> {
     let [n, l, d] = tokens.dims();
+    debug_assert_eq!(rows.len(), n, "one row list an image");
     let k = rows[0].len();
     let flat: Vec<i64> = (0..n)
         .flat_map(|b| rows[b].iter().map(move |&i| (b * l + i) as i64))
