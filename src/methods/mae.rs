@@ -406,7 +406,7 @@ mod tests {
                     .flat_map(move |&i| (0..d).map(move |c| value(b, i, c)))
             })
             .collect();
-        let values = |t: Tensor<3>| t.into_data().to_vec::<f32>().unwrap();
+        let values = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(values(picked.clone()), expected);
         let w: Vec<f32> = (0..n * k * d).map(|j| j as f32 + 1.0).collect();
         let weights = Tensor::<3>::from_data(TensorData::new(w.clone(), [n, k, d]), &device);
