@@ -122,6 +122,8 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
     if size != 32 and (not lean or views_file):
         sys.exit("--size draws the lean views only: name a case ending in _lean, without --views")
     name = name.removesuffix("_lean")
+    if width is not None and name == "simclr_w0.25_sgd":
+        sys.exit("--width sets the simclr_cpu cases' width: simclr_w0.25_sgd's is its name's")
     if name == "simclr_w0.25_sgd":
         model = SimCLR(0.25)
         opt = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-5)
@@ -134,8 +136,6 @@ def main(name, budget_minutes, epochs=None, views_file=None, save_init=None, see
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-6)
     else:
         raise SystemExit(f"unknown case {name}")
-    if width is not None and name == "simclr_w0.25_sgd":
-        sys.exit("--width sets the simclr_cpu cases' width: simclr_w0.25_sgd's is its name's")
     if tau is not None:
         model.tau = tau
     if lr is not None:
