@@ -10,7 +10,9 @@
 //!   zero-padded image in place (on narrow layers sums held in registers instead, [`direct`]),
 //!   else Caffe's im2col + gemm, with several images' columns side by side in one product
 //!   where the output grid is small (a ResNet's 4-8 px stages), and the weight gradient as one
-//!   product over the batch where the weights outweigh the columns.
+//!   product over the batch where the weights outweigh the columns. On AVX-512, layers of 32 to
+//!   128 channels on grids of up to 16×16 run channels-last instead, all three passes summed in
+//!   registers with the output channels along the lanes ([`blocked`]).
 //! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
@@ -69,6 +71,7 @@ use burn::tensor::{Bytes, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+mod blocked;
 mod direct;
 
 /// The fused ops, implemented for `flex` and, with their backward passes, for autodiff over it.
@@ -1433,6 +1436,8 @@ struct ConvShape {
     kernel: [usize; 2],
     output: [usize; 2],
     geometry: ConvGeometry,
+    /// Whether the forward pass runs channels-last ([`blocked`], [`ConvShape::blocked_forward`]).
+    blocked: bool,
 }
 
 impl ConvShape {
@@ -1462,14 +1467,17 @@ impl ConvShape {
     /// at 32 px, 17% at 12, 50% at 4. This path takes up to 1/8 of them (a ResNet-18's 3×3
     /// layers at 32 and 16 px), and up to 1/3 on at most [`NARROW_TAPS`] input channels (at 24,
     /// 12 and 6 px as well), where the column path's products are too short to pay for its
-    /// copies.
+    /// copies. Never where the forward pass runs channels-last ([`ConvShape::blocked`]).
     fn is_tap_by_tap(&self) -> bool {
         let extra = self.padded()[1] - self.output[1];
         let waste = match self.channels <= NARROW_TAPS {
             true => 3,
             false => 8,
         };
-        self.geometry.stride == [1, 1] && !self.is_pointwise() && extra * waste <= self.output[1]
+        !self.blocked
+            && self.geometry.stride == [1, 1]
+            && !self.is_pointwise()
+            && extra * waste <= self.output[1]
     }
 
     /// The padded image's (Hp, Wp).
@@ -1604,7 +1612,10 @@ impl ConvShape {
     /// read and wrote it in its product and handed it to a serial addition. The column matrices
     /// take at most the memory those sums took. At equality (4 px at batch 256) it was no faster.
     fn weight_grad_at_once(&self, n: usize, co: usize) -> bool {
-        !self.is_pointwise() && !self.is_tap_by_tap() && TASKS * co > n * self.positions()
+        !self.is_pointwise()
+            && !self.is_tap_by_tap()
+            && !self.is_blocked_backward()
+            && TASKS * co > n * self.positions()
     }
 
     /// The weight gradient `[Co, C·kh·kw]` of the images `xs` `[N, C, H, W]` for the output
@@ -1641,9 +1652,9 @@ impl ConvShape {
     }
 
     /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
-    /// column matrix, or when the convolution runs tap by tap).
+    /// column matrix, or when the convolution runs tap by tap or channels-last both ways).
     fn column_buffer(&self, group: usize) -> Vec<f32> {
-        match self.is_pointwise() || self.is_tap_by_tap() {
+        match self.is_pointwise() || self.is_tap_by_tap() || self.is_blocked_backward() {
             true => Vec::new(),
             false => vec![0f32; self.rows() * self.positions() * group],
         }
@@ -2024,14 +2035,323 @@ fn conv_shape(x: &FlexTensor, weight: &FlexTensor, geometry: ConvGeometry) -> Op
         return None;
     }
     let (input, kernel) = ([xs[2], xs[3]], [ws[2], ws[3]]);
+    let output = geometry.output_size(input, kernel)?;
+    // A 1×1 downsample has C terms a tile, too few: 48→96 at 6 px ran 0.7 ms against 0.4-0.5.
+    let blocked = kernel != [1, 1]
+        && geometry.products == Products::F32
+        && BLOCKED_CHANNELS.contains(&xs[1])
+        && ws[0].is_multiple_of(16)
+        && output[0] * output[1] <= BLOCKED_POSITIONS
+        && blocked::available();
     Some(ConvShape {
         channels: xs[1],
         input,
         kernel,
-        output: geometry.output_size(input, kernel)?,
+        output,
         geometry,
+        blocked,
     })
 }
+
+/// The channels-last forward pass of [`blocked`] for `group` images at a time.
+struct BlockedForward {
+    group: usize,
+    channels: usize,
+    /// The padded channels-last images' `[Hp, Wp]`.
+    padded: [usize; 2],
+    /// Each output position's first read in the padded images `[G, Hp, Wp, C]`, images outermost.
+    rows: Vec<usize>,
+    /// Each term's (read offset in the padded images, weight offset), terms `[kh·kw, C]`.
+    terms: Vec<(usize, usize)>,
+    /// The weights `[kh·kw, C, Co]`.
+    weights: Vec<f32>,
+}
+
+impl ConvShape {
+    /// The plan of the channels-last forward pass for `ws` `[Co, C, kh, kw]`, in groups of
+    /// about [`BLOCKED_ROWS`] output positions (at most `per_task` images).
+    fn blocked_forward(&self, ws: &[f32], co: usize, per_task: usize) -> BlockedForward {
+        let group = (BLOCKED_ROWS / self.positions()).clamp(1, per_task);
+        let (c, [kh, kw], [oh, ow]) = (self.channels, self.kernel, self.output);
+        let [hp, wp] = self.padded();
+        let (s, d) = (self.geometry.stride, self.geometry.dilation);
+        let rows = (0..group * oh * ow)
+            .map(|r| {
+                let (g, y, x) = (r / (oh * ow), r / ow % oh, r % ow);
+                ((g * hp + y * s[0]) * wp + x * s[1]) * c
+            })
+            .collect();
+        let terms = (0..kh * kw * c)
+            .map(|k| {
+                let (i, j, ci) = (k / (kw * c), k / c % kw, k % c);
+                (((i * d[0]) * wp + j * d[1]) * c + ci, k * co)
+            })
+            .collect();
+        let taps = kh * kw;
+        let weights = (0..taps * c * co)
+            .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
+            .collect();
+        BlockedForward {
+            group,
+            channels: c,
+            padded: [hp, wp],
+            rows,
+            terms,
+            weights,
+        }
+    }
+
+    /// Copies `images` `[G, C, H, W]` into the interior of `padded` `[G, Hp, Wp, C]` (whose
+    /// border stays as it is: zero).
+    fn pad_channels_last(&self, images: &[f32], padded: &mut [f32]) {
+        let (c, [h, w]) = (self.channels, self.input);
+        let [hp, wp] = self.padded();
+        let [top, left, ..] = self.geometry.padding;
+        for (g, image) in images.chunks_exact(c * h * w).enumerate() {
+            for y in 0..h {
+                let at = ((g * hp + y + top) * wp + left) * c;
+                let row = &mut padded[at..at + w * c];
+                for (ci, plane) in image.chunks_exact(h * w).enumerate() {
+                    for (x, &v) in plane[y * w..(y + 1) * w].iter().enumerate() {
+                        row[x * c + ci] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl BlockedForward {
+    /// The buffers of one task: the padded channels-last images and the output `[G·P, Co]`.
+    fn buffers(&self, co: usize) -> (Vec<f32>, Vec<f32>) {
+        let image = self.padded[0] * self.padded[1] * self.channels;
+        (
+            vec![0f32; self.group * image],
+            vec![0f32; self.rows.len() * co],
+        )
+    }
+
+    /// `out` `[count, Co, P]` for `count` `images` `[count, C, H, W]`.
+    fn forward(
+        &self,
+        shape: &ConvShape,
+        images: &[f32],
+        (co, count): (usize, usize),
+        (padded, rows_out): &mut (Vec<f32>, Vec<f32>),
+        out: &mut [f32],
+    ) {
+        shape.pad_channels_last(images, padded);
+        let p = shape.positions();
+        let rows = &self.rows[..count * p];
+        let done = blocked::broadcast_sums(
+            padded,
+            rows,
+            &self.weights,
+            &self.terms,
+            co,
+            rows_out,
+            co,
+            false,
+        );
+        assert!(done, "the channels-last path is only planned where it runs");
+        from_channels_last(rows_out, (co, p), out);
+    }
+}
+
+/// The channels-last backward pass of [`blocked`] (stride 1, no dilation) for `group` images
+/// at a time: the weight gradient a tap at a time over the positions, the input gradient as
+/// the forward pass of the output gradient padded by `k − 1 − p`, with the taps mirrored.
+struct BlockedBackward {
+    group: usize,
+    forward: BlockedForward,
+    /// The padded channels-last output gradient's `[OHq, OWq]`.
+    grad_padded: [usize; 2],
+    /// Each input position's first read in the padded output gradient `[G, OHq, OWq, Co]`.
+    input_rows: Vec<usize>,
+    /// The input gradient's terms `[kh·kw, Co]`: (read offset, weight offset).
+    input_terms: Vec<(usize, usize)>,
+    /// The weights mirrored and transposed, `[kh·kw, Co, C]`.
+    mirrored: Vec<f32>,
+    /// Each output position's (read in the padded images, read in the padded output gradient).
+    positions: Vec<(usize, usize)>,
+    /// The weight gradient's rows `[kh·kw, C]`: where tap t of input channel ci starts reading
+    /// the padded images.
+    weight_rows: Vec<usize>,
+}
+
+impl ConvShape {
+    /// Whether the backward pass runs channels-last too: where the forward pass does, at
+    /// stride 1 without dilation, on whole vectors of input channels, padded by less than the
+    /// kernel.
+    fn is_blocked_backward(&self) -> bool {
+        let g = self.geometry;
+        let [top, left, bottom, right] = g.padding;
+        let [kh, kw] = self.kernel;
+        self.blocked
+            && g.stride == [1, 1]
+            && g.dilation == [1, 1]
+            && self.channels.is_multiple_of(16)
+            && top.max(bottom) < kh
+            && left.max(right) < kw
+    }
+
+    /// The plan of the channels-last backward pass for `ws` `[Co, C, kh, kw]`.
+    fn blocked_backward(&self, ws: &[f32], co: usize, per_task: usize) -> BlockedBackward {
+        let forward = self.blocked_forward(ws, co, per_task);
+        let (group, c, [kh, kw], [h, w], [oh, ow]) = (
+            forward.group,
+            self.channels,
+            self.kernel,
+            self.input,
+            self.output,
+        );
+        let [top, left, ..] = self.geometry.padding;
+        let (qt, ql) = (kh - 1 - top, kw - 1 - left);
+        let (ohq, owq) = (h + kh - 1, w + kw - 1);
+        let input_rows = (0..group * h * w)
+            .map(|r| {
+                let (g, y, x) = (r / (h * w), r / w % h, r % w);
+                ((g * ohq + y) * owq + x) * co
+            })
+            .collect();
+        let input_terms = (0..kh * kw * co)
+            .map(|k| {
+                let (i, j, o) = (k / (kw * co), k / co % kw, k % co);
+                ((i * owq + j) * co + o, k * c)
+            })
+            .collect();
+        let taps = kh * kw;
+        // mirrored[(t', o), ci] = w[o, ci, kh−1−i', kw−1−j'] for t' = (i', j').
+        let mirrored = (0..taps * co * c)
+            .map(|i| {
+                let (t, o, ci) = (i / (co * c), i / c % co, i % c);
+                ws[(o * c + ci) * taps + taps - 1 - t]
+            })
+            .collect();
+        let positions = (0..group * oh * ow)
+            .map(|r| {
+                let (g, y, x) = (r / (oh * ow), r / ow % oh, r % ow);
+                (forward.rows[r], ((g * ohq + y + qt) * owq + x + ql) * co)
+            })
+            .collect();
+        let weight_rows = forward.terms.iter().map(|t| t.0).collect();
+        BlockedBackward {
+            weight_rows,
+            group,
+            forward,
+            grad_padded: [ohq, owq],
+            input_rows,
+            input_terms,
+            mirrored,
+            positions,
+        }
+    }
+
+    /// Copies `grads` `[G, Co, OH, OW]` into the interior of `padded` `[G, OHq, OWq, Co]`
+    /// (border zero), `k − 1 − p` from its top left.
+    fn pad_grad_channels_last(&self, grads: &[f32], co: usize, padded: &mut [f32]) {
+        let ([oh, ow], [kh, kw]) = (self.output, self.kernel);
+        let [top, left, ..] = self.geometry.padding;
+        let (qt, ql) = (kh - 1 - top, kw - 1 - left);
+        let (ohq, owq) = (self.input[0] + kh - 1, self.input[1] + kw - 1);
+        for (g, image) in grads.chunks_exact(co * oh * ow).enumerate() {
+            for y in 0..oh {
+                let at = ((g * ohq + y + qt) * owq + ql) * co;
+                let row = &mut padded[at..at + ow * co];
+                for (o, plane) in image.chunks_exact(oh * ow).enumerate() {
+                    for (x, &v) in plane[y * ow..(y + 1) * ow].iter().enumerate() {
+                        row[x * co + o] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A task's buffers for [`BlockedBackward::backward`]: the padded images, the padded output
+/// gradient, the input gradient channels-last.
+type BlockedBuffers = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+impl BlockedBackward {
+    fn buffers(&self, co: usize) -> BlockedBuffers {
+        let [ohq, owq] = self.grad_padded;
+        let c = self.forward.channels;
+        (
+            self.forward.buffers(co).0,
+            vec![0f32; self.group * ohq * owq * co],
+            vec![0f32; self.input_rows.len() * c],
+        )
+    }
+
+    /// Adds the weight gradient of `count` images onto `weight_grad_t` `[C·kh·kw, Co]` and
+    /// writes their input gradient into `dx` `[count, C, H, W]`, from the `images` and their
+    /// output gradient `dy` `[count, Co, OH·OW]`.
+    fn backward(
+        &self,
+        shape: &ConvShape,
+        (images, dy): (&[f32], &[f32]),
+        co: usize,
+        (padded, grad, dx_cl): &mut BlockedBuffers,
+        weight_grad_t: &mut [f32],
+        dx: &mut [f32],
+    ) {
+        let (c, taps) = (shape.channels, shape.kernel[0] * shape.kernel[1]);
+        let count = images.len() / shape.image_len();
+        shape.pad_channels_last(images, padded);
+        shape.pad_grad_channels_last(dy, co, grad);
+        // dWᵀ[(ci, t), o] += Σ_p x[p + tap t, ci] · dy[p, o], a tap at a time.
+        let positions = &self.positions[..count * shape.positions()];
+        for (t, rows) in self.weight_rows.chunks_exact(c).enumerate() {
+            let out = &mut weight_grad_t[t * co..];
+            let done =
+                blocked::broadcast_sums(padded, rows, grad, positions, co, out, taps * co, true);
+            assert!(done, "the channels-last path is only planned where it runs");
+        }
+        // dx[q, ci] = Σ_{t', o} dyq[q + t', o] · mirrored[t', o, ci]
+        let [h, w] = shape.input;
+        let rows = &self.input_rows[..count * h * w];
+        let done = blocked::broadcast_sums(
+            grad,
+            rows,
+            &self.mirrored,
+            &self.input_terms,
+            c,
+            dx_cl,
+            c,
+            false,
+        );
+        assert!(done, "the channels-last path is only planned where it runs");
+        from_channels_last(dx_cl, (c, h * w), dx);
+    }
+}
+
+/// `out` `[G, D, P]` from `cl` `[G·P, D]`.
+fn from_channels_last(cl: &[f32], (d, p): (usize, usize), out: &mut [f32]) {
+    for (g, out) in out.chunks_exact_mut(d * p).enumerate() {
+        let y = &cl[g * p * d..(g + 1) * p * d];
+        for (o, plane) in out.chunks_exact_mut(p).enumerate() {
+            for (q, v) in plane.iter_mut().enumerate() {
+                *v = y[q * d + o];
+            }
+        }
+    }
+}
+
+/// Output positions a channels-last product aims at ([`ConvShape::blocked_forward`]).
+const BLOCKED_ROWS: usize = 128;
+
+/// Input channels for which a convolution runs channels-last ([`blocked`], [`ConvShape::blocked`]),
+/// on at most [`BLOCKED_POSITIONS`] output positions. `conv_layers` on the Intel Xeon at 2.1 GHz
+/// (BENCHMARKS.md, issue 30's twenty-fourth round), forward + backward ms before → after:
+/// 48→48 at 6 px 5.7 + 12.0 → 3.0 + 7.6, 96→96 at 3 px 6.0 + 13.1 → 3.7 + 7.2, 64→64 at 8 px
+/// 13.7 + 31.4 → 9.1 + 18.1, 128→128 at 16 px 37.0 + 94.7 → 36.2 + 74.2. At 256 and 512
+/// channels (8 and 4 px) the forward pass ran 2-3× slower (the weights of a tile's 48
+/// outputs, 9·C·48 values, outgrow the L2), at 16 channels (32 px) 1.2-1.5× slower.
+const BLOCKED_CHANNELS: std::ops::RangeInclusive<usize> = 32..=128;
+
+/// Output positions (OH·OW) up to which a convolution runs channels-last: a 64-channel layer at
+/// 32 px (1,024) was no faster than the tap-by-tap products.
+const BLOCKED_POSITIONS: usize = 256;
 
 /// The direct forward pass's weights `[kh·kw, C, Co]` and its terms ([`direct::terms`]) over
 /// the padded image.
@@ -2573,6 +2893,10 @@ impl CpuKernels for Flex {
         let group = shape.images_per_product(per_task);
         let packed = shape.packed_weights((&ws, &tap_major), (co, group), false);
         let direct = shape.direct_forward(&ws, co);
+        let blocked = shape
+            .blocked
+            .then(|| shape.blocked_forward(&ws, co, per_task));
+        let group = blocked.as_ref().map_or(group, |b| b.group);
         let index = shape.column_index();
         output.spare_capacity_mut()[..n * co * positions]
             .par_chunks_mut(per_task * co * positions)
@@ -2581,11 +2905,18 @@ impl CpuKernels for Flex {
                 let mut cols = shape.column_buffer(group);
                 let mut grouped = shape.group_buffer(co, group);
                 let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
+                let mut cl = blocked
+                    .as_ref()
+                    .map_or((Vec::new(), Vec::new()), |b| b.buffers(co));
                 for (g, out) in out.chunks_mut(group * co * positions).enumerate() {
                     let out = zeroed(out);
                     let (first, count) =
                         (task * per_task + g * group, out.len() / (co * positions));
                     let images = &xs[first * image..(first + count) * image];
+                    if let Some(plan) = &blocked {
+                        plan.forward(&shape, images, (co, count), &mut cl, out);
+                        continue;
+                    }
                     if shape.is_tap_by_tap() {
                         shape.pad(images, &mut padded);
                         let weights = (&tap_major[..], &packed[..], direct.as_ref());
@@ -2648,6 +2979,10 @@ impl CpuKernels for Flex {
         let group = shape.images_per_product(per_task);
         let packed = shape.packed_weights((&ws, &tap_major), (co, group), true);
         let direct = shape.direct_backward(co);
+        let blocked = shape
+            .is_blocked_backward()
+            .then(|| shape.blocked_backward(&ws, co, per_task));
+        let group = blocked.as_ref().map_or(group, |b| b.group);
         let index = shape.column_index();
         let at_once = shape.weight_grad_at_once(n, co);
         let weight_grad: Vec<Vec<f32>> = x_grad.spare_capacity_mut()[..xs.len()]
@@ -2662,11 +2997,16 @@ impl CpuKernels for Flex {
                 let mut grouped = shape.group_buffer(co, group);
                 let (mut padded, mut grad) = (shape.padded_buffer(), shape.grad_buffer(co));
                 let mut padded_grad = padded.clone();
+                let mut cl = blocked.as_ref().map(|b| b.buffers(co));
                 for (g, dx) in dx.chunks_mut(group * image).enumerate() {
                     let dx = zeroed(dx);
                     let (first, count) = (task * per_task + g * group, dx.len() / image);
                     let dy = &dy[first * co * positions..(first + count) * co * positions];
                     let images = &xs[first * image..(first + count) * image];
+                    if let (Some(plan), Some(cl)) = (&blocked, &mut cl) {
+                        plan.backward(&shape, (images, dy), co, cl, &mut weight_grad_t, dx);
+                        continue;
+                    }
                     if shape.is_tap_by_tap() {
                         shape.pad(images, &mut padded);
                         shape.spread_grad(dy, co, &mut grad);

@@ -326,6 +326,27 @@ fn conv_matches_burn_for_resnet_layers() {
 }
 
 #[test]
+fn conv_matches_burn_for_wide_layers_on_small_grids() {
+    // Channels-last on AVX-512 where the outputs fill whole vectors (48 → 48 at 6 px, 96 at
+    // stride 2 and its 1×1 downsample, 96 → 96 at 3 px in groups of images with a partial last
+    // group), with asymmetric padding and dilation, and 40 outputs left to the other paths.
+    check_conv([5, 48, 6, 6], 48, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv([5, 48, 6, 6], 96, [3, 3], [2, 2], [1; 4], [1, 1], false);
+    check_conv([5, 48, 6, 6], 96, [1, 1], [2, 2], [0; 4], [1, 1], false);
+    check_conv([37, 96, 3, 3], 96, [3, 3], [1, 1], [1; 4], [1, 1], false);
+    check_conv(
+        [3, 64, 7, 6],
+        32,
+        [3, 2],
+        [1, 1],
+        [0, 1, 2, 0],
+        [2, 1],
+        true,
+    );
+    check_conv([3, 64, 5, 5], 40, [3, 3], [1, 1], [1; 4], [1, 1], false);
+}
+
+#[test]
 fn conv_matches_burn_when_a_product_takes_several_images() {
     // Small output grids multiply several images' column matrices side by side: 41 images in
     // tasks of 6 (the last of 5), at 10×5 px five to a product (groups of 5 and 1, and 5), at

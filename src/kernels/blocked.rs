@@ -1,0 +1,228 @@
+//! Channels-last direct convolution for the wider layers on small grids (48 to 512 channels at
+//! 3 to 8 px in a CIFAR ResNet): the output channels lie along the vector lanes, as in oneDNN's
+//! blocked layouts. The column path's products there are short on one side (`[Co, C·kh·kw] ×
+//! [C·kh·kw, G·OH·OW]` with Co = 48 or 96) and pay for im2col's copy and gemm's packing; here a
+//! tile of 8 rows × 48 lanes keeps its 24 accumulators over every term, reading 3 vectors and 8
+//! broadcast values a term for 24 fused multiply-adds.
+//!
+//! One routine, [`broadcast_sums`], serves the forward pass (rows = output positions, terms =
+//! taps × input channels), the input gradient (the same with the taps mirrored and the
+//! channels swapped) and the weight gradient (rows = input channels, terms = positions).
+
+/// `out[r·out_row + o] (+)= Σₖ a[rows[r] + terms[k].0] · b[terms[k].1 + o]` for r < `rows.len()`
+/// and o < `outputs` (a multiple of 16), adding onto `out` where `accumulate`, else writing it.
+/// Each value sums its terms in order, one fused multiply-add each from zero, then adds the sum
+/// onto `out`'s value: the same bits whatever the tile or thread.
+///
+/// Runs on AVX-512 only; returns `false` (doing nothing) where the CPU lacks it. Callers plan
+/// this path only where [`available`] says so.
+///
+/// # Panics
+/// If `outputs` is not a multiple of 16, or a read or write would fall outside `a`, `b` or
+/// `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn broadcast_sums(
+    a: &[f32],
+    rows: &[usize],
+    b: &[f32],
+    terms: &[(usize, usize)],
+    outputs: usize,
+    out: &mut [f32],
+    out_row: usize,
+    accumulate: bool,
+) -> bool {
+    assert!(outputs.is_multiple_of(16), "outputs in whole vectors of 16");
+    if rows.is_empty() || outputs == 0 {
+        return true;
+    }
+    let a_reach = rows.iter().max().unwrap() + terms.iter().map(|t| t.0).max().unwrap_or(0);
+    let b_reach = terms.iter().map(|t| t.1).max().unwrap_or(0) + outputs;
+    assert!(a_reach < a.len() || terms.is_empty(), "a term reads past a");
+    assert!(
+        b_reach <= b.len() || terms.is_empty(),
+        "a term reads past b"
+    );
+    assert!(out_row >= outputs && out.len() >= (rows.len() - 1) * out_row + outputs);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the asserts keep every access in bounds.
+        unsafe { avx512::broadcast_sums(a, rows, b, terms, outputs, out, out_row, accumulate) };
+        return true;
+    }
+    false
+}
+
+/// Whether to plan [`broadcast_sums`]: the CPU has AVX-512F and [`super::limit_vector_width`]
+/// allows it. There is no AVX2 version: elsewhere the convolution takes its other paths, whose
+/// sums run in another order (other float rounding, within 1e-5).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::vector_width_limit() >= 2 && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::broadcast_sums`]: tiles of 8, 4, 2 and 1 rows × 3, 2 and 1 vectors of lanes.
+    ///
+    /// # Safety
+    /// AVX-512F; the caller's asserts hold.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn broadcast_sums(
+        a: &[f32],
+        rows: &[usize],
+        b: &[f32],
+        terms: &[(usize, usize)],
+        outputs: usize,
+        out: &mut [f32],
+        out_row: usize,
+        accumulate: bool,
+    ) {
+        let tile = Tile {
+            a: a.as_ptr(),
+            b: b.as_ptr(),
+            terms,
+            out: out.as_mut_ptr(),
+            out_row,
+            accumulate,
+        };
+        let mut o0 = 0;
+        while o0 < outputs {
+            let vectors = ((outputs - o0) / 16).min(3);
+            let mut r0 = 0;
+            while r0 < rows.len() {
+                let left = rows.len() - r0;
+                let r = [8, 4, 2, 1].into_iter().find(|&r| r <= left).unwrap();
+                let rows = &rows[r0..r0 + r];
+                // SAFETY: the caller's bounds.
+                unsafe {
+                    match (r, vectors) {
+                        (8, 3) => tile.run::<8, 3>(rows, r0, o0),
+                        (8, 2) => tile.run::<8, 2>(rows, r0, o0),
+                        (8, _) => tile.run::<8, 1>(rows, r0, o0),
+                        (4, 3) => tile.run::<4, 3>(rows, r0, o0),
+                        (4, 2) => tile.run::<4, 2>(rows, r0, o0),
+                        (4, _) => tile.run::<4, 1>(rows, r0, o0),
+                        (2, 3) => tile.run::<2, 3>(rows, r0, o0),
+                        (2, 2) => tile.run::<2, 2>(rows, r0, o0),
+                        (2, _) => tile.run::<2, 1>(rows, r0, o0),
+                        (_, 3) => tile.run::<1, 3>(rows, r0, o0),
+                        (_, 2) => tile.run::<1, 2>(rows, r0, o0),
+                        (_, _) => tile.run::<1, 1>(rows, r0, o0),
+                    }
+                }
+                r0 += r;
+            }
+            o0 += 16 * vectors;
+        }
+    }
+
+    /// All 16 lanes.
+    const WHOLE: u16 = u16::MAX;
+
+    /// What every tile of one call shares.
+    struct Tile<'a> {
+        a: *const f32,
+        b: *const f32,
+        terms: &'a [(usize, usize)],
+        out: *mut f32,
+        out_row: usize,
+        accumulate: bool,
+    }
+
+    impl Tile<'_> {
+        /// Rows r0..r0 + R (reading `a` from `rows[i]` on) × lanes o0..o0 + 16·V.
+        ///
+        /// # Safety
+        /// AVX-512F; every access inside the caller's slices.
+        #[target_feature(enable = "avx512f,fma")]
+        #[inline]
+        unsafe fn run<const R: usize, const V: usize>(&self, rows: &[usize], r0: usize, o0: usize) {
+            let mut a = [self.a; R];
+            for (ar, &row) in a.iter_mut().zip(rows) {
+                *ar = self.a.wrapping_add(row);
+            }
+            let b = self.b.wrapping_add(o0);
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            for &(ka, kb) in self.terms {
+                let bk = b.wrapping_add(kb);
+                let mut bv = [_mm512_setzero_ps(); V];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    // SAFETY: the caller's bounds. (A whole mask: a plain load, which
+                    // `_mm512_loadu_ps` would not compile to with debug assertions on.)
+                    *bv = unsafe { _mm512_maskz_loadu_ps(WHOLE, bk.wrapping_add(16 * v)) };
+                }
+                for i in 0..R {
+                    // SAFETY: the caller's bounds (`_mm_load_ss` checks no alignment).
+                    let x = _mm512_broadcastss_ps(unsafe { _mm_load_ss(a[i].wrapping_add(ka)) });
+                    for v in 0..V {
+                        acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                let y = self.out.wrapping_add((r0 + i) * self.out_row + o0);
+                for (v, sum) in row.iter().enumerate() {
+                    let y = y.wrapping_add(16 * v);
+                    // SAFETY: the caller's bounds.
+                    unsafe {
+                        let sum = match self.accumulate {
+                            true => _mm512_add_ps(_mm512_maskz_loadu_ps(WHOLE, y), *sum),
+                            false => *sum,
+                        };
+                        _mm512_mask_storeu_ps(y, WHOLE, sum);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::broadcast_sums;
+
+    #[test]
+    fn broadcast_sums_every_tile_and_tail() {
+        // Rows in tiles of 8, 4, 2, 1 and lanes in 3, 2 and 1 vectors, against an f64 sum;
+        // out's extra columns and accumulation as documented.
+        let value =
+            |i: usize, seed: usize| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0;
+        for (rows, outputs, terms) in [(1, 16, 1), (15, 48, 9), (13, 80, 40), (8, 128, 3)] {
+            let row_at: Vec<usize> = (0..rows).map(|r| (r * 7) % 23).collect();
+            let ks: Vec<(usize, usize)> = (0..terms).map(|k| ((k * 5) % 11, k * outputs)).collect();
+            let a: Vec<f32> = (0..40).map(|i| value(i, 1)).collect();
+            let b: Vec<f32> = (0..terms * outputs).map(|i| value(i, 2)).collect();
+            let out_row = outputs + 3;
+            let before: Vec<f32> = (0..rows * out_row).map(|i| value(i, 3)).collect();
+            for accumulate in [false, true] {
+                let mut out = before.clone();
+                if !broadcast_sums(&a, &row_at, &b, &ks, outputs, &mut out, out_row, accumulate) {
+                    return; // no AVX-512 here
+                }
+                for (i, &y) in out.iter().enumerate() {
+                    let (r, o) = (i / out_row, i % out_row);
+                    if o >= outputs {
+                        assert_eq!(y, before[i], "a column past the outputs was written");
+                        continue;
+                    }
+                    let sum: f64 = ks
+                        .iter()
+                        .map(|&(ka, kb)| a[row_at[r] + ka] as f64 * b[kb + o] as f64)
+                        .sum();
+                    let want = sum + if accumulate { before[i] as f64 } else { 0.0 };
+                    assert!(
+                        (y as f64 - want).abs() < 1e-4,
+                        "{rows}×{outputs}: {y} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
