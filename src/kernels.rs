@@ -2122,13 +2122,14 @@ impl ConvShape {
 }
 
 impl BlockedForward {
+    /// A zeroed buffer for `group` padded channels-last images `[G, Hp, Wp, C]`.
+    fn padded_buffer(&self) -> Vec<f32> {
+        vec![0f32; self.group * self.padded[0] * self.padded[1] * self.channels]
+    }
+
     /// The buffers of one task: the padded channels-last images and the output `[G·P, Co]`.
     fn buffers(&self, co: usize) -> (Vec<f32>, Vec<f32>) {
-        let image = self.padded[0] * self.padded[1] * self.channels;
-        (
-            vec![0f32; self.group * image],
-            vec![0f32; self.rows.len() * co],
-        )
+        (self.padded_buffer(), vec![0f32; self.rows.len() * co])
     }
 
     /// `out` `[count, Co, P]` for `count` `images` `[count, C, H, W]`.
@@ -2277,7 +2278,7 @@ impl BlockedBackward {
         let [ohq, owq] = self.grad_padded;
         let c = self.forward.channels;
         (
-            self.forward.buffers(co).0,
+            self.forward.padded_buffer(),
             vec![0f32; self.group * ohq * owq * co],
             vec![0f32; self.input_rows.len() * c],
         )
@@ -2342,15 +2343,15 @@ const BLOCKED_ROWS: usize = 128;
 
 /// Input channels for which a convolution runs channels-last ([`blocked`], [`ConvShape::blocked`]),
 /// on at most [`BLOCKED_POSITIONS`] output positions. `conv_layers` on the Intel Xeon at 2.1 GHz
-/// (BENCHMARKS.md, issue 30's twenty-fourth round), forward + backward ms before → after:
-/// 48→48 at 6 px 5.7 + 12.0 → 3.0 + 7.6, 96→96 at 3 px 6.0 + 13.1 → 3.7 + 7.2, 64→64 at 8 px
-/// 13.7 + 31.4 → 9.1 + 18.1, 128→128 at 16 px 37.0 + 94.7 → 36.2 + 74.2. At 256 and 512
-/// channels (8 and 4 px) the forward pass ran 2-3× slower (the weights of a tile's 48
-/// outputs, 9·C·48 values, outgrow the L2), at 16 channels (32 px) 1.2-1.5× slower.
+/// (BENCHMARKS.md, issue 30's twenty-fourth round), forward + backward ms before → after, two
+/// sittings: 48→48 at 6 px 4.7 + 10.5, 5.4 + 8.1 → 2.6 + 5.4, 2.4 + 5.2; 64→64 at 8 px 11.0 +
+/// 23.0, 10.1 + 21.3 → 7.9 + 17.4, 7.5 + 15.7; 128→128 at 16 px 31.2 + 68.6, 28.3 + 64.6 → 26.0
+/// + 53.9, 26.7 + 57.2. At 256 and 512 channels (8 and 4 px) the forward pass ran up to 1.6×
+/// slower than the products, at 16 channels (32 px, before the terms ran in blocks) 1.15-1.5×.
 const BLOCKED_CHANNELS: std::ops::RangeInclusive<usize> = 32..=128;
 
 /// Output positions (OH·OW) up to which a convolution runs channels-last: a 64-channel layer at
-/// 32 px (1,024) was no faster than the tap-by-tap products.
+/// 32 px (1,024) was no faster than the tap-by-tap products (forward slower, backward faster).
 const BLOCKED_POSITIONS: usize = 256;
 
 /// The direct forward pass's weights `[kh·kw, C, Co]` and its terms ([`direct::terms`]) over

@@ -11,8 +11,9 @@
 
 /// `out[r·out_row + o] (+)= Σₖ a[rows[r] + terms[k].0] · b[terms[k].1 + o]` for r < `rows.len()`
 /// and o < `outputs` (a multiple of 16), adding onto `out` where `accumulate`, else writing it.
-/// Each value sums its terms in order, one fused multiply-add each from zero, then adds the sum
-/// onto `out`'s value: the same bits whatever the tile or thread.
+/// Each value sums its terms in order in blocks of 128 (one fused multiply-add each from zero,
+/// a block's sum then added onto `out`'s value, or written for the first block unless
+/// `accumulate`): the same bits whatever the tile or thread.
 ///
 /// Runs on AVX-512 only; returns `false` (doing nothing) where the CPU lacks it. Callers plan
 /// this path only where [`available`] says so.
@@ -35,13 +36,18 @@ pub(super) fn broadcast_sums(
     if rows.is_empty() || outputs == 0 {
         return true;
     }
+    if terms.is_empty() {
+        if !accumulate {
+            for r in 0..rows.len() {
+                out[r * out_row..r * out_row + outputs].fill(0.0);
+            }
+        }
+        return true;
+    }
     let a_reach = rows.iter().max().unwrap() + terms.iter().map(|t| t.0).max().unwrap_or(0);
     let b_reach = terms.iter().map(|t| t.1).max().unwrap_or(0) + outputs;
-    assert!(a_reach < a.len() || terms.is_empty(), "a term reads past a");
-    assert!(
-        b_reach <= b.len() || terms.is_empty(),
-        "a term reads past b"
-    );
+    assert!(a_reach < a.len(), "a term reads past a");
+    assert!(b_reach <= b.len(), "a term reads past b");
     assert!(out_row >= outputs && out.len() >= (rows.len() - 1) * out_row + outputs);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -84,44 +90,51 @@ mod avx512 {
         out_row: usize,
         accumulate: bool,
     ) {
-        let tile = Tile {
-            a: a.as_ptr(),
-            b: b.as_ptr(),
-            terms,
-            out: out.as_mut_ptr(),
-            out_row,
-            accumulate,
-        };
         let mut o0 = 0;
         while o0 < outputs {
             let vectors = ((outputs - o0) / 16).min(3);
-            let mut r0 = 0;
-            while r0 < rows.len() {
-                let left = rows.len() - r0;
-                let r = [8, 4, 2, 1].into_iter().find(|&r| r <= left).unwrap();
-                let rows = &rows[r0..r0 + r];
-                // SAFETY: the caller's bounds.
-                unsafe {
-                    match (r, vectors) {
-                        (8, 3) => tile.run::<8, 3>(rows, r0, o0),
-                        (8, 2) => tile.run::<8, 2>(rows, r0, o0),
-                        (8, _) => tile.run::<8, 1>(rows, r0, o0),
-                        (4, 3) => tile.run::<4, 3>(rows, r0, o0),
-                        (4, 2) => tile.run::<4, 2>(rows, r0, o0),
-                        (4, _) => tile.run::<4, 1>(rows, r0, o0),
-                        (2, 3) => tile.run::<2, 3>(rows, r0, o0),
-                        (2, 2) => tile.run::<2, 2>(rows, r0, o0),
-                        (2, _) => tile.run::<2, 1>(rows, r0, o0),
-                        (_, 3) => tile.run::<1, 3>(rows, r0, o0),
-                        (_, 2) => tile.run::<1, 2>(rows, r0, o0),
-                        (_, _) => tile.run::<1, 1>(rows, r0, o0),
+            // The terms a block at a time, so that the block's `b` vectors stay in L1 while
+            // every row tile reads them.
+            for (block, terms) in terms.chunks(TERMS_PER_BLOCK).enumerate() {
+                let tile = Tile {
+                    a: a.as_ptr(),
+                    b: b.as_ptr(),
+                    terms,
+                    out: out.as_mut_ptr(),
+                    out_row,
+                    accumulate: accumulate || block > 0,
+                };
+                let mut r0 = 0;
+                while r0 < rows.len() {
+                    let left = rows.len() - r0;
+                    let r = [8, 4, 2, 1].into_iter().find(|&r| r <= left).unwrap();
+                    let rows = &rows[r0..r0 + r];
+                    // SAFETY: the caller's bounds.
+                    unsafe {
+                        match (r, vectors) {
+                            (8, 3) => tile.run::<8, 3>(rows, r0, o0),
+                            (8, 2) => tile.run::<8, 2>(rows, r0, o0),
+                            (8, _) => tile.run::<8, 1>(rows, r0, o0),
+                            (4, 3) => tile.run::<4, 3>(rows, r0, o0),
+                            (4, 2) => tile.run::<4, 2>(rows, r0, o0),
+                            (4, _) => tile.run::<4, 1>(rows, r0, o0),
+                            (2, 3) => tile.run::<2, 3>(rows, r0, o0),
+                            (2, 2) => tile.run::<2, 2>(rows, r0, o0),
+                            (2, _) => tile.run::<2, 1>(rows, r0, o0),
+                            (_, 3) => tile.run::<1, 3>(rows, r0, o0),
+                            (_, 2) => tile.run::<1, 2>(rows, r0, o0),
+                            (_, _) => tile.run::<1, 1>(rows, r0, o0),
+                        }
                     }
+                    r0 += r;
                 }
-                r0 += r;
             }
             o0 += 16 * vectors;
         }
     }
+
+    /// Terms a block: 128 × 48 lanes of `b` are 24 KiB, half an L1 data cache.
+    const TERMS_PER_BLOCK: usize = 128;
 
     /// All 16 lanes.
     const WHOLE: u16 = u16::MAX;
@@ -190,11 +203,18 @@ mod tests {
 
     #[test]
     fn broadcast_sums_every_tile_and_tail() {
-        // Rows in tiles of 8, 4, 2, 1 and lanes in 3, 2 and 1 vectors, against an f64 sum;
-        // out's extra columns and accumulation as documented.
+        // Rows in tiles of 8, 4, 2, 1 and lanes in 3, 2 and 1 vectors, terms in blocks of 128
+        // and none, against an f64 sum; out's extra columns and accumulation as documented.
         let value =
             |i: usize, seed: usize| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0;
-        for (rows, outputs, terms) in [(1, 16, 1), (15, 48, 9), (13, 80, 40), (8, 128, 3)] {
+        for (rows, outputs, terms) in [
+            (1, 16, 1),
+            (15, 48, 9),
+            (13, 80, 40),
+            (8, 128, 3),
+            (9, 48, 300),
+            (3, 16, 0),
+        ] {
             let row_at: Vec<usize> = (0..rows).map(|r| (r * 7) % 23).collect();
             let ks: Vec<(usize, usize)> = (0..terms).map(|k| ((k * 5) % 11, k * outputs)).collect();
             let a: Vec<f32> = (0..40).map(|i| value(i, 1)).collect();
