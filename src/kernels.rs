@@ -2110,10 +2110,10 @@ impl ConvShape {
         for (g, image) in images.chunks_exact(c * h * w).enumerate() {
             for y in 0..h {
                 let at = ((g * hp + y + top) * wp + left) * c;
-                let row = &mut padded[at..at + w * c];
-                for (ci, plane) in image.chunks_exact(h * w).enumerate() {
-                    for (x, &v) in plane[y * w..(y + 1) * w].iter().enumerate() {
-                        row[x * c + ci] = v;
+                for (x, pixel) in padded[at..at + w * c].chunks_exact_mut(c).enumerate() {
+                    let values = image[y * w + x..].iter().step_by(h * w);
+                    for (v, &value) in pixel.iter_mut().zip(values) {
+                        *v = value;
                     }
                 }
             }
@@ -2258,10 +2258,10 @@ impl ConvShape {
         for (g, image) in grads.chunks_exact(co * oh * ow).enumerate() {
             for y in 0..oh {
                 let at = ((g * ohq + y + qt) * owq + ql) * co;
-                let row = &mut padded[at..at + ow * co];
-                for (o, plane) in image.chunks_exact(oh * ow).enumerate() {
-                    for (x, &v) in plane[y * ow..(y + 1) * ow].iter().enumerate() {
-                        row[x * co + o] = v;
+                for (x, pixel) in padded[at..at + ow * co].chunks_exact_mut(co).enumerate() {
+                    let values = image[y * ow + x..].iter().step_by(oh * ow);
+                    for (v, &value) in pixel.iter_mut().zip(values) {
+                        *v = value;
                     }
                 }
             }
@@ -2328,11 +2328,10 @@ impl BlockedBackward {
 
 /// `out` `[G, D, P]` from `cl` `[G·P, D]`.
 fn from_channels_last(cl: &[f32], (d, p): (usize, usize), out: &mut [f32]) {
-    for (g, out) in out.chunks_exact_mut(d * p).enumerate() {
-        let y = &cl[g * p * d..(g + 1) * p * d];
+    for (out, cl) in out.chunks_exact_mut(d * p).zip(cl.chunks_exact(p * d)) {
         for (o, plane) in out.chunks_exact_mut(p).enumerate() {
-            for (q, v) in plane.iter_mut().enumerate() {
-                *v = y[q * d + o];
+            for (v, &value) in plane.iter_mut().zip(cl[o..].iter().step_by(d)) {
+                *v = value;
             }
         }
     }
