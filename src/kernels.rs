@@ -6,13 +6,14 @@
 //!   weight gradient a convolution of transposed copies, the input gradient a transposed
 //!   convolution): in a ResNet step, the copies and the idle second core cost more than the
 //!   arithmetic. Here forward and both gradients are gemms on the NCHW layout, in parallel over
-//!   the batch, with no layout copies: at stride 1 one gemm a kernel tap reading the
+//!   the batch, with no copies to channels-last: at stride 1 one gemm a kernel tap reading the
 //!   zero-padded image in place (on narrow layers sums held in registers instead, [`direct`]),
 //!   else Caffe's im2col + gemm, with several images' columns side by side in one product
 //!   where the output grid is small (a ResNet's 4-8 px stages), and the weight gradient as one
 //!   product over the batch where the weights outweigh the columns. On AVX-512, layers of 32 to
-//!   128 channels on grids of up to 16×16 run channels-last instead, all three passes summed in
-//!   registers with the output channels along the lanes ([`blocked`]).
+//!   128 channels on grids of up to 16×16 (outputs in whole vectors of 16, kernels other than
+//!   1×1) run channels-last instead, summed in registers with the output channels along the
+//!   lanes ([`blocked`]); their gradients too where the stride and dilation are 1.
 //! - [`batch_norm`] (and MoCo's [`split_batch_norm`]): burn runs training-mode batch norm as its generic composition (the
 //!   activation transposed and copied to put channels first, then mean, variance and the
 //!   normalisation, and backwards eight more whole-tensor ops, each reading and writing it). Here
@@ -795,7 +796,9 @@ static VECTOR_WIDTH_LIMIT: AtomicU8 = AtomicU8::new(2);
 
 /// Caps the vector instructions of the element-wise kernels and the direct convolution for the
 /// whole process (2 AVX-512, 1 AVX2, 0 the x86-64 baseline; the direct convolution needs AVX2
-/// and takes it at 0 too), so that a test can check every path gives the same bits.
+/// and takes it at 0 too), so that a test can check every path gives the same bits. Below 2 it
+/// also turns off the channels-last convolution ([`blocked`], AVX-512 only), whose layers then
+/// take the other paths: other bits, within float rounding.
 #[doc(hidden)]
 pub fn limit_vector_width(level: u8) {
     VECTOR_WIDTH_LIMIT.store(level, Ordering::Relaxed);
@@ -1652,7 +1655,8 @@ impl ConvShape {
     }
 
     /// A buffer for [`ConvShape::columns`] of `group` images (empty when the image is its own
-    /// column matrix, or when the convolution runs tap by tap or channels-last both ways).
+    /// column matrix, when the convolution runs tap by tap, or when its backward pass runs
+    /// channels-last: a forward pass that runs channels-last allocates it unused).
     fn column_buffer(&self, group: usize) -> Vec<f32> {
         match self.is_pointwise() || self.is_tap_by_tap() || self.is_blocked_backward() {
             true => Vec::new(),
@@ -2071,6 +2075,18 @@ impl ConvShape {
     /// The plan of the channels-last forward pass for `ws` `[Co, C, kh, kw]`, in groups of
     /// about [`BLOCKED_ROWS`] output positions (at most `per_task` images).
     fn blocked_forward(&self, ws: &[f32], co: usize, per_task: usize) -> BlockedForward {
+        let taps = self.kernel[0] * self.kernel[1];
+        let c = self.channels;
+        BlockedForward {
+            weights: (0..taps * c * co)
+                .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
+                .collect(),
+            ..self.blocked_layout(co, per_task)
+        }
+    }
+
+    /// [`ConvShape::blocked_forward`]'s groups, rows and terms, without the weights.
+    fn blocked_layout(&self, co: usize, per_task: usize) -> BlockedForward {
         let group = (BLOCKED_ROWS / self.positions()).clamp(1, per_task);
         let (c, [kh, kw], [oh, ow]) = (self.channels, self.kernel, self.output);
         let [hp, wp] = self.padded();
@@ -2087,37 +2103,22 @@ impl ConvShape {
                 (((i * d[0]) * wp + j * d[1]) * c + ci, k * co)
             })
             .collect();
-        let taps = kh * kw;
-        let weights = (0..taps * c * co)
-            .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
-            .collect();
         BlockedForward {
             group,
             channels: c,
             padded: [hp, wp],
             rows,
             terms,
-            weights,
+            weights: Vec::new(),
         }
     }
 
     /// Copies `images` `[G, C, H, W]` into the interior of `padded` `[G, Hp, Wp, C]` (whose
     /// border stays as it is: zero).
     fn pad_channels_last(&self, images: &[f32], padded: &mut [f32]) {
-        let (c, [h, w]) = (self.channels, self.input);
-        let [hp, wp] = self.padded();
         let [top, left, ..] = self.geometry.padding;
-        for (g, image) in images.chunks_exact(c * h * w).enumerate() {
-            for y in 0..h {
-                let at = ((g * hp + y + top) * wp + left) * c;
-                for (x, pixel) in padded[at..at + w * c].chunks_exact_mut(c).enumerate() {
-                    let values = image[y * w + x..].iter().step_by(h * w);
-                    for (v, &value) in pixel.iter_mut().zip(values) {
-                        *v = value;
-                    }
-                }
-            }
-        }
+        let planes = (self.channels, self.input);
+        to_channels_last(images, planes, (self.padded(), [top, left]), padded);
     }
 }
 
@@ -2163,7 +2164,7 @@ impl BlockedForward {
 /// at a time: the weight gradient a tap at a time over the positions, the input gradient as
 /// the forward pass of the output gradient padded by `k − 1 − p`, with the taps mirrored.
 struct BlockedBackward {
-    group: usize,
+    /// The forward pass's groups, rows and terms (its weights unused).
     forward: BlockedForward,
     /// The padded channels-last output gradient's `[OHq, OWq]`.
     grad_padded: [usize; 2],
@@ -2198,7 +2199,7 @@ impl ConvShape {
 
     /// The plan of the channels-last backward pass for `ws` `[Co, C, kh, kw]`.
     fn blocked_backward(&self, ws: &[f32], co: usize, per_task: usize) -> BlockedBackward {
-        let forward = self.blocked_forward(ws, co, per_task);
+        let forward = self.blocked_layout(co, per_task);
         let (group, c, [kh, kw], [h, w], [oh, ow]) = (
             forward.group,
             self.channels,
@@ -2238,7 +2239,6 @@ impl ConvShape {
         let weight_rows = forward.terms.iter().map(|t| t.0).collect();
         BlockedBackward {
             weight_rows,
-            group,
             forward,
             grad_padded: [ohq, owq],
             input_rows,
@@ -2251,21 +2251,11 @@ impl ConvShape {
     /// Copies `grads` `[G, Co, OH, OW]` into the interior of `padded` `[G, OHq, OWq, Co]`
     /// (border zero), `k − 1 − p` from its top left.
     fn pad_grad_channels_last(&self, grads: &[f32], co: usize, padded: &mut [f32]) {
-        let ([oh, ow], [kh, kw]) = (self.output, self.kernel);
+        let [kh, kw] = self.kernel;
         let [top, left, ..] = self.geometry.padding;
-        let (qt, ql) = (kh - 1 - top, kw - 1 - left);
-        let (ohq, owq) = (self.input[0] + kh - 1, self.input[1] + kw - 1);
-        for (g, image) in grads.chunks_exact(co * oh * ow).enumerate() {
-            for y in 0..oh {
-                let at = ((g * ohq + y + qt) * owq + ql) * co;
-                for (x, pixel) in padded[at..at + ow * co].chunks_exact_mut(co).enumerate() {
-                    let values = image[y * ow + x..].iter().step_by(oh * ow);
-                    for (v, &value) in pixel.iter_mut().zip(values) {
-                        *v = value;
-                    }
-                }
-            }
-        }
+        let border = [kh - 1 - top, kw - 1 - left];
+        let grid = [self.input[0] + kh - 1, self.input[1] + kw - 1];
+        to_channels_last(grads, (co, self.output), (grid, border), padded);
     }
 }
 
@@ -2279,7 +2269,7 @@ impl BlockedBackward {
         let c = self.forward.channels;
         (
             self.forward.padded_buffer(),
-            vec![0f32; self.group * ohq * owq * co],
+            vec![0f32; self.forward.group * ohq * owq * co],
             vec![0f32; self.input_rows.len() * c],
         )
     }
@@ -2326,6 +2316,27 @@ impl BlockedBackward {
     }
 }
 
+/// Copies `planes` `[G, D, H, W]` into `padded` `[G, Hp, Wp, D]` at (`top`, `left`) of each
+/// image's `[Hp, Wp]` grid, leaving the rest as it is.
+fn to_channels_last(
+    planes: &[f32],
+    (d, [h, w]): (usize, [usize; 2]),
+    ([hp, wp], [top, left]): ([usize; 2], [usize; 2]),
+    padded: &mut [f32],
+) {
+    for (g, image) in planes.chunks_exact(d * h * w).enumerate() {
+        for y in 0..h {
+            let at = ((g * hp + y + top) * wp + left) * d;
+            for (x, pixel) in padded[at..at + w * d].chunks_exact_mut(d).enumerate() {
+                let values = image[y * w + x..].iter().step_by(h * w);
+                for (v, &value) in pixel.iter_mut().zip(values) {
+                    *v = value;
+                }
+            }
+        }
+    }
+}
+
 /// `out` `[G, D, P]` from `cl` `[G·P, D]`.
 fn from_channels_last(cl: &[f32], (d, p): (usize, usize), out: &mut [f32]) {
     for (out, cl) in out.chunks_exact_mut(d * p).zip(cl.chunks_exact(p * d)) {
@@ -2344,9 +2355,10 @@ const BLOCKED_ROWS: usize = 128;
 /// on at most [`BLOCKED_POSITIONS`] output positions. `conv_layers` on the Intel Xeon at 2.1 GHz
 /// (BENCHMARKS.md, issue 30's twenty-fourth round), forward + backward ms before → after, two
 /// sittings: 48→48 at 6 px 4.7 + 10.5, 5.4 + 8.1 → 2.6 + 5.4, 2.4 + 5.2; 64→64 at 8 px 11.0 +
-/// 23.0, 10.1 + 21.3 → 7.9 + 17.4, 7.5 + 15.7; 128→128 at 16 px 31.2 + 68.6, 28.3 + 64.6 → 26.0
-/// + 53.9, 26.7 + 57.2. At 256 and 512 channels (8 and 4 px) the forward pass ran up to 1.6×
-/// slower than the products, at 16 channels (32 px, before the terms ran in blocks) 1.15-1.5×.
+/// 23.0, 10.1 + 21.3 → 7.9 + 17.4, 7.5 + 15.7; 128→128 at 16 px 31.2 + 68.6, 28.3 + 64.6 →
+/// 26.0 + 53.9, 26.7 + 57.2. At 256 and 512 channels (8 and 4 px) the forward pass ran up to
+/// 1.6× slower than the products, at 16 channels (32 px, before the terms ran in blocks)
+/// 1.15-1.5× slower.
 const BLOCKED_CHANNELS: std::ops::RangeInclusive<usize> = 32..=128;
 
 /// Output positions (OH·OW) up to which a convolution runs channels-last: a 64-channel layer at
@@ -2398,7 +2410,8 @@ const GROUP_COLUMNS: usize = 256;
 
 /// How many images each parallel task of a convolution takes: the batch in [`TASKS`] tasks
 /// whatever the number of threads, so that the weight gradient's per-task sums (added in task
-/// order) give the same bits on any machine.
+/// order) give the same bits on any number of cores (on CPUs with and without AVX-512 the
+/// layers that [`blocked`] takes differ within float rounding).
 fn images_per_task(batch: usize) -> usize {
     batch.div_ceil(TASKS).max(1)
 }
@@ -2897,13 +2910,19 @@ impl CpuKernels for Flex {
             .blocked
             .then(|| shape.blocked_forward(&ws, co, per_task));
         let group = blocked.as_ref().map_or(group, |b| b.group);
-        let index = shape.column_index();
+        let index = match blocked {
+            Some(_) => Vec::new(),
+            None => shape.column_index(),
+        };
         output.spare_capacity_mut()[..n * co * positions]
             .par_chunks_mut(per_task * co * positions)
             .enumerate()
             .for_each(|(task, out)| {
                 let mut cols = shape.column_buffer(group);
-                let mut grouped = shape.group_buffer(co, group);
+                let mut grouped = match blocked {
+                    Some(_) => Vec::new(),
+                    None => shape.group_buffer(co, group),
+                };
                 let (mut padded, mut wide) = (shape.padded_buffer(), shape.wide_buffer(co));
                 let mut cl = blocked
                     .as_ref()
@@ -2982,8 +3001,11 @@ impl CpuKernels for Flex {
         let blocked = shape
             .is_blocked_backward()
             .then(|| shape.blocked_backward(&ws, co, per_task));
-        let group = blocked.as_ref().map_or(group, |b| b.group);
-        let index = shape.column_index();
+        let group = blocked.as_ref().map_or(group, |b| b.forward.group);
+        let index = match blocked {
+            Some(_) => Vec::new(),
+            None => shape.column_index(),
+        };
         let at_once = shape.weight_grad_at_once(n, co);
         let weight_grad: Vec<Vec<f32>> = x_grad.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(per_task * image)
@@ -2994,7 +3016,10 @@ impl CpuKernels for Flex {
                 let mut weight_grad_t = vec![0f32; if at_once { 0 } else { rows * co }];
                 let mut cols = shape.column_buffer(group);
                 let mut col_grad = cols.clone();
-                let mut grouped = shape.group_buffer(co, group);
+                let mut grouped = match blocked {
+                    Some(_) => Vec::new(),
+                    None => shape.group_buffer(co, group),
+                };
                 let (mut padded, mut grad) = (shape.padded_buffer(), shape.grad_buffer(co));
                 let mut padded_grad = padded.clone();
                 let mut cl = blocked.as_ref().map(|b| b.buffers(co));

@@ -349,8 +349,10 @@ fn conv_matches_burn_for_resnet_layers() {
 #[test]
 fn conv_matches_burn_for_wide_layers_on_small_grids() {
     // Channels-last on AVX-512 where the outputs fill whole vectors (48 → 48 at 6 px, 96 at
-    // stride 2 and its 1×1 downsample, 96 → 96 at 3 px in groups of images with a partial last
-    // group), with asymmetric padding and dilation, and 40 outputs left to the other paths.
+    // stride 2 with its 1×1 downsample left to the other paths, 96 → 96 at 3 px in groups of
+    // images with a partial last group), a 3×2 kernel with asymmetric padding whose gradients
+    // run channels-last over 196 positions (more than a block of 128 terms), the same with
+    // dilation (its gradients by columns), and 40 outputs left to the other paths.
     check_conv([5, 48, 6, 6], 48, [3, 3], [1, 1], [1; 4], [1, 1], false);
     check_conv([5, 48, 6, 6], 96, [3, 3], [2, 2], [1; 4], [1, 1], false);
     check_conv([5, 48, 6, 6], 96, [1, 1], [2, 2], [0; 4], [1, 1], false);
@@ -363,6 +365,15 @@ fn conv_matches_burn_for_wide_layers_on_small_grids() {
         [3, 3],
         [1, 1],
         [1; 4],
+        [1, 1],
+        false,
+    );
+    check_conv(
+        [3, 32, 14, 13],
+        16,
+        [3, 2],
+        [1, 1],
+        [0, 1, 2, 1],
         [1, 1],
         false,
     );

@@ -1,6 +1,6 @@
-//! Channels-last direct convolution for the wider layers on small grids (48 to 512 channels at
-//! 3 to 8 px in a CIFAR ResNet): the output channels lie along the vector lanes, as in oneDNN's
-//! blocked layouts. The column path's products there are short on one side (`[Co, C·kh·kw] ×
+//! Channels-last direct convolution for the wider layers on small grids (32 to 128 channels on
+//! up to 256 positions: a CIFAR ResNet's 3-16 px stages): the output channels lie along the
+//! vector lanes, as in oneDNN's blocked layouts. The column path's products there are short on one side (`[Co, C·kh·kw] ×
 //! [C·kh·kw, G·OH·OW]` with Co = 48 or 96) and pay for im2col's copy and gemm's packing; here a
 //! tile of 8 rows × 48 lanes keeps its 24 accumulators over every term, reading 3 vectors and 8
 //! broadcast values a term for 24 fused multiply-adds.
@@ -15,8 +15,8 @@
 /// a block's sum then added onto `out`'s value, or written for the first block unless
 /// `accumulate`): the same bits whatever the tile or thread.
 ///
-/// Runs on AVX-512 only; returns `false` (doing nothing) where the CPU lacks it. Callers plan
-/// this path only where [`available`] says so.
+/// Runs on AVX-512 only; returns `false` (doing nothing) where the CPU lacks it, but for no rows,
+/// outputs or terms (done in plain code). Callers plan this path only where [`available`] says so.
 ///
 /// # Panics
 /// If `outputs` is not a multiple of 16, or a read or write would fall outside `a`, `b` or
@@ -44,11 +44,15 @@ pub(super) fn broadcast_sums(
         }
         return true;
     }
-    let a_reach = rows.iter().max().unwrap() + terms.iter().map(|t| t.0).max().unwrap_or(0);
-    let b_reach = terms.iter().map(|t| t.1).max().unwrap_or(0) + outputs;
-    assert!(a_reach < a.len(), "a term reads past a");
-    assert!(b_reach <= b.len(), "a term reads past b");
-    assert!(out_row >= outputs && out.len() >= (rows.len() - 1) * out_row + outputs);
+    let max = |x: &mut dyn Iterator<Item = usize>| x.max().unwrap_or(0);
+    let a_reach = max(&mut rows.iter().copied()).checked_add(max(&mut terms.iter().map(|t| t.0)));
+    let b_reach = max(&mut terms.iter().map(|t| t.1)).checked_add(outputs);
+    let out_reach = (rows.len() - 1)
+        .checked_mul(out_row)
+        .and_then(|r| r.checked_add(outputs));
+    assert!(a_reach.is_some_and(|r| r < a.len()), "a term reads past a");
+    assert!(b_reach.is_some_and(|r| r <= b.len()), "a term reads past b");
+    assert!(out_row >= outputs && out_reach.is_some_and(|r| r <= out.len()));
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the asserts keep every access in bounds.
