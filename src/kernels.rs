@@ -1682,6 +1682,15 @@ impl ConvShape {
             .collect()
     }
 
+    /// The weights `ws` `[Co, C, kh, kw]` as `[kh·kw, C, Co]`: each term's outputs contiguous,
+    /// as the direct sums read them ([`direct`], [`blocked`]).
+    fn tap_channel_major(&self, ws: &[f32], co: usize) -> Vec<f32> {
+        let (taps, c) = (self.kernel[0] * self.kernel[1], self.channels);
+        (0..taps * c * co)
+            .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
+            .collect()
+    }
+
     /// Whether the tap-by-tap forward pass sums its taps in registers ([`direct`]) rather than
     /// in one product per tap: f32 products over at most [`DIRECT_FORWARD`] input channels,
     /// where each tap's product (k = C) is too short for gemm's tiles.
@@ -1712,12 +1721,10 @@ impl ConvShape {
         if !self.is_direct() {
             return None;
         }
-        let ([plane, taps, _], c) = (self.tap_dims(), self.channels);
+        let ([plane, ..], c) = (self.tap_dims(), self.channels);
         let offsets: Vec<usize> = self.tap_offsets().map(|(_, o)| o).collect();
         Some(DirectForward {
-            weights: (0..taps * c * co)
-                .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
-                .collect(),
+            weights: self.tap_channel_major(ws, co),
             terms: direct::terms(&offsets, c, plane),
         })
     }
@@ -2075,12 +2082,8 @@ impl ConvShape {
     /// The plan of the channels-last forward pass for `ws` `[Co, C, kh, kw]`, in groups of
     /// about [`BLOCKED_ROWS`] output positions (at most `per_task` images).
     fn blocked_forward(&self, ws: &[f32], co: usize, per_task: usize) -> BlockedForward {
-        let taps = self.kernel[0] * self.kernel[1];
-        let c = self.channels;
         BlockedForward {
-            weights: (0..taps * c * co)
-                .map(|i| ws[((i % co) * c + (i / co) % c) * taps + i / (c * co)])
-                .collect(),
+            weights: self.tap_channel_major(ws, co),
             ..self.blocked_layout(co, per_task)
         }
     }
@@ -2133,29 +2136,20 @@ impl BlockedForward {
         (self.padded_buffer(), vec![0f32; self.rows.len() * co])
     }
 
-    /// `out` `[count, Co, P]` for `count` `images` `[count, C, H, W]`.
+    /// `out` `[G, Co, P]` for `images` `[G, C, H, W]`, G up to the plan's group.
     fn forward(
         &self,
         shape: &ConvShape,
         images: &[f32],
-        (co, count): (usize, usize),
+        co: usize,
         (padded, rows_out): &mut (Vec<f32>, Vec<f32>),
         out: &mut [f32],
     ) {
         shape.pad_channels_last(images, padded);
         let p = shape.positions();
-        let rows = &self.rows[..count * p];
-        let done = blocked::broadcast_sums(
-            padded,
-            rows,
-            &self.weights,
-            &self.terms,
-            co,
-            rows_out,
-            co,
-            false,
-        );
-        assert!(done, "the channels-last path is only planned where it runs");
+        let rows = &self.rows[..images.len() / shape.image_len() * p];
+        let (weights, terms) = (&self.weights[..], &self.terms[..]);
+        blocked::broadcast_sums(padded, rows, weights, terms, co, rows_out, co, false);
         from_channels_last(rows_out, (co, p), out);
     }
 }
@@ -2294,14 +2288,12 @@ impl BlockedBackward {
         let positions = &self.positions[..count * shape.positions()];
         for (t, rows) in self.weight_rows.chunks_exact(c).enumerate() {
             let out = &mut weight_grad_t[t * co..];
-            let done =
-                blocked::broadcast_sums(padded, rows, grad, positions, co, out, taps * co, true);
-            assert!(done, "the channels-last path is only planned where it runs");
+            blocked::broadcast_sums(padded, rows, grad, positions, co, out, taps * co, true);
         }
         // dx[q, ci] = Σ_{t', o} dyq[q + t', o] · mirrored[t', o, ci]
         let [h, w] = shape.input;
         let rows = &self.input_rows[..count * h * w];
-        let done = blocked::broadcast_sums(
+        blocked::broadcast_sums(
             grad,
             rows,
             &self.mirrored,
@@ -2311,7 +2303,6 @@ impl BlockedBackward {
             c,
             false,
         );
-        assert!(done, "the channels-last path is only planned where it runs");
         from_channels_last(dx_cl, (c, h * w), dx);
     }
 }
@@ -2933,7 +2924,7 @@ impl CpuKernels for Flex {
                         (task * per_task + g * group, out.len() / (co * positions));
                     let images = &xs[first * image..(first + count) * image];
                     if let Some(plan) = &blocked {
-                        plan.forward(&shape, images, (co, count), &mut cl, out);
+                        plan.forward(&shape, images, co, &mut cl, out);
                         continue;
                     }
                     if shape.is_tap_by_tap() {

@@ -15,12 +15,11 @@
 /// a block's sum then added onto `out`'s value, or written for the first block unless
 /// `accumulate`): the same bits whatever the tile or thread.
 ///
-/// Runs on AVX-512 only; returns `false` (doing nothing) where the CPU lacks it, but for no rows,
-/// outputs or terms (done in plain code). Callers plan this path only where [`available`] says so.
+/// Runs on AVX-512 only: callers plan this path only where [`available`] says so.
 ///
 /// # Panics
-/// If `outputs` is not a multiple of 16, or a read or write would fall outside `a`, `b` or
-/// `out`.
+/// If `outputs` is not a multiple of 16, if a read or write would fall outside `a`, `b` or
+/// `out`, or if the CPU lacks AVX-512F (with rows, outputs and terms to sum).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn broadcast_sums(
     a: &[f32],
@@ -31,10 +30,10 @@ pub(super) fn broadcast_sums(
     out: &mut [f32],
     out_row: usize,
     accumulate: bool,
-) -> bool {
+) {
     assert!(outputs.is_multiple_of(16), "outputs in whole vectors of 16");
     if rows.is_empty() || outputs == 0 {
-        return true;
+        return;
     }
     if terms.is_empty() {
         if !accumulate {
@@ -42,7 +41,7 @@ pub(super) fn broadcast_sums(
                 out[r * out_row..r * out_row + outputs].fill(0.0);
             }
         }
-        return true;
+        return;
     }
     let max = |x: &mut dyn Iterator<Item = usize>| x.max().unwrap_or(0);
     let a_reach = max(&mut rows.iter().copied()).checked_add(max(&mut terms.iter().map(|t| t.0)));
@@ -57,9 +56,9 @@ pub(super) fn broadcast_sums(
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the asserts keep every access in bounds.
         unsafe { avx512::broadcast_sums(a, rows, b, terms, outputs, out, out_row, accumulate) };
-        return true;
+        return;
     }
-    false
+    panic!("the channels-last sums are planned only where the CPU has AVX-512F");
 }
 
 /// Whether to plan [`broadcast_sums`]: the CPU has AVX-512F and [`super::limit_vector_width`]
@@ -206,7 +205,11 @@ mod tests {
     use super::broadcast_sums;
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn broadcast_sums_every_tile_and_tail() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return; // the sums run on AVX-512 only
+        }
         // Rows in tiles of 8, 4, 2, 1 and lanes in 3, 2 and 1 vectors, terms in blocks of 128
         // and none, against an f64 sum; out's extra columns and accumulation as documented.
         let value =
@@ -227,9 +230,7 @@ mod tests {
             let before: Vec<f32> = (0..rows * out_row).map(|i| value(i, 3)).collect();
             for accumulate in [false, true] {
                 let mut out = before.clone();
-                if !broadcast_sums(&a, &row_at, &b, &ks, outputs, &mut out, out_row, accumulate) {
-                    return; // no AVX-512 here
-                }
+                broadcast_sums(&a, &row_at, &b, &ks, outputs, &mut out, out_row, accumulate);
                 for (i, &y) in out.iter().enumerate() {
                     let (r, o) = (i / out_row, i % out_row);
                     if o >= outputs {
