@@ -2315,27 +2315,19 @@ fn to_channels_last(
     ([hp, wp], [top, left]): ([usize; 2], [usize; 2]),
     padded: &mut [f32],
 ) {
+    let pixels: Vec<usize> = (0..h * w)
+        .map(|p| ((p / w + top) * wp + left + p % w) * d)
+        .collect();
     for (g, image) in planes.chunks_exact(d * h * w).enumerate() {
-        for y in 0..h {
-            let at = ((g * hp + y + top) * wp + left) * d;
-            for (x, pixel) in padded[at..at + w * d].chunks_exact_mut(d).enumerate() {
-                let values = image[y * w + x..].iter().step_by(h * w);
-                for (v, &value) in pixel.iter_mut().zip(values) {
-                    *v = value;
-                }
-            }
-        }
+        blocked::transpose(image, (d, h * w), &mut padded[g * hp * wp * d..], &pixels);
     }
 }
 
 /// `out` `[G, D, P]` from `cl` `[G·P, D]`.
 fn from_channels_last(cl: &[f32], (d, p): (usize, usize), out: &mut [f32]) {
+    let planes: Vec<usize> = (0..d).map(|o| o * p).collect();
     for (out, cl) in out.chunks_exact_mut(d * p).zip(cl.chunks_exact(p * d)) {
-        for (o, plane) in out.chunks_exact_mut(p).enumerate() {
-            for (v, &value) in plane.iter_mut().zip(cl[o..].iter().step_by(d)) {
-                *v = value;
-            }
-        }
+        blocked::transpose(cl, (p, d), out, &planes);
     }
 }
 

@@ -73,6 +73,44 @@ pub(super) fn available() -> bool {
     false
 }
 
+/// `dst[at[j] + i] = src[i·stride + j]` for i < `count` and j < `at.len()`: a transpose whose
+/// source rows run along j and whose destination columns start anywhere (a padded
+/// channels-last image's pixels, or a channels-first tensor's planes). Blocks of 16 × 16 go
+/// through registers on AVX-512, value by value elsewhere; either way a copy, the same bits.
+///
+/// # Panics
+/// If a read or write would fall outside `src` or `dst`.
+pub(super) fn transpose(
+    src: &[f32],
+    (count, stride): (usize, usize),
+    dst: &mut [f32],
+    at: &[usize],
+) {
+    if count == 0 || at.is_empty() {
+        return;
+    }
+    let src_reach = (count - 1)
+        .checked_mul(stride)
+        .and_then(|r| r.checked_add(at.len()));
+    let dst_reach = at.iter().max().and_then(|&a| a.checked_add(count));
+    assert!(src_reach.is_some_and(|r| r <= src.len()), "a read past src");
+    assert!(
+        dst_reach.is_some_and(|r| r <= dst.len()),
+        "a write past dst"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the asserts keep every access in bounds.
+        unsafe { avx512::transpose(src, (count, stride), dst, at) };
+        return;
+    }
+    for i in 0..count {
+        for (j, &a) in at.iter().enumerate() {
+            dst[a + i] = src[i * stride + j];
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -134,6 +172,73 @@ mod avx512 {
             }
             o0 += 16 * vectors;
         }
+    }
+
+    /// [`super::transpose`] in blocks of 16 × 16: 16 source rows loaded (masked past the
+    /// last j), turned in registers, each j's 16 values stored at `at[j]` (masked past the
+    /// last i).
+    ///
+    /// # Safety
+    /// AVX-512F; the caller's asserts hold.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose(
+        src: &[f32],
+        (count, stride): (usize, usize),
+        dst: &mut [f32],
+        at: &[usize],
+    ) {
+        let lanes = |n: usize| if n >= 16 { WHOLE } else { (1u16 << n) - 1 };
+        let (src, dst) = (src.as_ptr(), dst.as_mut_ptr());
+        for i0 in (0..count).step_by(16) {
+            let ni = (count - i0).min(16);
+            for j0 in (0..at.len()).step_by(16) {
+                let nj = (at.len() - j0).min(16);
+                let mut block = [_mm512_setzero_ps(); 16];
+                for (i, row) in block.iter_mut().enumerate().take(ni) {
+                    let from = src.wrapping_add((i0 + i) * stride + j0);
+                    // SAFETY: the caller's bounds; lanes past nj are not read.
+                    *row = unsafe { _mm512_maskz_loadu_ps(lanes(nj), from) };
+                }
+                let block = turn(block);
+                for (j, column) in block.iter().enumerate().take(nj) {
+                    let to = dst.wrapping_add(at[j0 + j] + i0);
+                    // SAFETY: the caller's bounds; lanes past ni are not written.
+                    unsafe { _mm512_mask_storeu_ps(to, lanes(ni), *column) };
+                }
+            }
+        }
+    }
+
+    /// The 16 × 16 transpose of `r` (row i, lane j → row j, lane i): pairs of rows
+    /// interleaved, then pairs of pairs, then 128-bit lanes twice.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn turn(r: [__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let (a, b) = (4 * k, 4 * k + 2);
+            u[4 * k] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
+            u[4 * k + 1] = _mm512_shuffle_ps::<0xEE>(t[a], t[b]);
+            u[4 * k + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
+            u[4 * k + 3] = _mm512_shuffle_ps::<0xEE>(t[a + 1], t[b + 1]);
+        }
+        for k in 0..2 {
+            for m in 0..4 {
+                let (a, b) = (8 * k + m, 8 * k + m + 4);
+                t[8 * k + m] = _mm512_shuffle_f32x4::<0x88>(u[a], u[b]);
+                t[8 * k + m + 4] = _mm512_shuffle_f32x4::<0xDD>(u[a], u[b]);
+            }
+        }
+        for m in 0..8 {
+            u[m] = _mm512_shuffle_f32x4::<0x88>(t[m], t[m + 8]);
+            u[m + 8] = _mm512_shuffle_f32x4::<0xDD>(t[m], t[m + 8]);
+        }
+        u
     }
 
     /// Terms a block: 128 × 48 lanes of `b` are 24 KiB, half an L1 data cache.
@@ -203,6 +308,28 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::broadcast_sums;
+
+    #[test]
+    fn transpose_every_block_and_tail() {
+        // Whole blocks and tails on both sides, destinations scattered with gaps left alone.
+        for (count, n, stride) in [
+            (16, 16, 16),
+            (48, 9, 36),
+            (5, 37, 40),
+            (33, 100, 100),
+            (1, 1, 1),
+        ] {
+            let src: Vec<f32> = (0..count * stride).map(|v| v as f32).collect();
+            let at: Vec<usize> = (0..n).map(|j| (n - 1 - j) * (count + 3)).collect();
+            let mut dst = vec![-1.0; n * (count + 3)];
+            super::transpose(&src, (count, stride), &mut dst, &at);
+            for (k, &v) in dst.iter().enumerate() {
+                let (j, i) = (n - 1 - k / (count + 3), k % (count + 3));
+                let want = if i < count { src[i * stride + j] } else { -1.0 };
+                assert_eq!(v, want, "{count}×{n}: dst[{k}]");
+            }
+        }
+    }
 
     #[test]
     #[cfg(target_arch = "x86_64")]
