@@ -74,12 +74,14 @@ pub(super) fn available() -> bool {
 }
 
 /// `dst[at[j] + i] = src[i·stride + j]` for i < `count` and j < `at.len()`: a transpose whose
-/// source rows run along j and whose destination columns start anywhere (a padded
-/// channels-last image's pixels, or a channels-first tensor's planes). Blocks of 16 × 16 go
-/// through registers on AVX-512, value by value elsewhere; either way a copy, the same bits.
+/// source rows run along j and whose destination runs `at[j]..at[j] + count` start anywhere (a
+/// padded channels-last image's pixels, or a channels-first tensor's planes) and do not overlap.
+/// Blocks of 16 × 16 go through registers.
+///
+/// Runs on AVX-512 only, as [`broadcast_sums`], whose layouts it copies.
 ///
 /// # Panics
-/// If a read or write would fall outside `src` or `dst`.
+/// If a read or write would fall outside `src` or `dst`, or if the CPU lacks AVX-512F.
 pub(super) fn transpose(
     src: &[f32],
     (count, stride): (usize, usize),
@@ -104,11 +106,7 @@ pub(super) fn transpose(
         unsafe { avx512::transpose(src, (count, stride), dst, at) };
         return;
     }
-    for i in 0..count {
-        for (j, &a) in at.iter().enumerate() {
-            dst[a + i] = src[i * stride + j];
-        }
-    }
+    panic!("the channels-last copies are planned only where the CPU has AVX-512F");
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -174,9 +172,9 @@ mod avx512 {
         }
     }
 
-    /// [`super::transpose`] in blocks of 16 × 16: 16 source rows loaded (masked past the
-    /// last j), turned in registers, each j's 16 values stored at `at[j]` (masked past the
-    /// last i).
+    /// [`super::transpose`] in blocks of 16 × 16: up to 16 source rows i0.. loaded (masked
+    /// past the last j), turned in registers, each j's values stored at `at[j] + i0` (masked
+    /// past the last i).
     ///
     /// # Safety
     /// AVX-512F; the caller's asserts hold.
@@ -310,7 +308,11 @@ mod tests {
     use super::broadcast_sums;
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn transpose_every_block_and_tail() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return; // the copies run on AVX-512 only
+        }
         // Whole blocks and tails on both sides, destinations scattered with gaps left alone.
         for (count, n, stride) in [
             (16, 16, 16),
